@@ -1,0 +1,404 @@
+"""Recipes: YAML with `base:` inheritance and dotted command-line overrides, into typed dataclasses.
+
+Every problem is a `RecipeError` whose message is one line naming the file and the dotted key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe problem; str() is the one line shown to the user."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class RopeScalingConfig:
+    # none: plain RoPE; linear: positions divided by factor; llama3: Llama-3.1 frequency-band
+    # scaling; yarn: NTK-by-parts interpolation with attention temperature.
+    type: Literal["none", "linear", "llama3", "yarn"] = "none"
+    factor: float = 1.0
+    original_max_position: int = 8192
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+
+
+@dataclass
+class ModelConfig:
+    # A named size (models/sizes.py); explicit fields below override it when set.
+    name: Optional[str] = "debug"
+    kind: Literal["transformer", "mla", "hybrid"] = "transformer"
+    vocab_size: Optional[int] = None
+    dim: Optional[int] = None
+    n_layers: Optional[int] = None
+    n_heads: Optional[int] = None
+    n_kv_heads: Optional[int] = None
+    ffn_dim: Optional[int] = None
+    norm_eps: Optional[float] = None
+    rope_theta: Optional[float] = None
+    rope_scaling: Optional[RopeScalingConfig] = None
+    max_seq_len: Optional[int] = None
+    tie_embeddings: Optional[bool] = None
+    init_std: Optional[float] = None
+    # Import weights from a Hugging Face Llama directory (config.json + safetensors) at start.
+    hf_checkpoint: Optional[str] = None
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1
+    dp_shard: int = -1  # -1 fills what the other degrees leave of the world size
+    cp: int = 1
+    tp: int = 1
+    pp: int = 1
+    cp_mode: Literal["none", "ring", "zigzag", "ulysses", "hybrid", "allgather"] = "none"
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = "1f1b"
+    pp_microbatches: int = 0  # 0: as many as pipeline stages (pp x pp_stages_per_rank)
+    pp_stages_per_rank: int = 1  # >1 for the interleaved and zero-bubble schedules
+    sequence_parallel: bool = True  # Megatron-style SP on norms when tp > 1
+    activation_checkpoint: Literal["none", "full", "every_k"] = "none"
+    activation_checkpoint_every: int = 2
+    mixed_precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    compile: bool = False
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin"
+    tokenizer: str = "bytes"
+    seq_len: int = 256
+    batch_size: int = 4  # sequences per data-parallel rank per optimizer step
+    eval_batches: int = 2
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw"] = "adamw"
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    offload: bool = False
+    fused: Literal["auto", "on", "off"] = "auto"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    seed: int = 0
+    grad_clip: float = 1.0
+    grad_accum: int = 1  # micro-batches per optimizer step (batch_size must divide by it)
+    log_every: int = 10
+    eval_every: int = 0  # 0: never
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    init_device: Literal["auto", "cpu", "meta"] = "auto"
+    deterministic: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None  # default: <run.dir>/checkpoints
+    every: int = 0  # 0: only at the end of training (and on SIGTERM)
+    keep: int = 2
+    resume: str = "auto"  # auto | never | a path to a checkpoint directory
+    save_at_end: bool = True
+
+
+@dataclass
+class LaunchConfig:
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    master_port: int = 0  # 0: pick a free port for local launches
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/debug"
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    tensorboard: bool = True
+    progress: bool = True
+    peak_tflops: float = 0.0  # 0: known GPU peak, or a measured matmul peak on CPU
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+def _read_yaml(path: Path, chain: tuple = ()) -> dict:
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    if path.resolve() in chain:
+        raise RecipeError(f"{path}: base: inheritance forms a cycle")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise RecipeError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise RecipeError(f"{path}: base: must be a path relative to the file")
+    parent = _read_yaml((path.parent / base), chain + (path.resolve(),))
+    return _deep_merge(parent, data)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise RecipeError(f"override {text!r}: expected key=value, for example train.steps=20")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise RecipeError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = dict(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for key in keys[:-1]:
+            nxt = node.get(key)
+            if not isinstance(nxt, dict):
+                nxt = {} if nxt is None else nxt
+                if not isinstance(nxt, dict):
+                    raise RecipeError(f"override {text!r}: {key} is not a section")
+            node[key] = dict(nxt)
+            node = node[key]
+        node[keys[-1]] = value
+    return data
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, where: str):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RecipeError(f"{where}: {value!r} is not one of {', '.join(map(str, allowed))}{hint}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where}: expected a section (mapping), got {type(value).__name__} {value!r}")
+        return _build(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise RecipeError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise RecipeError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise RecipeError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise RecipeError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+    if tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise RecipeError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise RecipeError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise RecipeError(f"{where}: unknown key{hint}")
+        kwargs[key] = _coerce(value, hints[key], where)
+    return cls(**kwargs)
+
+
+def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
+    try:
+        recipe = _build(Recipe, data, "")
+    except RecipeError as err:
+        raise RecipeError(f"{source}: {err}") from None
+    validate_recipe(recipe, source)
+    return recipe
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe file (or the defaults when path is None), apply overrides, validate."""
+    data = _read_yaml(Path(path)) if path is not None else {}
+    data = apply_overrides(data, list(overrides or []))
+    return recipe_from_dict(data, str(path) if path is not None else "recipe")
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation that needs no processes: one line each, naming the key.
+# ----------------------------------------------------------------------------------------------
+def validate_recipe(recipe: Recipe, source: str = "recipe", world_size: int | None = None) -> None:
+    def fail(msg):
+        raise RecipeError(f"{source}: {msg}")
+
+    p = recipe.parallel
+    for key in ("dp_replicate", "cp", "tp", "pp"):
+        if getattr(p, key) < 1:
+            fail(f"parallel.{key}: must be at least 1, got {getattr(p, key)}")
+    if p.dp_shard < 1 and p.dp_shard != -1:
+        fail(f"parallel.dp_shard: must be at least 1 or -1 (fill), got {p.dp_shard}")
+    if p.cp > 1:
+        fail(f"parallel.cp: context-parallel attention is not implemented yet (cp={p.cp}); use cp: 1")
+    if p.pp_stages_per_rank < 1:
+        fail(f"parallel.pp_stages_per_rank: must be at least 1, got {p.pp_stages_per_rank}")
+    if p.pp_schedule in ("gpipe", "1f1b") and p.pp_stages_per_rank != 1:
+        fail(f"parallel.pp_stages_per_rank: {p.pp_schedule} runs one stage per rank, got {p.pp_stages_per_rank}")
+    if p.pp_schedule in ("interleaved_1f1b", "zero_bubble") and p.pp > 1 and p.pp_stages_per_rank < 2:
+        fail(f"parallel.pp_stages_per_rank: {p.pp_schedule} needs at least 2 stages per rank")
+
+    launch = recipe.run.launch
+    if launch.nproc_per_node < 1 or launch.nnodes < 1:
+        fail("run.launch.nproc_per_node and run.launch.nnodes must be at least 1")
+    if world_size is None:
+        world_size = launch.nproc_per_node * launch.nnodes
+    resolve_degrees(p, world_size, source)
+
+    from longtrain.models.sizes import resolve_model_config
+
+    try:
+        mcfg = resolve_model_config(recipe.model)
+    except (KeyError, ValueError) as err:
+        fail(str(err).strip("'\""))
+    if mcfg.n_heads % p.tp:
+        fail(f"model.n_heads: {mcfg.n_heads} heads do not divide by parallel.tp={p.tp}")
+    if mcfg.n_kv_heads % p.tp:
+        fail(f"model.n_kv_heads: {mcfg.n_kv_heads} kv heads do not divide by parallel.tp={p.tp}")
+    n_stages = p.pp * p.pp_stages_per_rank
+    if p.pp > 1 and mcfg.n_layers < n_stages:
+        fail(f"model.n_layers: {mcfg.n_layers} layers cannot fill {n_stages} pipeline stages "
+             f"(parallel.pp={p.pp} x parallel.pp_stages_per_rank={p.pp_stages_per_rank})")
+
+    d = recipe.data
+    if d.seq_len < 1 or d.batch_size < 1:
+        fail("data.seq_len and data.batch_size must be at least 1")
+    t = recipe.train
+    if t.grad_accum < 1 or d.batch_size % t.grad_accum:
+        fail(f"train.grad_accum: {t.grad_accum} must divide data.batch_size={d.batch_size}")
+    if p.pp > 1:
+        micro = pp_microbatches(p)
+        if d.batch_size % micro:
+            fail(f"parallel.pp_microbatches: {micro} micro-batches must divide data.batch_size={d.batch_size}")
+        if t.grad_accum != 1:
+            fail("train.grad_accum: with parallel.pp > 1 use parallel.pp_microbatches instead")
+    if d.seq_len % p.tp and p.tp > 1 and p.sequence_parallel:
+        fail(f"data.seq_len: {d.seq_len} does not divide by parallel.tp={p.tp} (sequence parallel)")
+    if mcfg.max_seq_len < d.seq_len:
+        fail(f"data.seq_len: {d.seq_len} exceeds model.max_seq_len={mcfg.max_seq_len}")
+    if t.steps < 0:
+        fail(f"train.steps: must be at least 0, got {t.steps}")
+    if recipe.optim.lr <= 0:
+        fail(f"optim.lr: must be positive, got {recipe.optim.lr}")
+    if len(recipe.optim.betas) != 2:
+        fail(f"optim.betas: expected two numbers, got {recipe.optim.betas}")
+    if recipe.checkpoint.keep < 1:
+        fail(f"checkpoint.keep: must be at least 1, got {recipe.checkpoint.keep}")
+
+
+def pp_microbatches(p: ParallelConfig) -> int:
+    if p.pp_microbatches:
+        return p.pp_microbatches
+    return p.pp * p.pp_stages_per_rank
+
+
+def resolve_degrees(p: ParallelConfig, world_size: int, source: str = "recipe") -> dict:
+    """Degrees with dp_shard=-1 filled; one line naming the degrees when they do not fit."""
+    others = p.dp_replicate * p.cp * p.tp * p.pp
+    dp_shard = p.dp_shard
+    if dp_shard == -1:
+        if world_size % others:
+            raise RecipeError(
+                f"{source}: parallel degrees dp_replicate={p.dp_replicate} x cp={p.cp} x tp={p.tp} x pp={p.pp} "
+                f"= {others} do not divide the world size {world_size}")
+        dp_shard = world_size // others
+    product = others * dp_shard
+    if product != world_size:
+        raise RecipeError(
+            f"{source}: parallel degrees pp={p.pp} x dp_replicate={p.dp_replicate} x dp_shard={dp_shard} x "
+            f"cp={p.cp} x tp={p.tp} = {product}, but the world size is {world_size}")
+    return dict(pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=dp_shard, cp=p.cp, tp=p.tp)

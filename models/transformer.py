@@ -1,0 +1,265 @@
+"""A Llama-style decoder as single-device code: RMSNorm, RoPE (with long-context scaling), GQA,
+SwiGLU, tied or untied embeddings.
+
+Parallelism is applied from outside (longtrain.parallel): tensor parallel shards the projections
+(so the attention infers its local head count from tensor shapes), the pipeline deletes layers
+and sets `tok_embeddings` / `norm` / `output` to None on the stages that do not own them, and
+context parallelism replaces `Attention.core_attention` with a strategy object.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class RopeScaling:
+    type: str = "none"  # none | linear | llama3 | yarn
+    factor: float = 1.0
+    original_max_position: int = 8192
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int = 512
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    ffn_dim: int = 688
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        hd = self.head_dim
+        attn = self.dim * hd * (self.n_heads * 2 + self.n_kv_heads * 2)
+        mlp = 3 * self.dim * self.ffn_dim
+        per_layer = attn + mlp + 2 * self.dim
+        emb = self.vocab_size * self.dim
+        out = 0 if self.tie_embeddings else self.vocab_size * self.dim
+        total = self.n_layers * per_layer + self.dim + out
+        return total + (emb if include_embedding else 0)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 x (non-embedding params + output head) plus causal attention
+        (12 x layers x dim x seq_len / 2 for the causal half), the PaLM-style count."""
+        dense = 6 * (self.num_params(include_embedding=False))
+        attention = 6 * self.n_layers * self.dim * seq_len  # 12·L·d·S, halved by the causal mask
+        return float(dense + attention)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary embeddings
+# ----------------------------------------------------------------------------------------------
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (head_dim/2,) after long-context scaling, and the attention
+    temperature multiplier applied to cos/sin (1.0 except for YaRN)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    kind = scaling.type
+    if kind == "none":
+        return inv_freq.float(), 1.0
+    if kind == "linear":
+        return (inv_freq / scaling.factor).float(), 1.0
+    if kind == "llama3":
+        # Llama-3.1: keep high frequencies, divide low frequencies by factor, blend in between.
+        old = scaling.original_max_position
+        low_wavelen = old / scaling.low_freq_factor
+        high_wavelen = old / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+        smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, blended, scaled).float(), 1.0
+    if kind == "yarn":
+        # YaRN (NTK-by-parts): interpolate dimensions whose wavelength exceeds the original
+        # context, extrapolate fast ones, ramp in between; scale attention by 0.1 ln(s) + 1.
+        old = scaling.original_max_position
+        dims = torch.arange(0, head_dim, 2, dtype=torch.float64)
+
+        def correction_dim(n_rot):
+            return head_dim * math.log(old / (n_rot * 2 * math.pi)) / (2 * math.log(theta))
+
+        low = max(math.floor(correction_dim(scaling.beta_fast)), 0)
+        high = min(math.ceil(correction_dim(scaling.beta_slow)), head_dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((dims / 2 - low) / (high - low)).clamp(0, 1)
+        extrapolation = 1 - ramp
+        inv = (inv_freq / scaling.factor) * (1 - extrapolation) + inv_freq * extrapolation
+        mscale = 0.1 * math.log(scaling.factor) + 1.0 if scaling.factor > 1 else 1.0
+        return inv.float(), mscale
+    raise ValueError(f"model.rope_scaling.type: unknown RoPE scaling {kind!r}")
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, theta: float, scaling: RopeScaling):
+        super().__init__()
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
+        inv_freq, self.mscale = rope_inv_freq(head_dim, theta, scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def reset_buffers(self):
+        self.inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling)[0].to(self.inv_freq.device)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, S) -> cos, sin (B, S, head_dim) in fp32."""
+        angles = positions.float()[..., None] * self.inv_freq
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos() * self.mscale, angles.sin() * self.mscale
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, S, H, D); rotate-half convention (as Hugging Face Llama)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks
+# ----------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+
+
+class PlainAttention:
+    """The single-device attention strategy: causal softmax attention over the whole local
+    sequence. Context parallelism installs other strategies with the same call signature."""
+
+    def __call__(self, q, k, v, scale: float):
+        # q (B, S, H, D), k/v (B, S, Hkv, D) -> (B, S, H, D)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                             enable_gqa=k.shape[1] != q.shape[1])
+        return out.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.core_attention = PlainAttention()
+
+    def forward(self, x, cos, sin):
+        bsz, seqlen, _ = x.shape
+        # Head counts come from the (possibly tensor-parallel) projection outputs.
+        q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = self.core_attention(q, k, v, self.scale)
+        return self.wo(out.reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # up
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: TransformerConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, cos, sin):
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model. forward(tokens or hidden states, positions) -> logits or
+    hidden states (a pipeline stage without the output head returns hidden states)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        # A ModuleDict keyed by the global layer index keeps parameter names stable when the
+        # pipeline removes layers from a stage, so checkpoints reshard across layouts.
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None):
+        """Normal(0, init_std) for projections and embeddings, with output projections of each
+        residual branch scaled by 1/sqrt(2·n_layers); norms to one."""
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+
+        def normal(p, s):
+            if gen is None:
+                nn.init.normal_(p, 0.0, s)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(s).to(p.dtype))
+
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                normal(p, out_std)
+            else:
+                normal(p, std)
+        self.rope.reset_buffers()
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        if positions is None:
+            positions = torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
+        cos, sin = self.rope(positions)
+        for layer in self.layers.values():
+            h = layer(h, cos, sin)
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h
