@@ -119,8 +119,8 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling)[0].to(self.inv_freq.device)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (B, S) -> cos, sin (B, S, head_dim) in fp32."""
-        angles = positions.float()[..., None] * self.inv_freq
+        """positions (B, S) or (1, S) -> cos, sin (B or 1, S, head_dim) in fp32."""
+        angles = positions.float()[..., None] * self.inv_freq.to(positions.device)
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos() * self.mscale, angles.sin() * self.mscale
 
@@ -168,6 +168,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.head_dim = cfg.head_dim
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
@@ -175,12 +176,17 @@ class Attention(nn.Module):
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.core_attention = PlainAttention()
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, positions=None):
+        """x (B, S, dim); positions (B, S) token positions, or None for 0..S-1. S is the sequence
+        this module sees: under sequence parallel the input arrives already all-gathered."""
         bsz, seqlen, _ = x.shape
         # Head counts come from the (possibly tensor-parallel) projection outputs.
         q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
+        if positions is None:
+            positions = torch.arange(seqlen, device=x.device)[None]
+        cos, sin = self.rope(positions)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = self.core_attention(q, k, v, self.scale)
         return self.wo(out.reshape(bsz, seqlen, -1))
@@ -206,8 +212,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin):
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x, positions=None):
+        h = x + self.attention(self.attention_norm(x), positions)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -219,7 +225,6 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         # A ModuleDict keyed by the global layer index keeps parameter names stable when the
         # pipeline removes layers from a stage, so checkpoints reshard across layouts.
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
@@ -252,14 +257,13 @@ class Transformer(nn.Module):
                 normal(p, out_std)
             else:
                 normal(p, std)
-        self.rope.reset_buffers()
+        for module in self.modules():
+            if isinstance(module, RotaryEmbedding):
+                module.reset_buffers()
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        if positions is None:
-            positions = torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
-        cos, sin = self.rope(positions)
         for layer in self.layers.values():
-            h = layer(h, cos, sin)
+            h = layer(h, positions)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h

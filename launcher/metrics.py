@@ -1,0 +1,126 @@
+"""Training metrics: a console line per log step, a progress bar with ETA, `metrics.jsonl` and
+TensorBoard event files in the run directory (rank 0 writes; every rank measures).
+
+MFU is achieved model FLOP/s per device over the device's peak: the dense bf16 peak for known
+GPUs, or on CPU the fp32 matmul rate measured once at start (so CPU MFU means "fraction of what
+this machine's matmul reaches", not of a datasheet number).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+# Dense bf16 tensor-core peaks, TFLOP/s, by substring of the device name.
+GPU_PEAK_TFLOPS = {
+    "H200": 989.0, "H100": 989.0, "H800": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0,
+    "A800": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0,
+}
+
+
+def device_peak_tflops(device: torch.device, override: float = 0.0) -> float:
+    if override > 0:
+        return override
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return peak
+        return 0.0
+    return measured_cpu_matmul_tflops()
+
+
+_CPU_PEAK: float | None = None
+
+
+def measured_cpu_matmul_tflops(size: int = 512, seconds: float = 0.2) -> float:
+    global _CPU_PEAK
+    if _CPU_PEAK is None:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        a @ b
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            a @ b
+            n += 1
+        _CPU_PEAK = 2 * size**3 * n / (time.perf_counter() - start) / 1e12
+    return _CPU_PEAK
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB
+    except ImportError:  # pragma: no cover - non-Unix
+        return 0.0
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, *, is_writer: bool, total_steps: int, start_step: int,
+                 tensorboard: bool, progress: bool):
+        self.is_writer = is_writer
+        self.jsonl = None
+        self.tb = None
+        self.bar = None
+        if not is_writer:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if progress and total_steps > start_step:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+                            dynamic_ncols=True, leave=True)
+
+    def log(self, record: dict) -> None:
+        if not self.is_writer:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key if "/" in key else f"train/{key}", value, record["step"])
+        line = format_line(record)
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def advance(self, step: int, loss: float | None = None) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def write(self, line: str) -> None:
+        if not self.is_writer:
+            return
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+def format_line(r: dict) -> str:
+    if "eval_loss" in r:
+        return f"step {r['step']:>6}  eval_loss {r['eval_loss']:.4f}"
+    return (f"step {r['step']:>6}  loss {r['loss']:.4f}  lr {r['lr']:.2e}  grad_norm {r['grad_norm']:.3f}  "
+            f"tok/s {r['tokens_per_second']:,.0f}  TFLOP/s/dev {r['tflops_per_device']:.3f}  "
+            f"MFU {100 * r['mfu']:.1f}%  mem {r['peak_memory_gb']:.2f} GB")

@@ -1,0 +1,391 @@
+"""The training loop: build the mesh, the model (parallelized from outside), the optimizer and the
+data loader; step, log, evaluate, checkpoint, and stop cleanly on SIGTERM.
+
+`train(recipe)` runs inside an initialized process group (or initializes a one-process gloo/nccl
+group itself) and returns a TrainResult, so tests run layouts in-process and compare losses.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from longtrain.data.loader import build_loader
+from longtrain.launcher.checkpoint import CheckpointManager, find_resume_dir
+from longtrain.launcher.config import Recipe, pp_microbatches, resolve_degrees
+from longtrain.launcher.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
+from longtrain.models.sizes import resolve_model_config
+from longtrain.models.transformer import Transformer
+from longtrain.parallel.mesh import Mesh, ParallelDims
+from longtrain.parallel.parallelize import parallelize
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TrainResult:
+    losses: dict[int, float] = field(default_factory=dict)  # step -> global mean token loss
+    eval_losses: dict[int, float] = field(default_factory=dict)
+    last_step: int = 0
+    stopped_by_signal: bool = False
+    run_dir: str = ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Process group and device
+# ----------------------------------------------------------------------------------------------
+def pick_device(recipe: Recipe) -> torch.device:
+    want = recipe.train.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device: cuda was asked for but no CUDA device is visible")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device: torch.device) -> None:
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:  # a plain one-process run
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer, schedule, gradient clipping
+# ----------------------------------------------------------------------------------------------
+def build_optimizers(parts: list[nn.Module], recipe: Recipe, device: torch.device) -> list[torch.optim.Optimizer]:
+    """One AdamW per model part (a pipeline rank may hold several stages). Weight decay applies to
+    matrices, not to norms."""
+    o = recipe.optim
+    fused = o.fused == "on" or (o.fused == "auto" and device.type == "cuda")
+    optimizers = []
+    for part in parts:
+        decay = [p for p in part.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in part.parameters() if p.requires_grad and p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizers.append(torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                            fused=fused or None, foreach=None if fused else True))
+    return optimizers
+
+
+def lr_at(step: int, recipe: Recipe) -> float:
+    """Learning rate for optimizer step `step` (1-based): linear warmup, then cosine or linear
+    decay to min_lr_ratio x lr at the last step, or constant."""
+    o, total = recipe.optim, recipe.train.steps
+    if o.warmup_steps > 0 and step <= o.warmup_steps:
+        return o.lr * step / o.warmup_steps
+    if o.schedule == "constant" or total <= o.warmup_steps:
+        return o.lr
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+    floor = o.lr * o.min_lr_ratio
+    if o.schedule == "linear":
+        return floor + (o.lr - floor) * (1 - progress)
+    return floor + (o.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def clip_grad_norm(parts: list[nn.Module], max_norm: float, pp_group) -> float:
+    """Total gradient norm over every parameter of the model, whatever its layout: DTensor
+    gradients are reduced over their own mesh, pipeline stages over the pp group."""
+    grads = [p.grad for part in parts for p in part.parameters() if p.grad is not None]
+    by_layout: dict = {}
+    for g in grads:
+        key = (g.device_mesh, g.placements) if isinstance(g, DTensor) else None
+        by_layout.setdefault(key, []).append(g)
+    total_sq = torch.zeros((), dtype=torch.float32)
+    for key, group in by_layout.items():
+        norm = torch.nn.utils.get_total_norm(group, norm_type=2.0, foreach=True)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        total_sq += norm.float().cpu() ** 2
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        total_sq = total_sq.to(grads[0].device if grads and not isinstance(grads[0], DTensor) else total_sq.device)
+        dist.all_reduce(total_sq, group=pp_group)
+    total = total_sq.sqrt()
+    if max_norm > 0:
+        for key, group in by_layout.items():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total.to(_device_of(group[0])), foreach=True)
+    return float(total)
+
+
+def _device_of(t: torch.Tensor) -> torch.device:
+    return t.to_local().device if isinstance(t, DTensor) else t.device
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.device = pick_device(recipe)
+        init_distributed(self.device)
+        self.rank = dist.get_rank()
+        degrees = resolve_degrees(recipe.parallel, dist.get_world_size())
+        self.dims = ParallelDims(**degrees)
+        self.mesh = Mesh(self.dims, self.device.type)
+        self.run_dir = Path(recipe.run.dir)
+        self.ckpt_root = Path(recipe.checkpoint.dir or self.run_dir / "checkpoints")
+
+        # Same seed on every rank: every rank builds the same full model, then shards it.
+        torch.manual_seed(recipe.train.seed)
+        if recipe.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.model_cfg = resolve_model_config(recipe.model)
+        model = self._build_model()
+        self.parallel = parallelize(model, self.mesh, recipe, self.device, self._loss_fn)
+        self.parts = self.parallel.parts
+        self.optimizers = build_optimizers(self.parts, recipe, self.device)
+
+        dp_rank, dp = self.mesh.dp_rank, self.dims.dp
+        self.loader = build_loader(recipe.data, dp_rank=dp_rank, dp_degree=dp, seed=recipe.train.seed)
+        self.step = 0
+        self.tokens_in_step = 1.0  # global token count of the current step, set before each step
+        self.stop_requested = False
+
+    # -- model ------------------------------------------------------------------------------
+    def _build_model(self) -> Transformer:
+        cfg, init = self.model_cfg, self.recipe.train.init_device
+        if init == "meta" or (init == "auto" and cfg.num_params() > 2e9):
+            raise NotImplementedError(
+                "train.init_device: meta initialization for models over 2B parameters lands with "
+                "sharded weight initialization; load weights with model.hf_checkpoint on cpu init")
+        with torch.device("cpu"):
+            model = Transformer(cfg)
+        model.init_weights(seed=self.recipe.train.seed)
+        if self.recipe.model.hf_checkpoint:
+            from longtrain.models.hf import load_hf_checkpoint
+
+            hf_cfg, state = load_hf_checkpoint(self.recipe.model.hf_checkpoint)
+            model.load_state_dict(state, strict=True)
+        return model
+
+    def _loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed token cross-entropy over the global token count of the step (so that summing
+        over micro-batches and data ranks gives the global mean)."""
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1), ignore_index=IGNORE_INDEX,
+                               reduction="sum")
+        return loss / self.tokens_in_step
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict_for_checkpoint(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(flatten_optimizer_state_dict=True)
+        model_sd, optim_sd = {}, {}
+        for part, opt in zip(self.parts, self.optimizers):
+            model_sd.update(get_model_state_dict(part, options=opts))
+            optim_sd.update(get_optimizer_state_dict(part, opt, options=opts))
+        return {"model": model_sd, "optim": optim_sd,
+                "train": {"step": self.step, "data": self.loader.state_dict()}}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(flatten_optimizer_state_dict=True, strict=False)
+        for part, opt in zip(self.parts, self.optimizers):
+            set_model_state_dict(part, state["model"], options=opts)
+            set_optimizer_state_dict(part, opt, state["optim"], options=opts)
+        self.step = int(state["train"]["step"])
+        self.loader.load_state_dict(state["train"]["data"])
+
+    def maybe_resume(self, logger) -> None:
+        ckpt = find_resume_dir(self.ckpt_root, self.recipe.checkpoint.resume)
+        if ckpt is None:
+            return
+        state = self.state_dict_for_checkpoint()
+        meta = CheckpointManager.load(ckpt, state)
+        self.load_checkpoint_state(state)
+        logger.write(f"resumed from {ckpt} at step {self.step} (saved as {meta.get('layout', '?')})")
+
+    def save_checkpoint(self) -> Path:
+        manager = CheckpointManager(self.ckpt_root, self.recipe.checkpoint.keep)
+        meta = {"layout": self.dims.describe(), "degrees": vars(self.dims), "model": self.model_cfg.__dict__ | {
+            "rope_scaling": vars(self.model_cfg.rope_scaling)}}
+        return manager.save(self.step, self.state_dict_for_checkpoint(), meta)
+
+    # -- one step -----------------------------------------------------------------------------
+    def _global_token_count(self, labels: torch.Tensor) -> float:
+        count = (labels != IGNORE_INDEX).sum().to(torch.float64)
+        dist.all_reduce(count, group=self.mesh["loss"].get_group())
+        return float(count)
+
+    def train_step(self, batch: dict) -> tuple[float, float]:
+        tokens = batch["tokens"].to(self.device)
+        labels = batch["labels"].to(self.device)
+        self.tokens_in_step = self._global_token_count(labels)
+        lr = lr_at(self.step + 1, self.recipe)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
+
+        if self.parallel.pipeline is not None:
+            local = self.parallel.pipeline.step(tokens, labels)
+            holds_loss = local is not None
+        else:
+            model = self.parts[0]
+            accum = self.recipe.train.grad_accum
+            local = torch.zeros((), device=self.device)
+            for i, (tok, lab) in enumerate(zip(tokens.chunk(accum), labels.chunk(accum))):
+                self.parallel.set_gradient_sync(i == accum - 1)
+                with self.parallel.autocast():
+                    loss = self._loss_fn(model(tok), lab)
+                loss.backward()
+                local += loss.detach()
+            holds_loss = True
+
+        grad_norm = clip_grad_norm(self.parts, self.recipe.train.grad_clip, self.parallel.pp_group)
+        for opt in self.optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        self.step += 1
+        return self._reduce_loss(local if holds_loss else None), grad_norm
+
+    def _reduce_loss(self, local: torch.Tensor | None) -> float:
+        """Global mean token loss: each data/cp rank's share is counted once (one tp rank, the
+        rank holding the last pipeline stage)."""
+        counts = local is not None and self.mesh.local_rank("tp") == 0
+        value = local.detach().float().reshape(()) if counts else torch.zeros((), device=self.device)
+        value = value.to(torch.float64)
+        dist.all_reduce(value)
+        return float(value)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        loader = build_loader(self.recipe.data, dp_rank=self.mesh.dp_rank, dp_degree=self.dims.dp,
+                              seed=self.recipe.train.seed, split="eval")
+        total = 0.0
+        for part in self.parts:
+            part.eval()
+        for _ in range(self.recipe.data.eval_batches):
+            batch = next(loader)
+            tokens, labels = batch["tokens"].to(self.device), batch["labels"].to(self.device)
+            self.tokens_in_step = self._global_token_count(labels) * self.recipe.data.eval_batches
+            if self.parallel.pipeline is not None:
+                local = self.parallel.pipeline.forward_only(tokens, labels)
+            else:
+                with self.parallel.autocast():
+                    local = self._loss_fn(self.parts[0](tokens), labels)
+            total += self._reduce_loss(local)
+        for part in self.parts:
+            part.train()
+        return total
+
+    # -- run ------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        recipe, result = self.recipe, TrainResult(run_dir=str(self.run_dir))
+        is_writer = self.rank == 0
+        if is_writer:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        self.maybe_resume(_RankZeroWriter(is_writer))
+        logger = MetricsLogger(self.run_dir, is_writer=is_writer, total_steps=recipe.train.steps,
+                               start_step=self.step, tensorboard=recipe.run.tensorboard, progress=recipe.run.progress)
+        logger.write(f"longtrain: {self.model_cfg.num_params() / 1e6:.1f}M parameters, layout "
+                     f"{self.dims.describe()} on {dist.get_world_size()} x {self.device.type}, "
+                     f"{recipe.train.steps} steps")
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+        peak = device_peak_tflops(self.device, recipe.run.peak_tflops)
+        flops_per_token = self.model_cfg.flops_per_token(recipe.data.seq_len)
+        tokens_per_step = self.dims.dp * recipe.data.batch_size * recipe.data.seq_len
+        window_start, window_steps = time.perf_counter(), 0
+        try:
+            while self.step < recipe.train.steps:
+                loss, grad_norm = self.train_step(next(self.loader))
+                window_steps += 1
+                result.losses[self.step] = loss
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss} at step {self.step}")
+                logger.advance(self.step, loss)
+                if self.step % recipe.train.log_every == 0 or self.step == recipe.train.steps:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    elapsed = time.perf_counter() - window_start
+                    tps = tokens_per_step * window_steps / elapsed
+                    tflops = tps * flops_per_token / dist.get_world_size() / 1e12
+                    logger.log({"step": self.step, "loss": loss, "lr": lr_at(self.step, recipe),
+                                "grad_norm": grad_norm, "tokens_per_second": tps, "tflops_per_device": tflops,
+                                "mfu": tflops / peak if peak else 0.0,
+                                "peak_memory_gb": peak_memory_gb(self.device)})
+                    window_start, window_steps = time.perf_counter(), 0
+                if recipe.train.eval_every and self.step % recipe.train.eval_every == 0:
+                    eval_loss = self.evaluate()
+                    result.eval_losses[self.step] = eval_loss
+                    logger.log({"step": self.step, "eval_loss": eval_loss})
+                    window_start, window_steps = time.perf_counter(), 0
+                if recipe.checkpoint.every and self.step % recipe.checkpoint.every == 0 \
+                        and self.step < recipe.train.steps:
+                    logger.write(f"checkpoint saved: {self.save_checkpoint()}")
+                    window_start, window_steps = time.perf_counter(), 0
+                if self._agree_to_stop():
+                    result.stopped_by_signal = True
+                    logger.write(f"SIGTERM: saving a checkpoint at step {self.step} and exiting")
+                    break
+            if recipe.checkpoint.save_at_end or result.stopped_by_signal:
+                logger.write(f"checkpoint saved: {self.save_checkpoint()}")
+        finally:
+            logger.close()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        result.last_step = self.step
+        return result
+
+    def _on_sigterm(self, signum, frame):
+        self.stop_requested = True
+
+    def _agree_to_stop(self) -> bool:
+        """Stop together: a SIGTERM seen by any rank stops every rank after the same step."""
+        flag = torch.tensor(1.0 if self.stop_requested else 0.0, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class _RankZeroWriter:
+    def __init__(self, is_writer: bool):
+        self.is_writer = is_writer
+
+    def write(self, line: str) -> None:
+        if self.is_writer:
+            print(line, flush=True)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def train(recipe: Recipe) -> TrainResult:
+    return Trainer(recipe).run()

@@ -1,0 +1,27 @@
+"""FSDP2 over the `fsdp` submesh (dp_shard x cp), HSDP when dp_replicate > 1.
+
+Each transformer block is its own FSDP unit (its parameters are gathered just before it runs and
+freed after), then the root module takes what is left (embeddings, final norm, output head).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from longtrain.parallel.mesh import Mesh
+
+
+def apply_fsdp(model: nn.Module, mesh: Mesh, param_dtype: torch.dtype, reduce_dtype: torch.dtype,
+               reshard_after_forward: bool = True) -> bool:
+    """Shard `model` in place. Returns False (and does nothing) when there is nothing to shard or
+    replicate over, that is when dp_replicate x dp_shard x cp is 1."""
+    dims = mesh.dims
+    if dims.dp_replicate * dims.fsdp == 1:
+        return False
+    dp_mesh = mesh.hsdp() if dims.dp_replicate > 1 else mesh["fsdp"]
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for block in model.layers.values():
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    return True

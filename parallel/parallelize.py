@@ -1,0 +1,92 @@
+"""Parallelize a single-device model, in a fixed order:
+
+    pipeline split -> tensor parallel (+ sequence parallel) -> (context parallel: its own issue)
+    -> activation checkpointing -> torch.compile -> FSDP2 over `fsdp` (HSDP with dp_replicate)
+
+The result holds this rank's model parts (one, or one per pipeline stage it owns), the pipeline
+schedule when pp > 1, and the switches the trainer needs (gradient sync, autocast).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+
+from longtrain.launcher.config import Recipe, pp_microbatches
+from longtrain.parallel.activation_checkpoint import apply_activation_checkpoint
+from longtrain.parallel.data_parallel import apply_fsdp
+from longtrain.parallel.mesh import Mesh
+from longtrain.parallel.pipeline import Pipeline, build_stage_module, stage_ids_for_rank
+from longtrain.parallel.tensor_parallel import apply_tensor_parallel
+
+
+@dataclass
+class ParallelModel:
+    parts: list[nn.Module]
+    pipeline: Pipeline | None
+    pp_group: object
+    param_dtype: torch.dtype
+    use_autocast: bool
+    device: torch.device
+
+    def set_gradient_sync(self, enabled: bool) -> None:
+        """Skip FSDP's reduce-scatter on all but the last gradient-accumulation micro-batch."""
+        for part in self.parts:
+            if isinstance(part, FSDPModule):
+                part.set_requires_gradient_sync(enabled)
+
+    def autocast(self):
+        if self.use_autocast:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def precision(recipe: Recipe, device: torch.device) -> torch.dtype:
+    mode = recipe.parallel.mixed_precision
+    if mode == "bf16" or (mode == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def parallelize(model: nn.Module, mesh: Mesh, recipe: Recipe, device: torch.device,
+                loss_fn: Callable) -> ParallelModel:
+    p = recipe.parallel
+    dims = mesh.dims
+    if dims.pp > 1:
+        n_stages = dims.pp * p.pp_stages_per_rank
+        stage_ids = stage_ids_for_rank(mesh.pp_rank, dims.pp, p.pp_stages_per_rank)
+        parts = [build_stage_module(model, sid, n_stages) for sid in stage_ids]
+    else:
+        parts, stage_ids, n_stages = [model], [0], 1
+
+    param_dtype = precision(recipe, device)
+    sharded = False
+    for i, part in enumerate(parts):
+        part.to(device)
+        if dims.tp > 1:
+            apply_tensor_parallel(part, mesh["tp"], sequence_parallel=p.sequence_parallel)
+        apply_activation_checkpoint(part, p.activation_checkpoint, p.activation_checkpoint_every)
+        if p.compile:
+            for name, block in part.layers.items():
+                part.layers[name] = torch.compile(block)
+        sharded = apply_fsdp(part, mesh, param_dtype=param_dtype, reduce_dtype=torch.float32)
+        if sharded:
+            # The loss is already normalized by the global token count: reduce gradients by sum.
+            for module in part.modules():
+                if isinstance(module, FSDPModule):
+                    module.set_gradient_divide_factor(1.0)
+                    module.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
+        elif param_dtype != torch.float32 and device.type != "cuda":
+            raise ValueError("parallel.mixed_precision: bf16 without FSDP is only supported on CUDA (autocast)")
+
+    pipeline = None
+    if dims.pp > 1:
+        pipeline = Pipeline(parts, stage_ids, n_stages, mesh["pp"], device, p.pp_schedule, pp_microbatches(p),
+                            loss_fn)
+    use_autocast = param_dtype != torch.float32 and not sharded
+    return ParallelModel(parts=parts, pipeline=pipeline, pp_group=mesh["pp"].get_group(),
+                         param_dtype=param_dtype, use_autocast=use_autocast, device=device)

@@ -1,0 +1,110 @@
+"""Pipeline parallel over the `pp` axis with torch.distributed.pipelining.
+
+The model is split into `pp x stages_per_rank` stages by layers. Rank r owns stage r (GPipe,
+1F1B) or stages r, r+pp, r+2pp, ... (looped placement, for interleaved 1F1B and the interleaved
+zero-bubble schedule). A stage is the whole model with the other stages' layers deleted: the
+first keeps the embedding, the last the final norm and output head, and parameter names stay
+those of the whole model so checkpoints move between layouts.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import (
+    PipelineScheduleMulti,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+)
+
+SCHEDULES = {
+    "gpipe": ScheduleGPipe,
+    "1f1b": Schedule1F1B,
+    "interleaved_1f1b": ScheduleInterleaved1F1B,
+    "zero_bubble": ScheduleInterleavedZeroBubble,
+}
+
+
+def layer_split(n_layers: int, n_stages: int) -> list[range]:
+    """Contiguous layer ranges per stage, as even as possible; the extra layers go to the middle
+    stages, since the first and last stages also carry the embedding and the output head."""
+    if n_layers < n_stages:
+        raise ValueError(f"model.n_layers: {n_layers} layers cannot fill {n_stages} pipeline stages")
+    base, extra = divmod(n_layers, n_stages)
+    order = sorted(range(n_stages), key=lambda s: (s in (0, n_stages - 1), s))
+    sizes = [base + (1 if s in order[:extra] else 0) for s in range(n_stages)]
+    out, start = [], 0
+    for size in sizes:
+        out.append(range(start, start + size))
+        start += size
+    return out
+
+
+def stage_ids_for_rank(pp_rank: int, pp_degree: int, stages_per_rank: int) -> list[int]:
+    return [pp_rank + k * pp_degree for k in range(stages_per_rank)]
+
+
+def build_stage_module(model: nn.Module, stage_id: int, n_stages: int) -> nn.Module:
+    """A copy of `model` that keeps only what stage `stage_id` runs."""
+    keep = {str(i) for i in layer_split(len(model.layers), n_stages)[stage_id]}
+    stage = copy.deepcopy(model)
+    for name in list(stage.layers.keys()):
+        if name not in keep:
+            del stage.layers[name]
+    if stage_id != 0:
+        stage.tok_embeddings = None
+    if stage_id != n_stages - 1:
+        stage.norm = None
+        stage.output = None
+    return stage
+
+
+class Pipeline:
+    """This rank's stages and the schedule that runs them for one optimizer step."""
+
+    def __init__(self, stage_modules: list[nn.Module], stage_ids: list[int], n_stages: int, pp_mesh,
+                 device: torch.device, schedule: str, n_microbatches: int, loss_fn: Callable):
+        group = pp_mesh.get_group()
+        self.stage_modules = stage_modules
+        self.stages = [PipelineStage(m, sid, n_stages, device, group=group) for m, sid in zip(stage_modules, stage_ids)]
+        self.has_first = 0 in stage_ids
+        self.has_last = (n_stages - 1) in stage_ids
+        cls = SCHEDULES[schedule]
+        if issubclass(cls, PipelineScheduleMulti):
+            self.schedule = cls(self.stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+        else:
+            if len(self.stages) != 1:
+                raise ValueError(f"parallel.pp_schedule: {schedule} runs exactly one stage per rank")
+            self.schedule = cls(self.stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+
+    def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        """Forward and backward of one batch (split into micro-batches). Returns the summed
+        micro-batch losses on the rank holding the last stage, None elsewhere."""
+        losses: list[torch.Tensor] = []
+        target = labels if self.has_last else None
+        if self.has_first:
+            self.schedule.step(tokens, target=target, losses=losses)
+        else:
+            self.schedule.step(target=target, losses=losses)
+        if self.has_last:
+            return torch.stack([l.detach() for l in losses]).sum()
+        return None
+
+    @torch.no_grad()
+    def forward_only(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        """Loss without backward (evaluation): run the stages' forward through the schedule's
+        `eval` path where it exists."""
+        losses: list[torch.Tensor] = []
+        target = labels if self.has_last else None
+        if self.has_first:
+            self.schedule.eval(tokens, target=target, losses=losses)
+        else:
+            self.schedule.eval(target=target, losses=losses)
+        if self.has_last:
+            return torch.stack([l.detach() for l in losses]).sum()
+        return None

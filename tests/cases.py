@@ -1,0 +1,47 @@
+"""Training cases that run inside a process group (see distributed.run_group)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+# A tiny model on short sequences: seconds per case on CPU.
+TINY = ["model.name=tiny", "data.seq_len=32", "train.log_every=1", "run.progress=false",
+        "run.tensorboard=false", "checkpoint.save_at_end=false", "optim.warmup_steps=2", "optim.lr=3e-3"]
+
+
+def global_batch(dp: int, global_sequences: int = 8) -> list[str]:
+    return [f"data.batch_size={global_sequences // dp}"]
+
+
+def full_weights(trainer) -> dict[str, torch.Tensor]:
+    """Every parameter of the model as one full tensor, gathered from all ranks (tiny models only)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    local = {}
+    for part in trainer.parts:
+        sd = get_model_state_dict(part, options=StateDictOptions(full_state_dict=True))
+        local.update({k: v.detach().cpu().clone() for k, v in sd.items()})
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    merged = {}
+    for part in gathered:
+        merged.update(part)
+    return merged
+
+
+def train_cases(cases: list[list[str]], want_weights: bool = True) -> list[dict]:
+    """Train each case (a list of recipe overrides) in this process group; return per-case
+    losses and final full weights (identical on every rank)."""
+    from longtrain.launcher.config import load_recipe
+    from longtrain.launcher.trainer import Trainer
+
+    out = []
+    for overrides in cases:
+        recipe = load_recipe(None, TINY + list(overrides) + [f"run.launch.nproc_per_node={dist.get_world_size()}"])
+        trainer = Trainer(recipe)
+        result = trainer.run()
+        out.append({"losses": result.losses, "eval_losses": result.eval_losses,
+                    "weights": full_weights(trainer) if want_weights else None,
+                    "last_step": result.last_step})
+        dist.barrier()
+    return out
