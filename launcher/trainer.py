@@ -6,10 +6,12 @@ group itself) and returns a TrainResult, so tests run layouts in-process and com
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +32,12 @@ from longtrain.parallel.mesh import Mesh, ParallelDims
 from longtrain.parallel.parallelize import parallelize
 
 IGNORE_INDEX = -100
+
+# DTensor warns once per rank that a 2D (fsdp, tp) gradient norm takes two all-reduces; that is
+# expected for the norm of a 2D-sharded model and not worth a line per rank.
+logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
+# Tensor-parallel outputs (DTensor.to_local) are views; nothing here modifies them in place.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
 
 @dataclass

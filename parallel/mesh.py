@@ -65,7 +65,7 @@ class Mesh:
         return self.world["dp_replicate", "fsdp"]
 
     def local_rank(self, name: str) -> int:
-        return self.world[name].get_local_rank()
+        return self[name].get_local_rank()
 
     @property
     def dp_rank(self) -> int:

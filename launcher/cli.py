@@ -1,0 +1,59 @@
+"""The `longtrain` command.
+
+    longtrain train  RECIPE [key=value ...] [--nproc N]   train (starting N local workers if asked)
+    longtrain config RECIPE [key=value ...]               print the resolved, validated recipe
+
+Bad input ends with one line on stderr naming the key, file or rank, and exit code 2 (1 for a
+worker that failed while running).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from longtrain.launcher.config import RecipeError, load_recipe
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longtrain", description="Train long-context models on a 4D mesh.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train from a recipe")
+    train.add_argument("recipe", help="YAML recipe, e.g. configs/debug_cpu.yaml")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 train.steps=20")
+    train.add_argument("--nproc", type=int, default=None, help="local worker processes (run.launch.nproc_per_node)")
+    config = sub.add_parser("config", help="print the resolved recipe")
+    config.add_argument("recipe")
+    config.add_argument("overrides", nargs="*")
+    config.add_argument("--nproc", type=int, default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    overrides = list(args.overrides)
+    if args.nproc is not None:
+        overrides.append(f"run.launch.nproc_per_node={args.nproc}")
+    from longtrain.launcher.checkpoint import CheckpointError
+    from longtrain.launcher.launch import LaunchError, launch, preflight
+
+    try:
+        recipe = load_recipe(args.recipe, overrides)
+        if args.command == "config":
+            preflight(recipe, args.recipe)
+            print(recipe.to_yaml(), end="")
+            return 0
+        launch(recipe, args.recipe)
+        return 0
+    except (RecipeError, CheckpointError) as err:
+        print(f"longtrain: error: {err}", file=sys.stderr)
+        return 2
+    except LaunchError as err:
+        print(f"longtrain: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("longtrain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

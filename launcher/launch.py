@@ -1,0 +1,140 @@
+"""How a job starts: join a torchrun or SLURM job, or start N local workers.
+
+- Under torchrun (RANK and WORLD_SIZE set), this process is one worker: train here.
+- Under srun (SLURM_PROCID / SLURM_NTASKS set, no RANK), map SLURM's variables to torch's
+  (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR from the first node of the allocation) and train.
+- Otherwise, with `run.launch.nproc_per_node` > 1, start that many local workers through
+  torch.distributed's elastic launcher (no restarts): the first failing worker ends the job and
+  its error is reported.
+The recipe is validated against the world size before any worker starts.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import uuid
+
+from longtrain.launcher.config import Recipe, RecipeError, recipe_from_dict, validate_recipe
+
+
+class LaunchError(RuntimeError):
+    """A failed job; str() is the one line to show."""
+
+
+def environment() -> str:
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return "torchrun"
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1:
+        return "slurm"
+    return "local"
+
+
+def slurm_master_addr(nodelist: str) -> str:
+    """The first host of a SLURM node list (scontrol when present, else a parse of the compact
+    form, e.g. `gpu[003-005,009],cpu1` -> gpu003)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    first = re.split(r",(?![^\[]*\])", nodelist)[0]
+    match = re.match(r"^(.*?)\[([^\]]+)\](.*)$", first)
+    if not match:
+        return first
+    prefix, ranges, suffix = match.groups()
+    return prefix + ranges.split(",")[0].split("-")[0] + suffix
+
+
+def join_slurm_job() -> None:
+    env = os.environ
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env.setdefault("MASTER_ADDR", slurm_master_addr(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))))
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+
+
+def world_size_for(recipe: Recipe) -> int:
+    if environment() == "torchrun":
+        return int(os.environ["WORLD_SIZE"])
+    if environment() == "slurm":
+        return int(os.environ["SLURM_NTASKS"])
+    return recipe.run.launch.nproc_per_node * recipe.run.launch.nnodes
+
+
+def preflight(recipe: Recipe, source: str) -> int:
+    """Everything that can be checked before workers start; returns the world size."""
+    from longtrain.launcher.checkpoint import find_resume_dir
+    from pathlib import Path
+
+    world = world_size_for(recipe)
+    if environment() == "local" and recipe.run.launch.nnodes > 1:
+        raise RecipeError(f"{source}: run.launch.nnodes={recipe.run.launch.nnodes}: a multi-node job starts "
+                          f"under torchrun or srun (see README, SLURM)")
+    validate_recipe(recipe, source, world_size=world)
+    find_resume_dir(Path(recipe.checkpoint.dir or Path(recipe.run.dir) / "checkpoints"), recipe.checkpoint.resume)
+    return world
+
+
+def worker(recipe_dict: dict) -> dict:
+    """One training process (also the entry point of launched workers)."""
+    from longtrain.launcher.trainer import train
+
+    recipe = recipe_from_dict(recipe_dict, "recipe")
+    result = train(recipe)
+    return {"last_step": result.last_step, "stopped_by_signal": result.stopped_by_signal}
+
+
+def _recorded_worker(recipe_dict: dict) -> dict:
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(worker)(recipe_dict)
+
+
+def launch(recipe: Recipe, source: str = "recipe") -> None:
+    world = preflight(recipe, source)
+    where = environment()
+    if where == "slurm":
+        join_slurm_job()
+    if where != "local" or world == 1:
+        worker(recipe.to_dict())
+        return
+    _launch_local(recipe, world)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_local(recipe: Recipe, nproc: int) -> None:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    port = recipe.run.launch.master_port or _free_port()
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex[:8],
+                          rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{port}", max_restarts=0,
+                          monitor_interval=0.2, start_method="spawn")
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    try:
+        elastic_launch(config, _recorded_worker)(recipe.to_dict())
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        raise LaunchError(f"worker rank {rank} failed: {_first_line(failure.message)}") from None
+
+
+def _first_line(message) -> str:
+    if isinstance(message, dict):
+        message = message.get("message", message)
+    text = str(message).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    # Prefer the final "Type: message" line of a traceback.
+    for line in reversed(lines):
+        if re.match(r"^[A-Za-z_.]+(Error|Exception|Exit)\b.*:", line.strip()):
+            return line.strip()
+    return lines[-1].strip() if lines else "(no message; see the worker's output above)"
