@@ -350,6 +350,9 @@ def validate_recipe(recipe: Recipe, source: str = "recipe", world_size: int | No
     if mcfg.n_kv_heads % p.tp:
         fail(f"model.n_kv_heads: {mcfg.n_kv_heads} kv heads do not divide by parallel.tp={p.tp}")
     n_stages = p.pp * p.pp_stages_per_rank
+    if p.pp > 1 and mcfg.tie_embeddings:
+        fail("model.tie_embeddings: tied input/output embeddings cannot be split across pipeline stages "
+             f"(parallel.pp={p.pp}); untie them")
     if p.pp > 1 and mcfg.n_layers < n_stages:
         fail(f"model.n_layers: {mcfg.n_layers} layers cannot fill {n_stages} pipeline stages "
              f"(parallel.pp={p.pp} x parallel.pp_stages_per_rank={p.pp_stages_per_rank})")

@@ -167,6 +167,11 @@ class Trainer:
         model = self._build_model()
         self.parallel = parallelize(model, self.mesh, recipe, self.device, self._loss_fn)
         self.parts = self.parallel.parts
+        if self._init_on_meta():
+            self._materialize()
+            if recipe.model.hf_checkpoint:
+                raise NotImplementedError("model.hf_checkpoint with meta initialization: convert the Hugging "
+                                          "Face checkpoint to a longtrain checkpoint and set checkpoint.resume")
         self.optimizers = build_optimizers(self.parts, recipe, self.device)
 
         dp_rank, dp = self.mesh.dp_rank, self.dims.dp
@@ -176,21 +181,40 @@ class Trainer:
         self.stop_requested = False
 
     # -- model ------------------------------------------------------------------------------
+    def _init_on_meta(self) -> bool:
+        init = self.recipe.train.init_device
+        return init == "meta" or (init == "auto" and self.model_cfg.num_params() > 1e9)
+
     def _build_model(self) -> Transformer:
-        cfg, init = self.model_cfg, self.recipe.train.init_device
-        if init == "meta" or (init == "auto" and cfg.num_params() > 2e9):
-            raise NotImplementedError(
-                "train.init_device: meta initialization for models over 2B parameters lands with "
-                "sharded weight initialization; load weights with model.hf_checkpoint on cpu init")
+        """The full model on CPU, initialized from the recipe seed so that every layout starts
+        from the same weights; or, for large models, on the meta device (no memory), to be
+        materialized shard by shard after parallelization (see _materialize)."""
+        cfg = self.model_cfg
+        if self._init_on_meta():
+            with torch.device("meta"):
+                return Transformer(cfg)
         with torch.device("cpu"):
             model = Transformer(cfg)
         model.init_weights(seed=self.recipe.train.seed)
         if self.recipe.model.hf_checkpoint:
-            from longtrain.models.hf import load_hf_checkpoint
+            from longtrain.models.hf import load_into_model
 
-            hf_cfg, state = load_hf_checkpoint(self.recipe.model.hf_checkpoint)
-            model.load_state_dict(state, strict=True)
+            load_into_model(model, self.recipe.model.hf_checkpoint)
         return model
+
+    def _materialize(self) -> None:
+        """Allocate meta-initialized parts on the device and initialize each shard. The seed
+        depends on the mesh coordinates except dp_replicate, so HSDP replicas stay identical
+        and different shards get different draws."""
+        coords = [self.mesh.local_rank(axis) for axis in ("pp", "dp_shard", "cp", "tp")]
+        shard_id = 0
+        for axis, coord in zip(("pp", "dp_shard", "cp", "tp"), coords):
+            shard_id = shard_id * getattr(self.dims, axis) + coord
+        torch.manual_seed(self.recipe.train.seed + 1_000_003 * (shard_id + 1))
+        for part in self.parts:
+            part.to_empty(device=self.device)
+            part.init_weights()
+        torch.manual_seed(self.recipe.train.seed)
 
     def _loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Summed token cross-entropy over the global token count of the step (so that summing
@@ -312,7 +336,9 @@ class Trainer:
         return total
 
     # -- run ------------------------------------------------------------------------------------
-    def run(self) -> TrainResult:
+    def run(self, stop_after: int | None = None) -> TrainResult:
+        """Train to train.steps. `stop_after` stops after that step exactly as a SIGTERM would
+        (checkpoint, then return), for time-boxed jobs and tests of resume."""
         recipe, result = self.recipe, TrainResult(run_dir=str(self.run_dir))
         is_writer = self.rank == 0
         if is_writer:
@@ -357,9 +383,11 @@ class Trainer:
                         and self.step < recipe.train.steps:
                     logger.write(f"checkpoint saved: {self.save_checkpoint()}")
                     window_start, window_steps = time.perf_counter(), 0
+                if stop_after is not None and self.step >= stop_after:
+                    self.stop_requested = True
                 if self._agree_to_stop():
                     result.stopped_by_signal = True
-                    logger.write(f"SIGTERM: saving a checkpoint at step {self.step} and exiting")
+                    logger.write(f"stopping: saving a checkpoint at step {self.step} and exiting")
                     break
             if recipe.checkpoint.save_at_end or result.stopped_by_signal:
                 logger.write(f"checkpoint saved: {self.save_checkpoint()}")

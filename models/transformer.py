@@ -232,7 +232,8 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.init_weights()
+        if not self.output.weight.is_meta:
+            self.init_weights()
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None):

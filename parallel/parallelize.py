@@ -65,8 +65,10 @@ def parallelize(model: nn.Module, mesh: Mesh, recipe: Recipe, device: torch.devi
 
     param_dtype = precision(recipe, device)
     sharded = False
-    for i, part in enumerate(parts):
-        part.to(device)
+    on_meta = next(model.parameters()).is_meta
+    for part in parts:
+        if not on_meta:  # meta parts are materialized after sharding (Trainer._materialize)
+            part.to(device)
         if dims.tp > 1:
             apply_tensor_parallel(part, mesh["tp"], sequence_parallel=p.sequence_parallel)
         apply_activation_checkpoint(part, p.activation_checkpoint, p.activation_checkpoint_every)

@@ -29,19 +29,22 @@ def full_weights(trainer) -> dict[str, torch.Tensor]:
     return merged
 
 
-def train_cases(cases: list[list[str]], want_weights: bool = True) -> list[dict]:
-    """Train each case (a list of recipe overrides) in this process group; return per-case
-    losses and final full weights (identical on every rank)."""
+def train_cases(cases: list, want_weights: bool = True) -> list[dict]:
+    """Train each case in this process group; a case is a list of recipe overrides, or a dict
+    {"overrides": [...], "stop_after": k}. Returns per-case losses and final full weights
+    (identical on every rank)."""
     from longtrain.launcher.config import load_recipe
     from longtrain.launcher.trainer import Trainer
 
     out = []
-    for overrides in cases:
-        recipe = load_recipe(None, TINY + list(overrides) + [f"run.launch.nproc_per_node={dist.get_world_size()}"])
-        trainer = Trainer(recipe)
-        result = trainer.run()
+    for case in cases:
+        if not isinstance(case, dict):
+            case = {"overrides": case}
+        overrides = TINY + list(case["overrides"]) + [f"run.launch.nproc_per_node={dist.get_world_size()}"]
+        trainer = Trainer(load_recipe(None, overrides))
+        result = trainer.run(stop_after=case.get("stop_after"))
         out.append({"losses": result.losses, "eval_losses": result.eval_losses,
                     "weights": full_weights(trainer) if want_weights else None,
-                    "last_step": result.last_step})
+                    "last_step": result.last_step, "stopped": result.stopped_by_signal})
         dist.barrier()
     return out

@@ -1,0 +1,108 @@
+"""Trainer behaviour beyond layouts: resume (same and other layout), gradient accumulation,
+activation checkpointing, interleaved and zero-bubble pipelines, meta initialization."""
+import json
+
+import pytest
+import torch
+
+from cases import global_batch, train_cases
+from distributed import run_group
+
+STEPS = ["train.steps=6"]
+
+
+def assert_losses_close(name, got: dict, ref: dict, steps, rel=1e-4):
+    for step in steps:
+        a, b = got[step], ref[step]
+        assert abs(a - b) <= rel * abs(b), f"{name}: step {step} loss {a} vs reference {b}"
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One process: the uninterrupted reference, and variants that must reproduce it."""
+    ckpt = tmp_path_factory.mktemp("single")
+    cases = [
+        STEPS + global_batch(1),  # 0: reference
+        {"overrides": STEPS + global_batch(1) + [f"checkpoint.dir={ckpt}/a"], "stop_after": 3},  # 1: stop at 3
+        STEPS + global_batch(1) + [f"checkpoint.dir={ckpt}/a", "checkpoint.save_at_end=true"],  # 2: resume to 6
+        STEPS + global_batch(1) + ["train.grad_accum=2"],  # 3
+        STEPS + global_batch(1) + ["parallel.activation_checkpoint=full"],  # 4
+        STEPS + global_batch(1) + ["parallel.activation_checkpoint=every_k",
+                                   "parallel.activation_checkpoint_every=2"],  # 5
+        STEPS + global_batch(1) + ["train.init_device=meta", "optim.lr=1e-2", "train.steps=12"],  # 6
+    ]
+    return run_group(1, train_cases, cases), ckpt
+
+
+def test_resume_same_layout_is_exact(single):
+    results, _ = single
+    ref, first, resumed = results[0], results[1], results[2]
+    assert first["last_step"] == 3 and first["stopped"]
+    assert sorted(resumed["losses"]) == [4, 5, 6]
+    for step in (1, 2, 3):
+        assert first["losses"][step] == ref["losses"][step]
+    for step in (4, 5, 6):
+        assert resumed["losses"][step] == ref["losses"][step], f"step {step} differs after resume"
+    for key, w in ref["weights"].items():
+        assert torch.equal(resumed["weights"][key], w), key
+
+
+def test_grad_accumulation_matches(single):
+    results, _ = single
+    assert_losses_close("grad_accum=2", results[3]["losses"], results[0]["losses"], range(1, 7), rel=1e-5)
+
+
+@pytest.mark.parametrize("index,name", [(4, "full"), (5, "every_k")])
+def test_activation_checkpointing_matches(single, index, name):
+    results, _ = single
+    assert_losses_close(f"activation_checkpoint={name}", results[index]["losses"], results[0]["losses"],
+                        range(1, 7), rel=1e-6)
+
+
+def test_meta_initialization_trains(single):
+    results, _ = single
+    losses = results[6]["losses"]
+    assert losses[12] < losses[1] - 0.1, losses
+
+
+def test_checkpoint_directory_layout(single):
+    _, ckpt = single
+    root = ckpt / "a"
+    assert (root / "latest").read_text().strip() == "step_00000006"
+    meta = json.loads((root / "step_00000006" / "meta.json").read_text())
+    assert meta["step"] == 6 and meta["layout"] == "single"
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000003", "step_00000006"]
+    assert not list(root.glob(".tmp_*"))
+
+
+def test_interleaved_and_zero_bubble_pipelines(single):
+    ref = single[0][0]
+    cases = {
+        "interleaved_1f1b": ["parallel.pp_schedule=interleaved_1f1b", "parallel.pp_stages_per_rank=2"],
+        "zero_bubble": ["parallel.pp_schedule=zero_bubble", "parallel.pp_stages_per_rank=2"],
+        "gpipe": ["parallel.pp_schedule=gpipe"],
+    }
+    common = STEPS + global_batch(1) + ["parallel.pp=2", "parallel.dp_shard=1"]
+    results = run_group(2, train_cases, [common + c for c in cases.values()])
+    for name, got in zip(cases, results):
+        assert_losses_close(name, got["losses"], ref["losses"], range(1, 7))
+        for key, w in ref["weights"].items():
+            torch.testing.assert_close(got["weights"][key], w, rtol=1e-4, atol=1e-5)
+
+
+def test_resume_under_other_layouts(single, tmp_path):
+    """Saved at step 3 under dp2 x tp2; resumed under pp2 x tp2 and on one process."""
+    ref = single[0][0]
+    ckpt = f"checkpoint.dir={tmp_path}/x"
+    save = {"overrides": STEPS + global_batch(2) + ["parallel.dp_shard=2", "parallel.tp=2", ckpt], "stop_after": 3}
+    resume_pp = STEPS + global_batch(1) + ["parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=1",
+                                           f"checkpoint.resume={tmp_path}/x", f"checkpoint.dir={tmp_path}/pp"]
+    saved, resumed_pp = run_group(4, train_cases, [save, resume_pp])
+    assert_losses_close("dp2xtp2 before save", saved["losses"], ref["losses"], [1, 2, 3])
+    assert_losses_close("resumed as pp2xtp2", resumed_pp["losses"], ref["losses"], [4, 5, 6])
+    resume_one = STEPS + global_batch(1) + [f"checkpoint.resume={tmp_path}/x", f"checkpoint.dir={tmp_path}/one"]
+    (resumed_one,) = run_group(1, train_cases, [resume_one])
+    assert sorted(resumed_one["losses"]) == [4, 5, 6]
+    assert_losses_close("resumed on one process", resumed_one["losses"], ref["losses"], [4, 5, 6])
+    for key, w in ref["weights"].items():
+        torch.testing.assert_close(resumed_one["weights"][key], w, rtol=1e-4, atol=1e-5)
