@@ -29,12 +29,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    overrides = list(args.overrides)
+    parser = _parser()
+    # Overrides may come before or after --nproc: collect the ones argparse left over.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    overrides = list(args.overrides) + extra
     if args.nproc is not None:
         overrides.append(f"run.launch.nproc_per_node={args.nproc}")
     from longtrain.launcher.checkpoint import CheckpointError
-    from longtrain.launcher.launch import LaunchError, launch, preflight
+    from longtrain.launcher.launch import LaunchError, StoppedBySignal, launch, preflight
 
     try:
         recipe = load_recipe(args.recipe, overrides)
@@ -50,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as err:
         print(f"longtrain: error: {err}", file=sys.stderr)
         return 1
+    except StoppedBySignal as err:
+        print(f"longtrain: {err}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("longtrain: interrupted", file=sys.stderr)
         return 130

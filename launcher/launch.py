@@ -23,6 +23,10 @@ class LaunchError(RuntimeError):
     """A failed job; str() is the one line to show."""
 
 
+class StoppedBySignal(RuntimeError):
+    """The job was stopped by a signal after saving a checkpoint."""
+
+
 def environment() -> str:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return "torchrun"
@@ -113,6 +117,7 @@ def _free_port() -> int:
 
 
 def _launch_local(recipe: Recipe, nproc: int) -> None:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -126,6 +131,11 @@ def _launch_local(recipe: Recipe, nproc: int) -> None:
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
         raise LaunchError(f"worker rank {rank} failed: {_first_line(failure.message)}") from None
+    except SignalException as err:
+        # The job was signalled (SLURM preemption, Ctrl-C on the launcher): the workers got the
+        # signal too, finished their step and saved a checkpoint before exiting.
+        raise StoppedBySignal(f"stopped by signal {err.sigval.name}; workers saved a checkpoint "
+                              f"in {recipe.checkpoint.dir or recipe.run.dir + '/checkpoints'}") from None
 
 
 def _first_line(message) -> str:

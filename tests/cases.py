@@ -48,3 +48,41 @@ def train_cases(cases: list, want_weights: bool = True) -> list[dict]:
                     "last_step": result.last_step, "stopped": result.stopped_by_signal})
         dist.barrier()
     return out
+
+
+def failed_save_keeps_previous(ckpt_dir: str) -> dict:
+    """Train 4 steps saving every 2; make the step-4 save die midway; report what is on disk and
+    what a resume finds."""
+    import torch.distributed.checkpoint as dcp
+
+    from longtrain.launcher import checkpoint as ckpt_mod
+    from longtrain.launcher.config import load_recipe
+    from longtrain.launcher.trainer import Trainer
+
+    recipe = load_recipe(None, TINY + ["train.steps=4", "checkpoint.every=2", f"checkpoint.dir={ckpt_dir}",
+                                       "checkpoint.save_at_end=true"])
+    real_save = dcp.save
+
+    def dying_save(state, checkpoint_id):
+        if "00000004" in str(checkpoint_id):
+            real_save({"model": state["model"]}, checkpoint_id=checkpoint_id)  # some shards written...
+            raise OSError("disk full (simulated)")  # ...then the save dies
+        return real_save(state, checkpoint_id=checkpoint_id)
+
+    ckpt_mod.dcp.save = dying_save
+    error = None
+    try:
+        Trainer(recipe).run()
+    except OSError as err:
+        error = str(err)
+    finally:
+        ckpt_mod.dcp.save = real_save
+    resume_dir = ckpt_mod.find_resume_dir(ckpt_dir, "auto")
+    resumed = Trainer(load_recipe(None, TINY + ["train.steps=4", f"checkpoint.dir={ckpt_dir}"]))
+    resumed.maybe_resume(_Silent())
+    return {"error": error, "resume_dir": str(resume_dir), "resumed_step": resumed.step}
+
+
+class _Silent:
+    def write(self, line):
+        pass
