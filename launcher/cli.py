@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(args.recipe, overrides)
         if args.command == "config":
-            preflight(recipe, args.recipe)
+            preflight(recipe, args.recipe, launching=False)
             print(recipe.to_yaml(), end="")
             return 0
         launch(recipe, args.recipe)

@@ -70,13 +70,13 @@ def world_size_for(recipe: Recipe) -> int:
     return recipe.run.launch.nproc_per_node * recipe.run.launch.nnodes
 
 
-def preflight(recipe: Recipe, source: str) -> int:
+def preflight(recipe: Recipe, source: str, launching: bool = True) -> int:
     """Everything that can be checked before workers start; returns the world size."""
     from longtrain.launcher.checkpoint import find_resume_dir
     from pathlib import Path
 
     world = world_size_for(recipe)
-    if environment() == "local" and recipe.run.launch.nnodes > 1:
+    if launching and environment() == "local" and recipe.run.launch.nnodes > 1:
         raise RecipeError(f"{source}: run.launch.nnodes={recipe.run.launch.nnodes}: a multi-node job starts "
                           f"under torchrun or srun (see README, SLURM)")
     validate_recipe(recipe, source, world_size=world)

@@ -170,8 +170,7 @@ class Trainer:
         if self._init_on_meta():
             self._materialize()
             if recipe.model.hf_checkpoint:
-                raise NotImplementedError("model.hf_checkpoint with meta initialization: convert the Hugging "
-                                          "Face checkpoint to a longtrain checkpoint and set checkpoint.resume")
+                self._load_hf_sharded(recipe.model.hf_checkpoint)
         self.optimizers = build_optimizers(self.parts, recipe, self.device)
 
         dp_rank, dp = self.mesh.dp_rank, self.dims.dp
@@ -201,6 +200,21 @@ class Trainer:
 
             load_into_model(model, self.recipe.model.hf_checkpoint)
         return model
+
+    def _load_hf_sharded(self, path: str) -> None:
+        """Rank 0 reads the Hugging Face checkpoint; every parameter shard is filled by broadcast,
+        so no other rank ever holds the full model."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        from longtrain.models.hf import check_same_architecture, load_hf_checkpoint
+
+        state = {}
+        if self.rank == 0:
+            hf_cfg, state = load_hf_checkpoint(path)
+            check_same_architecture(self.model_cfg, hf_cfg, path)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+        for part in self.parts:
+            set_model_state_dict(part, state, options=options)
 
     def _materialize(self) -> None:
         """Allocate meta-initialized parts on the device and initialize each shard. The seed

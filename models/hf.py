@@ -414,7 +414,7 @@ def _rope_signature(s: RopeScaling) -> tuple:
     return (s.type,) + tuple(getattr(s, f) for f in _ROPE_FIELDS.get(s.type, ("factor",)))
 
 
-def _check_same_architecture(model_cfg: TransformerConfig, cfg: TransformerConfig, source: str):
+def check_same_architecture(model_cfg: TransformerConfig, cfg: TransformerConfig, source: str):
     fields = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "norm_eps", "rope_theta",
               "rope_scaling", "tie_embeddings")
     def norm(field, value):  # only the RoPE fields the scaling type uses take part
@@ -435,7 +435,7 @@ def load_into_model(model: Transformer, path: str | os.PathLike) -> TransformerC
     config_path = str(Path(path) / CONFIG_NAME)
     model_cfg = getattr(model, "cfg", None)
     if model_cfg is not None:
-        _check_same_architecture(model_cfg, cfg, config_path)
+        check_same_architecture(model_cfg, cfg, config_path)
     # Checked here as well because load_state_dict(strict=True) lets keys of a submodule that
     # was set to None (a pipeline stage's missing norm/head) pass silently.
     model_keys = set(model.state_dict())

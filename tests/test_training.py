@@ -30,6 +30,8 @@ def single(tmp_path_factory):
         STEPS + global_batch(1) + ["parallel.activation_checkpoint=every_k",
                                    "parallel.activation_checkpoint_every=2"],  # 5
         STEPS + global_batch(1) + ["train.init_device=meta", "optim.lr=1e-2", "train.steps=12"],  # 6
+        STEPS + global_batch(1) + [f"run.dir={ckpt}/run", "run.tensorboard=true", "train.log_every=2",
+                                   "train.eval_every=3"],  # 7: what a run directory holds
     ]
     return run_group(1, train_cases, cases), ckpt
 
@@ -106,3 +108,39 @@ def test_resume_under_other_layouts(single, tmp_path):
     assert_losses_close("resumed on one process", resumed_one["losses"], ref["losses"], [4, 5, 6])
     for key, w in ref["weights"].items():
         torch.testing.assert_close(resumed_one["weights"][key], w, rtol=1e-4, atol=1e-5)
+
+
+def test_run_directory_contents(single):
+    results, ckpt = single
+    run = ckpt / "run"
+    assert "model:" in (run / "recipe.yaml").read_text()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == [2, 4, 6]
+    for r in train_records:
+        for key in ("step", "loss", "lr", "grad_norm", "tokens_per_second", "tflops_per_device", "mfu",
+                    "peak_memory_gb"):
+            assert isinstance(r[key], (int, float)), key
+        assert r["tokens_per_second"] > 0 and 0 < r["mfu"] < 1
+    assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
+    assert results[7]["losses"] == results[0]["losses"]  # logging and eval do not change training
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_hf_weights_load_into_a_sharded_meta_model(single, tmp_path):
+    """model.hf_checkpoint on the CPU path and on the meta path (rank 0 reads, shards are
+    broadcast) start from the same weights: same losses under tp2 and FSDP2."""
+    from longtrain.models.hf import save_hf_checkpoint
+    from longtrain.models.sizes import SIZES
+    from longtrain.models.transformer import Transformer
+
+    model = Transformer(SIZES["tiny"])
+    model.init_weights(seed=1234)
+    save_hf_checkpoint(model.state_dict(), SIZES["tiny"], tmp_path / "hf")
+    hf = f"model.hf_checkpoint={tmp_path / 'hf'}"
+    (ref,) = run_group(1, train_cases, [STEPS + global_batch(1) + [hf]], False)
+    assert ref["losses"][1] != single[0][0]["losses"][1]  # the imported weights were used
+    cases = [STEPS + global_batch(1) + [hf, "train.init_device=meta", "parallel.tp=2", "parallel.dp_shard=1"],
+             STEPS + global_batch(2) + [hf, "train.init_device=meta", "parallel.dp_shard=2"]]
+    for name, got in zip(["tp2", "dp_shard2"], run_group(2, train_cases, cases, False)):
+        assert_losses_close(f"meta + hf_checkpoint, {name}", got["losses"], ref["losses"], range(1, 7))
