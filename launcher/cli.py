@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(args.recipe, overrides)
         if args.command == "config":
-            preflight(recipe, args.recipe, launching=False)
+            world = preflight(recipe, args.recipe, launching=False)
             print(recipe.to_yaml(), end="")
+            print(_resolved_summary(recipe, world))
             return 0
         launch(recipe, args.recipe)
         return 0
@@ -61,6 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("longtrain: interrupted", file=sys.stderr)
         return 130
+
+
+def _resolved_summary(recipe, world: int) -> str:
+    from longtrain.launcher.config import resolve_degrees
+    from longtrain.models.sizes import resolve_model_config
+
+    degrees = resolve_degrees(recipe.parallel, world)
+    cfg = resolve_model_config(recipe.model)
+    layout = " x ".join(f"{k}={v}" for k, v in degrees.items())
+    return (f"# resolved: {world} ranks = {layout}\n"
+            f"# model: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads ({cfg.n_kv_heads} kv), "
+            f"ffn {cfg.ffn_dim}, vocab {cfg.vocab_size}, {cfg.num_params() / 1e6:,.1f}M parameters")
 
 
 if __name__ == "__main__":
