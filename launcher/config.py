@@ -14,6 +14,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from longtrain.models.transformer import RopeScaling
+
 
 class RecipeError(ValueError):
     """A recipe problem; str() is the one line shown to the user."""
@@ -22,19 +24,6 @@ class RecipeError(ValueError):
 # ----------------------------------------------------------------------------------------------
 # Sections
 # ----------------------------------------------------------------------------------------------
-@dataclass
-class RopeScalingConfig:
-    # none: plain RoPE; linear: positions divided by factor; llama3: Llama-3.1 frequency-band
-    # scaling; yarn: NTK-by-parts interpolation with attention temperature.
-    type: Literal["none", "linear", "llama3", "yarn"] = "none"
-    factor: float = 1.0
-    original_max_position: int = 8192
-    low_freq_factor: float = 1.0  # llama3
-    high_freq_factor: float = 4.0  # llama3
-    beta_fast: float = 32.0  # yarn
-    beta_slow: float = 1.0  # yarn
-
-
 @dataclass
 class ModelConfig:
     # A named size (models/sizes.py); explicit fields below override it when set.
@@ -48,7 +37,7 @@ class ModelConfig:
     ffn_dim: Optional[int] = None
     norm_eps: Optional[float] = None
     rope_theta: Optional[float] = None
-    rope_scaling: Optional[RopeScalingConfig] = None
+    rope_scaling: Optional[RopeScaling] = None
     max_seq_len: Optional[int] = None
     tie_embeddings: Optional[bool] = None
     init_std: Optional[float] = None
@@ -375,6 +364,8 @@ def validate_recipe(recipe: Recipe, source: str = "recipe", world_size: int | No
         fail(f"data.seq_len: {d.seq_len} exceeds model.max_seq_len={mcfg.max_seq_len}")
     if t.steps < 0:
         fail(f"train.steps: must be at least 0, got {t.steps}")
+    if recipe.optim.offload:
+        fail("optim.offload: optimizer offloading is not implemented yet; set it to false")
     if recipe.optim.lr <= 0:
         fail(f"optim.lr: must be positive, got {recipe.optim.lr}")
     if len(recipe.optim.betas) != 2:

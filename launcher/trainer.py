@@ -298,16 +298,20 @@ class Trainer:
                 group["lr"] = lr
 
         if self.parallel.pipeline is not None:
+            # Stages after the first see hidden states only: positions are 0..S-1 there, which is
+            # what fixed-length sequences use. (Packed documents will carry positions along.)
             local = self.parallel.pipeline.step(tokens, labels)
             holds_loss = local is not None
         else:
             model = self.parts[0]
             accum = self.recipe.train.grad_accum
             local = torch.zeros((), device=self.device)
-            for i, (tok, lab) in enumerate(zip(tokens.chunk(accum), labels.chunk(accum))):
+            positions = batch["positions"].to(self.device)
+            micro = zip(tokens.chunk(accum), labels.chunk(accum), positions.chunk(accum))
+            for i, (tok, lab, pos) in enumerate(micro):
                 self.parallel.set_gradient_sync(i == accum - 1)
                 with self.parallel.autocast():
-                    loss = self._loss_fn(model(tok), lab)
+                    loss = self._loss_fn(model(tok, pos), lab)
                 loss.backward()
                 local += loss.detach()
             holds_loss = True

@@ -52,7 +52,7 @@ def resolve_model_config(model_section) -> TransformerConfig:
         if value is not None:
             setattr(cfg, key, value)
     if model_section.rope_scaling is not None:
-        cfg.rope_scaling = RopeScaling(**dataclasses.asdict(model_section.rope_scaling))
+        cfg.rope_scaling = dataclasses.replace(model_section.rope_scaling)
     if cfg.dim % cfg.n_heads:
         raise ValueError(f"model.dim: {cfg.dim} does not divide into model.n_heads={cfg.n_heads} heads")
     if cfg.n_heads % cfg.n_kv_heads:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,13 +19,15 @@ from torch import nn
 
 @dataclass
 class RopeScaling:
-    type: str = "none"  # none | linear | llama3 | yarn
+    # none: plain RoPE; linear: positions divided by factor; llama3: Llama-3.1 frequency-band
+    # scaling; yarn: NTK-by-parts interpolation with attention temperature.
+    type: Literal["none", "linear", "llama3", "yarn"] = "none"
     factor: float = 1.0
     original_max_position: int = 8192
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
 
 
 @dataclass

@@ -85,26 +85,20 @@ class Pipeline:
     def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
         """Forward and backward of one batch (split into micro-batches). Returns the summed
         micro-batch losses on the rank holding the last stage, None elsewhere."""
-        losses: list[torch.Tensor] = []
-        target = labels if self.has_last else None
-        if self.has_first:
-            self.schedule.step(tokens, target=target, losses=losses)
-        else:
-            self.schedule.step(target=target, losses=losses)
-        if self.has_last:
-            return torch.stack([l.detach() for l in losses]).sum()
-        return None
+        return self._run(self.schedule.step, tokens, labels)
 
     @torch.no_grad()
     def forward_only(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
-        """Loss without backward (evaluation): run the stages' forward through the schedule's
-        `eval` path where it exists."""
+        """The same loss without backward (evaluation)."""
+        return self._run(self.schedule.eval, tokens, labels)
+
+    def _run(self, run, tokens, labels):
         losses: list[torch.Tensor] = []
         target = labels if self.has_last else None
         if self.has_first:
-            self.schedule.eval(tokens, target=target, losses=losses)
+            run(tokens, target=target, losses=losses)
         else:
-            self.schedule.eval(target=target, losses=losses)
+            run(target=target, losses=losses)
         if self.has_last:
-            return torch.stack([l.detach() for l in losses]).sum()
+            return torch.stack([loss.detach() for loss in losses]).sum()
         return None
