@@ -57,6 +57,9 @@ class ParallelConfig:
     pp_microbatches: int = 0  # 0: as many as pipeline stages (pp x pp_stages_per_rank)
     pp_stages_per_rank: int = 1  # >1 for the interleaved and zero-bubble schedules
     sequence_parallel: bool = True  # Megatron-style SP on norms when tp > 1
+    # FSDP: free gathered parameters after forward (ZeRO-3, least memory) or keep them until
+    # backward (ZeRO-2 style: one all-gather per step instead of two).
+    reshard_after_forward: bool = True
     activation_checkpoint: Literal["none", "full", "every_k"] = "none"
     activation_checkpoint_every: int = 2
     mixed_precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU

@@ -156,6 +156,7 @@ class Trainer:
         degrees = resolve_degrees(recipe.parallel, dist.get_world_size())
         self.dims = ParallelDims(**degrees)
         self.mesh = Mesh(self.dims, self.device.type)
+        self.tp_rank = self.mesh.local_rank("tp")
         self.run_dir = Path(recipe.run.dir)
         self.ckpt_root = Path(recipe.checkpoint.dir or self.run_dir / "checkpoints")
 
@@ -326,7 +327,7 @@ class Trainer:
     def _reduce_loss(self, local: torch.Tensor | None) -> float:
         """Global mean token loss: each data/cp rank's share is counted once (one tp rank, the
         rank holding the last pipeline stage)."""
-        counts = local is not None and self.mesh.local_rank("tp") == 0
+        counts = local is not None and self.tp_rank == 0
         value = local.detach().float().reshape(()) if counts else torch.zeros((), device=self.device)
         value = value.to(torch.float64)
         dist.all_reduce(value)

@@ -75,7 +75,8 @@ def parallelize(model: nn.Module, mesh: Mesh, recipe: Recipe, device: torch.devi
         if p.compile:
             for name, block in part.layers.items():
                 part.layers[name] = torch.compile(block)
-        sharded = apply_fsdp(part, mesh, param_dtype=param_dtype, reduce_dtype=torch.float32)
+        sharded = apply_fsdp(part, mesh, param_dtype=param_dtype, reduce_dtype=torch.float32,
+                             reshard_after_forward=p.reshard_after_forward)
         if sharded:
             # The loss is already normalized by the global token count: reduce gradients by sum.
             for module in part.modules():

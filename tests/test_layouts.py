@@ -12,6 +12,7 @@ LAYOUTS = {
     2: {
         "dp2": ["parallel.dp_replicate=2", "parallel.dp_shard=1"] + global_batch(2),
         "dp_shard2": ["parallel.dp_shard=2"] + global_batch(2),
+        "dp_shard2_keep_gathered": ["parallel.dp_shard=2", "parallel.reshard_after_forward=false"] + global_batch(2),
         "tp2": ["parallel.tp=2", "parallel.dp_shard=1"] + global_batch(1),
         "pp2_1f1b": ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_schedule=1f1b"] + global_batch(1),
     },
