@@ -1,0 +1,352 @@
+"""Attention of a block of queries against a block of keys, returning (out, lse), and its backward.
+
+This is the single-device building block of context parallelism: a rank attends its queries to
+its own keys and to other ranks' keys, one block at a time, and merges the partial results with
+their log-sum-exp (`merge_partials`). Tensors are (batch, seq, heads, head_dim); k/v may have fewer
+heads than q (GQA). `lse` is (batch, heads, seq) in fp32; rows with no key to attend have
+out = 0 and lse = -inf, and merge safely.
+
+Which keys a query may attend is a `BlockMask`:
+- contiguous blocks: `q_offset`/`k_offset` give the global position of the first query/key, and
+  `causal` allows key position <= query position. Whole blocks in the past are full attention,
+  whole blocks in the future are skipped, the diagonal block is plain causal: fused kernels run
+  without a mask tensor;
+- per token (packed documents, or any layout): `q_pos`/`k_pos` (batch, seq) positions and
+  `q_doc`/`k_doc` (batch, seq) document ids. A query attends a key when both have the same
+  document id >= 0 and (if causal) k_pos <= q_pos. Positions restart per document, so causality
+  is decided inside a document, which is all the mask needs.
+
+Backward takes the *final* (merged) out and lse: the gradient of one block of a split softmax is
+then exactly that block's share of the whole gradient (the flash-attention backward identity).
+
+Backends: `reference` (plain PyTorch math, fp32 accumulation; the tests' ground truth), `torch`
+(PyTorch's fused flash kernels: the `_for_cpu` ops on CPU with an additive mask when one is
+needed; flash or memory-efficient attention on CUDA), `flash_attn` (flash-attn 2 on CUDA when
+installed, for blocks without per-token masks). `auto` picks flash_attn, then torch. Every fused
+backend is checked once per (device, dtype) against the reference on a small input before use.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("auto", "torch", "flash_attn", "reference")
+
+
+@dataclass
+class BlockMask:
+    causal: bool = True
+    q_offset: int = 0
+    k_offset: int = 0
+    q_pos: torch.Tensor | None = None
+    k_pos: torch.Tensor | None = None
+    q_doc: torch.Tensor | None = None
+    k_doc: torch.Tensor | None = None
+
+    @property
+    def per_token(self) -> bool:
+        return self.q_pos is not None or self.q_doc is not None
+
+    def kind(self, q_len: int, k_len: int) -> str:
+        """'full', 'causal' (aligned diagonal), 'empty', or 'masked' (needs a mask tensor)."""
+        if self.per_token:
+            return "masked"
+        if not self.causal:
+            return "full"
+        if self.k_offset + k_len - 1 <= self.q_offset:
+            return "full"
+        if self.k_offset > self.q_offset + q_len - 1:
+            return "empty"
+        if self.k_offset == self.q_offset and q_len == k_len:
+            return "causal"
+        return "masked"
+
+    def allowed(self, q_len: int, k_len: int, device) -> torch.Tensor:
+        """Boolean (batch or 1, q_len, k_len): True where the query may attend the key."""
+        if self.per_token:
+            ok = None
+            if self.q_doc is not None:
+                qd, kd = self.q_doc[:, :, None], self.k_doc[:, None, :]
+                ok = (qd == kd) & (qd >= 0)
+            if self.causal:
+                c = self.k_pos[:, None, :] <= self.q_pos[:, :, None]
+                ok = c if ok is None else ok & c
+            if ok is None:
+                ok = torch.ones(1, q_len, k_len, dtype=torch.bool, device=device)
+            return ok
+        q = torch.arange(q_len, device=device) + self.q_offset
+        k = torch.arange(k_len, device=device) + self.k_offset
+        ok = k[None, :] <= q[:, None] if self.causal else torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+        return ok[None]
+
+
+def _expand_kv(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    rep = n_heads // t.shape[2]
+    return t if rep == 1 else t.repeat_interleave(rep, dim=2)
+
+
+def _fold_kv_grad(g: torch.Tensor, n_kv: int) -> torch.Tensor:
+    b, s, h, d = g.shape
+    return g if h == n_kv else g.view(b, s, n_kv, h // n_kv, d).sum(3)
+
+
+def _empty(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    b, s, h, _ = q.shape
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.zeros_like(q), torch.full((b, h, s), -math.inf, dtype=lse_dtype, device=q.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference backend: explicit math, fp32 (or fp64) accumulation
+# ----------------------------------------------------------------------------------------------
+def _reference_forward(q, k, v, scale, mask: BlockMask):
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qh = q.transpose(1, 2).to(acc)
+    kh = _expand_kv(k, q.shape[2]).transpose(1, 2).to(acc)
+    vh = _expand_kv(v, q.shape[2]).transpose(1, 2).to(acc)
+    scores = (qh @ kh.transpose(-1, -2)) * scale
+    allowed = mask.allowed(q.shape[1], k.shape[1], q.device)[:, None]
+    scores = scores.masked_fill(~allowed, -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
+    out = (probs @ vh).transpose(1, 2).to(q.dtype)
+    return out, lse if acc == torch.float64 else lse.float()
+
+
+def _reference_backward(dout, q, k, v, out, lse, scale, mask: BlockMask):
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    n_kv = k.shape[2]
+    qh = q.transpose(1, 2).to(acc)
+    kh = _expand_kv(k, q.shape[2]).transpose(1, 2).to(acc)
+    vh = _expand_kv(v, q.shape[2]).transpose(1, 2).to(acc)
+    do = dout.transpose(1, 2).to(acc)
+    o = out.transpose(1, 2).to(acc)
+    scores = (qh @ kh.transpose(-1, -2)) * scale
+    allowed = mask.allowed(q.shape[1], k.shape[1], q.device)[:, None]
+    probs = torch.exp(scores - lse.to(acc)[..., None]).masked_fill(~allowed, 0.0).nan_to_num(0.0)
+    dv = probs.transpose(-1, -2) @ do
+    dp = do @ vh.transpose(-1, -2)
+    delta = (do * o).sum(-1, keepdim=True)
+    ds = probs * (dp - delta)
+    dq = (ds @ kh) * scale
+    dk = (ds.transpose(-1, -2) @ qh) * scale
+    dq, dk, dv = (t.transpose(1, 2) for t in (dq, dk, dv))
+    return dq.to(q.dtype), _fold_kv_grad(dk, n_kv).to(k.dtype), _fold_kv_grad(dv, n_kv).to(v.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch fused backend
+# ----------------------------------------------------------------------------------------------
+def _additive_mask(allowed: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive mask (batch, 1, q, k) and the rows that have at least one key. Rows with none are
+    opened fully (fused kernels give NaN or garbage otherwise) and fixed up by the caller."""
+    has_key = allowed.any(-1)  # (batch, q)
+    safe = allowed | ~has_key[..., None]
+    bias = torch.zeros(safe.shape, dtype=dtype, device=safe.device).masked_fill(~safe, -math.inf)
+    return bias[:, None], has_key
+
+
+def _torch_forward(q, k, v, scale, mask: BlockMask, kind: str):
+    h = q.shape[2]
+    qh, kh, vh = q.transpose(1, 2), _expand_kv(k, h).transpose(1, 2), _expand_kv(v, h).transpose(1, 2)
+    bias, has_key = None, None
+    if kind == "masked":
+        bias, has_key = _additive_mask(mask.allowed(q.shape[1], k.shape[1], q.device), q.dtype)
+        bias = bias.expand(qh.shape[0], h, -1, -1)
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qh, kh, vh, 0.0, kind == "causal", attn_mask=bias, scale=scale)
+    elif bias is None:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            qh, kh, vh, 0.0, kind == "causal", False, scale=scale)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            qh, kh, vh, bias.contiguous(), True, 0.0, False, scale=scale)[:2]
+        lse = lse[..., : q.shape[1]]
+    out, lse = out.transpose(1, 2), lse.float()
+    if has_key is not None:
+        out = out * has_key[:, :, None, None].to(out.dtype)
+        lse = lse.masked_fill(~has_key[:, None, :], -math.inf)
+    return out, lse
+
+
+def _torch_backward(dout, q, k, v, out, lse, scale, mask: BlockMask, kind: str):
+    h, n_kv = q.shape[2], k.shape[2]
+    bias = None
+    lse = lse.masked_fill(torch.isinf(lse), 0.0)  # rows without keys: their dout is zeroed below
+    if kind == "masked":
+        bias, has_key = _additive_mask(mask.allowed(q.shape[1], k.shape[1], q.device), q.dtype)
+        bias = bias.expand(q.shape[0], h, -1, -1)
+        dout = dout * has_key[:, :, None, None].to(dout.dtype)
+    qh, kh, vh = q.transpose(1, 2), _expand_kv(k, h).transpose(1, 2), _expand_kv(v, h).transpose(1, 2)
+    do, o = dout.transpose(1, 2), out.transpose(1, 2)
+    if q.device.type == "cpu":
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do, qh, kh, vh, o, lse, 0.0, kind == "causal", attn_mask=bias, scale=scale)
+    elif bias is None:
+        s_q, s_k = q.shape[1], k.shape[1]
+        empty = torch.empty(0, device=q.device)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            do, qh, kh, vh, o, lse, empty, empty, s_q, s_k, 0.0, kind == "causal",
+            torch.empty(2, dtype=torch.int64, device=q.device), torch.empty(0, dtype=torch.int64, device=q.device),
+            scale=scale)
+    else:
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            do, qh, kh, vh, bias.contiguous(), o, lse, torch.empty(2, dtype=torch.int64, device=q.device),
+            torch.empty(0, dtype=torch.int64, device=q.device), 0.0, (True, True, True, False), False, scale=scale)
+    dq, dk, dv = (t.transpose(1, 2) for t in (dq, dk, dv))
+    return dq, _fold_kv_grad(dk, n_kv), _fold_kv_grad(dv, n_kv)
+
+
+# ----------------------------------------------------------------------------------------------
+# flash-attn backend (CUDA, optional extra `gpu`), blocks without per-token masks
+# ----------------------------------------------------------------------------------------------
+def flash_attn_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _flash_forward(q, k, v, scale, kind: str):
+    from flash_attn.flash_attn_interface import _flash_attn_forward
+
+    res = _flash_attn_forward(q, k, v, 0.0, scale, causal=kind == "causal", window_size_left=-1,
+                              window_size_right=-1, softcap=0.0, alibi_slopes=None, return_softmax=False)
+    return res[0], res[1].float()
+
+
+def _flash_backward(dout, q, k, v, out, lse, scale, kind: str):
+    from flash_attn.flash_attn_interface import _flash_attn_backward
+
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    lse = lse.masked_fill(torch.isinf(lse), 0.0).contiguous()
+    _flash_attn_backward(dout, q, k, v, out, lse, dq, dk, dv, 0.0, scale, kind == "causal", -1, -1, 0.0,
+                         None, False)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------------------------
+_CHECKED: dict = {}
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, kind: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend: unknown {name!r}; known: {', '.join(BACKENDS)}")
+    if name == "reference":
+        return name
+    if name in ("auto", "flash_attn") and kind != "masked" and dtype in (torch.float16, torch.bfloat16) \
+            and device.type == "cuda" and flash_attn_available():
+        chosen = "flash_attn"
+    elif name == "flash_attn":
+        chosen = "torch"  # flash-attn has no per-token masks or fp32; the fused PyTorch kernels do
+    else:
+        chosen = "torch"
+    if dtype == torch.float64:
+        return "reference"
+    key = (chosen, device.type, dtype)
+    if key not in _CHECKED:
+        _CHECKED[key] = _self_check(chosen, device, dtype)
+    return chosen if _CHECKED[key] else "reference"
+
+
+def _self_check(backend: str, device, dtype) -> bool:
+    """Forward and backward of a small masked and causal block against the reference."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v, do = (torch.randn(1, 48, 4, 32, generator=gen).to(device=device, dtype=dtype) for _ in range(4))
+    k, v = k[:, :, :2].contiguous(), v[:, :, :2].contiguous()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    masks = [BlockMask(causal=True)]
+    if backend == "torch":
+        masks.append(BlockMask(causal=True, q_offset=10, k_offset=0))
+    for mask in masks:
+        kind = mask.kind(48, 48)
+        ref_out, ref_lse = _reference_forward(q, k, v, 0.2, mask)
+        out, lse = _dispatch_forward(backend, q, k, v, 0.2, mask, kind)
+        ref_g = _reference_backward(do, q, k, v, ref_out, ref_lse, 0.2, mask)
+        got_g = _dispatch_backward(backend, do, q, k, v, ref_out, ref_lse, 0.2, mask, kind)
+        errs = [(out.float() - ref_out.float()).abs().max(), (lse - ref_lse).abs().max()]
+        errs += [(a.float() - b.float()).abs().max() for a, b in zip(got_g, ref_g)]
+        if not all(bool(e <= tol * 10) for e in errs):
+            import warnings
+
+            warnings.warn(f"attention backend {backend} on {device.type}/{dtype} disagrees with the reference "
+                          f"(max error {max(float(e) for e in errs):.2e}); using the reference backend")
+            return False
+    return True
+
+
+def _dispatch_forward(backend, q, k, v, scale, mask, kind):
+    if backend == "reference":
+        return _reference_forward(q, k, v, scale, mask)
+    if backend == "flash_attn":
+        return _flash_forward(q, k, v, scale, kind)
+    return _torch_forward(q, k, v, scale, mask, kind)
+
+
+def _dispatch_backward(backend, dout, q, k, v, out, lse, scale, mask, kind):
+    if backend == "reference":
+        return _reference_backward(dout, q, k, v, out, lse, scale, mask)
+    if backend == "flash_attn":
+        return _flash_backward(dout, q, k, v, out, lse, scale, kind)
+    return _torch_backward(dout, q, k, v, out, lse, scale, mask, kind)
+
+
+def attention_forward(q, k, v, *, scale: float, mask: BlockMask, backend: str = "auto"):
+    """(out, lse) of queries q against keys k, v under `mask`. No autograd: see attention()."""
+    kind = mask.kind(q.shape[1], k.shape[1])
+    if kind == "empty":
+        return _empty(q)
+    chosen = resolve_backend(backend, q.device, q.dtype, kind)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return _dispatch_forward(chosen, q, k, v, scale, mask, kind)
+
+
+def attention_backward(dout, q, k, v, out, lse, *, scale: float, mask: BlockMask, backend: str = "auto"):
+    """(dq, dk, dv) of this block, given the final out and lse of the queries' whole softmax."""
+    kind = mask.kind(q.shape[1], k.shape[1])
+    if kind == "empty":
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    chosen = resolve_backend(backend, q.device, q.dtype, kind)
+    q, k, v, dout, out = (t.contiguous() for t in (q, k, v, dout, out))
+    return _dispatch_backward(chosen, dout, q, k, v, out, lse, scale, mask, kind)
+
+
+def merge_partials(out: torch.Tensor | None, lse: torch.Tensor | None, block_out: torch.Tensor,
+                   block_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two softmax partials in fp32: lse = log(e^a + e^b), out = weighted sum. Safe when
+    either or both are -inf (rows with no keys yet)."""
+    block_out = block_out.double() if block_out.dtype == torch.float64 else block_out.float()
+    if out is None:
+        return block_out, block_lse
+    new_lse = torch.logaddexp(lse, block_lse)
+    w_old = torch.exp(lse - new_lse).nan_to_num(0.0).transpose(1, 2)[..., None]
+    w_new = torch.exp(block_lse - new_lse).nan_to_num(0.0).transpose(1, 2)[..., None]
+    return out * w_old + block_out * w_new, new_lse
+
+
+class _LocalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, mask, backend):
+        out, lse = attention_forward(q, k, v, scale=scale, mask=mask, backend=backend)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.mask, ctx.backend = scale, mask, backend
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, scale=ctx.scale, mask=ctx.mask, backend=ctx.backend)
+        return dq, dk, dv, None, None, None
+
+
+def attention(q, k, v, *, scale: float, mask: BlockMask, backend: str = "auto") -> torch.Tensor:
+    """Differentiable single-device attention (B, S, H, D) with the given mask."""
+    return _LocalAttention.apply(q, k, v, scale, mask, backend)
