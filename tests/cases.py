@@ -86,3 +86,86 @@ def failed_save_keeps_previous(ckpt_dir: str) -> dict:
 class _Silent:
     def write(self, line):
         pass
+
+
+def cp_attention_errors(cases: list[dict]) -> list[dict]:
+    """For each case: one global q, k, v, dout (broadcast from rank 0), sharded as the mode lays
+    tokens out; the cp strategy's out and dq, dk, dv against single-device attention. Returns the
+    max abs errors per case (on rank 0, over all ranks)."""
+    from longtrain.kernels.attention import BlockMask, attention
+    from longtrain.parallel.context.layout import dense_index, packed_index, padded_length
+    from longtrain.parallel.context.strategy import build_strategy
+    from longtrain.parallel.mesh import Mesh, ParallelDims
+
+    world = dist.get_world_size()
+    mesh = Mesh(ParallelDims(pp=1, dp_replicate=1, dp_shard=1, cp=world, tp=1), "cpu")
+    results = []
+    for case in cases:
+        b, s, h, hkv, d = case["shape"]
+        dtype = case.get("dtype", torch.float32)
+        gen = torch.Generator().manual_seed(case.get("seed", 0))
+        q, k, v, dout = (torch.randn(b, s, n, d, generator=gen, dtype=torch.float64) for n in (h, hkv, hkv, h))
+        for t in (q, k, v, dout):
+            dist.broadcast(t, src=0)  # one global input, as users would have
+        docs = case.get("doc_lengths")  # per row: document lengths (padding -1 fills the rest)
+        doc_ids = positions = None
+        if docs is not None:
+            doc_ids = torch.full((b, s), -1, dtype=torch.long)
+            positions = torch.zeros((b, s), dtype=torch.long)
+            for row, lengths in enumerate(docs):
+                start = 0
+                for i, length in enumerate(lengths):
+                    doc_ids[row, start:start + length] = i
+                    positions[row, start:start + length] = torch.arange(length)
+                    start += length
+        causal = case.get("causal", True)
+        # single-device reference (fp64 inputs, reference backend; cast to the case dtype first)
+        ref_inputs = [t.to(dtype).double().requires_grad_() for t in (q, k, v)]
+        mask = BlockMask(causal=causal) if doc_ids is None else BlockMask(
+            causal=causal, q_pos=positions, k_pos=positions, q_doc=doc_ids, k_doc=doc_ids)
+        ref_out = attention(*ref_inputs, scale=0.3, mask=mask, backend="reference")
+        ref_grads = torch.autograd.grad(ref_out, ref_inputs, dout)
+
+        strategy = build_strategy(mesh, case["mode"], heads=h, kv_heads=hkv,
+                                  ulysses_degree=case.get("ulysses", 0), backend=case.get("backend", "auto"),
+                                  causal=causal)
+        shape, rank = strategy.shape, mesh.local_rank("cp")
+        if doc_ids is None:
+            padded = padded_length(s, shape)
+            index = dense_index(s, shape)[rank].expand(b, -1)
+        else:
+            full_index, padded = packed_index(doc_ids, shape)
+            index = full_index[:, rank]
+
+        def pad(t, fill=0.0):
+            extra = padded - s
+            if extra == 0:
+                return t
+            tail = torch.full((t.shape[0], extra, *t.shape[2:]), fill, dtype=t.dtype)
+            return torch.cat([t, tail], dim=1)
+
+        def take(t):
+            idx = index.reshape(b, -1, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:])
+            return torch.gather(pad(t), 1, idx)
+
+        local = [take(t).to(dtype).requires_grad_() for t in (q, k, v)]
+        kwargs = {}
+        if doc_ids is not None:
+            kwargs = {"positions": take(positions), "doc_ids": torch.gather(pad(doc_ids, -1), 1, index)}
+        else:
+            kwargs = {"positions": index.clone()}
+        out = strategy(*local, 0.3, **kwargs)
+        grads = torch.autograd.grad(out, local, take(dout).to(dtype))
+        real = (index < s)
+        if doc_ids is not None:
+            real &= torch.gather(pad(doc_ids, -1), 1, index) >= 0
+        errors = {}
+        for name, got, want in [("out", out, ref_out), ("dq", grads[0], ref_grads[0]),
+                                ("dk", grads[1], ref_grads[1]), ("dv", grads[2], ref_grads[2])]:
+            diff = (got.double() - take(want.detach())).abs()[real]
+            err = torch.tensor(float(diff.max()) if diff.numel() else 0.0, dtype=torch.float64)
+            dist.all_reduce(err, op=dist.ReduceOp.MAX)
+            errors[name] = float(err)
+        errors["ref_scale"] = float(ref_out.abs().max())
+        results.append(errors)
+    return results

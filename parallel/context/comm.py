@@ -1,0 +1,121 @@
+"""The collectives context parallelism needs, with their autograd rules.
+
+- `SeqToHeads` / `HeadsToSeq`: Ulysses all-to-all between sequence-sharded (B, S/u, H, D) and
+  head-sharded (B, S, H/u, D) tensors; each is the other's backward.
+- `GatherSeq`: all-gather along the sequence (backward: reduce-scatter of the gradient).
+- `RingExchange`: send tensors to the next ring rank and receive the previous rank's, async.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
+    x = x.contiguous()  # chunk j along dim 0 goes to rank j
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dist.all_to_all_single(out, x, group=group)
+    return out
+
+
+def seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
+    """(B, S_local, H, D) on each of u ranks -> (B, u x S_local, H/u, D): rank j gets head group j
+    of every rank's tokens, concatenated in rank order."""
+    u = dist.get_world_size(group)
+    b, s, h, d = x.shape
+    send = x.view(b, s, u, h // u, d).permute(2, 0, 1, 3, 4)  # (u, B, S, H/u, D): chunk j -> rank j
+    recv = _all_to_all(send, group)  # chunk j: rank j's tokens, my heads
+    return recv.permute(1, 0, 2, 3, 4).reshape(b, u * s, h // u, d)
+
+
+def heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """Inverse of seq_to_heads: (B, u x S_local, H/u, D) -> (B, S_local, H, D)."""
+    u = dist.get_world_size(group)
+    b, s_all, hl, d = x.shape
+    s = s_all // u
+    send = x.view(b, u, s, hl, d).permute(1, 0, 2, 3, 4)  # chunk j: rank j's tokens
+    recv = _all_to_all(send, group)  # chunk j: my tokens, head group j
+    return recv.permute(1, 2, 0, 3, 4).reshape(b, s, u * hl, d)
+
+
+class SeqToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return seq_to_heads(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return heads_to_seq(grad, ctx.group), None
+
+
+class HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return heads_to_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return seq_to_heads(grad, ctx.group), None
+
+
+def gather_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """All-gather along dim 1 in rank order (no autograd)."""
+    n = dist.get_world_size(group)
+    parts = [torch.empty_like(x) for _ in range(n)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
+
+
+class GatherSeq(torch.autograd.Function):
+    """All-gather along the sequence; the backward sums every rank's gradient of my part."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.local = group, x.shape[1]
+        return gather_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        n = dist.get_world_size(ctx.group)
+        parts = [p.contiguous() for p in grad.split(ctx.local, dim=1)]
+        out = torch.empty_like(parts[0])
+        if hasattr(dist, "reduce_scatter") and dist.get_backend(ctx.group) != "gloo":
+            dist.reduce_scatter(out, parts, group=ctx.group)
+        else:  # gloo has no reduce_scatter: all-reduce, keep my slice
+            full = torch.stack(parts)
+            dist.all_reduce(full, group=ctx.group)
+            out = full[dist.get_rank(ctx.group)]
+        assert len(parts) == n
+        return out, None
+
+
+class RingExchange:
+    """Async send of a list of tensors to the next rank of a ring and receive of the previous
+    rank's (same shapes), so the next block travels while the current one is computed."""
+
+    def __init__(self, group):
+        self.group = group
+        self.ranks = dist.get_process_group_ranks(group)
+        me = self.ranks.index(dist.get_rank())
+        n = len(self.ranks)
+        self.next = self.ranks[(me + 1) % n]
+        self.prev = self.ranks[(me - 1) % n]
+
+    def start(self, tensors: list[torch.Tensor], tag: int = 0):
+        """Tags keep two exchanges in flight apart (K/V for the next step, gradients)."""
+        received = [torch.empty_like(t) for t in tensors]
+        ops = []
+        for i, (t, r) in enumerate(zip(tensors, received)):
+            ops.append(dist.P2POp(dist.isend, t.contiguous(), self.next, self.group, tag=tag * 16 + i))
+            ops.append(dist.P2POp(dist.irecv, r, self.prev, self.group, tag=tag * 16 + i))
+        works = dist.batch_isend_irecv(ops)
+        return works, received
+
+    @staticmethod
+    def finish(pending) -> list[torch.Tensor]:
+        works, received = pending
+        for w in works:
+            w.wait()
+        return received

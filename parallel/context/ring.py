@@ -1,0 +1,150 @@
+"""Ring attention (pass-KV): each ring member keeps its queries; keys and values travel around the
+ring, one hop per step, while the current block is computed (the next block is already in
+flight: double buffering). Partial outputs merge in fp32 through their log-sum-exp.
+
+Backward runs the ring again: each member recomputes its blocks against the travelling K/V,
+adding dQ locally, while a dK/dV accumulator travels *with* its K/V. After R steps every
+accumulator has collected all members' contributions and one more hop returns it to its owner.
+
+Which keys a query may attend is decided per block (`BlockPairs`): for unpacked rows from the
+members' contiguous segments (global offsets, so whole blocks are full, skipped or plainly
+causal), for packed rows from per-token positions and document ids, which travel with K/V.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from longtrain.kernels.attention import BlockMask, attention_backward, attention_forward, merge_partials
+from longtrain.parallel.context.comm import RingExchange
+
+
+@dataclass
+class TokenInfo:
+    """What the mask needs to know about a block of tokens: contiguous segments (unpacked) or
+    per-token positions and document ids (packed)."""
+    segments: list[tuple[int, int]] | None = None  # (global start, length) in local order
+    pos: torch.Tensor | None = None  # (B, S)
+    doc: torch.Tensor | None = None  # (B, S)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.pos, self.doc) if t is not None]
+
+    def with_tensors(self, tensors: list[torch.Tensor]) -> "TokenInfo":
+        it = iter(tensors)
+        return TokenInfo(self.segments, next(it) if self.pos is not None else None,
+                         next(it) if self.doc is not None else None)
+
+
+def block_pairs(q: TokenInfo, k: TokenInfo, causal: bool):
+    """(q slice, k slice, mask) triples covering queries q against keys k."""
+    if q.segments is None:
+        yield slice(None), slice(None), BlockMask(causal=causal, q_pos=q.pos, k_pos=k.pos, q_doc=q.doc, k_doc=k.doc)
+        return
+    q_local = 0
+    for q_start, q_len in q.segments:
+        k_local = 0
+        for k_start, k_len in k.segments:
+            mask = BlockMask(causal=causal, q_offset=q_start, k_offset=k_start)
+            if mask.kind(q_len, k_len) != "empty":
+                yield slice(q_local, q_local + q_len), slice(k_local, k_local + k_len), mask
+            k_local += k_len
+        q_local += q_len
+
+
+def blocks_forward(q, k, v, q_info: TokenInfo, k_info: TokenInfo, scale, causal, backend, out, lse):
+    """Merge q's attention to this key block into (out, lse) (fp32, None at first)."""
+    b, s, h, d = q.shape
+    if out is None:
+        out = torch.zeros(b, s, h, d, dtype=torch.float32 if q.dtype != torch.float64 else q.dtype, device=q.device)
+        lse = torch.full((b, h, s), float("-inf"), dtype=out.dtype, device=q.device)
+    for qs, ks, mask in block_pairs(q_info, k_info, causal):
+        o, l = attention_forward(q[:, qs], k[:, ks], v[:, ks], scale=scale, mask=mask, backend=backend)
+        merged_out, merged_lse = merge_partials(out[:, qs], lse[:, :, qs], o, l)
+        out[:, qs], lse[:, :, qs] = merged_out, merged_lse
+    return out, lse
+
+
+def blocks_backward(dout, q, k, v, out, lse, q_info, k_info, scale, causal, backend, dq, dk, dv):
+    for qs, ks, mask in block_pairs(q_info, k_info, causal):
+        gq, gk, gv = attention_backward(dout[:, qs], q[:, qs], k[:, ks], v[:, ks], out[:, qs], lse[:, :, qs],
+                                        scale=scale, mask=mask, backend=backend)
+        dq[:, qs] += gq
+        dk[:, ks] += gk
+        dv[:, ks] += gv
+
+
+class LocalBlocksAttention(torch.autograd.Function):
+    """Queries against one set of keys, block by block, no communication (a ring of one, or
+    keys already all-gathered)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, q_info, k_info, scale, causal, backend):
+        out, lse = blocks_forward(q, k, v, q_info, k_info, scale, causal, backend, None, None)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (q_info, k_info, scale, causal, backend)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        q_info, k_info, scale, causal, backend = ctx.args
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
+        blocks_backward(dout.contiguous(), q, k, v, out, lse, q_info, k_info, scale, causal, backend, dq, dk, dv)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+
+
+class RingAttention(torch.autograd.Function):
+    """`member_infos[j]` describes ring member j's tokens (segments) for unpacked rows; for packed
+    rows `q_info`/`k_info` carry per-token positions and documents and travel with K/V."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, q_info, member_infos, my_member, scale, causal, backend, group):
+        ring = RingExchange(group)
+        n = len(ring.ranks)
+        out = lse = None
+        cur = [k, v] + q_info.tensors()  # my keys carry the same positions/documents as my queries
+        for step in range(n):
+            src = (my_member - step) % n
+            pending = ring.start(cur, tag=1) if step < n - 1 else None
+            k_info = member_infos[src] if q_info.segments is not None else q_info.with_tensors(cur[2:])
+            out, lse = blocks_forward(q, cur[0], cur[1], q_info, k_info, scale, causal, backend, out, lse)
+            if pending is not None:
+                cur = RingExchange.finish(pending)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, *q_info.tensors())
+        ctx.args = (q_info, member_infos, my_member, scale, causal, backend, group)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, *info_tensors = ctx.saved_tensors
+        q_info, member_infos, my_member, scale, causal, backend, group = ctx.args
+        q_info = q_info.with_tensors(info_tensors)
+        ring = RingExchange(group)
+        n = len(ring.ranks)
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        dout = dout.contiguous()
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        cur = [k, v] + info_tensors
+        grads_pending = None
+        for step in range(n):
+            src = (my_member - step) % n
+            kv_pending = ring.start(cur, tag=1) if step < n - 1 else None
+            k_info = member_infos[src] if q_info.segments is not None else q_info.with_tensors(cur[2:])
+            block_dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+            block_dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+            blocks_backward(dout, q, cur[0], cur[1], out, lse, q_info, k_info, scale, causal, backend,
+                            dq, block_dk, block_dv)
+            if grads_pending is not None:  # the accumulator of these K/V, from the previous rank
+                dk_acc, dv_acc = RingExchange.finish(grads_pending)
+                block_dk += dk_acc
+                block_dv += dv_acc
+            grads_pending = ring.start([block_dk, block_dv], tag=2)  # travels on with its K/V
+            if kv_pending is not None:
+                cur = RingExchange.finish(kv_pending)
+        dk, dv = RingExchange.finish(grads_pending)  # my own K/V's gradients, back home
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
