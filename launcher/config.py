@@ -52,7 +52,10 @@ class ParallelConfig:
     cp: int = 1
     tp: int = 1
     pp: int = 1
-    cp_mode: Literal["none", "ring", "zigzag", "ulysses", "hybrid", "allgather"] = "none"
+    # Context-parallel attention (parallel/context/strategy.py); auto: ulysses when cp <= 8 and the
+    # heads per tp rank divide by cp, else hybrid.
+    cp_mode: Literal["auto", "ring", "zigzag", "ulysses", "hybrid", "allgather"] = "auto"
+    cp_ulysses_degree: int = 0  # hybrid: ranks per Ulysses group (0: the largest divisor of cp <= 8 that fits the heads)
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = "1f1b"
     pp_microbatches: int = 0  # 0: as many as pipeline stages (pp x pp_stages_per_rank)
     pp_stages_per_rank: int = 1  # >1 for the interleaved and zero-bubble schedules
@@ -64,6 +67,7 @@ class ParallelConfig:
     activation_checkpoint_every: int = 2
     mixed_precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     compile: bool = False
+    attention_backend: Literal["auto", "torch", "flash_attn", "reference"] = "auto"
 
 
 @dataclass
@@ -315,8 +319,6 @@ def validate_recipe(recipe: Recipe, source: str = "recipe", world_size: int | No
             fail(f"parallel.{key}: must be at least 1, got {getattr(p, key)}")
     if p.dp_shard < 1 and p.dp_shard != -1:
         fail(f"parallel.dp_shard: must be at least 1 or -1 (fill), got {p.dp_shard}")
-    if p.cp > 1:
-        fail(f"parallel.cp: context-parallel attention is not implemented yet (cp={p.cp}); use cp: 1")
     if p.pp_stages_per_rank < 1:
         fail(f"parallel.pp_stages_per_rank: must be at least 1, got {p.pp_stages_per_rank}")
     if p.pp_schedule in ("gpipe", "1f1b") and p.pp_stages_per_rank != 1:
@@ -341,6 +343,13 @@ def validate_recipe(recipe: Recipe, source: str = "recipe", world_size: int | No
         fail(f"model.n_heads: {mcfg.n_heads} heads do not divide by parallel.tp={p.tp}")
     if mcfg.n_kv_heads % p.tp:
         fail(f"model.n_kv_heads: {mcfg.n_kv_heads} kv heads do not divide by parallel.tp={p.tp}")
+    if p.cp > 1:
+        from longtrain.parallel.context.strategy import CPConfigError, resolve_mode
+
+        try:
+            resolve_mode(p.cp_mode, p.cp, mcfg.n_heads // p.tp, mcfg.n_kv_heads // p.tp, p.cp_ulysses_degree, p.tp)
+        except CPConfigError as err:
+            fail(str(err))
     n_stages = p.pp * p.pp_stages_per_rank
     if p.pp > 1 and mcfg.tie_embeddings:
         fail("model.tie_embeddings: tied input/output embeddings cannot be split across pipeline stages "

@@ -28,6 +28,7 @@ from longtrain.launcher.config import Recipe, pp_microbatches, resolve_degrees
 from longtrain.launcher.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 from longtrain.models.sizes import resolve_model_config
 from longtrain.models.transformer import Transformer
+from longtrain.parallel.context.layout import shard_batch
 from longtrain.parallel.mesh import Mesh, ParallelDims
 from longtrain.parallel.parallelize import parallelize
 
@@ -289,9 +290,25 @@ class Trainer:
         dist.all_reduce(count, group=self.mesh["loss"].get_group())
         return float(count)
 
+    def _local_batch(self, batch: dict) -> dict:
+        """This rank's part of the data rank's batch, on the device: the whole rows, or under
+        context parallelism the cp shard in the layout the attention mode needs (padding inside
+        never reaches the loss)."""
+        strategy = self.parallel.cp_strategy
+        if strategy is not None:
+            batch = shard_batch(batch, strategy.shape, strategy.cp_rank)
+        out = {k: batch[k].to(self.device) for k in ("tokens", "labels", "positions")}
+        out["doc_ids"] = batch["doc_ids"].to(self.device) if batch.get("doc_ids") is not None else None
+        return out
+
+    def _meta(self, local: dict) -> tuple:
+        """Per-token inputs every layer needs beside the hidden states."""
+        return (local["positions"],) if local["doc_ids"] is None else (local["positions"], local["doc_ids"])
+
     def train_step(self, batch: dict) -> tuple[float, float]:
-        tokens = batch["tokens"].to(self.device)
-        labels = batch["labels"].to(self.device)
+        local_batch = self._local_batch(batch)
+        tokens, labels = local_batch["tokens"], local_batch["labels"]
+        meta = self._meta(local_batch)
         self.tokens_in_step = self._global_token_count(labels)
         lr = lr_at(self.step + 1, self.recipe)
         for opt in self.optimizers:
@@ -299,20 +316,17 @@ class Trainer:
                 group["lr"] = lr
 
         if self.parallel.pipeline is not None:
-            # Stages after the first see hidden states only: positions are 0..S-1 there, which is
-            # what fixed-length sequences use. (Packed documents will carry positions along.)
-            local = self.parallel.pipeline.step(tokens, labels)
+            local = self.parallel.pipeline.step(tokens, labels, meta)
             holds_loss = local is not None
         else:
             model = self.parts[0]
             accum = self.recipe.train.grad_accum
             local = torch.zeros((), device=self.device)
-            positions = batch["positions"].to(self.device)
-            micro = zip(tokens.chunk(accum), labels.chunk(accum), positions.chunk(accum))
-            for i, (tok, lab, pos) in enumerate(micro):
+            micro = zip(tokens.chunk(accum), labels.chunk(accum), *(m.chunk(accum) for m in meta))
+            for i, (tok, lab, *micro_meta) in enumerate(micro):
                 self.parallel.set_gradient_sync(i == accum - 1)
                 with self.parallel.autocast():
-                    loss = self._loss_fn(model(tok, pos), lab)
+                    loss = self._loss_fn(model(tok, *micro_meta), lab)
                 loss.backward()
                 local += loss.detach()
             holds_loss = True
@@ -341,14 +355,14 @@ class Trainer:
         for part in self.parts:
             part.eval()
         for _ in range(self.recipe.data.eval_batches):
-            batch = next(loader)
-            tokens, labels = batch["tokens"].to(self.device), batch["labels"].to(self.device)
+            local_batch = self._local_batch(next(loader))
+            tokens, labels, meta = local_batch["tokens"], local_batch["labels"], self._meta(local_batch)
             self.tokens_in_step = self._global_token_count(labels) * self.recipe.data.eval_batches
             if self.parallel.pipeline is not None:
-                local = self.parallel.pipeline.forward_only(tokens, labels)
+                local = self.parallel.pipeline.forward_only(tokens, labels, meta)
             else:
                 with self.parallel.autocast():
-                    local = self._loss_fn(self.parts[0](tokens), labels)
+                    local = self._loss_fn(self.parts[0](tokens, *meta), labels)
             total += self._reduce_loss(local)
         for part in self.parts:
             part.train()

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from longtrain.kernels.attention import BlockMask, attention
+
 
 @dataclass
 class RopeScaling:
@@ -156,15 +158,24 @@ class RMSNorm(nn.Module):
 
 
 class PlainAttention:
-    """The single-device attention strategy: causal softmax attention over the whole local
-    sequence. Context parallelism installs other strategies with the same call signature."""
+    """The single-device attention strategy: causal attention over the whole local sequence, per
+    document when `doc_ids` are given (packed rows). Context parallelism installs other
+    strategies with the same call signature."""
 
-    def __call__(self, q, k, v, scale: float):
+    def __init__(self, backend: str = "auto"):
+        self.backend = backend
+
+    def __call__(self, q, k, v, scale: float, positions=None, doc_ids=None):
         # q (B, S, H, D), k/v (B, S, Hkv, D) -> (B, S, H, D)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                             enable_gqa=k.shape[1] != q.shape[1])
-        return out.transpose(1, 2)
+        if doc_ids is None and self.backend == "auto":
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                 enable_gqa=k.shape[1] != q.shape[1])
+            return out.transpose(1, 2)
+        mask = BlockMask(causal=True)
+        if doc_ids is not None:
+            mask = BlockMask(causal=True, q_pos=positions, k_pos=positions, q_doc=doc_ids, k_doc=doc_ids)
+        return attention(q, k, v, scale=scale, mask=mask, backend=self.backend)
 
 
 class Attention(nn.Module):
@@ -179,9 +190,11 @@ class Attention(nn.Module):
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.core_attention = PlainAttention()
 
-    def forward(self, x, positions=None):
-        """x (B, S, dim); positions (B, S) token positions, or None for 0..S-1. S is the sequence
-        this module sees: under sequence parallel the input arrives already all-gathered."""
+    def forward(self, x, positions=None, doc_ids=None):
+        """x (B, S, dim); positions (B, S) token positions (restarting per document in packed
+        rows), or None for 0..S-1; doc_ids (B, S) document ids of packed rows (-1: padding), or
+        None for one document per row. S is the sequence this module sees: under sequence
+        parallel the input arrives all-gathered, under context parallel it is this rank's shard."""
         bsz, seqlen, _ = x.shape
         # Head counts come from the (possibly tensor-parallel) projection outputs.
         q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
@@ -191,7 +204,7 @@ class Attention(nn.Module):
             positions = torch.arange(seqlen, device=x.device)[None]
         cos, sin = self.rope(positions)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = self.core_attention(q, k, v, self.scale)
+        out = self.core_attention(q, k, v, self.scale, positions=positions, doc_ids=doc_ids)
         return self.wo(out.reshape(bsz, seqlen, -1))
 
 
@@ -215,8 +228,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, positions=None):
-        h = x + self.attention(self.attention_norm(x), positions)
+    def forward(self, x, positions=None, doc_ids=None):
+        h = x + self.attention(self.attention_norm(x), positions, doc_ids)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -265,9 +278,10 @@ class Transformer(nn.Module):
             if isinstance(module, RotaryEmbedding):
                 module.reset_buffers()
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
-            h = layer(h, positions)
+            h = layer(h, positions, doc_ids)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h

@@ -1,7 +1,7 @@
 """Parallelize a single-device model, in a fixed order:
 
-    pipeline split -> tensor parallel (+ sequence parallel) -> (context parallel: its own issue)
-    -> activation checkpointing -> torch.compile -> FSDP2 over `fsdp` (HSDP with dp_replicate)
+    pipeline split -> tensor parallel (+ sequence parallel) -> context parallel (attention
+    strategy) -> activation checkpointing -> torch.compile -> FSDP2 over `fsdp` (HSDP with dp_replicate)
 
 The result holds this rank's model parts (one, or one per pipeline stage it owns), the pipeline
 schedule when pp > 1, and the switches the trainer needs (gradient sync, autocast).
@@ -17,7 +17,9 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from longtrain.launcher.config import Recipe, pp_microbatches
+from longtrain.models.transformer import PlainAttention
 from longtrain.parallel.activation_checkpoint import apply_activation_checkpoint
+from longtrain.parallel.context.strategy import build_strategy
 from longtrain.parallel.data_parallel import apply_fsdp
 from longtrain.parallel.mesh import Mesh
 from longtrain.parallel.pipeline import Pipeline, build_stage_module, stage_ids_for_rank
@@ -29,6 +31,7 @@ class ParallelModel:
     parts: list[nn.Module]
     pipeline: Pipeline | None
     pp_group: object
+    cp_strategy: object
     param_dtype: torch.dtype
     use_autocast: bool
     device: torch.device
@@ -64,6 +67,12 @@ def parallelize(model: nn.Module, mesh: Mesh, recipe: Recipe, device: torch.devi
         parts, stage_ids, n_stages = [model], [0], 1
 
     param_dtype = precision(recipe, device)
+    cfg = model.cfg
+    if dims.cp > 1:
+        attention = build_strategy(mesh, p.cp_mode, cfg.n_heads // dims.tp, cfg.n_kv_heads // dims.tp,
+                                   p.cp_ulysses_degree, p.attention_backend, tp=dims.tp)
+    else:
+        attention = PlainAttention(p.attention_backend)
     sharded = False
     on_meta = next(model.parameters()).is_meta
     for part in parts:
@@ -71,6 +80,8 @@ def parallelize(model: nn.Module, mesh: Mesh, recipe: Recipe, device: torch.devi
             part.to(device)
         if dims.tp > 1:
             apply_tensor_parallel(part, mesh["tp"], sequence_parallel=p.sequence_parallel)
+        for block in part.layers.values():  # the attention strategy: plain, or context parallel
+            block.attention.core_attention = attention
         apply_activation_checkpoint(part, p.activation_checkpoint, p.activation_checkpoint_every)
         if p.compile:
             for name, block in part.layers.items():
@@ -92,4 +103,5 @@ def parallelize(model: nn.Module, mesh: Mesh, recipe: Recipe, device: torch.devi
                             loss_fn)
     use_autocast = param_dtype != torch.float32 and not sharded
     return ParallelModel(parts=parts, pipeline=pipeline, pp_group=mesh["pp"].get_group(),
+                         cp_strategy=attention if dims.cp > 1 else None,
                          param_dtype=param_dtype, use_autocast=use_autocast, device=device)

@@ -64,6 +64,21 @@ def build_stage_module(model: nn.Module, stage_id: int, n_stages: int) -> nn.Mod
     return stage
 
 
+class StageAdapter(nn.Module):
+    """What a pipeline stage runs: the stage module on (tokens or hidden states, positions[,
+    doc_ids]), handing positions and document ids on to the next stage with the hidden states,
+    since attention on every stage needs them (RoPE, packed-document masks, context parallel)."""
+
+    def __init__(self, stage: nn.Module, is_last: bool):
+        super().__init__()
+        self.stage = stage
+        self.is_last = is_last
+
+    def forward(self, x, *meta):
+        out = self.stage(x, *meta)
+        return out if self.is_last else (out, *meta)
+
+
 class Pipeline:
     """This rank's stages and the schedule that runs them for one optimizer step."""
 
@@ -71,7 +86,8 @@ class Pipeline:
                  device: torch.device, schedule: str, n_microbatches: int, loss_fn: Callable):
         group = pp_mesh.get_group()
         self.stage_modules = stage_modules
-        self.stages = [PipelineStage(m, sid, n_stages, device, group=group) for m, sid in zip(stage_modules, stage_ids)]
+        self.stages = [PipelineStage(StageAdapter(m, sid == n_stages - 1), sid, n_stages, device, group=group)
+                       for m, sid in zip(stage_modules, stage_ids)]
         self.has_first = 0 in stage_ids
         self.has_last = (n_stages - 1) in stage_ids
         cls = SCHEDULES[schedule]
@@ -82,21 +98,22 @@ class Pipeline:
                 raise ValueError(f"parallel.pp_schedule: {schedule} runs exactly one stage per rank")
             self.schedule = cls(self.stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
 
-    def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
-        """Forward and backward of one batch (split into micro-batches). Returns the summed
+    def step(self, tokens: torch.Tensor, labels: torch.Tensor, meta: tuple = ()) -> torch.Tensor | None:
+        """Forward and backward of one batch (split into micro-batches); `meta` are the
+        per-token tensors every stage needs (positions[, doc_ids]). Returns the summed
         micro-batch losses on the rank holding the last stage, None elsewhere."""
-        return self._run(self.schedule.step, tokens, labels)
+        return self._run(self.schedule.step, tokens, labels, meta)
 
     @torch.no_grad()
-    def forward_only(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+    def forward_only(self, tokens: torch.Tensor, labels: torch.Tensor, meta: tuple = ()) -> torch.Tensor | None:
         """The same loss without backward (evaluation)."""
-        return self._run(self.schedule.eval, tokens, labels)
+        return self._run(self.schedule.eval, tokens, labels, meta)
 
-    def _run(self, run, tokens, labels):
+    def _run(self, run, tokens, labels, meta):
         losses: list[torch.Tensor] = []
         target = labels if self.has_last else None
         if self.has_first:
-            run(tokens, target=target, losses=losses)
+            run(tokens, *meta, target=target, losses=losses)
         else:
             run(target=target, losses=losses)
         if self.has_last:

@@ -167,5 +167,12 @@ def cp_attention_errors(cases: list[dict]) -> list[dict]:
             dist.all_reduce(err, op=dist.ReduceOp.MAX)
             errors[name] = float(err)
         errors["ref_scale"] = float(ref_out.abs().max())
+        if case.get("single_device_error"):  # the same dtype on one device, whole sequence
+            single = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+            s_out = attention(*single, scale=0.3, mask=mask, backend=case.get("backend", "auto"))
+            s_grads = torch.autograd.grad(s_out, single, dout.to(dtype))
+            for name, got, want in [("out", s_out, ref_out), ("dq", s_grads[0], ref_grads[0]),
+                                    ("dk", s_grads[1], ref_grads[1]), ("dv", s_grads[2], ref_grads[2])]:
+                errors["single_" + name] = float((got.double() - want.detach()).abs().max())
         results.append(errors)
     return results

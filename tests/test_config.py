@@ -37,7 +37,9 @@ def test_base_cycle_is_reported(tmp_path):
     (["data.seq_len=100000", "model.name=tiny"], "data.seq_len: 100000 exceeds model.max_seq_len=1024"),
     (["model.name=tiny", "model.tie_embeddings=true", "parallel.pp=2", "run.launch.nproc_per_node=2"],
      "model.tie_embeddings: tied input/output embeddings cannot be split across pipeline stages"),
-    (["parallel.cp=2", "run.launch.nproc_per_node=2"], "parallel.cp: context-parallel attention is not implemented"),
+    (["parallel.cp=8", "parallel.cp_mode=ulysses", "model.name=tiny", "run.launch.nproc_per_node=8"],
+     "parallel.cp_mode: ulysses needs the attention heads per tensor-parallel rank (model.n_heads / parallel.tp = "
+     "4 / 1 = 4) to divide by the Ulysses degree 8"),
     (["parallel.pp_schedule=interleaved_1f1b", "parallel.pp=2", "run.launch.nproc_per_node=2"],
      "parallel.pp_stages_per_rank: interleaved_1f1b needs at least 2 stages per rank"),
     (["model.name=llama3-8"], "model.name: unknown size 'llama3-8' (did you mean 'llama3-8b'?)"),

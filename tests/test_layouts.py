@@ -1,5 +1,6 @@
 """Every parallel layout computes what one process computes: per-step losses within 1e-4
-relative and matching final weights, for the same global batch and seed."""
+relative and matching final weights, for the same global batch and seed. Context-parallel
+layouts included (cp2, cp4, dp2 x cp2, tp2 x cp2, pp2 x cp2, each with a different cp mode)."""
 import pytest
 import torch
 
@@ -15,10 +16,20 @@ LAYOUTS = {
         "dp_shard2_keep_gathered": ["parallel.dp_shard=2", "parallel.reshard_after_forward=false"] + global_batch(2),
         "tp2": ["parallel.tp=2", "parallel.dp_shard=1"] + global_batch(1),
         "pp2_1f1b": ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_schedule=1f1b"] + global_batch(1),
+        "cp2_ring": ["parallel.cp=2", "parallel.cp_mode=ring", "parallel.dp_shard=1"] + global_batch(1),
+        "cp2_zigzag": ["parallel.cp=2", "parallel.cp_mode=zigzag", "parallel.dp_shard=1"] + global_batch(1),
     },
     4: {
         "dp2_tp2": ["parallel.dp_shard=2", "parallel.tp=2"] + global_batch(2),
         "pp2_tp2": ["parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=1"] + global_batch(1),
+        "cp4_ulysses": ["parallel.cp=4", "parallel.cp_mode=ulysses", "parallel.dp_shard=1"] + global_batch(1),
+        "cp4_hybrid_u2": ["parallel.cp=4", "parallel.cp_mode=hybrid", "parallel.cp_ulysses_degree=2",
+                          "parallel.dp_shard=1"] + global_batch(1),
+        "dp2_cp2_zigzag": ["parallel.dp_shard=2", "parallel.cp=2", "parallel.cp_mode=zigzag"] + global_batch(2),
+        "tp2_cp2_ulysses": ["parallel.tp=2", "parallel.cp=2", "parallel.cp_mode=ulysses",
+                            "parallel.dp_shard=1"] + global_batch(1),
+        "pp2_cp2_allgather": ["parallel.pp=2", "parallel.cp=2", "parallel.cp_mode=allgather",
+                              "parallel.dp_shard=1"] + global_batch(1),
     },
     8: {
         "pp2_dp2_tp2": ["parallel.pp=2", "parallel.dp_shard=2", "parallel.tp=2"] + global_batch(2),

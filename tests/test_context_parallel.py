@@ -1,0 +1,89 @@
+"""Context-parallel attention equals single-device attention: every mode at cp 2 and 4, causal and
+full masks, MHA and GQA (kv heads < cp included), packed documents of odd, tiny and
+shard-spanning lengths, totals not divisible by 2·cp; bf16 error bounds; causal work balance."""
+import pytest
+import torch
+
+from cases import cp_attention_errors
+from distributed import run_group
+from longtrain.parallel.context.layout import CPShape, attention_work
+from longtrain.parallel.context.strategy import CPConfigError, resolve_mode
+
+MODES = ["ring", "zigzag", "ulysses", "hybrid", "allgather"]
+# Row 0: odd lengths, a length-1 document, one spanning several shards, padding at the end.
+# Row 1: tiny documents then a long one; totals not divisible by 2·cp.
+PACKED_DOCS = [[5, 1, 19, 3, 1, 2], [1, 1, 2, 27]]
+
+
+def _cases(cp):
+    cases = []
+    for mode in MODES:
+        for causal in (True, False):
+            cases.append({"mode": mode, "shape": (2, 8 * cp, 4, 4, 8), "causal": causal, "name": f"{mode} mha"})
+        # GQA; kv heads (1) < cp for Ulysses and hybrid
+        cases.append({"mode": mode, "shape": (2, 8 * cp + 3, 4, 1, 8), "name": f"{mode} gqa odd total"})
+        cases.append({"mode": mode, "shape": (2, 31, 4, 2, 8), "doc_lengths": PACKED_DOCS, "name": f"{mode} packed"})
+        cases.append({"mode": mode, "shape": (2, 31, 4, 2, 8), "doc_lengths": PACKED_DOCS, "causal": False,
+                      "name": f"{mode} packed full"})
+    if cp == 4:  # a real 2D hybrid: Ulysses 2 x ring 2
+        cases.append({"mode": "hybrid", "ulysses": 2, "shape": (1, 37, 4, 1, 8), "doc_lengths": [[7, 1, 29]],
+                      "name": "hybrid u2 packed"})
+        cases.append({"mode": "hybrid", "ulysses": 2, "shape": (2, 40, 4, 2, 8), "name": "hybrid u2"})
+    return cases
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_every_mode_matches_single_device(cp):
+    cases = _cases(cp)
+    for case, errors in zip(cases, run_group(cp, cp_attention_errors, cases)):
+        for key in ("out", "dq", "dk", "dv"):
+            assert errors[key] <= 1e-5, f"cp{cp} {case['name']} causal={case.get('causal', True)}: {key} {errors}"
+
+
+def test_bf16_error_is_bounded_by_single_device_error():
+    cases = [{"mode": mode, "shape": (1, 64, 4, 2, 16), "dtype": torch.bfloat16, "single_device_error": True,
+              "seed": 3} for mode in MODES]
+    cases.append({"mode": "zigzag", "shape": (1, 61, 4, 2, 16), "dtype": torch.bfloat16, "single_device_error": True,
+                  "doc_lengths": [[20, 1, 33, 7]], "seed": 4})
+    for case, errors in zip(cases, run_group(4, cp_attention_errors, cases)):
+        for key in ("out", "dq", "dk", "dv"):
+            assert errors[key] <= 2 * errors["single_" + key] + 1e-6, f"{case['mode']} {key}: {errors}"
+
+
+@pytest.mark.parametrize("ring", [2, 4, 8])
+def test_zigzag_balances_causal_work(ring):
+    shape = CPShape(ring=ring, ulysses=1, balance="zigzag")
+    work = attention_work(None, 64 * ring, shape)
+    assert max(work) / (sum(work) / len(work)) <= 1.02, work
+    contiguous = attention_work(None, 64 * ring, CPShape(ring=ring, ulysses=1, balance="contiguous"))
+    assert max(contiguous) / (sum(contiguous) / len(contiguous)) > 1.4  # what zigzag fixes
+
+
+@pytest.mark.parametrize("ring", [2, 4])
+def test_document_aware_zigzag_balances_packed_work(ring):
+    gen = torch.Generator().manual_seed(ring)
+    rows = []
+    for _ in range(4):  # packed rows of 4096 tokens: documents of 1 to 1500 tokens
+        lengths, total = [], 0
+        while total < 4096:
+            n = int(torch.randint(1, 1500, (1,), generator=gen))
+            n = min(n, 4096 - total)
+            lengths.append(n)
+            total += n
+        ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
+        rows.append(ids)
+    work = attention_work(torch.stack(rows), 4096, CPShape(ring=ring, ulysses=1, balance="zigzag"))
+    assert max(work) / (sum(work) / len(work)) <= 1.02, work
+
+
+def test_bad_cp_settings_fail_with_one_line():
+    with pytest.raises(CPConfigError, match="parallel.cp_mode: unknown mode 'rings'"):
+        resolve_mode("rings", 4, 8, 8, 0)
+    with pytest.raises(CPConfigError, match=r"heads per tensor-parallel rank \(model.n_heads / parallel.tp = 12 / 2 = 6\)"
+                                            r" to divide by the Ulysses degree 4"):
+        resolve_mode("ulysses", 4, 6, 2, 0, tp=2)
+    with pytest.raises(CPConfigError, match="kv heads per tensor-parallel rank \\(3\\) and the Ulysses degree 2"):
+        resolve_mode("hybrid", 4, 6, 3, 2)
+    assert resolve_mode("auto", 16, 32, 8, 0)[1] == CPShape(ring=2, ulysses=8, balance="zigzag")
+    assert resolve_mode("auto", 4, 6, 2, 0)[0] == "hybrid"  # heads do not divide by cp
+    assert resolve_mode("auto", 4, 8, 2, 0)[0] == "ulysses"
