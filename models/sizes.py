@@ -1,8 +1,10 @@
-"""Named model sizes, and the recipe's `model` section resolved into a TransformerConfig."""
+"""Named model sizes, and the recipe's `model` section resolved into a TransformerConfig (or a
+HybridConfig when model.kind is hybrid)."""
 from __future__ import annotations
 
 import dataclasses
 
+from longtrain.models.hybrid import HybridConfig
 from longtrain.models.transformer import RopeScaling, TransformerConfig
 
 _LLAMA3_ROPE = RopeScaling(type="llama3", factor=8.0, original_max_position=8192,
@@ -28,13 +30,81 @@ SIZES: dict[str, TransformerConfig] = {
                                     rope_scaling=_LLAMA3_ROPE),
 }
 
+# Hybrid Mamba-2 / attention / MLP stacks (models/hybrid.py), selected with model.kind=hybrid.
+HYBRID_SIZES: dict[str, HybridConfig] = {
+    # For tests: 6 layers in two pipeline stages, ~53k parameters; 4 Mamba heads in 2 groups (so
+    # tp=2 splits whole groups) and a chunk of 16, so short sequences span several chunks.
+    "hybrid-tiny": HybridConfig(vocab_size=260, dim=32, pattern="M*-|M*-", n_heads=4, n_kv_heads=2, ffn_dim=64,
+                                d_state=16, d_conv=4, expand=2, mamba_headdim=16, ngroups=2, chunk_size=16,
+                                max_seq_len=1024),
+    # The CPU debug job: about 4.5M parameters.
+    "hybrid-debug": HybridConfig(vocab_size=260, dim=256, pattern="M-M*-|M-M*-", n_heads=8, n_kv_heads=4,
+                                 ffn_dim=688, d_state=64, d_conv=4, expand=2, mamba_headdim=64, ngroups=2,
+                                 chunk_size=64, max_seq_len=4096),
+    # In the proportions of Nemotron-H-8B (NVIDIA, 2025; its hybrid_override_pattern): 52 layers,
+    # 24 Mamba-2 + 4 attention + 24 MLP, d_model 4096, 32 query / 8 KV heads, Mamba-2 with 128
+    # heads of 64 (expand 2), state 128, 8 groups, conv 4. Differences: Nemotron-H's MLP is a
+    # 2-matrix squared-ReLU of 21504, ours SwiGLU of 14336 (3 x 14336 = 2 x 21504: same size), and
+    # its attention has no RoPE, ours does. About 8.1B parameters.
+    "hybrid-8b": HybridConfig(vocab_size=131072, dim=4096,
+                              pattern="M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-",
+                              n_heads=32, n_kv_heads=8, ffn_dim=14336, d_state=128, d_conv=4, expand=2,
+                              mamba_headdim=64, ngroups=8, chunk_size=128, max_seq_len=8192,
+                              rope_theta=500000.0),
+}
+
 _FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "norm_eps", "rope_theta",
            "max_seq_len", "tie_embeddings", "init_std")
 
 
-def resolve_model_config(model_section) -> TransformerConfig:
-    """The recipe's `model` section (launcher.config.ModelConfig) -> TransformerConfig. A named size
-    gives the defaults; explicit fields override. Raises ValueError naming the key."""
+_HYBRID_FIELDS = ("vocab_size", "dim", "n_heads", "n_kv_heads", "ffn_dim", "norm_eps", "rope_theta", "max_seq_len",
+                  "tie_embeddings", "init_std", "pattern", "d_state", "d_conv", "expand", "mamba_headdim",
+                  "ngroups", "chunk_size")
+
+
+def _unknown_size(name: str, known: dict) -> ValueError:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ValueError(f"model.name: unknown size {name!r}{hint}; known: {', '.join(known)}")
+
+
+def resolve_hybrid_config(model_section) -> HybridConfig:
+    """model.kind=hybrid: a named hybrid size (HYBRID_SIZES; "tiny" and "debug" mean hybrid-tiny and
+    hybrid-debug) or the HybridConfig defaults, with the explicit fields on top. n_layers follows
+    from model.pattern; a given n_layers must agree."""
+    name = model_section.name
+    if name in ("tiny", "debug"):  # so `model.kind=hybrid` on top of a tiny/debug recipe just works
+        name = f"hybrid-{name}"
+    if name is not None:
+        if name in SIZES:
+            raise ValueError(f"model.name: {name!r} is a transformer size; with model.kind=hybrid use one of "
+                             f"{', '.join(HYBRID_SIZES)} (or model.name=null and explicit fields)")
+        if name not in HYBRID_SIZES:
+            raise _unknown_size(name, HYBRID_SIZES)
+        base = HYBRID_SIZES[name]
+    else:
+        base = HybridConfig()
+    over = {k: getattr(model_section, k, None) for k in _HYBRID_FIELDS}
+    over = {k: v for k, v in over.items() if v is not None}
+    if model_section.rope_scaling is not None:
+        over["rope_scaling"] = dataclasses.replace(model_section.rope_scaling)
+    cfg = dataclasses.replace(base, **over)  # validates (ValueError naming model.<key>)
+    if model_section.n_layers is not None and model_section.n_layers != cfg.n_layers:
+        raise ValueError(f"model.n_layers: {model_section.n_layers} does not match the {cfg.n_layers} layers of "
+                         f"model.pattern {cfg.pattern!r}; leave n_layers unset for hybrids")
+    return cfg
+
+
+def resolve_model_config(model_section) -> TransformerConfig | HybridConfig:
+    """The recipe's `model` section (launcher.config.ModelConfig) -> TransformerConfig, or
+    HybridConfig when model.kind is hybrid. A named size gives the defaults; explicit fields
+    override. Raises ValueError naming the key."""
+    if model_section.kind == "hybrid":
+        return resolve_hybrid_config(model_section)
+    if model_section.name in HYBRID_SIZES:
+        raise ValueError(f"model.kind: {model_section.name!r} is a hybrid size; set model.kind=hybrid")
     if model_section.kind != "transformer":
         raise ValueError(f"model.kind: {model_section.kind!r} models are not implemented yet; use transformer")
     if model_section.name is not None:

@@ -176,3 +176,79 @@ def cp_attention_errors(cases: list[dict]) -> list[dict]:
                 errors["single_" + name] = float((got.double() - want.detach()).abs().max())
         results.append(errors)
     return results
+
+
+def ssm_cp_errors(cases: list[dict]) -> list[dict]:
+    """For each case: a Mamba-2 mixer and one global input (broadcast), each cp rank its
+    contiguous shard (padded at the end when the length does not divide), the context-parallel
+    core installed; outputs, input gradients and every parameter gradient against one device."""
+    import copy
+
+    from longtrain.models.mamba import Mamba2Mixer, MambaConfig
+    from longtrain.parallel.context.ssm import build_ssm_core
+    from longtrain.parallel.mesh import Mesh, ParallelDims
+
+    world = dist.get_world_size()
+    mesh = Mesh(ParallelDims(pp=1, dp_replicate=1, dp_shard=1, cp=world, tp=1), "cpu")
+    rank = mesh.local_rank("cp")
+    results = []
+    for case in cases:
+        torch.manual_seed(case.get("seed", 0))
+        cfg = MambaConfig(dim=case.get("dim", 16), d_state=8, d_conv=4, expand=2, headdim=case.get("headdim", 8),
+                          ngroups=case.get("ngroups", 1), chunk_size=case.get("chunk", 5))
+        ref = Mamba2Mixer(cfg).double()
+        for p in ref.parameters():  # every parameter random, identical on all ranks
+            p.data.copy_(torch.randn(p.shape, dtype=p.dtype) * 0.3)
+            dist.broadcast(p.data, src=0)
+        with torch.no_grad():
+            ref.A_log.copy_(torch.rand(ref.A_log.shape, dtype=torch.float64).log())
+            dist.broadcast(ref.A_log, src=0)
+        b, length = 2, case["length"]
+        hidden = torch.randn(b, length, cfg.dim, dtype=torch.float64)
+        dout = torch.randn(b, length, cfg.dim, dtype=torch.float64)
+        dist.broadcast(hidden, src=0)
+        dist.broadcast(dout, src=0)
+        doc_ids = None
+        if case.get("doc_lengths"):
+            doc_ids = torch.full((b, length), -1, dtype=torch.long)
+            for row, lengths in enumerate(case["doc_lengths"]):
+                start = 0
+                for i, n in enumerate(lengths):
+                    doc_ids[row, start:start + n] = i
+                    start += n
+        x_ref = hidden.clone().requires_grad_()
+        out_ref = ref(x_ref, doc_ids=doc_ids)
+        out_ref.backward(dout)
+
+        local = copy.deepcopy(ref)
+        local.zero_grad()
+        local.ssm_core = build_ssm_core(case["mode"], mesh, backend="torch")
+        shard = -(-length // world)
+        padded = shard * world
+
+        def pad(t, fill):
+            extra = padded - length
+            if not extra:
+                return t
+            return torch.cat([t, torch.full((b, extra, *t.shape[2:]), fill, dtype=t.dtype)], dim=1)
+
+        mine = slice(rank * shard, (rank + 1) * shard)
+        x_local = pad(hidden, 0.0)[:, mine].clone().requires_grad_()
+        ids_local = pad(doc_ids, -1)[:, mine] if doc_ids is not None else None
+        out_local = local(x_local, doc_ids=ids_local)
+        out_local.backward(pad(dout, 0.0)[:, mine])
+        real = (torch.arange(padded)[mine] < length)
+        errors = {"out": float((out_local - pad(out_ref.detach(), 0.0)[:, mine])[:, real].abs().max()),
+                  "dx": float((x_local.grad - pad(x_ref.grad, 0.0)[:, mine])[:, real].abs().max())}
+        worst = 0.0
+        for (name, p_ref), p in zip(ref.named_parameters(), local.parameters()):
+            grad = p.grad.clone()
+            dist.all_reduce(grad)  # the parameter gradient is the sum over cp shards
+            worst = max(worst, float((grad - p_ref.grad).abs().max() / (p_ref.grad.abs().max() + 1e-12)))
+        errors["params_rel"] = worst
+        for key in list(errors):
+            t = torch.tensor(errors[key], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            errors[key] = float(t)
+        results.append(errors)
+    return results

@@ -95,13 +95,14 @@ class RingExchange:
     """Async send of a list of tensors to the next rank of a ring and receive of the previous
     rank's (same shapes), so the next block travels while the current one is computed."""
 
-    def __init__(self, group):
+    def __init__(self, group, reverse: bool = False):
         self.group = group
         self.ranks = dist.get_process_group_ranks(group)
         me = self.ranks.index(dist.get_rank())
         n = len(self.ranks)
-        self.next = self.ranks[(me + 1) % n]
-        self.prev = self.ranks[(me - 1) % n]
+        step = -1 if reverse else 1  # reverse: send to the previous rank, receive from the next
+        self.next = self.ranks[(me + step) % n]
+        self.prev = self.ranks[(me - step) % n]
 
     def start(self, tensors: list[torch.Tensor], tag: int = 0):
         """Tags keep two exchanges in flight apart (K/V for the next step, gradients)."""

@@ -1,0 +1,154 @@
+"""Context parallelism for Mamba-2 layers, installed as the mixer's `ssm_core` (the conv1d and
+the SSD scan: everything in the layer that looks along the sequence).
+
+Both modes keep each rank's shard contiguous: a scan needs its tokens in order.
+
+state passing (`parallel.ssm_cp_mode: state_passing`, the default; no head-count limit):
+  1. conv1d: rank r receives rank r-1's last d_conv-1 inputs (a halo; its gradient goes back);
+  2. every rank scans its shard from a zero state, giving y0 and its final state S_r, and the
+     factor its shard multiplies an incoming state by, exp(sum dt·A) (0 if a document starts
+     inside the shard);
+  3. ranks all-gather (S_r, log factor) — communication independent of sequence length — and
+     rank r composes its true initial state h_r = S_{r-1} + factor_{r-1}·h_{r-1} (zero where a
+     document starts exactly at the shard boundary);
+  4. y = y0 + C_t·(decay to t)·h_r for the tokens of the shard's first document.
+  Gradients flow back through the all-gather to the ranks whose states were used.
+
+all-to-all (`all_to_all`; valid when the Mamba heads per tp rank divide by cp): the inputs of
+the conv are redistributed from sequence shards to head shards (B and C, shared by heads of a
+group, are all-gathered), each rank convolves and scans whole sequences for its heads, and the
+output goes back to sequence shards (as Megatron-core does).
+
+Packed documents work in both: the conv drops taps across documents and the scan resets at every
+document start, also when a document spans ranks.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from longtrain.kernels.ssd import causal_conv1d, initial_state_contribution, log_decay_to_end, ssd_scan
+from longtrain.parallel.context.comm import GatherSeq, HeadsToSeq, RingExchange, SeqToHeads, gather_seq
+
+SSM_MODES = ("state_passing", "all_to_all")
+
+
+class _Halo(torch.autograd.Function):
+    """Rank r gets rank r-1's `tail` (rank 0 gets zeros); the gradient of what a rank received
+    goes back to the rank it came from."""
+
+    @staticmethod
+    def forward(ctx, tail, group, is_first):
+        ctx.group, ctx.is_first = group, is_first
+        (received,) = RingExchange.finish(RingExchange(group).start([tail], tag=3))
+        return torch.zeros_like(received) if is_first else received
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = torch.zeros_like(grad) if ctx.is_first else grad
+        (received,) = RingExchange.finish(RingExchange(ctx.group, reverse=True).start([grad.contiguous()], tag=4))
+        return received, None, None
+
+
+def _exchange_ids(tail_ids: torch.Tensor, group, is_first: bool) -> torch.Tensor:
+    (received,) = RingExchange.finish(RingExchange(group).start([tail_ids], tag=5))
+    return torch.full_like(received, -2) if is_first else received  # -2: no document
+
+
+class StatePassingSSMCore:
+    def __init__(self, cp_group, cp_rank: int, cp: int, backend: str = "auto"):
+        self.group, self.rank, self.cp, self.backend = cp_group, cp_rank, cp, backend
+
+    def __call__(self, xBC, dt, *, mixer, doc_ids=None):
+        weight, bias = mixer.conv_params()
+        k = weight.shape[-1]
+        if xBC.shape[1] < k - 1:
+            raise ValueError(f"parallel.cp: shards of {xBC.shape[1]} tokens are shorter than the conv window "
+                             f"d_conv-1={k - 1}; use fewer cp ranks or longer sequences")
+        first = self.rank == 0
+        halo = _Halo.apply(xBC[:, xBC.shape[1] - (k - 1):].contiguous(), self.group, first) if k > 1 else None
+        halo_ids = None
+        if doc_ids is not None and k > 1:
+            halo_ids = _exchange_ids(doc_ids[:, doc_ids.shape[1] - (k - 1):].contiguous(), self.group, first)
+        xBC = causal_conv1d(xBC, weight, bias, doc_ids=doc_ids, halo=halo, halo_doc_ids=halo_ids, activation="silu")
+        x, B, C = mixer.split_xBC(xBC, dt.shape[-1])
+        A, D = mixer.scan_params()
+        y, final = ssd_scan(x, dt, A, B, C, chunk_size=mixer.chunk_size, D=D, seq_idx=doc_ids, backend=self.backend)
+        log_factor = log_decay_to_end(dt, A, doc_ids)  # (b, h)
+
+        # One all-gather of every rank's final state and factor (autograd: gradients return).
+        finals = GatherSeq.apply(final[:, None].contiguous(), self.group)  # (b, cp, h, p, n)
+        factors = torch.exp(GatherSeq.apply(log_factor[:, None].contiguous(), self.group))  # (b, cp, h)
+        keep = torch.ones(x.shape[0], self.cp, dtype=final.dtype, device=x.device)  # state crosses into rank j
+        if doc_ids is not None:
+            ends = gather_seq(torch.stack([doc_ids[:, 0], doc_ids[:, -1]], dim=1), self.group)  # (b, 2·cp)
+            starts, lasts = ends[:, 0::2], ends[:, 1::2]
+            keep[:, 1:] = (starts[:, 1:] == lasts[:, :-1]).to(keep.dtype)
+        # Every rank composes every rank's incoming state and takes its own: the autograd graph
+        # (and so the order of the collectives in backward) must be the same on all ranks.
+        states = [torch.zeros_like(final)]
+        for j in range(self.cp - 1):
+            states.append((finals[:, j] + factors[:, j, :, None, None] * states[-1]) * keep[:, j + 1, None, None, None])
+        mine = torch.zeros(self.cp, dtype=final.dtype, device=final.device)
+        mine[self.rank] = 1.0  # a one-hot pick keeps every state in every rank's graph
+        state = (torch.stack(states, dim=1) * mine[None, :, None, None, None]).sum(1)
+        correction = initial_state_contribution(C, dt, A, doc_ids, state, ngroups=C.shape[2])
+        return y + correction.to(y.dtype)
+
+
+class AllToAllSSMCore:
+    def __init__(self, cp_group, cp_rank: int, cp: int, backend: str = "auto"):
+        self.group, self.rank, self.cp, self.backend = cp_group, cp_rank, cp, backend
+
+    def __call__(self, xBC, dt, *, mixer, doc_ids=None):
+        weight, bias = mixer.conv_params()
+        n_heads = dt.shape[-1]
+        d_inner = n_heads * mixer.head_dim
+        b, l, width = xBC.shape
+        gn = (width - d_inner) // 2
+        heads_here = n_heads // self.cp
+        # x channels and dt: sequence shards -> head shards; B and C: all-gathered (all groups).
+        x_part = SeqToHeads.apply(xBC[..., :d_inner].reshape(b, l, n_heads, mixer.head_dim), self.group)
+        dt_part = SeqToHeads.apply(dt[..., None], self.group)[..., 0]  # (b, L, h/cp)
+        bc_full = GatherSeq.apply(xBC[..., d_inner:].contiguous(), self.group)  # (b, L, 2·g·n)
+        ids = gather_seq(doc_ids, self.group) if doc_ids is not None else None
+        L = x_part.shape[1]
+        lo = self.rank * heads_here * mixer.head_dim
+        hi = lo + heads_here * mixer.head_dim
+        keep = torch.cat([torch.arange(lo, hi), torch.arange(d_inner, width)]).to(weight.device)
+        conv_in = torch.cat([x_part.reshape(b, L, -1), bc_full], dim=-1)
+        conv_out = causal_conv1d(conv_in, weight[keep], None if bias is None else bias[keep], doc_ids=ids,
+                                 activation="silu")
+        x, B, C = mixer.split_xBC(conv_out, heads_here)
+        A, D = mixer.scan_params()
+        heads = slice(self.rank * heads_here, (self.rank + 1) * heads_here)
+        g = B.shape[2]
+        if g > 1:  # the groups of my heads
+            per_group = n_heads // g
+            groups = slice(heads.start // per_group, (heads.stop - 1) // per_group + 1)
+            B, C = B[:, :, groups], C[:, :, groups]
+        y, _ = ssd_scan(x, dt_part, A[heads], B, C, chunk_size=mixer.chunk_size, D=D[heads], seq_idx=ids,
+                        backend=self.backend)
+        return HeadsToSeq.apply(y.contiguous(), self.group)  # (b, l, h, p)
+
+
+def check_ssm_cp(mode: str, cp: int, mamba_heads: int, ngroups: int, tp: int = 1) -> None:
+    """One line naming the keys when an SSM cp mode cannot work."""
+    if mode not in SSM_MODES:
+        raise ValueError(f"parallel.ssm_cp_mode: unknown mode {mode!r}; known: {', '.join(SSM_MODES)}")
+    if mode == "all_to_all":
+        heads = mamba_heads // tp
+        if heads % cp:
+            raise ValueError(f"parallel.ssm_cp_mode: all_to_all needs the Mamba heads per tensor-parallel rank "
+                             f"({mamba_heads} / parallel.tp={tp} = {heads}) to divide by parallel.cp={cp}; "
+                             f"use state_passing, which has no head-count limit")
+        groups = ngroups // tp
+        per_rank = heads // cp
+        if groups > 1 and (heads // groups) % per_rank and per_rank % (heads // groups):
+            raise ValueError(f"parallel.ssm_cp_mode: all_to_all needs each rank's {per_rank} heads to fall in "
+                             f"whole groups (model.ngroups={ngroups})")
+
+
+def build_ssm_core(mode: str, mesh, backend: str = "auto"):
+    cls = StatePassingSSMCore if mode == "state_passing" else AllToAllSSMCore
+    return cls(mesh["cp"].get_group(), mesh.local_rank("cp"), mesh.dims.cp, backend)
