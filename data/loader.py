@@ -237,7 +237,9 @@ class PackedLoader:
         if self.num_workers == 0:
             self._producer = RowProducer(self.settings, self.lanes, lanes, stream=self._stream)
             self._stream = None  # the producer owns it now (its readers move forward)
+            self._producer.fast_forward(self.cursor)
             return
+        self._stream = None  # workers open their own
         import multiprocessing as mp
 
         from .pipeline import worker_main
@@ -330,10 +332,6 @@ class PackedLoader:
         if cursor < 0 or lanes < 1:
             raise ValueError(f"data loader state: cursor {cursor} / lanes {lanes} out of range")
         self.close()
-        if self._stream is None:
-            from .pipeline import DocumentStream
-
-            self._stream = DocumentStream(self.settings)
         self.cursor, self.lanes = cursor, lanes
 
     def close(self) -> None:
@@ -346,10 +344,7 @@ class PackedLoader:
             q.close()
         self._workers, self._worker_of, self._worker_skipped = [], {}, {}
         if self._producer is not None:
-            self._stream, self._producer = self._producer.stream, None
-            from .pipeline import DocumentStream
-
-            self._stream = DocumentStream(self.settings, tokenizer=self.tokenizer)
+            self._producer = None  # its stream's readers moved on: the next start opens a new one
 
     def __del__(self):
         try:
@@ -377,5 +372,8 @@ def build_loader(data_cfg, *, dp_rank: int, dp_degree: int, seed: int, split: st
                                  dp_rank=dp_rank, dp_degree=dp_degree)
     settings = DataSettings.from_config(data_cfg, seed, split)
     if split != "train":
-        settings.num_workers = 0  # a few eval batches, rebuilt each evaluation: no processes
+        # A few eval batches, rebuilt each evaluation: no processes, and one lane so that the eval
+        # rows are the same prefix of one packed stream whatever the dp degree.
+        settings.num_workers = 0
+        settings.lanes = 1
     return PackedLoader(settings, dp_rank=dp_rank, dp_degree=dp_degree)

@@ -286,7 +286,7 @@ class DocumentStream:
         if payload is None:
             return np.zeros(0, np.int64)
         if isinstance(payload, BadRecord):
-            self.bad.handle(payload)
+            self.bad.handle(payload, (source, record))
             return np.zeros(0, np.int64)
         if isinstance(payload, str):
             if not payload:
@@ -298,7 +298,7 @@ class DocumentStream:
             bad = int(ids.max()) if ids.max() >= self.vocab else int(ids.min())
             err = BadRecord(f"{self.sources[source].key}: {self.sources[source].where(record)}: token id {bad} is "
                             f"outside the tokenizer's vocabulary [0, {self.vocab}) ({self.tokenizer.name})")
-            self.bad.handle(err)
+            self.bad.handle(err, (source, record))
             return np.zeros(0, np.int64)
         if s.add_bos and (not len(ids) or ids[0] != tok.bos_id):
             ids = np.concatenate([[tok.bos_id], ids])
@@ -407,6 +407,22 @@ class RowProducer:
         self.next_row[v] += 1
         return pieces
 
+    def fast_forward(self, cursor: int) -> None:
+        """Replay (lengths only) every row of my lanes before the global row `cursor`, lanes in
+        lockstep in global row order, as an uninterrupted run produced them: documents are handed
+        to lanes in stream order, so no lane's queue grows while another catches up."""
+        if cursor <= 0:
+            return
+        self.replaying = True
+        try:
+            for n in range(cursor // self.V + 1):
+                for v in self.my_lanes:
+                    if n * self.V + v < cursor and n >= self.next_row[v]:
+                        self.packers[v].next_row()
+                        self.next_row[v] = n + 1
+        finally:
+            self.replaying = False
+
     def materialize(self, k: int) -> tuple[dict, list]:
         pieces = self.row(k)
         arrays = materialize(pieces, self.settings.row_len, self.stream.tokenizer.pad_id)
@@ -425,6 +441,7 @@ def worker_main(settings: DataSettings, lanes: int, my_lanes: list[int], cursor:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         producer = RowProducer(settings, lanes, my_lanes)
+        producer.fast_forward(cursor)
         mine = set(my_lanes)
         for k in rank_schedule(cursor, dp_rank, dp_degree, settings.rows_per_step):
             if k % lanes in mine:

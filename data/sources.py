@@ -184,16 +184,25 @@ class BadRecord(ValueError):
 
 @dataclass
 class BadRecords:
+    """Malformed records met so far: raised, or (skip on) counted once per record (a record
+    met again in a later epoch is not counted twice)."""
+
     skip: bool = False
-    count: int = 0
+    seen: set = field(default_factory=set)
     examples: list = field(default_factory=list)
 
-    def handle(self, err: BadRecord) -> None:
+    @property
+    def count(self) -> int:
+        return len(self.seen)
+
+    def handle(self, err: BadRecord, key=None) -> None:
         if not self.skip:
             raise err
-        self.count += 1
-        if len(self.examples) < 5:
-            self.examples.append(str(err))
+        key = key if key is not None else str(err)
+        if key not in self.seen:
+            self.seen.add(key)
+            if len(self.examples) < 5:
+                self.examples.append(str(err))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -504,9 +513,11 @@ def write_indexed_dataset(prefix: str, documents, dtype=np.int32) -> None:
 
     indexed_dataset = _quiet_megatron_import()
     builder = indexed_dataset.IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
-    for doc in documents:
-        doc = np.asarray(doc)
-        builder.add_document(torch.from_numpy(doc.astype(np.int64)), [len(doc)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # megatron-core's numpy 2 copy= notice
+        for doc in documents:
+            doc = np.asarray(doc)
+            builder.add_document(torch.from_numpy(doc.astype(np.int64)), [len(doc)])
     builder.finalize(prefix + ".idx")
 
 

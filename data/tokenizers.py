@@ -9,6 +9,9 @@ Every tokenizer exposes `encode(text, add_bos=True, add_eos=True) -> list[int]`,
 - `bytes`: UTF-8 bytes (vocabulary 259), no file needed.
 - `path/to/tok.model` or `sentencepiece:path/to/tok.model`: a SentencePiece model, for example one
   written by `longtrain tokenizer train`.
+- `pretokenized:vocab=V,bos=B,eos=E[,pad=P]`: no text encoding at all, for pre-tokenized
+  (megatron .bin/.idx) sources made with another tokenizer (e.g. Llama 3's): only the vocabulary
+  size (checked against every document's ids and the model) and the special ids.
 
 BOS/EOS: the tokenizers only add them when asked. The data pipeline asks per document according to
 `data.add_bos` / `data.add_eos` (both on by default), so a document is `BOS text EOS`. A
@@ -21,7 +24,7 @@ import io
 import os
 from typing import Iterable, Iterator
 
-KNOWN_TOKENIZERS = ("bytes", "<file>.model", "sentencepiece:<file>")
+KNOWN_TOKENIZERS = ("bytes", "<file>.model", "sentencepiece:<file>", "pretokenized:vocab=V,bos=B,eos=E")
 
 # SentencePiece's whitespace meta symbol. A literal U+2581 in the text would come back as a space
 # from decode(), so it is encoded as its three UTF-8 byte-fallback pieces instead.
@@ -136,9 +139,44 @@ class SentencePieceTokenizer:
         return f"SentencePieceTokenizer({self.path!r}, vocab_size={self.vocab_size})"
 
 
+class PretokenizedTokenizer:
+    """Special ids and a vocabulary size for sources that are already token ids."""
+
+    lengths_from_bytes = False
+
+    def __init__(self, spec: str):
+        self.name = spec
+        fields = {}
+        for part in spec.split(":", 1)[1].split(","):
+            key, _, value = part.partition("=")
+            if key.strip() not in ("vocab", "bos", "eos", "pad") or not value.strip().lstrip("-").isdigit():
+                raise ValueError(f"data.tokenizer: {spec!r}: expected pretokenized:vocab=V,bos=B,eos=E[,pad=P]")
+            fields[key.strip()] = int(value)
+        if "vocab" not in fields or fields["vocab"] < 1:
+            raise ValueError(f"data.tokenizer: {spec!r}: vocab=V is required")
+        self.vocab_size = fields["vocab"]
+        self.bos_id, self.eos_id = fields.get("bos", -1), fields.get("eos", -1)
+        self.pad_id = fields.get("pad", max(self.eos_id, 0))
+        for key in ("bos", "eos", "pad"):
+            if fields.get(key, -1) >= self.vocab_size:
+                raise ValueError(f"data.tokenizer: {spec!r}: {key}={fields[key]} is outside the vocabulary")
+
+    def encode(self, text: str, add_bos: bool = True, add_eos: bool = True) -> list[int]:
+        raise ValueError(f"data.tokenizer: {self.name} reads only pre-tokenized (megatron .bin/.idx) sources; "
+                         "a text source needs bytes or a sentencepiece .model")
+
+    encode_batch = encode
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+    def __repr__(self) -> str:
+        return f"PretokenizedTokenizer({self.name!r})"
+
+
 def tokenizer_path(name: str) -> str | None:
     """The .model path named by `data.tokenizer`, or None for the byte tokenizer."""
-    if name == "bytes":
+    if name == "bytes" or name.startswith("pretokenized:"):
         return None
     if name.startswith("sentencepiece:"):
         return name[len("sentencepiece:"):]
@@ -149,6 +187,8 @@ def tokenizer_path(name: str) -> str | None:
 
 def build_tokenizer(name: str):
     """The tokenizer named by `data.tokenizer` in a recipe."""
+    if name.startswith("pretokenized:"):
+        return PretokenizedTokenizer(name)
     path = tokenizer_path(name)
     if path is None:
         return ByteTokenizer()

@@ -2,6 +2,9 @@
 
     longtrain train  RECIPE [key=value ...] [--nproc N]   train (starting N local workers if asked)
     longtrain config RECIPE [key=value ...]               print the resolved, validated recipe
+    longtrain tokenizer train --source S --vocab-size N --out F   train a sentencepiece model
+    longtrain data inspect RECIPE [key=value ...]         document lengths, tokens, packing efficiency
+    longtrain data export --out DIR                       the built-in corpus as jsonl shards
 
 Bad input ends with one line on stderr naming the key, file or rank, and exit code 2 (1 for a
 worker that failed while running).
@@ -9,6 +12,7 @@ worker that failed while running).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from longtrain.launcher.config import RecipeError, load_recipe
@@ -25,7 +29,69 @@ def _parser() -> argparse.ArgumentParser:
     config.add_argument("recipe")
     config.add_argument("overrides", nargs="*")
     config.add_argument("--nproc", type=int, default=None)
+
+    tokenizer = sub.add_parser("tokenizer", help="train a sentencepiece tokenizer")
+    tok_sub = tokenizer.add_subparsers(dest="action", required=True)
+    tok_train = tok_sub.add_parser("train", help="train a sentencepiece model from any source")
+    tok_train.add_argument("--source", action="append", required=True,
+                           help="builtin, a jsonl/json/parquet/txt file, glob or directory, or hf:<dataset> "
+                                "(repeatable)")
+    tok_train.add_argument("--vocab-size", type=int, required=True)
+    tok_train.add_argument("--out", required=True, help="the .model file to write")
+    tok_train.add_argument("--text-field", default="text")
+    tok_train.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    tok_train.add_argument("--max-docs", type=int, default=0, help="documents to read at most (0: all)")
+    tok_train.add_argument("--skip-bad-records", action="store_true")
+    tok_train.add_argument("--force", action="store_true", help="overwrite an existing --out")
+
+    data = sub.add_parser("data", help="inspect or export data")
+    data_sub = data.add_subparsers(dest="action", required=True)
+    inspect = data_sub.add_parser("inspect", help="document lengths, token count, packing efficiency, histogram")
+    inspect.add_argument("recipe")
+    inspect.add_argument("overrides", nargs="*")
+    inspect.add_argument("--docs", type=int, default=2000, help="documents to measure")
+    inspect.add_argument("--steps", type=int, default=20, help="loader steps to measure packing over")
+    inspect.add_argument("--out", default=None, help="directory for doc_lengths.png and data_inspect.json "
+                                                     "(default: the recipe's run.dir)")
+    export = data_sub.add_parser("export", help="write the built-in corpus as jsonl shards")
+    export.add_argument("--out", required=True, help="directory for the .jsonl files")
+    export.add_argument("--split", choices=["train", "eval"], default="train")
+    export.add_argument("--shards", type=int, default=4)
     return parser
+
+
+def _tokenizer_train(args) -> int:
+    import os
+
+    from longtrain.data.inspect import iter_texts
+    from longtrain.data.tokenizers import SentencePieceTokenizer, train_sentencepiece
+
+    if os.path.exists(args.out) and not args.force:
+        raise RecipeError(f"--out: {args.out} exists; pass --force to overwrite it")
+    counts: dict = {}
+    texts = iter_texts(args.source, text_field=args.text_field, max_docs=args.max_docs,
+                       skip_bad_records=args.skip_bad_records, counts=counts)
+    info = train_sentencepiece(texts, args.vocab_size, args.out, model_type=args.model_type)
+    tok = SentencePieceTokenizer(info["path"])
+    skipped = f", {counts['skipped_records']} bad records skipped" if counts.get("skipped_records") else ""
+    print(f"wrote {info['path']}: {args.model_type}, vocab {tok.vocab_size} (BOS {tok.bos_id}, EOS {tok.eos_id}, "
+          f"PAD {tok.pad_id}) from {counts.get('documents', 0)} documents{skipped}")
+    print(f"use it with: data.tokenizer={info['path']} model.vocab_size={tok.vocab_size}")
+    return 0
+
+
+def _data_command(args, overrides) -> int:
+    if args.action == "export":
+        from longtrain.data.inspect import export_builtin
+
+        paths = export_builtin(args.out, split=args.split, shards=args.shards)
+        print(f"wrote {len(paths)} files to {args.out}: {', '.join(os.path.basename(p) for p in paths)}")
+        return 0
+    from longtrain.data.inspect import format_stats, inspect_recipe
+
+    recipe = load_recipe(args.recipe, overrides)
+    print(format_stats(inspect_recipe(recipe, docs=args.docs, steps=args.steps, out=args.out)))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     stray = [a for a in extra if a.startswith("-") or "=" not in a]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    overrides = list(args.overrides) + extra
+    overrides = list(getattr(args, "overrides", None) or []) + extra
+    if args.command in ("tokenizer", "data"):
+        if extra and not (args.command == "data" and args.action == "inspect"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        try:
+            return _tokenizer_train(args) if args.command == "tokenizer" else _data_command(args, overrides)
+        except (RecipeError, ValueError) as err:
+            print(f"longtrain: error: {err}", file=sys.stderr)
+            return 2
     if args.nproc is not None:
         overrides.append(f"run.launch.nproc_per_node={args.nproc}")
     from longtrain.launcher.checkpoint import CheckpointError

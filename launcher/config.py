@@ -41,6 +41,15 @@ class ModelConfig:
     max_seq_len: Optional[int] = None
     tie_embeddings: Optional[bool] = None
     init_std: Optional[float] = None
+    # kind=hybrid (models/hybrid.py): one symbol per layer, M Mamba-2, * attention, - MLP, and | a
+    # pipeline stage boundary (n_layers follows from it); the Mamba-2 layer sizes.
+    pattern: Optional[str] = None
+    d_state: Optional[int] = None
+    d_conv: Optional[int] = None
+    expand: Optional[int] = None
+    mamba_headdim: Optional[int] = None
+    ngroups: Optional[int] = None
+    chunk_size: Optional[int] = None
     # Import weights from a Hugging Face Llama directory (config.json + safetensors) at start.
     hf_checkpoint: Optional[str] = None
 
@@ -72,11 +81,30 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
+    # One source: builtin, a jsonl/json/parquet/txt file, glob or directory, a megatron .bin/.idx
+    # prefix, or hf:<dataset>. `sources` (a list of paths or {path, weight, text_field, format,
+    # hub_config, hub_split}) blends several with weights and overrides `source` (data/sources.py).
     source: str = "builtin"
-    tokenizer: str = "bytes"
+    sources: list = field(default_factory=list)
+    text_field: str = "text"  # the record field holding the text (per source: sources[i].text_field)
+    tokenizer: str = "bytes"  # bytes, or a sentencepiece .model file (longtrain tokenizer train)
+    add_bos: bool = True  # each document is BOS text EOS; EOS predicts nothing (data/packing.py)
+    add_eos: bool = True
     seq_len: int = 256
     batch_size: int = 4  # sequences per data-parallel rank per optimizer step
     eval_batches: int = 2
+    # none: fixed windows of the builtin stream (attention spans the row); concat: documents end
+    # to end, cut at seq_len, no padding; whole: whole documents per row (split only when longer
+    # than seq_len), padded; varlen: per step one bin of whole documents (up to max_doc_len each)
+    # within token_budget tokens, unpadded.
+    packing: Literal["none", "concat", "whole", "varlen"] = "none"
+    max_doc_len: int = 0  # varlen: longer documents are split into pieces of this length (0: the budget)
+    token_budget: int = 0  # varlen: tokens per data rank per step (0: batch_size x seq_len)
+    pack_window: int = 64  # whole/varlen: documents looked ahead for first-fit packing
+    lanes: int = 0  # independent packing streams (0: dp x batch_size of the first run; then fixed)
+    num_workers: int = 1  # background processes per rank that read, tokenize and pack (0: inline)
+    prefetch: int = 2  # steps each worker produces ahead
+    skip_bad_records: bool = False  # skip and count malformed records instead of failing on them
 
 
 @dataclass
@@ -361,6 +389,11 @@ def validate_recipe(recipe: Recipe, source: str = "recipe", world_size: int | No
     d = recipe.data
     if d.seq_len < 1 or d.batch_size < 1:
         fail("data.seq_len and data.batch_size must be at least 1")
+    _validate_data(d, mcfg, fail)
+    if d.packing == "varlen" and (p.pp > 1 or p.cp > 1 or recipe.train.grad_accum > 1
+                                  or (p.tp > 1 and p.sequence_parallel)):
+        fail("data.packing: varlen bins (one unpadded row of varying length per step) need pp=1, cp=1, "
+             "train.grad_accum=1 and no sequence parallel until the trainer balances them; use concat or whole")
     t = recipe.train
     if t.grad_accum < 1 or d.batch_size % t.grad_accum:
         fail(f"train.grad_accum: {t.grad_accum} must divide data.batch_size={d.batch_size}")
@@ -384,6 +417,40 @@ def validate_recipe(recipe: Recipe, source: str = "recipe", world_size: int | No
         fail(f"optim.betas: expected two numbers, got {recipe.optim.betas}")
     if recipe.checkpoint.keep < 1:
         fail(f"checkpoint.keep: must be at least 1, got {recipe.checkpoint.keep}")
+
+
+def _validate_data(d: DataConfig, mcfg, fail) -> None:
+    """Data checks that open no file (files are checked in launch.preflight)."""
+    from longtrain.data.pipeline import DataSettings
+    from longtrain.data.tokenizers import ByteTokenizer, tokenizer_path
+
+    try:
+        settings = DataSettings.from_config(d, 0, "train")
+        settings.check()
+        path = tokenizer_path(d.tokenizer)
+    except ValueError as err:
+        fail(str(err))
+    if d.packing == "none" and (d.sources or d.source != "builtin" or d.tokenizer != "bytes"):
+        fail("data.packing: none (fixed windows of the built-in stream, byte tokenizer) cannot read "
+             f"{d.source if not d.sources else 'data.sources'} with tokenizer {d.tokenizer}; "
+             "set data.packing: concat, whole or varlen")
+    if d.tokenizer.startswith("pretokenized:"):
+        try:
+            from longtrain.data.tokenizers import PretokenizedTokenizer
+
+            vocab = PretokenizedTokenizer(d.tokenizer).vocab_size
+        except ValueError as err:
+            fail(str(err))
+        if mcfg.vocab_size < vocab:
+            fail(f"model.vocab_size: {mcfg.vocab_size} is smaller than the vocabulary of data.tokenizer ({vocab})")
+    elif path is None and mcfg.vocab_size < ByteTokenizer.vocab_size:
+        fail(f"model.vocab_size: {mcfg.vocab_size} is smaller than the byte tokenizer's vocabulary "
+             f"{ByteTokenizer.vocab_size}")
+    if d.packing == "varlen":
+        longest = d.max_doc_len or settings.budget
+        if longest > mcfg.max_seq_len:
+            key = "data.max_doc_len" if d.max_doc_len else "data.token_budget"
+            fail(f"{key}: varlen documents of up to {longest} tokens exceed model.max_seq_len={mcfg.max_seq_len}")
 
 
 def pp_microbatches(p: ParallelConfig) -> int:

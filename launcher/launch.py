@@ -80,16 +80,48 @@ def preflight(recipe: Recipe, source: str, launching: bool = True) -> int:
         raise RecipeError(f"{source}: run.launch.nnodes={recipe.run.launch.nnodes}: a multi-node job starts "
                           f"under torchrun or srun (see README, SLURM)")
     validate_recipe(recipe, source, world_size=world)
+    if launching:  # `longtrain config` prints recipes whose data lives on another machine
+        check_data(recipe, source)
     find_resume_dir(Path(recipe.checkpoint.dir or Path(recipe.run.dir) / "checkpoints"), recipe.checkpoint.resume)
     return world
+
+
+def check_data(recipe: Recipe, source: str) -> None:
+    """Open the tokenizer and the data sources before any worker starts: missing or empty files,
+    a tokenizer file that is not there, and a model vocabulary smaller than the tokenizer's fail
+    here with one line."""
+    from longtrain.data.pipeline import DataSettings
+    from longtrain.data.sources import open_source
+    from longtrain.data.tokenizers import build_tokenizer, check_special_tokens
+    from longtrain.models.sizes import resolve_model_config
+
+    d = recipe.data
+    try:
+        tokenizer = build_tokenizer(d.tokenizer)
+        check_special_tokens(tokenizer, d.add_bos, d.add_eos)
+        vocab = resolve_model_config(recipe.model).vocab_size
+        if vocab < tokenizer.vocab_size:
+            raise ValueError(f"model.vocab_size: {vocab} is smaller than the vocabulary of data.tokenizer "
+                             f"{d.tokenizer} ({tokenizer.vocab_size}); set model.vocab_size: {tokenizer.vocab_size}"
+                             " or more")
+        if d.packing != "none":
+            for spec in DataSettings.from_config(d, recipe.train.seed, "train").sources:
+                open_source(spec, "train", recipe.train.seed)
+    except ValueError as err:
+        raise RecipeError(f"{source}: {err}") from None
 
 
 def worker(recipe_dict: dict) -> dict:
     """One training process (also the entry point of launched workers)."""
     from longtrain.launcher.trainer import train
 
+    import torch.distributed as dist
+
     recipe = recipe_from_dict(recipe_dict, "recipe")
     result = train(recipe)
+    if dist.is_initialized():  # leave together, with no backend work in flight
+        dist.barrier()
+        dist.destroy_process_group()
     return {"last_step": result.last_step, "stopped_by_signal": result.stopped_by_signal}
 
 

@@ -8,6 +8,7 @@ With `on_event`, the function gets a queue as its last argument; what it puts th
 from __future__ import annotations
 
 import os
+import sys
 import pickle
 import queue
 import tempfile
@@ -20,9 +21,12 @@ class GroupFailed(RuntimeError):
 
 
 def _worker(rank: int, world_size: int, init_file: str, out_dir: str, fn, args, events):
+    import faulthandler
+
     import torch
     import torch.distributed as dist
 
+    faulthandler.enable()  # a crash in native code still shows where Python was
     warnings.filterwarnings("ignore", category=UserWarning)
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
@@ -38,7 +42,13 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str, fn, args, 
         if "error" in status:
             os._exit(1)  # do not wait on peers that may be stuck in a collective
         if dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
+        # The result is on disk: leave without running native static destructors, where a
+        # backend thread still joinable at interpreter exit can abort the process.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def run_group(world_size: int, fn, *args, on_event=None):

@@ -115,7 +115,8 @@ def test_sequences_follow_the_stream(corpus, tokenizer):
     loader.load_state_dict({"cursor": first, "seq_len": SEQ_LEN})
     batches = [next(loader) for _ in range(40)]
     for b in batches:
-        assert set(b) == {"tokens", "labels", "positions"}
+        assert set(b) == {"tokens", "labels", "positions", "doc_ids"}
+        assert not b["doc_ids"].any()  # packing none: one attention span per row
         for t in b.values():
             assert t.dtype == torch.int64 and t.shape == (BATCH, SEQ_LEN)
         assert torch.equal(b["labels"][:, :-1], b["tokens"][:, 1:])
@@ -215,7 +216,7 @@ def test_build_loader(tokenizer):
 
 
 def test_build_loader_errors():
-    with pytest.raises(ValueError, match=r"data.source: unknown source 'hf_hub'"):
+    with pytest.raises(ValueError, match=r"data.packing: none .* reads only source: builtin"):
         build_loader(data_cfg(source="hf_hub"), dp_rank=0, dp_degree=1, seed=0)
     with pytest.raises(ValueError, match=r"data.tokenizer: unknown tokenizer 'spm'"):
         build_loader(data_cfg(tokenizer="spm"), dp_rank=0, dp_degree=1, seed=0)

@@ -105,18 +105,21 @@ class RingExchange:
         self.prev = self.ranks[(me - step) % n]
 
     def start(self, tensors: list[torch.Tensor], tag: int = 0):
-        """Tags keep two exchanges in flight apart (K/V for the next step, gradients)."""
-        received = [torch.empty_like(t) for t in tensors]
+        """Tags keep two exchanges in flight apart (K/V for the next step, gradients). The
+        returned handle owns the sent tensors until finish(): a buffer freed while the backend
+        still reads it would be a use-after-free."""
+        sent = [t.contiguous() for t in tensors]
+        received = [torch.empty_like(t) for t in sent]
         ops = []
-        for i, (t, r) in enumerate(zip(tensors, received)):
-            ops.append(dist.P2POp(dist.isend, t.contiguous(), self.next, self.group, tag=tag * 16 + i))
+        for i, (t, r) in enumerate(zip(sent, received)):
+            ops.append(dist.P2POp(dist.isend, t, self.next, self.group, tag=tag * 16 + i))
             ops.append(dist.P2POp(dist.irecv, r, self.prev, self.group, tag=tag * 16 + i))
         works = dist.batch_isend_irecv(ops)
-        return works, received
+        return works, received, sent
 
     @staticmethod
     def finish(pending) -> list[torch.Tensor]:
-        works, received = pending
+        works, received, _sent = pending
         for w in works:
             w.wait()
         return received
