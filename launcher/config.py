@@ -64,6 +64,8 @@ class ParallelConfig:
     # Context-parallel attention (parallel/context/strategy.py); auto: ulysses when cp <= 8 and the
     # heads per tp rank divide by cp, else hybrid.
     cp_mode: Literal["auto", "ring", "zigzag", "ulysses", "hybrid", "allgather"] = "auto"
+    # Mamba layers of hybrid stacks: state_passing (no head-count limit) or all_to_all.
+    ssm_cp_mode: Literal["state_passing", "all_to_all"] = "state_passing"
     cp_ulysses_degree: int = 0  # hybrid: ranks per Ulysses group (0: the largest divisor of cp <= 8 that fits the heads)
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = "1f1b"
     pp_microbatches: int = 0  # 0: as many as pipeline stages (pp x pp_stages_per_rank)
@@ -371,13 +373,32 @@ def validate_recipe(recipe: Recipe, source: str = "recipe", world_size: int | No
         fail(f"model.n_heads: {mcfg.n_heads} heads do not divide by parallel.tp={p.tp}")
     if mcfg.n_kv_heads % p.tp:
         fail(f"model.n_kv_heads: {mcfg.n_kv_heads} kv heads do not divide by parallel.tp={p.tp}")
+    hybrid = hasattr(mcfg, "pattern")
     if p.cp > 1:
         from longtrain.parallel.context.strategy import CPConfigError, resolve_mode
 
         try:
-            resolve_mode(p.cp_mode, p.cp, mcfg.n_heads // p.tp, mcfg.n_kv_heads // p.tp, p.cp_ulysses_degree, p.tp)
+            resolve_mode(p.cp_mode, p.cp, mcfg.n_heads // p.tp, mcfg.n_kv_heads // p.tp, p.cp_ulysses_degree, p.tp,
+                         contiguous=hybrid)
         except CPConfigError as err:
             fail(str(err))
+        if hybrid:
+            from longtrain.parallel.context.ssm import check_ssm_cp
+
+            try:
+                check_ssm_cp(p.ssm_cp_mode, p.cp, mcfg.mamba_heads, mcfg.ngroups, p.tp)
+            except ValueError as err:
+                fail(str(err))
+            if recipe.data.seq_len // p.cp < mcfg.d_conv - 1:
+                fail(f"parallel.cp: shards of data.seq_len / cp = {recipe.data.seq_len // p.cp} tokens are shorter "
+                     f"than the Mamba conv window d_conv-1 = {mcfg.d_conv - 1}")
+    if hybrid and p.tp > 1:
+        if mcfg.mamba_heads % p.tp or mcfg.ngroups % p.tp:
+            fail(f"parallel.tp: {p.tp} must divide the Mamba heads ({mcfg.mamba_heads}) and model.ngroups "
+                 f"({mcfg.ngroups})")
+    if hybrid and p.pp > 1 and len(mcfg.stages) > 1 and len(mcfg.stages) != p.pp * p.pp_stages_per_rank:
+        fail(f"model.pattern: its '|' marks make {len(mcfg.stages)} pipeline stages, but parallel.pp x "
+             f"parallel.pp_stages_per_rank = {p.pp * p.pp_stages_per_rank}")
     n_stages = p.pp * p.pp_stages_per_rank
     if p.pp > 1 and mcfg.tie_embeddings:
         fail("model.tie_embeddings: tied input/output embeddings cannot be split across pipeline stages "

@@ -27,12 +27,14 @@ from longtrain.launcher.checkpoint import CheckpointManager, find_resume_dir
 from longtrain.launcher.config import Recipe, pp_microbatches, resolve_degrees
 from longtrain.launcher.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 from longtrain.models.sizes import resolve_model_config
-from longtrain.models.transformer import Transformer
+from longtrain.models.registry import build_model
 from longtrain.parallel.context.layout import shard_batch
 from longtrain.parallel.mesh import Mesh, ParallelDims
 from longtrain.parallel.parallelize import parallelize
 
 IGNORE_INDEX = -100
+# Besides norms and other vectors: Mamba's per-head dynamics are not decayed (as mamba-ssm does).
+NO_DECAY = ("A_log", "dt_bias", ".D")
 
 # DTensor warns once per rank that a 2D (fsdp, tp) gradient norm takes two all-reduces; that is
 # expected for the norm of a 2D-sharded model and not worth a line per rank.
@@ -93,8 +95,9 @@ def build_optimizers(parts: list[nn.Module], recipe: Recipe, device: torch.devic
     fused = o.fused == "on" or (o.fused == "auto" and device.type == "cuda")
     optimizers = []
     for part in parts:
-        decay = [p for p in part.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in part.parameters() if p.requires_grad and p.ndim < 2]
+        named = [(n, p) for n, p in part.named_parameters() if p.requires_grad]
+        decay = [p for n, p in named if p.ndim >= 2 and not n.endswith(NO_DECAY)]
+        no_decay = [p for n, p in named if p.ndim < 2 or n.endswith(NO_DECAY)]
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizers.append(torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                             fused=fused or None, foreach=None if fused else True))
@@ -186,21 +189,27 @@ class Trainer:
         init = self.recipe.train.init_device
         return init == "meta" or (init == "auto" and self.model_cfg.num_params() > 1e9)
 
-    def _build_model(self) -> Transformer:
+    def _build_model(self):
         """The full model on CPU, initialized from the recipe seed so that every layout starts
         from the same weights; or, for large models, on the meta device (no memory), to be
         materialized shard by shard after parallelization (see _materialize)."""
         cfg = self.model_cfg
         if self._init_on_meta():
             with torch.device("meta"):
-                return Transformer(cfg)
+                return build_model(cfg)
         with torch.device("cpu"):
-            model = Transformer(cfg)
+            model = build_model(cfg)
         model.init_weights(seed=self.recipe.train.seed)
         if self.recipe.model.hf_checkpoint:
-            from longtrain.models.hf import load_into_model
+            if self.recipe.model.kind == "hybrid":
+                from longtrain.models.hf_mamba import load_hf_mamba2
 
-            load_into_model(model, self.recipe.model.hf_checkpoint)
+                _, state = load_hf_mamba2(self.recipe.model.hf_checkpoint)
+                model.load_state_dict(state, strict=True)
+            else:
+                from longtrain.models.hf import load_into_model
+
+                load_into_model(model, self.recipe.model.hf_checkpoint)
         return model
 
     def _load_hf_sharded(self, path: str) -> None:
@@ -295,10 +304,14 @@ class Trainer:
         context parallelism the cp shard in the layout the attention mode needs (padding inside
         never reaches the loss)."""
         strategy = self.parallel.cp_strategy
+        if self.recipe.data.packing == "none":
+            batch = {k: v for k, v in batch.items() if k != "doc_ids"}
         if strategy is not None:
             batch = shard_batch(batch, strategy.shape, strategy.cp_rank)
         out = {k: batch[k].to(self.device) for k in ("tokens", "labels", "positions")}
-        out["doc_ids"] = batch["doc_ids"].to(self.device) if batch.get("doc_ids") is not None else None
+        # Fixed windows (packing: none) span the row: no document mask, the fused causal path.
+        packed = self.recipe.data.packing != "none" and batch.get("doc_ids") is not None
+        out["doc_ids"] = batch["doc_ids"].to(self.device) if packed else None
         return out
 
     def _meta(self, local: dict) -> tuple:
@@ -386,12 +399,12 @@ class Trainer:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
         peak = device_peak_tflops(self.device, recipe.run.peak_tflops)
         flops_per_token = self.model_cfg.flops_per_token(recipe.data.seq_len)
-        tokens_per_step = self.dims.dp * recipe.data.batch_size * recipe.data.seq_len
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0
         try:
             while self.step < recipe.train.steps:
                 loss, grad_norm = self.train_step(next(self.loader))
                 window_steps += 1
+                window_tokens += self.tokens_in_step  # trained tokens of the whole step (all data ranks)
                 result.losses[self.step] = loss
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss} at step {self.step}")
@@ -400,22 +413,22 @@ class Trainer:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize()
                     elapsed = time.perf_counter() - window_start
-                    tps = tokens_per_step * window_steps / elapsed
+                    tps = window_tokens / elapsed
                     tflops = tps * flops_per_token / dist.get_world_size() / 1e12
                     logger.log({"step": self.step, "loss": loss, "lr": lr_at(self.step, recipe),
                                 "grad_norm": grad_norm, "tokens_per_second": tps, "tflops_per_device": tflops,
                                 "mfu": tflops / peak if peak else 0.0,
                                 "peak_memory_gb": peak_memory_gb(self.device)})
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0
                 if recipe.train.eval_every and self.step % recipe.train.eval_every == 0:
                     eval_loss = self.evaluate()
                     result.eval_losses[self.step] = eval_loss
                     logger.log({"step": self.step, "eval_loss": eval_loss})
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0
                 if recipe.checkpoint.every and self.step % recipe.checkpoint.every == 0 \
                         and self.step < recipe.train.steps:
                     logger.write(f"checkpoint saved: {self.save_checkpoint()}")
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0
                 if stop_after is not None and self.step >= stop_after:
                     self.stop_requested = True
                 if self._agree_to_stop():
@@ -426,6 +439,8 @@ class Trainer:
                 logger.write(f"checkpoint saved: {self.save_checkpoint()}")
         finally:
             logger.close()
+            if hasattr(self.loader, "close"):
+                self.loader.close()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
         result.last_step = self.step

@@ -19,6 +19,7 @@ from torch.distributed.fsdp import FSDPModule
 from longtrain.launcher.config import Recipe, pp_microbatches
 from longtrain.models.transformer import PlainAttention
 from longtrain.parallel.activation_checkpoint import apply_activation_checkpoint
+from longtrain.parallel.context.ssm import build_ssm_core
 from longtrain.parallel.context.strategy import build_strategy
 from longtrain.parallel.data_parallel import apply_fsdp
 from longtrain.parallel.mesh import Mesh
@@ -68,9 +69,14 @@ def parallelize(model: nn.Module, mesh: Mesh, recipe: Recipe, device: torch.devi
 
     param_dtype = precision(recipe, device)
     cfg = model.cfg
+    ssm = None
     if dims.cp > 1:
+        hybrid = hasattr(cfg, "pattern")
         attention = build_strategy(mesh, p.cp_mode, cfg.n_heads // dims.tp, cfg.n_kv_heads // dims.tp,
-                                   p.cp_ulysses_degree, p.attention_backend, tp=dims.tp)
+                                   p.cp_ulysses_degree, p.attention_backend, tp=dims.tp,
+                                   contiguous=hybrid)
+        if hybrid:
+            ssm = build_ssm_core(p.ssm_cp_mode, mesh)
     else:
         attention = PlainAttention(p.attention_backend)
     sharded = False
@@ -80,8 +86,11 @@ def parallelize(model: nn.Module, mesh: Mesh, recipe: Recipe, device: torch.devi
             part.to(device)
         if dims.tp > 1:
             apply_tensor_parallel(part, mesh["tp"], sequence_parallel=p.sequence_parallel)
-        for block in part.layers.values():  # the attention strategy: plain, or context parallel
-            block.attention.core_attention = attention
+        for module in part.modules():  # sequence strategies: plain, or context parallel
+            if hasattr(module, "core_attention"):
+                module.core_attention = attention
+            if ssm is not None and hasattr(module, "ssm_core"):
+                module.ssm_core = ssm
         apply_activation_checkpoint(part, p.activation_checkpoint, p.activation_checkpoint_every)
         if p.compile:
             for name, block in part.layers.items():

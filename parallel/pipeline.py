@@ -49,9 +49,20 @@ def stage_ids_for_rank(pp_rank: int, pp_degree: int, stages_per_rank: int) -> li
     return [pp_rank + k * pp_degree for k in range(stages_per_rank)]
 
 
+def stage_layers(model: nn.Module, n_stages: int) -> list[range]:
+    """Layers per stage: the `|` marks of a hybrid pattern when it has them, else an even split."""
+    marked = getattr(model.cfg, "stages", None)
+    if marked is not None and len(marked) > 1:
+        if len(marked) != n_stages:
+            raise ValueError(f"model.pattern: its '|' marks make {len(marked)} pipeline stages, but parallel.pp x "
+                             f"parallel.pp_stages_per_rank = {n_stages}")
+        return list(marked)
+    return layer_split(len(model.layers), n_stages)
+
+
 def build_stage_module(model: nn.Module, stage_id: int, n_stages: int) -> nn.Module:
     """A copy of `model` that keeps only what stage `stage_id` runs."""
-    keep = {str(i) for i in layer_split(len(model.layers), n_stages)[stage_id]}
+    keep = {str(i) for i in stage_layers(model, n_stages)[stage_id]}
     stage = copy.deepcopy(model)
     for name in list(stage.layers.keys()):
         if name not in keep:

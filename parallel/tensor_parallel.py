@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -35,19 +35,50 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
         parallelize_module(model, tp_mesh, top_plan)
 
     for block in model.layers.values():
-        plan = {
-            "attention": PrepareModuleInput(input_layouts=(between, None, None),
-                                            desired_input_layouts=(Replicate(), None, None)),
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=between),
-            "feed_forward": PrepareModuleInput(input_layouts=(between,), desired_input_layouts=(Replicate(),)),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w3": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=between),
+        plan = _hybrid_block_plan(block, tp_mesh, between) if hasattr(block, "kind") else {
+            "attention": _mixer_input(between, 3),
+            **_attention_plan("attention", between),
+            "feed_forward": _mixer_input(between, 1),
+            **_mlp_plan("feed_forward", between),
         }
         if sequence_parallel:
-            plan["attention_norm"] = SequenceParallel()
-            plan["ffn_norm"] = SequenceParallel()
+            for norm in ("attention_norm", "ffn_norm", "norm"):
+                if isinstance(getattr(block, norm, None), nn.Module):
+                    plan[norm] = SequenceParallel()
         parallelize_module(block, tp_mesh, plan)
+
+
+def _mixer_input(between, n_inputs: int) -> PrepareModuleInput:
+    """Gather the sequence-sharded hidden states in front of a mixer (its other inputs, positions
+    and document ids, pass as they are)."""
+    rest = (None,) * (n_inputs - 1)
+    return PrepareModuleInput(input_layouts=(between, *rest), desired_input_layouts=(Replicate(), *rest))
+
+
+def _attention_plan(prefix: str, between) -> dict:
+    return {f"{prefix}.wq": ColwiseParallel(), f"{prefix}.wk": ColwiseParallel(), f"{prefix}.wv": ColwiseParallel(),
+            f"{prefix}.wo": RowwiseParallel(output_layouts=between)}
+
+
+def _mlp_plan(prefix: str, between) -> dict:
+    return {f"{prefix}.w1": ColwiseParallel(), f"{prefix}.w3": ColwiseParallel(),
+            f"{prefix}.w2": RowwiseParallel(output_layouts=between)}
+
+
+def _hybrid_block_plan(block: nn.Module, tp_mesh: DeviceMesh, between) -> dict:
+    """A block of a hybrid stack: attention, MLP, or Mamba-2 (heads split across tp: the input
+    projections by output features — z, x and dt by heads, B and C by groups — the output
+    projection by input features; the per-channel conv, per-head dt_bias/A_log/D and the gated
+    norm's weight sharded alike, so each rank runs whole heads and whole norm groups)."""
+    if block.kind == "*":
+        return {"mixer": _mixer_input(between, 3), **_attention_plan("mixer", between)}
+    if block.kind == "-":
+        return {"mixer": _mixer_input(between, 1), **_mlp_plan("mixer", between)}
+    mixer = block.mixer
+    for owner in (mixer.conv_x, mixer.conv_B, mixer.conv_C, mixer, mixer.norm):
+        for name, param in list(owner.named_parameters(recurse=False)):
+            owner.register_parameter(name, nn.Parameter(distribute_tensor(param.data, tp_mesh, [Shard(0)])))
+    plan = {"mixer": _mixer_input(between, 3), "mixer.out_proj": RowwiseParallel(output_layouts=between)}
+    for proj in ("in_proj_z", "in_proj_x", "in_proj_B", "in_proj_C", "in_proj_dt"):
+        plan[f"mixer.{proj}"] = ColwiseParallel()
+    return plan

@@ -36,10 +36,16 @@ def auto_ulysses_degree(cp: int, heads: int, kv_heads: int) -> int:
     return best
 
 
-def resolve_mode(mode: str, cp: int, heads: int, kv_heads: int, ulysses_degree: int, tp: int = 1) -> tuple[str, CPShape]:
-    """(mode, shape) for a recipe's cp settings, heads being per tensor-parallel rank."""
+def resolve_mode(mode: str, cp: int, heads: int, kv_heads: int, ulysses_degree: int, tp: int = 1,
+                 contiguous: bool = False) -> tuple[str, CPShape]:
+    """(mode, shape) for a recipe's cp settings, heads being per tensor-parallel rank.
+    `contiguous`: every rank's shard must be one contiguous run (hybrid Mamba stacks, whose scans
+    need their tokens in order): ring/hybrid/allgather then use contiguous shards, zigzag is refused."""
     if mode == "auto":
         mode = "ulysses" if cp <= 8 and heads % cp == 0 else "hybrid"
+    if contiguous and mode == "zigzag":
+        raise CPConfigError("parallel.cp_mode: zigzag reorders the sequence, but the Mamba layers of a hybrid "
+                            "stack scan it in order; use ulysses (balanced), hybrid or ring")
     if mode not in MODES:
         raise CPConfigError(f"parallel.cp_mode: unknown mode {mode!r}; known: auto, {', '.join(MODES)}")
 
@@ -61,8 +67,8 @@ def resolve_mode(mode: str, cp: int, heads: int, kv_heads: int, ulysses_degree: 
         if cp % u:
             raise CPConfigError(f"parallel.cp_ulysses_degree: {u} does not divide parallel.cp={cp}")
         check_heads(u, "hybrid")
-        return mode, CPShape(ring=cp // u, ulysses=u, balance="zigzag")
-    balance = "contiguous" if mode == "ring" else "zigzag"
+        return mode, CPShape(ring=cp // u, ulysses=u, balance="contiguous" if contiguous else "zigzag")
+    balance = "contiguous" if mode == "ring" or contiguous else "zigzag"
     return mode, CPShape(ring=cp, ulysses=1, balance=balance)
 
 
@@ -125,10 +131,10 @@ class ContextParallelAttention:
 
 
 def build_strategy(mesh, mode: str, heads: int, kv_heads: int, ulysses_degree: int, backend: str,
-                   tp: int = 1, causal: bool = True) -> ContextParallelAttention:
+                   tp: int = 1, causal: bool = True, contiguous: bool = False) -> ContextParallelAttention:
     """The strategy for this rank of `mesh` (a longtrain Mesh). heads/kv_heads per tp rank."""
     cp = mesh.dims.cp
-    mode, shape = resolve_mode(mode, cp, heads, kv_heads, ulysses_degree, tp)
+    mode, shape = resolve_mode(mode, cp, heads, kv_heads, ulysses_degree, tp, contiguous)
     ulysses, ring = build_groups(mesh.world, shape)
     return ContextParallelAttention(mode, shape, mesh.local_rank("cp"), mesh["cp"].get_group(), ulysses, ring,
                                     backend=backend, causal=causal)
