@@ -148,9 +148,15 @@ def _additive_mask(allowed: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Te
     return bias[:, None], has_key
 
 
+def _kv_for_fused(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The CPU flash kernels take fewer kv heads than query heads (GQA) as they are; CUDA's get
+    them expanded."""
+    return t if t.device.type == "cpu" else _expand_kv(t, n_heads)
+
+
 def _torch_forward(q, k, v, scale, mask: BlockMask, kind: str):
     h = q.shape[2]
-    qh, kh, vh = q.transpose(1, 2), _expand_kv(k, h).transpose(1, 2), _expand_kv(v, h).transpose(1, 2)
+    qh, kh, vh = q.transpose(1, 2), _kv_for_fused(k, h).transpose(1, 2), _kv_for_fused(v, h).transpose(1, 2)
     bias, has_key = None, None
     if kind == "masked":
         bias, has_key = _additive_mask(mask.allowed(q.shape[1], k.shape[1], q.device), q.dtype)
@@ -180,7 +186,7 @@ def _torch_backward(dout, q, k, v, out, lse, scale, mask: BlockMask, kind: str):
         bias, has_key = _additive_mask(mask.allowed(q.shape[1], k.shape[1], q.device), q.dtype)
         bias = bias.expand(q.shape[0], h, -1, -1)
         dout = dout * has_key[:, :, None, None].to(dout.dtype)
-    qh, kh, vh = q.transpose(1, 2), _expand_kv(k, h).transpose(1, 2), _expand_kv(v, h).transpose(1, 2)
+    qh, kh, vh = q.transpose(1, 2), _kv_for_fused(k, h).transpose(1, 2), _kv_for_fused(v, h).transpose(1, 2)
     do, o = dout.transpose(1, 2), out.transpose(1, 2)
     if q.device.type == "cpu":
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
