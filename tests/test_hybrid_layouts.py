@@ -1,6 +1,6 @@
 """A hybrid Mamba/attention stack computes what one process computes under context parallel
 (both SSM modes), tensor parallel, pipeline stages from the pattern's '|' marks, and their
-combinations: per-step losses within 1e-4 relative over 5 steps."""
+combinations, and FSDP: per-step losses within 1e-4 relative over 5 steps."""
 import pytest
 
 from cases import global_batch, train_cases
@@ -14,6 +14,7 @@ LAYOUTS = {
         "cp2_all_to_all_ring": ["parallel.cp=2", "parallel.ssm_cp_mode=all_to_all", "parallel.cp_mode=ring",
                                 "parallel.dp_shard=1"] + global_batch(1),
         "tp2": ["parallel.tp=2", "parallel.dp_shard=1"] + global_batch(1),
+        "fsdp2": ["parallel.dp_shard=2"] + global_batch(2),
         "pp2_by_pattern": ["parallel.pp=2", "parallel.dp_shard=1"] + global_batch(1),
     },
     4: {
