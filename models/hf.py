@@ -36,7 +36,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from longtrain.models.transformer import RopeScaling, RotaryEmbedding, Transformer, TransformerConfig
+from longtrain.models.transformer import RopeScaling, Transformer, TransformerConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -338,6 +338,17 @@ def _weight_files(root: Path) -> tuple[dict[str, Path], Path]:
     raise FileNotFoundError(f"{root}: no weights: neither {WEIGHTS_NAME} nor {INDEX_NAME} exists{hint}")
 
 
+def read_hf_config(root: Path) -> tuple[Path, dict]:
+    """config.json of a Hugging Face checkpoint directory, as a dict; errors name the file."""
+    config_path = root / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: missing; a Hugging Face checkpoint needs {CONFIG_NAME}")
+    hf_config = _read_json(config_path)
+    if not isinstance(hf_config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object")
+    return config_path, hf_config
+
+
 def load_hf_checkpoint(path: str | os.PathLike) -> tuple[TransformerConfig, dict[str, torch.Tensor]]:
     """Read a Hugging Face Llama checkpoint directory -> (config, state dict in our names).
 
@@ -349,12 +360,7 @@ def load_hf_checkpoint(path: str | os.PathLike) -> tuple[TransformerConfig, dict
         raise FileNotFoundError(f"{root}: checkpoint directory does not exist")
     if not root.is_dir():
         raise NotADirectoryError(f"{root}: not a directory; expected a Hugging Face checkpoint directory")
-    config_path = root / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: missing; a Hugging Face checkpoint needs {CONFIG_NAME}")
-    hf_config = _read_json(config_path)
-    if not isinstance(hf_config, dict):
-        raise ValueError(f"{config_path}: expected a JSON object")
+    config_path, hf_config = read_hf_config(root)
     cfg = config_from_hf(hf_config, source=str(config_path))
     files, listing = _weight_files(root)
     shapes = expected_shapes(cfg)
@@ -463,9 +469,7 @@ def model_from_hf(path: str | os.PathLike, device: torch.device | str | None = N
     if cfg.tie_embeddings:  # to_empty gives each module its own tensor; tie again
         model.output.weight = model.tok_embeddings.weight
     model.load_state_dict(state, strict=True)
-    for module in model.modules():  # RoPE buffers were left uninitialised on the meta device
-        if isinstance(module, RotaryEmbedding):
-            module.reset_buffers()
+    model.reset_rope_buffers()  # RoPE buffers were left uninitialised on the meta device
     if dtype is not None:
         model.to(dtype)
     return model

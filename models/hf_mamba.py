@@ -31,7 +31,7 @@ from typing import Any, Mapping
 import torch
 from safetensors import SafetensorError, safe_open
 
-from longtrain.models.hf import CONFIG_NAME, _read_json, _weight_files
+from longtrain.models.hf import CONFIG_NAME, _weight_files, read_hf_config
 from longtrain.models.hybrid import HybridConfig, HybridModel
 
 # Mamba2Config defaults for keys a config.json may leave out.
@@ -122,12 +122,7 @@ def load_hf_mamba2(path: str | os.PathLike) -> tuple[HybridConfig, dict[str, tor
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a checkpoint directory")
-    config_path = root / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: missing; a Hugging Face checkpoint needs {CONFIG_NAME}")
-    hf_config = _read_json(config_path)
-    if not isinstance(hf_config, dict):
-        raise ValueError(f"{config_path}: expected a JSON object")
+    config_path, hf_config = read_hf_config(root)
     cfg = config_from_hf_mamba2(hf_config, str(config_path))
     files, listing = _weight_files(root)
     shapes = expected_shapes(cfg)

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from longtrain.models.mamba import MambaConfig, Mamba2Mixer, init_ssm_param
-from longtrain.models.transformer import Attention, FeedForward, RMSNorm, RopeScaling, RotaryEmbedding
+from longtrain.models.transformer import (Attention, DecoderLM, FeedForward, RMSNorm, RopeScaling,
+                                          seeded_normal_)
 
 SYMBOLS = {"M": "Mamba-2", "*": "attention", "-": "MLP"}
 
@@ -206,25 +207,15 @@ class HybridBlock(nn.Module):
         return f"kind={self.kind!r}"
 
 
-class HybridModel(nn.Module):
-    """Decoder-only LM over a hybrid pattern. Same interface as Transformer: `cfg`,
-    `tok_embeddings`, `layers` (ModuleDict keyed by global layer index), `norm`, `output`
-    (the last three may be None on a pipeline stage); forward(tokens or hidden states, positions,
-    doc_ids) -> logits or hidden states. mamba-ssm keeps A_log, D and dt_bias out of weight decay;
-    an optimizer that wants the same should select them by name."""
+class HybridModel(DecoderLM):
+    """Decoder-only LM over a hybrid pattern, with Transformer's interface (see DecoderLM).
+    mamba-ssm keeps A_log, D and dt_bias out of weight decay; an optimizer that wants the same
+    should select them by name."""
 
     def __init__(self, cfg: HybridConfig):
-        super().__init__()
         cfg.validate()
-        self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleDict({str(i): HybridBlock(cfg, kind, i) for i, kind in enumerate(cfg.layer_kinds)})
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
-        if not self.output.weight.is_meta:
-            self.init_weights()
+        super().__init__(cfg, nn.ModuleDict({str(i): HybridBlock(cfg, kind, i)
+                                             for i, kind in enumerate(cfg.layer_kinds)}))
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None):
@@ -234,18 +225,10 @@ class HybridModel(nn.Module):
         Mamba-2 (see models.mamba.init_ssm_param). With a seed, every draw comes from one CPU
         generator in parameter order (deterministic across devices and layouts); without, in place
         (DTensor and meta parameters work)."""
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device="cpu").manual_seed(seed)
+        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         mcfg = self.cfg.mamba_config()
-
-        def normal(p, s):
-            if gen is None:
-                nn.init.normal_(p, 0.0, s)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(s).to(p.dtype))
 
         def uniform(p, bound):
             if gen is None:
@@ -265,17 +248,7 @@ class HybridModel(nn.Module):
                 else:
                     nn.init.zeros_(p)
             elif name.endswith(("wo.weight", "w2.weight", "out_proj.weight")):
-                normal(p, out_std)
+                seeded_normal_(p, out_std, gen)
             else:
-                normal(p, std)
-        for module in self.modules():
-            if isinstance(module, RotaryEmbedding):
-                module.reset_buffers()
-
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
-        for layer in self.layers.values():
-            h = layer(h, positions, doc_ids)
-        h = self.norm(h) if self.norm is not None else h
-        return self.output(h) if self.output is not None else h
+                seeded_normal_(p, std, gen)
+        self.reset_rope_buffers()

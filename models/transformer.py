@@ -233,17 +233,27 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-class Transformer(nn.Module):
-    """Decoder-only language model. forward(tokens or hidden states, positions) -> logits or
-    hidden states (a pipeline stage without the output head returns hidden states)."""
+def seeded_normal_(p: torch.Tensor, std: float, generator: torch.Generator | None) -> None:
+    """Normal(0, std) into p: from `generator` on CPU when given (the same draws whatever the
+    device or layout), else in place (DTensor and meta parameters work)."""
+    if generator is None:
+        nn.init.normal_(p, 0.0, std)
+    else:
+        p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).mul_(std).to(p.dtype))
 
-    def __init__(self, cfg: TransformerConfig):
+
+class DecoderLM(nn.Module):
+    """The decoder skeleton every model shares: embedding, `layers` (a ModuleDict keyed by the
+    global layer index, so parameter names stay stable when the pipeline removes layers from a
+    stage and checkpoints reshard across layouts), final norm and output head, any of which a
+    pipeline stage may set to None. forward(tokens or hidden states, positions, doc_ids) -> logits
+    or hidden states. Subclasses build the layers and define init_weights(seed)."""
+
+    def __init__(self, cfg, layers: nn.ModuleDict):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        # A ModuleDict keyed by the global layer index keeps parameter names stable when the
-        # pipeline removes layers from a stage, so checkpoints reshard across layouts.
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
+        self.layers = layers
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -251,29 +261,7 @@ class Transformer(nn.Module):
         if not self.output.weight.is_meta:
             self.init_weights()
 
-    @torch.no_grad()
-    def init_weights(self, seed: int | None = None):
-        """Normal(0, init_std) for projections and embeddings, with output projections of each
-        residual branch scaled by 1/sqrt(2·n_layers); norms to one."""
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device="cpu").manual_seed(seed)
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)
-
-        def normal(p, s):
-            if gen is None:
-                nn.init.normal_(p, 0.0, s)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(s).to(p.dtype))
-
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(p)
-            elif name.endswith(("wo.weight", "w2.weight")):
-                normal(p, out_std)
-            else:
-                normal(p, std)
+    def reset_rope_buffers(self) -> None:
         for module in self.modules():
             if isinstance(module, RotaryEmbedding):
                 module.reset_buffers()
@@ -285,3 +273,26 @@ class Transformer(nn.Module):
             h = layer(h, positions, doc_ids)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
+
+
+class Transformer(DecoderLM):
+    """Decoder-only language model of TransformerBlocks (see DecoderLM)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__(cfg, nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)}))
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None):
+        """Normal(0, init_std) for projections and embeddings, with output projections of each
+        residual branch scaled by 1/sqrt(2·n_layers); norms to one."""
+        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                seeded_normal_(p, out_std, gen)
+            else:
+                seeded_normal_(p, std, gen)
+        self.reset_rope_buffers()
