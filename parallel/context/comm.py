@@ -78,16 +78,9 @@ class GatherSeq(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        n = dist.get_world_size(ctx.group)
         parts = [p.contiguous() for p in grad.split(ctx.local, dim=1)]
         out = torch.empty_like(parts[0])
-        if hasattr(dist, "reduce_scatter") and dist.get_backend(ctx.group) != "gloo":
-            dist.reduce_scatter(out, parts, group=ctx.group)
-        else:  # gloo has no reduce_scatter: all-reduce, keep my slice
-            full = torch.stack(parts)
-            dist.all_reduce(full, group=ctx.group)
-            out = full[dist.get_rank(ctx.group)]
-        assert len(parts) == n
+        dist.reduce_scatter(out, parts, group=ctx.group)  # my part, summed over ranks
         return out, None
 
 

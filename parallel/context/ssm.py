@@ -14,10 +14,14 @@ state passing (`parallel.ssm_cp_mode: state_passing`, the default; no head-count
   4. y = y0 + C_t·(decay to t)·h_r for the tokens of the shard's first document.
   Gradients flow back through the all-gather to the ranks whose states were used.
 
-all-to-all (`all_to_all`; valid when the Mamba heads per tp rank divide by cp): the inputs of
-the conv are redistributed from sequence shards to head shards (B and C, shared by heads of a
-group, are all-gathered), each rank convolves and scans whole sequences for its heads, and the
-output goes back to sequence shards (as Megatron-core does).
+all-to-all (`all_to_all`; valid when the Mamba heads per tp rank divide by cp and each rank's
+heads fall in whole groups): the inputs of the conv are redistributed by all-to-all from sequence
+shards to head shards: x and dt by head, B and C by group, each rank receiving only the group(s)
+its heads use: g/cp whole groups when g >= cp; when g < cp (several ranks share a group) the
+groups are first replicated up to cp, so rank j gets group ⌊j·g/cp⌋ (as Megatron-core sends
+2·n·max(g, cp) B/C channels). Each rank convolves only the channels it received (the matching
+rows of the conv weight) and scans whole sequences for its heads, and the output goes back to
+sequence shards. The document ids (no gradient) are all-gathered.
 
 Packed documents work in both: the conv drops taps across documents and the scan resets at every
 document start, also when a document spans ranks.
@@ -100,33 +104,49 @@ class AllToAllSSMCore:
     def __init__(self, cp_group, cp_rank: int, cp: int, backend: str = "auto"):
         self.group, self.rank, self.cp, self.backend = cp_group, cp_rank, cp, backend
 
+    def _groups(self, n_heads: int, g: int) -> torch.Tensor:
+        """The group sent to each of the max(g, cp) slots of the B/C all-to-all: slot s goes to
+        rank s // (slots/cp). g >= cp: every group once (rank j gets groups j·g/cp ...); g < cp:
+        each group replicated cp/g times, so rank j gets the group of its heads, j·g // cp."""
+        per_rank = n_heads // self.cp
+        if n_heads % self.cp or (g % self.cp and self.cp % g):
+            raise ValueError(f"parallel.ssm_cp_mode: all_to_all needs each rank's {per_rank} heads to fall in "
+                             f"whole groups ({g} groups per tensor-parallel rank, parallel.cp={self.cp})")
+        return torch.arange(g) if g >= self.cp else torch.arange(self.cp) // (self.cp // g)
+
     def __call__(self, xBC, dt, *, mixer, doc_ids=None):
         weight, bias = mixer.conv_params()
-        n_heads = dt.shape[-1]
-        d_inner = n_heads * mixer.head_dim
+        n_heads, p, n = dt.shape[-1], mixer.head_dim, mixer.d_state
+        d_inner = n_heads * p
         b, l, width = xBC.shape
-        gn = (width - d_inner) // 2
+        g = (width - d_inner) // (2 * n)
         heads_here = n_heads // self.cp
-        # x channels and dt: sequence shards -> head shards; B and C: all-gathered (all groups).
-        x_part = SeqToHeads.apply(xBC[..., :d_inner].reshape(b, l, n_heads, mixer.head_dim), self.group)
+        slots = self._groups(n_heads, g)  # (max(g, cp),): the group in each slot
+        groups_here = slots.numel() // self.cp
+        mine = slots[self.rank * groups_here:(self.rank + 1) * groups_here]  # the groups of my heads
+
+        # Sequence shards -> head shards (all-to-all, gradients come back the same way): x by head,
+        # dt by head, B and C by group (replicated up to cp slots when g < cp).
+        x_part = SeqToHeads.apply(xBC[..., :d_inner].reshape(b, l, n_heads, p), self.group)  # (b, L, h/cp, p)
         dt_part = SeqToHeads.apply(dt[..., None], self.group)[..., 0]  # (b, L, h/cp)
-        bc_full = GatherSeq.apply(xBC[..., d_inner:].contiguous(), self.group)  # (b, L, 2·g·n)
+        bc = xBC[..., d_inner:].reshape(b, l, 2, g, n).transpose(2, 3)  # (b, l, g, 2, n)
+        if g < self.cp:
+            bc = bc.index_select(2, slots.to(bc.device))  # (b, l, cp, 2, n); backward sums the copies
+        bc_part = SeqToHeads.apply(bc.reshape(b, l, slots.numel(), 2 * n), self.group)  # (b, L, max(g,cp)/cp, 2n)
         ids = gather_seq(doc_ids, self.group) if doc_ids is not None else None
         L = x_part.shape[1]
-        lo = self.rank * heads_here * mixer.head_dim
-        hi = lo + heads_here * mixer.head_dim
-        keep = torch.cat([torch.arange(lo, hi), torch.arange(d_inner, width)]).to(weight.device)
-        conv_in = torch.cat([x_part.reshape(b, L, -1), bc_full], dim=-1)
+        bc_part = bc_part.reshape(b, L, groups_here, 2, n).transpose(2, 3).reshape(b, L, 2 * groups_here * n)
+
+        # Convolve only what this rank holds: the rows of my heads' x channels and my groups' B, C.
+        rows_bc = (mine[:, None] * n + torch.arange(n)).reshape(-1)  # within B (or C) of all groups
+        keep = torch.cat([torch.arange(self.rank * heads_here * p, (self.rank + 1) * heads_here * p),
+                          d_inner + rows_bc, d_inner + g * n + rows_bc]).to(weight.device)
+        conv_in = torch.cat([x_part.reshape(b, L, -1), bc_part], dim=-1)
         conv_out = causal_conv1d(conv_in, weight[keep], None if bias is None else bias[keep], doc_ids=ids,
                                  activation="silu")
-        x, B, C = mixer.split_xBC(conv_out, heads_here)
+        x, B, C = mixer.split_xBC(conv_out, heads_here)  # B, C (b, L, groups_here, n)
         A, D = mixer.scan_params()
         heads = slice(self.rank * heads_here, (self.rank + 1) * heads_here)
-        g = B.shape[2]
-        if g > 1:  # the groups of my heads
-            per_group = n_heads // g
-            groups = slice(heads.start // per_group, (heads.stop - 1) // per_group + 1)
-            B, C = B[:, :, groups], C[:, :, groups]
         y, _ = ssd_scan(x, dt_part, A[heads], B, C, chunk_size=mixer.chunk_size, D=D[heads], seq_idx=ids,
                         backend=self.backend)
         return HeadsToSeq.apply(y.contiguous(), self.group)  # (b, l, h, p)
