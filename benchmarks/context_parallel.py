@@ -49,21 +49,21 @@ import argparse
 import contextlib
 import gc
 import importlib.util
-import inspect
 import io
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 import warnings
-from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from measure import CommCounter, MachineLoad, RssPeak, install_comm_counter, klen, machine_info, mib, nbytes  # noqa: E402
+
 CP_MODES = ("ring", "zigzag", "ulysses", "hybrid", "allgather")
 ALL_MODES = CP_MODES + ("deepspeed",)
 MEMORY_TARGET = 0.35  # issue: at 32K, cp 4 per-rank peak memory <= 0.35x cp 1
@@ -72,151 +72,8 @@ DEEPSPEED_TARGET = 1.0  # issue: longtrain's Ulysses time <= 1.0x DeepSpeed's
 
 
 # ----------------------------------------------------------------------------------------------
-# Counting the bytes each rank sends: wrappers around torch.distributed's collectives
+# Memory: the profiler's view (tensor bytes on the calling thread); the RSS view is measure.RssPeak
 # ----------------------------------------------------------------------------------------------
-class CommCounter:
-    """Bytes that leave this rank, per (phase, op), while `active`. Accounting (standard algorithms):
-    all_to_all(_single): the input minus the chunk kept for itself; all_gather(_into_tensor): the
-    input to each of the N-1 others; all_reduce: ring, 2(N-1)/N x the buffer; reduce_scatter:
-    ring, (N-1) x the output; batch_isend_irecv: the isend tensors; broadcast: the source sends the
-    buffer to N-1 others."""
-
-    def __init__(self):
-        self.active = False
-        self.phase = "fwd"
-        self.bytes = defaultdict(int)
-        self.calls = defaultdict(int)
-
-    def add(self, op: str, nbytes: float):
-        if self.active:
-            self.bytes[(self.phase, op)] += int(nbytes)
-            self.calls[(self.phase, op)] += 1
-
-    def reset(self):
-        self.bytes.clear()
-        self.calls.clear()
-
-    def snapshot(self) -> dict:
-        out = {"fwd": 0, "bwd": 0, "by_op": {}}
-        for (phase, op), n in self.bytes.items():
-            out[phase] += n
-            out["by_op"][f"{phase}:{op}"] = {"bytes": n, "calls": self.calls[(phase, op)]}
-        out["total"] = out["fwd"] + out["bwd"]
-        return out
-
-
-def _nbytes(t) -> int:
-    return t.numel() * t.element_size()
-
-
-def install_comm_counter(counter: CommCounter):
-    """Wrap torch.distributed's collectives (looked up at call time by longtrain's comm.py and by
-    DeepSpeed's TorchBackend alike); isend/irecv stay untouched (P2POp checks their identity) and
-    are counted through batch_isend_irecv."""
-    import torch.distributed as dist
-
-    def size_rank(group):
-        return dist.get_world_size(group), dist.get_rank(group)
-
-    def a2a_single(a):
-        n, me = size_rank(a["group"])
-        x = a["input"]
-        if a["input_split_sizes"]:
-            row = _nbytes(x) // max(x.shape[0], 1)
-            return _nbytes(x) - a["input_split_sizes"][me] * row
-        return _nbytes(x) * (n - 1) / n
-
-    def a2a(a):
-        n, me = size_rank(a["group"])
-        return sum(_nbytes(t) for i, t in enumerate(a["input_tensor_list"]) if i != me)
-
-    def all_gather(a):
-        return _nbytes(a["tensor"]) * (size_rank(a["group"])[0] - 1)
-
-    def all_gather_into(a):
-        return _nbytes(a["input_tensor"]) * (size_rank(a["group"])[0] - 1)
-
-    def all_reduce(a):
-        n = size_rank(a["group"])[0]
-        return _nbytes(a["tensor"]) * 2 * (n - 1) / n
-
-    def reduce_scatter(a):
-        return _nbytes(a["output"]) * (size_rank(a["group"])[0] - 1)
-
-    def broadcast(a):
-        n, me = size_rank(a["group"])
-        src = a.get("src")
-        if src is None:
-            src = dist.get_global_rank(a["group"], a["group_src"]) if a.get("group_src") is not None else 0
-        return _nbytes(a["tensor"]) * (n - 1) if dist.get_rank() == src else 0
-
-    def p2p(a):
-        return sum(_nbytes(op.tensor) for op in a["p2p_op_list"] if op.op is dist.isend)
-
-    sizes = {"all_to_all_single": a2a_single, "all_to_all": a2a, "all_gather": all_gather,
-             "all_gather_into_tensor": all_gather_into, "all_reduce": all_reduce,
-             "reduce_scatter": reduce_scatter, "reduce_scatter_tensor": reduce_scatter,
-             "broadcast": broadcast, "batch_isend_irecv": p2p}
-    for name, size_fn in sizes.items():
-        real = getattr(dist, name, None)
-        if real is None or getattr(real, "_counted", False):
-            continue
-        sig = inspect.signature(real)
-
-        def wrapper(*args, _real=real, _sig=sig, _name=name, _size=size_fn, **kwargs):
-            if counter.active:
-                bound = _sig.bind(*args, **kwargs)
-                bound.apply_defaults()
-                counter.add(_name, _size(bound.arguments))
-            return _real(*args, **kwargs)
-
-        wrapper._counted = True
-        setattr(dist, name, wrapper)
-
-
-# ----------------------------------------------------------------------------------------------
-# Memory: profiler (tensor bytes) and RSS (what the OS sees)
-# ----------------------------------------------------------------------------------------------
-def _proc_status_kib(*keys) -> dict:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            name = line.split(":")[0]
-            if name in keys:
-                out[name] = int(line.split()[1])
-    return out
-
-
-class RssPeak:
-    """VmHWM after minus VmRSS before, with free heap trimmed and the high-water mark reset first.
-    `None` where /proc/self/clear_refs cannot be written (non-Linux)."""
-
-    def __init__(self):
-        import ctypes
-
-        try:
-            self.libc = ctypes.CDLL("libc.so.6")
-        except OSError:
-            self.libc = None
-        self.before = None
-
-    def start(self):
-        gc.collect()
-        if self.libc is not None:
-            self.libc.malloc_trim(0)
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.before = _proc_status_kib("VmRSS")["VmRSS"]
-        except OSError:
-            self.before = None
-
-    def stop(self) -> int | None:
-        if self.before is None:
-            return None
-        return (_proc_status_kib("VmHWM")["VmHWM"] - self.before) * 1024
-
-
 @contextlib.contextmanager
 def quiet_stderr_fd():
     """Kineto prints a line to fd 2 at every profiler start and stop ("USDT: ... profiler_start"),
@@ -461,13 +318,13 @@ def cp_worker(cfg: dict, cp: int, role: str, ref_dir: str, events) -> dict:
                         errors[key] = float(err)
                 del out, grads, got
                 per_rank = {"profiler_peak_bytes": prof_peak, "rss_peak_increase_bytes": rss_peak,
-                            "input_bytes": sum(_nbytes(t) for t in (q, k, v, dout)), "comm": counter.snapshot()}
+                            "input_bytes": sum(nbytes(t) for t in (q, k, v, dout)), "comm": counter.totals()}
                 gathered = [per_rank]
                 if cp > 1:
                     gathered = [None] * cp
                     dist.all_gather_object(gathered, per_rank)
                 results[(runner.name, seq_len)].update(per_rank=gathered, errors=errors)
-                progress(run_weight(seq_len, cp), f"cp{cp} {runner.name} {_klen(seq_len)} check")
+                progress(run_weight(seq_len, cp), f"cp{cp} {runner.name} {klen(seq_len)} check")
             del ref
         else:  # timed passes, interleaved over the modes (ABBA)
             repeats = cfg["long_repeats"] if seq_len >= cfg["long_from"] else cfg["repeats"]
@@ -490,9 +347,92 @@ def cp_worker(cfg: dict, cp: int, role: str, ref_dir: str, events) -> dict:
                     res["fwd_s"].append(float(times[0]))
                     res["wall_s"].append(float(times[1]))
                     res["cpu_s"].append(cpus)
-                    progress(run_weight(seq_len, cp), f"cp{cp} {runner.name} {_klen(seq_len)} #{r + 1}")
+                    progress(run_weight(seq_len, cp), f"cp{cp} {runner.name} {klen(seq_len)} #{r + 1}")
         del local
-    return {"results": {f"{name}@{s}": v for (name, s), v in results.items()}, "deepspeed": ds_info}
+    model = {}
+    if role == "check" and cfg["model_len"]:
+        model = model_step_checks(cfg, cp, runners, rss, ref_dir, barrier, progress)
+    return {"results": {f"{name}@{s}": v for (name, s), v in results.items()}, "deepspeed": ds_info,
+            "model": model}
+
+
+def model_config(cfg: dict):
+    from longtrain.models.transformer import TransformerConfig
+
+    return TransformerConfig(vocab_size=cfg["model_vocab"], dim=cfg["heads"] * cfg["head_dim"],
+                             n_layers=cfg["model_layers"], n_heads=cfg["heads"], n_kv_heads=cfg["kv_heads"],
+                             ffn_dim=cfg["model_ffn"], max_seq_len=cfg["model_len"])
+
+
+def model_step_checks(cfg: dict, cp: int, runners: list, rss, ref_dir: str, barrier, progress) -> dict:
+    """Per-rank peak memory of one training step's forward+backward of a small Llama-style model
+    (models.transformer.Transformer, fed hidden states; cross-entropy summed over the tokens, as
+    the trainer does) whose attention layers run each mode: what a rank holds in training (every
+    layer's saved activations, the MLPs and the logits, plus one attention's transient buffers)
+    rather than one attention call alone. Exactness: the summed loss, the input gradient and the
+    summed parameter gradients against cp 1."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from longtrain.models.transformer import Transformer
+
+    seq_len, b = cfg["model_len"], cfg["batch"]
+    model = Transformer(model_config(cfg))
+    model.init_weights(seed=0)
+    model.tok_embeddings = None  # fed hidden states, so the input gradient can be compared too
+    attentions = [layer.attention for layer in model.layers.values()]
+    gen = torch.Generator().manual_seed(7 + seq_len)
+    x_global = torch.randn(b, seq_len, model.cfg.dim, generator=gen)
+    labels_global = torch.randint(0, cfg["model_vocab"], (b, seq_len), generator=gen)
+    ref = None
+    if cp > 1:
+        ref = torch.load(os.path.join(ref_dir, f"model_ref_{seq_len}.pt"), weights_only=True)
+    out = {}
+    for runner in runners:
+        def core(q, k, v, scale, positions=None, doc_ids=None, _fn=runner.fn):
+            assert abs(scale - cfg["scale"]) < 1e-12 and doc_ids is None
+            return _fn(q, k, v)
+
+        for attention in attentions:
+            attention.core_attention = core
+        idx = runner.index_fn(seq_len)
+        x = x_global[:, idx].contiguous().requires_grad_()
+        labels = labels_global[:, idx].contiguous()
+        positions = idx[None].expand(b, -1)
+        model.zero_grad(set_to_none=True)
+        barrier()
+        rss.start()
+        logits = model(x, positions)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
+        loss.backward()
+        peak = rss.stop()
+        del logits
+        grads = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+        loss = loss.detach().reshape(1)
+        if cp > 1:  # the loss and the weight gradients are sums over the ranks' tokens
+            dist.all_reduce(loss)
+            dist.all_reduce(grads)
+        if cp == 1:
+            torch.save({"loss": loss, "grads": grads, "dx": x.grad},
+                       os.path.join(ref_dir, f"model_ref_{seq_len}.pt"))
+            errors = {"loss_rel": 0.0, "grads_rel": 0.0, "dx_abs": 0.0}
+        else:
+            dx_err = torch.tensor(float((x.grad - ref["dx"][:, idx]).abs().max()), dtype=torch.float64)
+            dist.all_reduce(dx_err, op=dist.ReduceOp.MAX)
+            errors = {"loss_rel": float((loss - ref["loss"]).abs() / ref["loss"].abs()),
+                      "grads_rel": float((grads - ref["grads"]).abs().max() / ref["grads"].abs().max()),
+                      "dx_abs": float(dx_err)}
+        per_rank = {"rss_peak_increase_bytes": peak, "memory_method": rss.method,
+                    "input_bytes": nbytes(x) + nbytes(labels)}
+        gathered = [per_rank]
+        if cp > 1:
+            gathered = [None] * cp
+            dist.all_gather_object(gathered, per_rank)
+        out[runner.name] = {"per_rank": gathered, "errors": errors}
+        del x, grads
+        progress(cfg["model_layers"] * run_weight(seq_len, cp), f"cp{cp} {runner.name} model {klen(seq_len)}")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -504,9 +444,9 @@ def expected_bytes(mode: str, cfg: dict, cp: int, seq_len: int, hybrid_u: int) -
     t = S/N tokens per device they come out N times too small) and the model's kv heads.
     `derived_fwd` / `derived_total`: the same algebra with what the algorithm must move: kv heads
     replicated up to the Ulysses degree when fewer, and the backward (Ulysses: the same four
-    all-to-alls again; ring: K/V again plus the dK/dV accumulators, N hops; all-gather: an ideal
+    all-to-alls again; ring: K/V again plus the dK/dV accumulators, N hops; all-gather: a
     reduce-scatter of dK/dV)."""
-    b, d, hq, hkv, e = cfg["batch"], cfg["head_dim"], cfg["heads"], cfg["kv_heads"], 4  # fp32
+    d, hq, hkv, e = cfg["head_dim"], cfg["heads"], cfg["kv_heads"], 4  # fp32
     n, t = cp, cfg["batch"] * seq_len
     tl = t // n
 
@@ -538,6 +478,16 @@ def expected_bytes(mode: str, cfg: dict, cp: int, seq_len: int, hybrid_u: int) -
         return {"formula": f"USP u={u} x R={ring} (derived)", "formula_fwd": a2a + p2p_fwd,
                 "derived_fwd": a2a + p2p_fwd, "derived_total": 2 * a2a + p2p_fwd + p2p_bwd}
     raise ValueError(mode)
+
+
+def ulysses_floor_bytes(cfg: dict, cp: int, seq_len: int) -> float:
+    """What a rank holds at the moment of Ulysses' kernel backward, whatever the implementation:
+    the caller's sequence shards of q, k, v, dout and out, plus the head-sharded q, k, v, out, dout
+    and their gradients dq, dk, dv (kv heads replicated up to cp when fewer); fp32."""
+    hq, hkv, d = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
+    rep = hkv if hkv % cp == 0 else hkv * (cp // math.gcd(cp, hkv))
+    local = cfg["batch"] * seq_len / cp
+    return 4 * local * d * ((3 * hq + 2 * hkv) + (4 * hq + 4 * rep))
 
 
 def _memory(per_rank: list[dict]) -> dict:
@@ -609,8 +559,19 @@ def summarize(cfg: dict, raw: dict) -> dict:
             "profiler_ratio_per_mode": {m: v[mem_len]["profiler_ratio_vs_cp1"] for m, v in out["cp"][mem_cp].items()
                                         if mem_len in v},
             "passed_per_mode": {m: v <= MEMORY_TARGET for m, v in per_mode.items()}}
+        floor = ulysses_floor_bytes(cfg, MEMORY_TARGET_CP, MEMORY_TARGET_LEN)
+        targets["memory_32k_cp4"].update(ulysses_floor_bytes=floor,
+                                         ulysses_floor_ratio=floor / out["single"][mem_len]["peak_bytes"])
     else:
         targets["memory_32k_cp4"] = {"target": target, "skipped": "32K or cp 4 not in this run"}
+    out["model"] = summarize_model(cfg, raw)
+    if out["model"] and mem_cp in out["model"]["cp"] and cfg["model_len"] == MEMORY_TARGET_LEN:
+        per_mode = {m: v["memory_ratio_vs_cp1"] for m, v in out["model"]["cp"][mem_cp].items()}
+        targets["memory_32k_cp4_training_step"] = {
+            "target": target + f" (training step of a {cfg['model_layers']}-layer model)",
+            "ratio_per_mode": per_mode, "passed_per_mode": {m: v <= MEMORY_TARGET for m, v in per_mode.items()}}
+    else:
+        targets["memory_32k_cp4_training_step"] = {"target": target, "skipped": "model view not at 32K or no cp 4"}
     points = {}
     for cp in cfg["cps"]:
         modes = out["cp"][str(cp)]
@@ -639,54 +600,30 @@ def summarize(cfg: dict, raw: dict) -> dict:
     else:
         targets["ulysses_vs_deepspeed"] = {"skipped": "deepspeed or ulysses not run"}
     out["targets"] = targets
-    out["all_exact"] = all(v["exact"] for modes in out["cp"].values() for m in modes.values() for v in m.values())
+    out["all_exact"] = all(v["exact"] for modes in out["cp"].values() for m in modes.values() for v in m.values()) \
+        and all(v["exact"] for modes in out["model"].get("cp", {}).values() for v in modes.values())
     return out
 
 
-def machine_info() -> dict:
-    import torch
+def summarize_model(cfg: dict, raw: dict) -> dict:
+    """The training-step view: per-rank peak (inputs + RSS increase, max over ranks), ratio vs cp 1."""
+    if not cfg["model_len"] or not raw[1].get("model"):
+        return {}
 
-    return {"cpu_count": os.cpu_count(), "torch_version": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "processor": platform.processor() or platform.machine()}
+    def peak(ranks):
+        return max(p["input_bytes"] + p["rss_peak_increase_bytes"] for p in ranks)
 
-
-class MachineLoad:
-    """CPU used on this machine by processes other than this benchmark while it runs: busy time from
-    /proc/stat minus this process's and its children's CPU time (other tenants share the cores)."""
-
-    def __init__(self):
-        self.start = self._sample()
-
-    @staticmethod
-    def _sample():
-        import resource
-
-        try:
-            with open("/proc/stat") as f:
-                fields = [int(x) for x in f.readline().split()[1:]]
-        except OSError:
-            return None
-        tick = os.sysconf("SC_CLK_TCK")
-        busy = (sum(fields[:8]) - fields[3] - fields[4]) / tick  # all but idle and iowait
-        own = sum(getattr(resource.getrusage(w), a) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-                  for a in ("ru_utime", "ru_stime"))
-        return busy, own, time.time()
-
-    def other_share(self) -> float | None:
-        end = self._sample()
-        if self.start is None or end is None:
-            return None
-        busy, own, wall = (e - s for e, s in zip(end, self.start))
-        return max(0.0, (busy - own) / (wall * (os.cpu_count() or 1)))
-
-
-def _mib(n) -> str:
-    return "-" if n is None else f"{n / 2 ** 20:.1f}"
-
-
-def _klen(s) -> str:
-    s = int(s)
-    return f"{s // 1024}K" if s % 1024 == 0 else str(s)
+    base = peak(raw[1]["model"]["single"]["per_rank"])
+    out = {"length": cfg["model_len"], "layers": cfg["model_layers"], "single": {"peak_bytes": base}, "cp": {}}
+    for cp in cfg["cps"]:
+        for mode, r in raw[cp]["model"].items():
+            e = r["errors"]
+            out["cp"].setdefault(str(cp), {})[mode] = {
+                "peak_bytes": peak(r["per_rank"]), "memory_ratio_vs_cp1": peak(r["per_rank"]) / base,
+                "peak_bytes_per_rank": [p["input_bytes"] + p["rss_peak_increase_bytes"] for p in r["per_rank"]],
+                "errors": e,
+                "exact": e["dx_abs"] <= cfg["tolerance"] and e["loss_rel"] <= 1e-5 and e["grads_rel"] <= 1e-4}
+    return out
 
 
 def to_markdown(report: dict) -> str:
@@ -695,7 +632,7 @@ def to_markdown(report: dict) -> str:
     other = report.get("other_processes_cpu_share")
     lengths = [str(x) for x in c["lengths"]]
     modes = [x for x in c["modes"] if any(x in s["cp"][str(cp)] for cp in c["cps"])]
-    header = "| cp | mode | " + " | ".join(_klen(x) for x in lengths) + " |"
+    header = "| cp | mode | " + " | ".join(klen(x) for x in lengths) + " |"
     sep = "|---|---|" + "---|" * len(lengths)
 
     def table(cell, single_cell=None):
@@ -714,12 +651,12 @@ def to_markdown(report: dict) -> str:
         "# Context-parallel attention: time, memory, bytes, exactness (CPU)",
         "",
         f"Causal attention, fp32, batch {c['batch']}, {c['heads']} query heads / {c['kv_heads']} kv heads, "
-        f"head_dim {c['head_dim']}; lengths {', '.join(_klen(x) for x in lengths)}; cp 1 = single-device "
+        f"head_dim {c['head_dim']}; lengths {', '.join(klen(x) for x in lengths)}; cp 1 = single-device "
         f"`kernels.attention.attention`; cp {', '.join(map(str, c['cps']))} over gloo, 1 thread per rank, "
         f"{m['cpu_count']} cores. **cp 4 runs 4 ranks on 2 cores (2x oversubscribed)**: its wall time is bounded "
         f"by the 2 cores; the per-rank CPU seconds show each rank's compute share. Wall time = the slowest "
         f"rank's forward+backward after a barrier, median of {c['repeats']} repeats ({c['long_repeats']} from "
-        f"{_klen(c['long_from'])} on), interleaved over the modes.",
+        f"{klen(c['long_from'])} on), interleaved over the modes.",
     ]
     if other is not None:
         lines += ["", f"Other processes used {100 * other:.0f}% of the machine's CPU during this run (the cores are "
@@ -745,23 +682,56 @@ def to_markdown(report: dict) -> str:
     lines += ["", "## Per-rank peak memory (MiB, max over ranks; ratio vs cp 1)", "",
               "Input shards (q, k, v, dout) + the RSS high-water increase over one forward+backward (check pass, "
               "fixed glibc mmap threshold so freed memory leaves the RSS).", ""]
-    lines += table(lambda v: f"{_mib(v['peak_bytes'])} ({v['memory_ratio_vs_cp1']:.2f}x)",
-                   lambda v: _mib(v["peak_bytes"]))
+    lines += table(lambda v: f"{mib(v['peak_bytes'])} ({v['memory_ratio_vs_cp1']:.2f}x)",
+                   lambda v: mib(v["peak_bytes"]))
     lines += ["", "Cross-check with torch.profiler (input shards + peak of PyTorch CPU-allocator bytes on the calling "
                   "thread; misses gloo's worker-thread buffers):", ""]
-    lines += table(lambda v: f"{_mib(v['profiler_peak_bytes'])} ({v['profiler_ratio_vs_cp1']:.2f}x)",
-                   lambda v: _mib(v["profiler_peak_bytes"]))
+    lines += table(lambda v: f"{mib(v['profiler_peak_bytes'])} ({v['profiler_ratio_vs_cp1']:.2f}x)",
+                   lambda v: mib(v["profiler_peak_bytes"]))
     t = s["targets"]["memory_32k_cp4"]
     lines += ["", f"**Memory target** ({t['target']}): " + (t["skipped"] if "skipped" in t else "; ".join(
         f"{mode} {r:.3f}x {'pass' if t['passed_per_mode'][mode] else 'FAIL'}" for mode, r in t["ratio_per_mode"].items()))]
+    if "ulysses_floor_ratio" in t:
+        lines += ["", f"Why one attention call alone stays near {t['ulysses_floor_ratio']:.2f}x: the caller holds its "
+                      "shards of q, k, v, dout and out (1/N of cp 1's footprint), and at the moment of Ulysses' kernel "
+                      "backward the head-sharded q, k, v, out, dout and dq, dk, dv exist as well (kv heads replicated "
+                      "up to N) — the same volume again, so Ulysses cannot go below "
+                      f"{mib(t['ulysses_floor_bytes'])} MiB = {t['ulysses_floor_ratio']:.2f}x here (DeepSpeed's "
+                      "Ulysses measures the same). The ring's double buffers (K/V in flight, dK/dV accumulators "
+                      "travelling, the kernel's block gradients) are of the same order. These transients are paid "
+                      "once per step, while every layer's saved activations shrink to 1/N: the training-step view "
+                      "below is what a rank holds in training."]
+    mv = s.get("model") or {}
+    if mv:
+        tm = s["targets"]["memory_32k_cp4_training_step"]
+        lines += ["", f"## Per-rank peak memory of a training step ({klen(mv['length'])} tokens, {mv['layers']}-layer "
+                      "model)", "",
+                  f"models.transformer.Transformer (dim {c['heads'] * c['head_dim']}, {mv['layers']} layers, the "
+                  f"attention shape above, SwiGLU {c['model_ffn']}, vocab {c['model_vocab']}, fed hidden states), "
+                  "whose attention layers run each mode; loss = cross-entropy summed over the rank's tokens; one "
+                  "forward+backward. Peak = the rank's inputs (hidden states, labels) + the RSS high-water increase. "
+                  "Exact = summed loss (rel), summed parameter gradients (max rel) and input gradient (max abs) "
+                  "against cp 1.", "",
+                  "| cp | mode | peak MiB | ratio vs cp 1 | loss rel | grads rel | dx abs | exact |",
+                  "|---|---|---|---|---|---|---|---|",
+                  f"| 1 | single | {mib(mv['single']['peak_bytes'])} | 1.00x | - | - | - | - |"]
+        for cp, per_mode in mv["cp"].items():
+            for mode, v in per_mode.items():
+                e = v["errors"]
+                lines.append(f"| {cp} | {mode} | {mib(v['peak_bytes'])} | {v['memory_ratio_vs_cp1']:.2f}x | "
+                             f"{e['loss_rel']:.1e} | {e['grads_rel']:.1e} | {e['dx_abs']:.1e} | "
+                             f"{'yes' if v['exact'] else 'NO'} |")
+        lines += ["", f"**Memory target, training step** ({tm['target']}): " + (tm["skipped"] if "skipped" in tm else
+                  "; ".join(f"{mode} {r:.3f}x {'pass' if tm['passed_per_mode'][mode] else 'FAIL'}"
+                            for mode, r in tm["ratio_per_mode"].items()))]
 
     longest = lengths[-1]
-    lines += ["", f"## Bytes sent per rank at {_klen(longest)} (max over ranks) vs techniques.md 6.3", "",
+    lines += ["", f"## Bytes sent per rank at {klen(longest)} (max over ranks) vs techniques.md 6.3", "",
               "Measured by wrapping torch.distributed's collectives. In the formulas t must be the whole sequence's "
               "tokens S (they give a per-device volume; with t = tokens per device, as 6.3 says, they are N times "
               "too small). `derived` = the same algebra with the kv heads replicated up to the Ulysses degree when "
               "fewer (both Ulysses implementations do) and the backward (Ulysses: the 4 all-to-alls again; ring: "
-              "K/V again + the dK/dV accumulators, N hops; allgather: an ideal reduce-scatter of dK/dV).", "",
+              "K/V again + the dK/dV accumulators, N hops; allgather: a reduce-scatter of dK/dV).", "",
               "| cp | mode | formula | fwd MiB | bwd MiB | formula fwd MiB | fwd / formula | fwd / derived | "
               "total / derived | total / (2 x formula) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for cp in c["cps"]:
@@ -769,8 +739,8 @@ def to_markdown(report: dict) -> str:
             v = s["cp"][str(cp)].get(mode, {}).get(longest)
             if v:
                 b, e = v["bytes_sent"], v["expected"]
-                lines.append(f"| {cp} | {mode} | {e['formula']} | {_mib(b['fwd'])} | {_mib(b['bwd'])} | "
-                             f"{_mib(e['formula_fwd'])} | {v['fwd_over_formula']:.3f} | {v['fwd_over_derived']:.3f} | "
+                lines.append(f"| {cp} | {mode} | {e['formula']} | {mib(b['fwd'])} | {mib(b['bwd'])} | "
+                             f"{mib(e['formula_fwd'])} | {v['fwd_over_formula']:.3f} | {v['fwd_over_derived']:.3f} | "
                              f"{v['total_over_derived']:.3f} | {v['total_over_2x_formula']:.3f} |")
     lines += ["", "Formulas (per rank, elements x 4 bytes): Ulysses 2(N-1)/N^2 t (h_q+h_kv) d; Ring-P2P "
               "2(N-1)/N t h_kv d; USP (derived here, 6.3 has no closed form): 2(u-1)/u t_l (h_q+h_kv) d + "
@@ -794,7 +764,7 @@ def to_markdown(report: dict) -> str:
         for key, r in t.get("ratio_per_point", {}).items():
             cp, x = key[2:].split("@")
             u, d = s["cp"][cp]["ulysses"][x], s["cp"][cp]["deepspeed"][x]
-            lines.append(f"| {cp} | {_klen(x)} | {u['wall_s']:.3f} | {d['wall_s']:.3f} | {r['median_wall']:.3f} | "
+            lines.append(f"| {cp} | {klen(x)} | {u['wall_s']:.3f} | {d['wall_s']:.3f} | {r['median_wall']:.3f} | "
                          f"{r['paired_wall']:.3f} | {r['cpu_sum']:.3f} | <= {DEEPSPEED_TARGET} | "
                          f"{'pass' if r['paired_wall'] <= DEEPSPEED_TARGET else 'FAIL'} |")
         if "geomean_paired_wall" in t:
@@ -813,10 +783,10 @@ def to_markdown(report: dict) -> str:
               "(malloc_trim) and the RSS high-water mark reset (/proc/self/clear_refs = 5); VmHWM after minus VmRSS "
               "before, plus the input shards, is the per-rank peak. torch.profiler(profile_memory=True) over the "
               "same pass gives the tensor-allocator view.",
-              "- Bytes: torch.distributed's all_to_all_single, all_gather, all_reduce, batch_isend_irecv (and the "
-              "other collectives) are wrapped during the check pass; a rank's bytes are what leaves it under the "
-              "standard algorithms (all-to-all minus its own chunk, all-gather (N-1) x input, ring all-reduce "
-              "2(N-1)/N x buffer, P2P sends).",
+              "- Bytes: torch.distributed's all_to_all_single, all_gather, reduce_scatter, batch_isend_irecv (and "
+              "the other collectives) are wrapped during the check pass; a rank's bytes are what leaves it under the "
+              "standard algorithms (all-to-all minus its own chunk, all-gather (N-1) x input, reduce-scatter "
+              "(N-1) x output, ring all-reduce 2(N-1)/N x buffer, P2P sends).",
               "- Exactness: every rank compares its shard of out, dq, dk, dv with the cp 1 result on the same seeded "
               "global input.",
               f"- Plots: {', '.join(report['plots']) or 'none'}.",
@@ -849,7 +819,7 @@ def make_plots(report: dict, out: Path) -> list[str]:
         ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: ""))
         ax.set_xscale("log", base=2)
         ax.set_xticks(lengths)
-        ax.set_xticklabels([_klen(x) for x in lengths])
+        ax.set_xticklabels([klen(x) for x in lengths])
         ax.set_xlabel("sequence length (tokens)")
         ax.grid(True, which="both", alpha=0.3)
 
@@ -939,6 +909,10 @@ def parse_args(argv=None):
     p.add_argument("--hybrid-ulysses", type=int, default=2, help="Ulysses degree of the hybrid mode (default 2)")
     p.add_argument("--backend", default="auto", help="attention kernel backend (default auto)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference vs cp 1 counted as exact")
+    p.add_argument("--model-len", type=int, default=None,
+                   help="length of the training-step memory view (default: the longest length up to 32768; "
+                        "0 skips it)")
+    p.add_argument("--model-layers", type=int, default=4, help="layers of the training-step model (default 4)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--out", default=str(HERE / "results"), help="output folder (default benchmarks/results/)")
     args = p.parse_args(argv)
@@ -967,6 +941,11 @@ def parse_args(argv=None):
             p.error(f"--heads {args.heads} must divide by cp {cp} for Ulysses")
     if args.repeats < 1 or args.long_repeats < 1:
         p.error("--repeats and --long-repeats must be at least 1")
+    if args.model_len is None:
+        args.model_len = max([s for s in lengths if s <= MEMORY_TARGET_LEN] or [lengths[0]])
+    for cp in cps:
+        if args.model_len and args.model_len % (2 * cp * max(args.hybrid_ulysses, 1)):
+            p.error(f"--model-len {args.model_len} must divide by 2 x cp x hybrid Ulysses degree")
     return args, modes, cps, lengths
 
 
@@ -998,7 +977,8 @@ def main(argv=None) -> int:
            "kv_heads": args.kv_heads, "head_dim": args.head_dim, "batch": args.batch,
            "hybrid_ulysses": args.hybrid_ulysses, "backend": args.backend, "tolerance": args.tolerance,
            "scale": 1 / math.sqrt(args.head_dim), "precision": "fp32", "device": "cpu", "causal": True,
-           "threads_per_rank": 1}
+           "threads_per_rank": 1, "model_len": args.model_len, "model_layers": args.model_layers,
+           "model_vocab": 256, "model_ffn": 344}
     deepspeed_installed = importlib.util.find_spec("deepspeed") is not None
 
     def n_runners(cp):
@@ -1011,6 +991,8 @@ def main(argv=None) -> int:
         for s in lengths:
             passes = 1 + (args.long_repeats if s >= args.long_from else args.repeats)
             total += n_runners(cp) * passes * run_weight(s, cp)
+        if args.model_len:
+            total += n_runners(cp) * args.model_layers * run_weight(args.model_len, cp)
     start = time.time()
     load = MachineLoad()
     raw = {}

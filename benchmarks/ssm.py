@@ -64,20 +64,20 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 import warnings
-from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from measure import CommCounter, MachineLoad, RssPeak, install_comm_counter, kib, klen, machine_info, mib, nbytes  # noqa: E402
+
 SSM_MODES = ("state_passing", "all_to_all")
 PARTS = ("mixer", "stack")
 TOLERANCE = 1e-5  # the correctness guard: max |cp - cp 1| of the output (fp32)
@@ -91,102 +91,8 @@ PRESETS = {
 
 
 # ----------------------------------------------------------------------------------------------
-# Bytes each rank sends: wrappers around torch.distributed's collectives
+# Bytes each rank sends, attributed to the core that sent them (measure.CommCounter's tag)
 # ----------------------------------------------------------------------------------------------
-class CommCounter:
-    """Bytes that leave this rank per (phase, tag, op) while `active`. `phase` is fwd/bwd (set by
-    the driver), `tag` the core whose forward or backward is running (set by `Tagged`). Accounting
-    (standard algorithms): all_to_all_single: the input minus the chunk kept; all_gather(_into_tensor):
-    the input to each of the N-1 others; all_reduce: ring, 2(N-1)/N x the buffer; reduce_scatter:
-    (N-1) x the output; broadcast: the source, N-1 x the buffer; batch_isend_irecv: the isend tensors."""
-
-    def __init__(self):
-        self.active = False
-        self.phase = "fwd"
-        self.tag = "other"
-        self.bytes = defaultdict(float)
-        self.calls = defaultdict(int)
-
-    def add(self, op: str, nbytes: float):
-        if self.active:
-            key = (self.phase, self.tag, op)
-            self.bytes[key] += nbytes
-            self.calls[key] += 1
-
-    def reset(self):
-        self.bytes.clear()
-        self.calls.clear()
-        self.tag = "other"
-
-    def snapshot(self) -> dict:
-        """{tag: {fwd, bwd, total, by_op: {"fwd:all_gather": {bytes, calls}}}}"""
-        out = {}
-        for (phase, tag, op), n in self.bytes.items():
-            t = out.setdefault(tag, {"fwd": 0.0, "bwd": 0.0, "by_op": {}})
-            t[phase] += n
-            t["by_op"][f"{phase}:{op}"] = {"bytes": n, "calls": self.calls[(phase, tag, op)]}
-        for t in out.values():
-            t["total"] = t["fwd"] + t["bwd"]
-        return out
-
-
-def _nbytes(t) -> int:
-    return t.numel() * t.element_size()
-
-
-def install_comm_counter(counter: CommCounter):
-    """Wrap torch.distributed's collectives; longtrain's comm.py looks them up at call time.
-    isend/irecv stay untouched (P2POp checks their identity): counted via batch_isend_irecv."""
-    import torch.distributed as dist
-
-    def world(a):
-        return dist.get_world_size(a.get("group"))
-
-    def a2a_single(a):
-        n, x = world(a), a["input"]
-        if a.get("input_split_sizes"):
-            row = _nbytes(x) // max(x.shape[0], 1)
-            return _nbytes(x) - a["input_split_sizes"][dist.get_rank(a.get("group"))] * row
-        return _nbytes(x) * (n - 1) / n
-
-    def broadcast(a):
-        src = a.get("src")
-        if src is None:
-            src = dist.get_global_rank(a["group"], a["group_src"]) if a.get("group_src") is not None else 0
-        return _nbytes(a["tensor"]) * (world(a) - 1) if dist.get_rank() == src else 0
-
-    sizes = {
-        "all_to_all_single": a2a_single,
-        "all_gather": lambda a: _nbytes(a["tensor"]) * (world(a) - 1),
-        "all_gather_into_tensor": lambda a: _nbytes(a["input_tensor"]) * (world(a) - 1),
-        "all_gather_single": lambda a: _nbytes(a["input_tensor"]) * (world(a) - 1),
-        "all_to_all": lambda a: sum(_nbytes(t) for i, t in enumerate(a["input_tensor_list"])
-                                    if i != dist.get_rank(a.get("group"))),
-        "reduce_scatter_single": lambda a: _nbytes(a["output"]) * (world(a) - 1),
-        "send": lambda a: _nbytes(a["tensor"]),
-        "all_reduce": lambda a: _nbytes(a["tensor"]) * 2 * (world(a) - 1) / world(a),
-        "reduce_scatter": lambda a: _nbytes(a["output"]) * (world(a) - 1),
-        "reduce_scatter_tensor": lambda a: _nbytes(a["output"]) * (world(a) - 1),
-        "broadcast": broadcast,
-        "batch_isend_irecv": lambda a: sum(_nbytes(op.tensor) for op in a["p2p_op_list"] if op.op is dist.isend),
-    }
-    for name, size_fn in sizes.items():
-        real = getattr(dist, name, None)
-        if real is None or getattr(real, "_ssm_counted", False):
-            continue
-        sig = inspect.signature(real)
-
-        def wrapper(*args, _real=real, _sig=sig, _name=name, _size=size_fn, **kwargs):
-            if counter.active:
-                bound = _sig.bind(*args, **kwargs)
-                bound.apply_defaults()
-                counter.add(_name, _size(bound.arguments))
-            return _real(*args, **kwargs)
-
-        wrapper._ssm_counted = True
-        setattr(dist, name, wrapper)
-
-
 class Tagged:
     """A core (ssm_core or core_attention) whose communication is attributed to `tag`: during its
     forward, and in backward from the moment its output's gradient arrives until the gradients of
@@ -221,88 +127,6 @@ class Tagged:
             for t in inputs:
                 t.register_hook(leave)
         return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Memory: the RSS high-water mark over one pass
-# ----------------------------------------------------------------------------------------------
-def _proc_status_kib(*keys) -> dict:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            name = line.split(":")[0]
-            if name in keys:
-                out[name] = int(line.split()[1])
-    return out
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-CHECK_MMAP, CHECK_TRIM = 64 << 10, 128 << 10  # check passes: every allocation >= 64 KiB its own mapping
-TIMED_MMAP, TIMED_TRIM = 32 << 20, 64 << 20  # timed passes: glibc's dynamic threshold at its ceiling
-
-
-class RssPeak:
-    """Per-rank peak memory of one pass: VmHWM after - VmRSS before.
-
-    `start` switches glibc malloc to a fixed 64 KiB mmap threshold (every tensor of 64 KiB or more
-    is its own mapping and leaves the resident set when freed, so the RSS follows live memory rather
-    than the heap's free lists), returns free heap to the OS (gc + malloc_trim) and resets the
-    kernel's high-water mark (/proc/self/clear_refs = 5). `stop` reads VmHWM and switches malloc
-    to the settings of the timed passes (`timed`: a fixed 32 MiB mmap threshold and 64 MiB trim
-    threshold, the ceiling glibc's dynamic threshold settles at; fixed so that every group and
-    every pass runs under the same allocator). Without clear_refs (non-Linux) it falls back to
-    ru_maxrss, which cannot be reset: an upper bound."""
-
-    def __init__(self):
-        import ctypes
-
-        try:
-            self.libc = ctypes.CDLL("libc.so.6")
-            self.libc.mallopt  # noqa: B018 - glibc only
-        except (OSError, AttributeError):
-            self.libc = None
-        self.before = None
-        self.method = "vmhwm"
-
-    def _mallopt(self, mmap_threshold: int, trim_threshold: int):
-        if self.libc is not None:
-            self.libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)
-            self.libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)
-
-    def timed(self):
-        self._mallopt(TIMED_MMAP, TIMED_TRIM)
-
-    def start(self):
-        self._mallopt(CHECK_MMAP, CHECK_TRIM)
-        gc.collect()
-        if self.libc is not None:
-            self.libc.malloc_trim(0)
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.before = _proc_status_kib("VmRSS")["VmRSS"] * 1024
-            self.method = "vmhwm"
-        except OSError:
-            self.method = "ru_maxrss"
-            self.before = _rss_now_bytes()
-
-    def stop(self) -> int:
-        if self.method == "vmhwm":
-            peak = _proc_status_kib("VmHWM")["VmHWM"] * 1024 - self.before
-        else:
-            import resource
-
-            unit = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-            peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit - self.before)
-        self.timed()
-        return peak
-
-
-def _rss_now_bytes() -> int:
-    try:
-        return _proc_status_kib("VmRSS")["VmRSS"] * 1024
-    except OSError:
-        return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -487,7 +311,7 @@ def ssm_worker(cfg: dict, cp: int, ref_dir: str, events) -> dict:
                         errors[key] = float(err)
                 del out, got
                 per_rank = {"rss_peak_increase_bytes": peak, "memory_method": rss.method,
-                            "input_bytes": _nbytes(x) + _nbytes(dout), "comm": counter.snapshot(),
+                            "input_bytes": nbytes(x) + nbytes(dout), "comm": counter.snapshot(),
                             "check_wall_s": wall_s}
                 gathered = [per_rank]
                 if cp > 1:
@@ -495,7 +319,7 @@ def ssm_worker(cfg: dict, cp: int, ref_dir: str, events) -> dict:
                     dist.all_gather_object(gathered, per_rank)
                 results[f"{part.name}|{name}|{seq_len}"] = {"per_rank": gathered, "errors": errors, "wall_s": [],
                                                              "fwd_s": [], "cpu_s": []}
-                progress(run_weight(part.name, seq_len, cp), f"cp{cp} {part.name} {name} {_klen(seq_len)} check")
+                progress(run_weight(part.name, seq_len, cp), f"cp{cp} {part.name} {name} {klen(seq_len)} check")
             del ref
             # Timed passes, interleaved over the modes (ABBA).
             repeats = repeats_for(cfg, seq_len)
@@ -519,7 +343,7 @@ def ssm_worker(cfg: dict, cp: int, ref_dir: str, events) -> dict:
                     res["fwd_s"].append(float(times[0]))
                     res["wall_s"].append(float(times[1]))
                     res["cpu_s"].append(cpus)
-                    progress(run_weight(part.name, seq_len, cp), f"cp{cp} {part.name} {name} {_klen(seq_len)} #{r + 1}")
+                    progress(run_weight(part.name, seq_len, cp), f"cp{cp} {part.name} {name} {klen(seq_len)} #{r + 1}")
             del x, dout
     return results
 
@@ -536,48 +360,39 @@ def mamba_dims(cfg: dict) -> dict:
 
 
 def expected_mamba_bytes(mode: str, cfg: dict, N: int, L: int) -> dict:
-    """What parallel/context/ssm.py sends per rank per Mamba layer, under CommCounter's accounting.
+    """What parallel/context/ssm.py sends per rank per Mamba layer, under CommCounter's accounting
+    (unpacked rows: no document ids travel).
 
     state_passing: conv halo (k-1 rows of the C = d_inner + 2gn conv channels, P2P, forward and its
-    gradient back) + all-gather of the final state (h·p·n) and log decay (h) per rank; backward of
-    the all-gather = gloo all-reduce of the N stacked parts (2(N-1)/N x N x part):
-        fwd = 4b[(k-1)C + (N-1)h(pn+1)],  bwd = 4b[(k-1)C + 2(N-1)h(pn+1)]            (flat in L)
-    all_to_all: x (h·p) and dt (h) all-to-all to head shards, y (h·p) back, B and C (2gn) all-gathered;
-    backward: the all-to-alls again, the all-gather's gradient all-reduced:
-        fwd = 4bl[(N-1)/N (2hp+h) + (N-1)2gn],  bwd = 4bl[(N-1)/N (2hp+h) + 2(N-1)2gn]  (linear in L)
-    `ideal_*`: the same algorithms with a reduce-scatter for the all-gather's backward and, for
-    all_to_all, B/C sent by all-to-all of the groups a rank's heads need (Megatron-core: 2n·max(g, N)
-    channels, groups replicated when g < N) instead of all-gathering every group."""
+    gradient back) + all-gather of the final state (h·p·n) and log decay (h) per rank, whose
+    backward is a reduce-scatter ((N-1) x the part):
+        fwd = bwd = 4b[(k-1)C + (N-1)h(pn+1)]                                      (flat in L)
+    all_to_all: x (h·p), dt (h) and the B/C channels of the groups a rank's heads use (replicated
+    up to N when g < N: 2n·max(g, N)) all-to-all to head shards, y (h·p) back; backward the same
+    all-to-alls reversed:
+        fwd = bwd = 4bl (N-1)/N (2hp + h + 2n·max(g, N))                           (linear in L)"""
     d = mamba_dims(cfg)
     b, h, p, n, g, k, C = d["b"], d["h"], d["p"], d["n"], d["g"], d["k"], d["C"]
     if N == 1:
-        return {"fwd": 0.0, "bwd": 0.0, "total": 0.0, "ideal_total": 0.0}
+        return {"fwd": 0.0, "bwd": 0.0, "total": 0.0}
     if mode == "state_passing":
-        halo, state = (k - 1) * C, (N - 1) * h * (p * n + 1)
-        fwd, bwd = BYTES * b * (halo + state), BYTES * b * (halo + 2 * state)
-        ideal = BYTES * b * (2 * halo + 2 * state)
+        fwd = bwd = BYTES * b * ((k - 1) * C + (N - 1) * h * (p * n + 1))
     elif mode == "all_to_all":
-        l = L / N
-        a2a = (N - 1) / N * (2 * h * p + h)
-        fwd = BYTES * b * l * (a2a + (N - 1) * 2 * g * n)
-        bwd = BYTES * b * l * (a2a + 2 * (N - 1) * 2 * g * n)
-        ideal = 2 * BYTES * b * l * (N - 1) / N * (2 * h * p + h + 2 * n * max(g, N))
+        fwd = bwd = BYTES * b * (L / N) * (N - 1) / N * (2 * h * p + h + 2 * n * max(g, N))
     else:
         raise ValueError(mode)
-    return {"fwd": fwd, "bwd": bwd, "total": fwd + bwd, "ideal_total": ideal}
+    return {"fwd": fwd, "bwd": bwd, "total": fwd + bwd}
 
 
 def bytes_crossover(cfg: dict, N: int) -> dict:
     """L* where all_to_all's bytes (linear in L) equal state_passing's (flat):
-        L* = N [2(k-1)C + 3(N-1)h(pn+1)] / ((N-1) [2(2hp+h)/N + 6gn])."""
+        L* = N² [(k-1)C + (N-1)h(pn+1)] / ((N-1) (2hp + h + 2n·max(g, N)))."""
     d = mamba_dims(cfg)
     h, p, n, g, k, C = d["h"], d["p"], d["n"], d["g"], d["k"], d["C"]
-    sp = 2 * (k - 1) * C + 3 * (N - 1) * h * (p * n + 1)
-    per_token = (N - 1) * (2 * (2 * h * p + h) / N + 6 * g * n)
-    ideal_sp = 2 * (k - 1) * C + 2 * (N - 1) * h * (p * n + 1)
-    ideal_per_token = 2 * (N - 1) / N * (2 * h * p + h + 2 * n * max(g, N)) / N
-    return {"tokens": N * sp / per_token, "ideal_tokens": ideal_sp / ideal_per_token,
-            "state_passing_bytes": BYTES * d["b"] * sp, "all_to_all_bytes_per_token": BYTES * d["b"] * per_token / N}
+    sp = 2 * ((k - 1) * C + (N - 1) * h * (p * n + 1))  # elements per layer, fwd+bwd
+    per_token = 2 * (N - 1) / N ** 2 * (2 * h * p + h + 2 * n * max(g, N))  # per token of the whole sequence
+    return {"tokens": sp / per_token, "state_passing_bytes": BYTES * d["b"] * sp,
+            "all_to_all_bytes_per_token": BYTES * d["b"] * per_token}
 
 
 def expected_attention_bytes(cfg: dict, N: int, L: int) -> dict | None:
@@ -766,70 +581,6 @@ def crossover(cfg: dict, s: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------
-def machine_info() -> dict:
-    import torch
-
-    mem = None
-    try:
-        with open("/proc/meminfo") as f:
-            mem = int(f.readline().split()[1]) * 1024
-    except OSError:
-        pass
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cpu_count": os.cpu_count(), "cpu": cpu, "memory_bytes": mem, "torch_version": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
-
-
-class MachineLoad:
-    """CPU used by processes other than this benchmark while it runs (/proc/stat busy time minus
-    this process's and its children's)."""
-
-    def __init__(self):
-        self.start = self._sample()
-
-    @staticmethod
-    def _sample():
-        import resource
-
-        try:
-            with open("/proc/stat") as f:
-                fields = [int(x) for x in f.readline().split()[1:]]
-        except OSError:
-            return None
-        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-        own = sum(getattr(resource.getrusage(w), a) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-                  for a in ("ru_utime", "ru_stime"))
-        return busy, own, time.time()
-
-    def other_share(self) -> float | None:
-        end = self._sample()
-        if self.start is None or end is None:
-            return None
-        busy, own, wall = (e - s for e, s in zip(end, self.start))
-        return max(0.0, (busy - own) / (wall * (os.cpu_count() or 1)))
-
-
-def _klen(s) -> str:
-    s = int(s)
-    return f"{s // 1024}K" if s % 1024 == 0 else str(s)
-
-
-def _mib(n) -> str:
-    return f"{n / 2 ** 20:.1f}"
-
-
-def _kib(n) -> str:
-    return f"{n / 2 ** 10:,.1f}"
-
-
 def to_markdown(report: dict) -> str:
     c, m, s = report["config"], report["machine"], report["summary"]
     mc, st, md = c["mamba"], c["stack"], c["mamba_derived"]
@@ -843,16 +594,16 @@ def to_markdown(report: dict) -> str:
                   "its wall time is bounded by the cores; the per-rank CPU seconds show each rank's compute share. "
                   for cp in cps if cp > (m["cpu_count"] or 1))
         + "Wall time = the slowest rank's forward+backward "
-        f"after a barrier, the best of {c['repeats']} timed passes ({c['long_repeats']} from {_klen(c['long_from'])} on"
-        + (f", {c['short_repeats']} at {', '.join(_klen(x) for x in c['short_lengths'])}" if c.get("short_lengths") else "")
+        f"after a barrier, the best of {c['repeats']} timed passes ({c['long_repeats']} from {klen(c['long_from'])} on"
+        + (f", {c['short_repeats']} at {', '.join(klen(x) for x in c['short_lengths'])}" if c.get("short_lengths") else "")
         + "; the least disturbed by other load; medians in the JSON), modes interleaved (ABBA), per-rank CPU seconds "
         "likewise.",
         "",
         f"- **mixer** = one Mamba-2 mixer (`models.mamba.Mamba2Mixer`, {md['params_mixer']:,} parameters): dim {c['dim']}, "
         f"d_inner {md['d_inner']}, {md['heads']} heads x headdim {mc['headdim']}, d_state {mc['d_state']}, "
         f"{mc['ngroups']} groups, d_conv {mc['d_conv']}, chunk {mc['chunk']} (hybrid-debug's Mamba layer has dim 256, "
-        f"8 heads x 64, d_state 64, 2 groups, chunk 64); lengths {', '.join(_klen(x) for x in c['lengths'])}"
-        + (f" ({', '.join(_klen(x) for x in c['short_lengths'])}: extra short points to locate a time crossover, "
+        f"8 heads x 64, d_state 64, 2 groups, chunk 64); lengths {', '.join(klen(x) for x in c['lengths'])}"
+        + (f" ({', '.join(klen(x) for x in c['short_lengths'])}: extra short points to locate a time crossover, "
            f"{c['short_repeats']} repeats)" if c.get("short_lengths") else "") + ".",
     ]
     if c["stack_lengths"]:
@@ -862,7 +613,7 @@ def to_markdown(report: dict) -> str:
             f"the same Mamba layers, attention {st['n_heads']} q / {st['n_kv_heads']} kv heads of "
             f"{c['dim'] // st['n_heads']} (cp mode `{c['attn_cp_mode']}`, contiguous), MLP {st['ffn_dim']}, final norm "
             f"and {st['vocab_size']}-way output head, fed hidden states; lengths "
-            f"{', '.join(_klen(x) for x in c['stack_lengths'])}. Longer lengths run on the mixer alone: the stack's "
+            f"{', '.join(klen(x) for x in c['stack_lengths'])}. Longer lengths run on the mixer alone: the stack's "
             "attention is quadratic and one cp 1 stack pass at 128K would take minutes here.")
     if report.get("other_processes_cpu_share") is not None:
         lines.append(f"- Other processes used {100 * report['other_processes_cpu_share']:.0f}% of the machine's CPU "
@@ -870,7 +621,7 @@ def to_markdown(report: dict) -> str:
 
     def table(part, cell, single_cell=None, lengths=None):
         lengths = lengths or (c["lengths"] if part == "mixer" else c["stack_lengths"])
-        rows = ["| cp | mode | " + " | ".join(_klen(x) for x in lengths) + " |", "|---|---|" + "---|" * len(lengths)]
+        rows = ["| cp | mode | " + " | ".join(klen(x) for x in lengths) + " |", "|---|---|" + "---|" * len(lengths)]
         if single_cell:
             v = s[part]["1"]["single"]
             rows.append("| 1 | single | " + " | ".join(single_cell(v[str(x)]) for x in lengths) + " |")
@@ -891,8 +642,8 @@ def to_markdown(report: dict) -> str:
                        lambda v: f"{v['max_rank_cpu_s']:.2f}")
     for part in parts:
         lines += ["", f"## Per-rank peak memory, {part} (MiB, max over ranks; ratio vs cp 1)", ""]
-        lines += table(part, lambda v: f"{_mib(v['peak_bytes'])} ({v['memory_ratio_vs_cp1']:.2f}x)",
-                       lambda v: _mib(v["peak_bytes"]))
+        lines += table(part, lambda v: f"{mib(v['peak_bytes'])} ({v['memory_ratio_vs_cp1']:.2f}x)",
+                       lambda v: mib(v["peak_bytes"]))
     lines += ["", "Peak = input shards (x, dout) + the RSS high-water increase over one forward+backward (check pass: "
                   "glibc's mmap threshold fixed at 64 KiB so freed tensors leave the RSS, free heap returned with "
                   "malloc_trim and VmHWM reset via /proc/self/clear_refs before the pass; all threads, gloo's "
@@ -903,28 +654,25 @@ def to_markdown(report: dict) -> str:
               ("Measured in the mixer runs (one layer)" if bpart == "mixer" else "Measured in the stack runs (per Mamba "
                "layer)") + " by wrapping torch.distributed's collectives; state passing is flat in the length, "
               "all-to-all linear.", ""]
-    lines += table(bpart, lambda v: f"{_kib(v['bytes_per_mamba_layer']['total'])} "
+    lines += table(bpart, lambda v: f"{kib(v['bytes_per_mamba_layer']['total'])} "
                                     f"({v['mamba_bytes_over_formula']:.3f})")
     L = max(c["lengths"] if bpart == "mixer" else c["stack_lengths"])
-    lines += ["", f"Split at {_klen(L)} (KiB per rank per layer) and the same algorithms with leaner collectives "
-                  "(`ideal`: reduce-scatter instead of gloo's all-reduce in the all-gather's backward; all-to-all "
-                  "of only the B/C groups a rank's heads need instead of all-gathering every group):", "",
-              "| cp | mode | fwd | bwd | total | formula total | ideal total | total / ideal | ops (rank 0, fwd+bwd) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", f"Split at {klen(L)} (KiB per rank per layer):", "",
+              "| cp | mode | fwd | bwd | total | formula total | measured / formula | ops (rank 0, fwd+bwd) |",
+              "|---|---|---|---|---|---|---|---|"]
     for cp in cps:
         for mode in modes:
             v = s[bpart][str(cp)][mode][str(L)]
             b, e = v["bytes_per_mamba_layer"], v["expected_mamba_bytes"]
             ops = ", ".join(f"{k} x{o['calls']}" for k, o in sorted(b["by_op_rank0"].items()))
-            lines.append(f"| {cp} | {mode} | {_kib(b['fwd'])} | {_kib(b['bwd'])} | {_kib(b['total'])} | "
-                         f"{_kib(e['total'])} | {_kib(e['ideal_total'])} | {b['total'] / e['ideal_total']:.2f} | {ops} |")
+            lines.append(f"| {cp} | {mode} | {kib(b['fwd'])} | {kib(b['bwd'])} | {kib(b['total'])} | "
+                         f"{kib(e['total'])} | {b['total'] / e['total']:.3f} | {ops} |")
     lines += ["", "Formulas (per rank per layer, fp32, b batch, N = cp, l = L/N, h heads, p headdim, n d_state, "
                   "g groups, k d_conv, C = d_inner + 2gn conv channels):", "",
-              "- state passing: fwd 4b[(k-1)C + (N-1)h(pn+1)], bwd 4b[(k-1)C + 2(N-1)h(pn+1)] (halo of k-1 conv "
-              "rows each way; all-gather of final states h·p·n and log decays h; its backward is gloo's all-reduce of "
-              "the N stacked parts, counted as a ring all-reduce 2(N-1)/N x buffer);",
-              "- all-to-all: fwd 4bl[(N-1)/N (2hp+h) + (N-1)·2gn], bwd 4bl[(N-1)/N (2hp+h) + 2(N-1)·2gn] (x and dt "
-              "to head shards, y back; B and C all-gathered, gradient all-reduced)."]
+              "- state passing: fwd = bwd = 4b[(k-1)C + (N-1)h(pn+1)] (halo of k-1 conv rows each way; all-gather "
+              "of final states h·p·n and log decays h, its backward a reduce-scatter);",
+              "- all-to-all: fwd = bwd = 4bl (N-1)/N (2hp + h + 2n·max(g, N)) (x, dt and the B/C groups of a rank's "
+              "heads to head shards, replicated up to N when g < N, y back; the backward reverses them)."]
     if "stack" in s:
         lines += ["", "### Stack: bytes per rank per layer (KiB, forward+backward)", "",
                   "| cp | mode | length | per Mamba layer | = mixer's? | per attention layer | attention / formula | "
@@ -938,9 +686,9 @@ def to_markdown(report: dict) -> str:
                         "yes" if abs(v["bytes_per_mamba_layer"]["total"] - mix["bytes_per_mamba_layer"]["total"]) < 1
                         else "NO")
                     ratio = v.get("attention_bytes_over_formula")
-                    lines.append(f"| {cp} | {mode} | {_klen(x)} | {_kib(v['bytes_per_mamba_layer']['total'])} | {same} | "
-                                 f"{_kib(v['bytes_per_attention_layer']['total'])} | "
-                                 f"{'-' if ratio is None else f'{ratio:.3f}'} | {_kib(v['other_bytes'])} |")
+                    lines.append(f"| {cp} | {mode} | {klen(x)} | {kib(v['bytes_per_mamba_layer']['total'])} | {same} | "
+                                 f"{kib(v['bytes_per_attention_layer']['total'])} | "
+                                 f"{'-' if ratio is None else f'{ratio:.3f}'} | {kib(v['other_bytes'])} |")
         lines += ["", f"Attention formula ({c['attn_cp_mode']}): ulysses 2 x 4(N-1)/N·l·d(2h_q + 2h_kv'), h_kv' = kv "
                       "heads replicated up to N; ring 4·l·h_kv·d[4(N-1) + 2N]."]
 
@@ -951,20 +699,18 @@ def to_markdown(report: dict) -> str:
     else:
         lines += ["Bytes: state passing sends a constant per layer, all-to-all grows with L; they are equal at",
                   "",
-                  "    L* = N [2(k-1)C + 3(N-1)h(pn+1)] / ((N-1) [2(2hp+h)/N + 6gn])",
+                  "    L* = N² [(k-1)C + (N-1)h(pn+1)] / ((N-1) (2hp + h + 2n·max(g, N)))",
                   "",
-                  "(from the formulas above; `ideal`: with the leaner collectives, "
-                  "L* = N [2(k-1)C + 2(N-1)h(pn+1)] / (2(N-1)/N (2hp + h + 2n·max(g,N)))). Below L* all-to-all "
-                  "sends less, above it state passing does.", "",
-                  "| cp | state passing bytes/layer | all-to-all bytes/token | L* (formula) | L* (measured) | L* (ideal) |",
-                  "|---|---|---|---|---|---|"]
+                  "(from the formulas above). Below L* all-to-all sends less, above it state passing does.", "",
+                  "| cp | state passing bytes/layer | all-to-all bytes/token | L* (formula) | L* (measured) |",
+                  "|---|---|---|---|---|"]
         for cp in cps:
             by = cx[str(cp)]["bytes"]
             meas = by.get("measured_tokens")
-            lines.append(f"| {cp} | {_kib(by['state_passing_bytes'])} KiB | {by['all_to_all_bytes_per_token']:.0f} B | "
-                         f"{by['tokens']:,.0f} | {'-' if meas is None else f'{meas:,.0f}'} | {by['ideal_tokens']:,.0f} |")
+            lines.append(f"| {cp} | {kib(by['state_passing_bytes'])} KiB | {by['all_to_all_bytes_per_token']:.0f} B | "
+                         f"{by['tokens']:,.0f} | {'-' if meas is None else f'{meas:,.0f}'} |")
         top = max(cx[str(cp)]["bytes"]["tokens"] for cp in cps)
-        verdict = (f"Every measured length ({_klen(c['lengths'][0])} and up) is above L*: in bytes state passing "
+        verdict = (f"Every measured length ({klen(c['lengths'][0])} and up) is above L*: in bytes state passing "
                    "wins throughout." if c["lengths"][0] > top else
                    "Some measured lengths are below L*: there all-to-all sends fewer bytes.")
         lines += ["", "`measured`: the measured state-passing bytes over the measured all-to-all bytes per token at the "
@@ -982,14 +728,14 @@ def to_markdown(report: dict) -> str:
 
         def tcell(t, lengths):
             if t["crossings"]:
-                return "; ".join(f"between {_klen(x['between'][0])} and {_klen(x['between'][1])} (~{x['tokens']:,.0f} "
+                return "; ".join(f"between {klen(x['between'][0])} and {klen(x['between'][1])} (~{x['tokens']:,.0f} "
                                  f"tokens): {short[x['from']]} faster below, {short[x['to']]} above"
                                  for x in t["crossings"])
             winners = sorted({w for w in t["winner"].values() if w != "tie"})
             if not winners:
-                txt = f"none: a tie within the noise at every length {_klen(lengths[0])}-{_klen(lengths[-1])}"
+                txt = f"none: a tie within the noise at every length {klen(lengths[0])}-{klen(lengths[-1])}"
             else:
-                txt = (f"none in {_klen(lengths[0])}-{_klen(lengths[-1])}: {short[winners[0]]} faster wherever the "
+                txt = (f"none in {klen(lengths[0])}-{klen(lengths[-1])}: {short[winners[0]]} faster wherever the "
                        "difference is outside the noise")
             if t.get("fit_crossing_tokens"):
                 txt += f"; linear fits cross at ~{t['fit_crossing_tokens']:,.0f} tokens (extrapolated)"
@@ -1002,7 +748,7 @@ def to_markdown(report: dict) -> str:
                     t = cx[str(cp)].get(f"time_{part}_{label}")
                     if t is None:
                         continue
-                    ratios = ", ".join(f"{_klen(x)} {r:.2f} {short[t['winner'][x]]}"
+                    ratios = ", ".join(f"{klen(x)} {r:.2f} {short[t['winner'][x]]}"
                                        for x, r in t["ratio_a2a_over_sp"].items())
                     metric = "wall s" if label == "wall" else "CPU s"
                     lines.append(f"| {cp} | {part} | {metric} | {ratios} | {tcell(t, lengths)} |")
@@ -1054,7 +800,7 @@ def make_plots(report: dict, out: Path) -> list[str]:
     def xaxis(ax, lengths):
         ax.set_xscale("log", base=2)
         ax.set_xticks(lengths)
-        ax.set_xticklabels([_klen(x) for x in lengths])
+        ax.set_xticklabels([klen(x) for x in lengths])
         ax.set_xlabel("sequence length (tokens)")
         ax.grid(True, which="both", alpha=0.3)
 
@@ -1122,7 +868,7 @@ def make_plots(report: dict, out: Path) -> list[str]:
         ax.set_xscale("log", base=2)
         ticks = sorted(set([x for x in (16, 64, 256) if x >= lo] + list(lengths)))
         ax.set_xticks(ticks)
-        ax.set_xticklabels([_klen(x) for x in ticks])
+        ax.set_xticklabels([klen(x) for x in ticks])
         ax.set_yscale("log", base=2)
         ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=4))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g} B" if y < 2 ** 10 else

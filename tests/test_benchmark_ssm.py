@@ -61,7 +61,7 @@ def test_ssm_benchmark_smoke(tmp_path):
 
     markdown = (tmp_path / "ssm.md").read_text()
     for heading in ("Forward+backward wall time, mixer", "Forward+backward wall time, stack", "Per-rank peak memory",
-                    "Bytes sent per rank per Mamba layer", "Crossover", "L* = N [2(k-1)C + 3(N-1)h(pn+1)]",
+                    "Bytes sent per rank per Mamba layer", "Crossover", "L* = N² [(k-1)C + (N-1)h(pn+1)]",
                     "Correctness guard", "Method"):
         assert heading in markdown, heading
     assert markdown.strip() in proc.stdout  # printed at the end
