@@ -5,7 +5,8 @@ and where the two modes cross over.
     python benchmarks/ssm.py [--min-len 8192] [--max-len 131072] [--lengths 8192,16384]
                              [--short-lengths 1024,2048,4096] [--short-repeats 5]
                              [--cp 4 | --cps 1,2,4] [--modes state_passing,all_to_all]
-                             [--parts mixer,stack] [--stack-max-len 16384] [--attn-cp-mode ulysses]
+                             [--parts mixer,stack] [--stack-max-len 131072] [--stack-timed-max-len 32768]
+                             [--attn-cp-mode ulysses]
                              [--repeats 2] [--long-repeats 2] [--long-from 65536]
                              [--dim 64] [--d-state 16] [--headdim 16] [--ngroups 2] [--chunk 64]
                              [--pattern M-M*-] [--tie-band 0.05] [--preset tiny] [--no-plots] [--out DIR]
@@ -19,14 +20,15 @@ What runs (defaults; fp32, batch 1, 1 intra-op thread per rank, gloo over local 
   (d_inner 128), 8 heads of 16, d_state 16, 2 groups, d_conv 4, chunk 64: hybrid-debug's Mamba layer (dim 256, 8
   heads of 64, d_state 64, 2 groups, chunk 64) with dim, head size and state divided by 4, so that
   the whole default run fits in minutes on 2 cores (`--dim 256 --headdim 64 --d-state 64` is
-  hybrid-debug's layer exactly). The long lengths are benchmarked on the mixer ALONE: a cp 1 pass
-  of the full stack at 128K would take minutes by itself here (its attention layer is quadratic),
-  so the stack stops at `--stack-max-len`.
+  hybrid-debug's layer exactly).
 - `stack`: a reduced hybrid stack, models.hybrid.HybridModel with pattern `M-M*-` (one pipeline
   stage of hybrid-debug: 2 Mamba-2 + 1 attention + 2 MLP layers) with the same Mamba layers,
   attention 4 query / 2 kv heads of 16, SwiGLU MLP 172 (hybrid-debug's 688/256 ratio), final norm
   and a 260-token output head, fed hidden states (the embedding is dropped so that the input
-  gradient can be checked), at 8K and 16K tokens. Attention layers run the cp strategy
+  gradient can be checked), at 8K to 128K tokens (`--stack-max-len`). Its attention layer is
+  quadratic: one cp 1 stack pass at 128K takes minutes on 2 cores, so above 32K
+  (`--stack-timed-max-len`) the stack is timed by its check pass alone (one pass, no repeats; the
+  per-rank CPU seconds of that pass too). Attention layers run the cp strategy
   `--attn-cp-mode` (ulysses or ring: contiguous layouts, since the scans need each rank's tokens in
   order).
 
@@ -85,7 +87,7 @@ BYTES = 4  # fp32
 
 PRESETS = {
     # For the smoke test: seconds, not minutes.
-    "tiny": dict(lengths="256,512", stack_max_len=256, dim=32, d_state=8, headdim=8, ngroups=2, chunk=16,
+    "tiny": dict(lengths="256,512", stack_max_len=512, stack_timed_max_len=256, dim=32, d_state=8, headdim=8, ngroups=2, chunk=16,
                  n_heads=4, n_kv_heads=2, ffn_dim=64, repeats=1, long_repeats=1),
 }
 
@@ -296,7 +298,9 @@ def ssm_worker(cfg: dict, cp: int, ref_dir: str, events) -> dict:
                 counter.reset()
                 rss.start()
                 counter.active = True
+                c0 = time.process_time()
                 out, fwd_s, wall_s = fwd_bwd(part, x, dout, positions)
+                check_cpu_s = time.process_time() - c0
                 peak = rss.stop()
                 counter.active = False
                 got = {"out": out.detach(), "dx": x.grad.detach()}
@@ -312,7 +316,7 @@ def ssm_worker(cfg: dict, cp: int, ref_dir: str, events) -> dict:
                 del out, got
                 per_rank = {"rss_peak_increase_bytes": peak, "memory_method": rss.method,
                             "input_bytes": nbytes(x) + nbytes(dout), "comm": counter.snapshot(),
-                            "check_wall_s": wall_s}
+                            "check_wall_s": wall_s, "check_cpu_s": check_cpu_s}
                 gathered = [per_rank]
                 if cp > 1:
                     gathered = [None] * cp
@@ -323,6 +327,8 @@ def ssm_worker(cfg: dict, cp: int, ref_dir: str, events) -> dict:
             del ref
             # Timed passes, interleaved over the modes (ABBA).
             repeats = repeats_for(cfg, seq_len)
+            if part.name == "stack" and seq_len > cfg["stack_timed_max_len"]:
+                repeats = 0  # timed by the check pass alone (one pass costs minutes here)
             names = list(modes)
             for r in range(repeats):
                 for name in (names if r % 2 == 0 else names[::-1]):
@@ -437,6 +443,12 @@ def _layer_bytes(per_rank: list[dict], tag: str, n_layers: int) -> dict:
 def _timing(r: dict) -> dict:
     """Best of the timed passes (the least disturbed by other load on shared cores; the median is
     kept too): wall time of the slowest rank and the slowest rank's CPU seconds."""
+    if not r["wall_s"]:  # no timed passes at this length: the check pass's time
+        wall = max(p["check_wall_s"] for p in r["per_rank"])
+        cpu = max(p["check_cpu_s"] for p in r["per_rank"])
+        return {"wall_s": wall, "median_wall_s": wall, "repeats_wall_s": [], "fwd_s": None, "max_rank_cpu_s": cpu,
+                "median_max_rank_cpu_s": cpu, "repeats_max_rank_cpu_s": [],
+                "cpu_s_per_rank_repeats": [[p["check_cpu_s"] for p in r["per_rank"]]], "timed_from": "check pass"}
     cpu = [max(c) for c in r["cpu_s"]]
     return {"wall_s": min(r["wall_s"]), "median_wall_s": statistics.median(r["wall_s"]), "repeats_wall_s": r["wall_s"],
             "fwd_s": min(r["fwd_s"]), "max_rank_cpu_s": min(cpu), "median_max_rank_cpu_s": statistics.median(cpu),
@@ -521,9 +533,9 @@ def _time_crossing(v: dict, lengths: list[int], key: str, band: float) -> dict:
     for L in lengths:
         a2a, sp = v["all_to_all"][str(L)], v["state_passing"][str(L)]
         ratio[str(L)] = a2a[key] / sp[key]
-        pr = [x / y for x, y in zip(a2a[reps], sp[reps])]
-        paired[str(L)] = pr
         r = ratio[str(L)]
+        pr = [x / y for x, y in zip(a2a[reps], sp[reps])] or [r]  # timed by the check pass alone: one pair
+        paired[str(L)] = pr
         if max(pr) < 1 and r < 1 - band:
             winner[str(L)] = "all_to_all"
         elif min(pr) > 1 and r > 1 + band:
@@ -613,8 +625,10 @@ def to_markdown(report: dict) -> str:
             f"the same Mamba layers, attention {st['n_heads']} q / {st['n_kv_heads']} kv heads of "
             f"{c['dim'] // st['n_heads']} (cp mode `{c['attn_cp_mode']}`, contiguous), MLP {st['ffn_dim']}, final norm "
             f"and {st['vocab_size']}-way output head, fed hidden states; lengths "
-            f"{', '.join(klen(x) for x in c['stack_lengths'])}. Longer lengths run on the mixer alone: the stack's "
-            "attention is quadratic and one cp 1 stack pass at 128K would take minutes here.")
+            f"{', '.join(klen(x) for x in c['stack_lengths'])}"
+            + (f". Above {klen(c['stack_timed_max_len'])} the stack is timed by its check pass alone (one pass; the "
+               "attention layer is quadratic and one cp 1 stack pass at 128K takes minutes on 2 cores)"
+               if any(x > c.get("stack_timed_max_len", 1 << 62) for x in c["stack_lengths"]) else "") + ".")
     if report.get("other_processes_cpu_share") is not None:
         lines.append(f"- Other processes used {100 * report['other_processes_cpu_share']:.0f}% of the machine's CPU "
                      "during the run (shared cores): wall times carry that noise.")
@@ -934,7 +948,9 @@ def parse_args(argv=None):
     p.add_argument("--cps", default=None, help="comma-separated cp degrees (overrides --cp; 1 always runs)")
     p.add_argument("--modes", default=",".join(SSM_MODES))
     p.add_argument("--parts", default=",".join(PARTS), help="mixer,stack (default both)")
-    p.add_argument("--stack-max-len", type=int, default=16384, help="longest stack length (default 16384)")
+    p.add_argument("--stack-max-len", type=int, default=131072, help="longest stack length (default 131072)")
+    p.add_argument("--stack-timed-max-len", type=int, default=32768,
+                   help="longer stack lengths are timed by their check pass alone (default 32768)")
     p.add_argument("--pattern", default="M-M*-", help="stack pattern (default M-M*-)")
     p.add_argument("--attn-cp-mode", default="ulysses", choices=["ulysses", "ring"])
     p.add_argument("--repeats", type=int, default=2)
@@ -1038,7 +1054,7 @@ def main(argv=None) -> int:
 
     cfg = {"lengths": lengths, "stack_lengths": stack_lengths, "short_lengths": short, "cps": cps, "modes": modes,
            "parts": parts, "repeats": args.repeats, "long_repeats": args.long_repeats, "long_from": args.long_from,
-           "short_repeats": args.short_repeats,
+           "short_repeats": args.short_repeats, "stack_timed_max_len": args.stack_timed_max_len,
            "batch": args.batch, "dim": args.dim, "attn_cp_mode": args.attn_cp_mode, "tolerance": args.tolerance,
            "tie_band": args.tie_band,
            "precision": "fp32", "device": "cpu", "threads_per_rank": 1, "ssm_backend": "torch",
@@ -1059,7 +1075,7 @@ def main(argv=None) -> int:
         n_modes = 1 if cp == 1 else len(modes)
         for part in parts:
             for L in (lengths if part == "mixer" else stack_lengths):
-                passes = 1 + repeats_for(cfg, L)
+                passes = 1 + (0 if part == "stack" and L > args.stack_timed_max_len else repeats_for(cfg, L))
                 total += n_modes * passes * run_weight(part, L, cp)
     start = time.time()
     load = MachineLoad()

@@ -23,13 +23,13 @@ def test_ssm_benchmark_smoke(tmp_path):
     assert {"machine", "config", "summary", "raw", "plots", "elapsed_s", "other_processes_cpu_share"} <= set(report)
     assert {"cpu_count", "cpu", "torch_version", "platform"} <= set(report["machine"])
     cfg = report["config"]
-    assert cfg["lengths"] == [256, 512] and cfg["stack_lengths"] == [256] and cfg["cps"] == [1, 2]
+    assert cfg["lengths"] == [256, 512] and cfg["stack_lengths"] == [256, 512] and cfg["cps"] == [1, 2]
     assert cfg["threads_per_rank"] == 1 and cfg["batch"] == 1 and cfg["precision"] == "fp32"
     assert cfg["modes"] == MODES and cfg["stack"]["pattern"] == "M-M*-"
 
     s = report["summary"]
     assert {"mixer", "stack", "crossover", "guard"} <= set(s)
-    for part, lengths in (("mixer", ("256", "512")), ("stack", ("256",))):
+    for part, lengths in (("mixer", ("256", "512")), ("stack", ("256", "512"))):
         for x in lengths:
             single = s[part]["1"]["single"][x]
             assert single["wall_s"] > 0 and single["peak_bytes"] > single["input_bytes"] > 0
@@ -54,6 +54,9 @@ def test_ssm_benchmark_smoke(tmp_path):
     for mode in MODES:
         assert (s["stack"]["2"][mode]["256"]["bytes_per_mamba_layer"]["total"]
                 == s["mixer"]["2"][mode]["256"]["bytes_per_mamba_layer"]["total"])
+    # Above --stack-timed-max-len the stack is timed by its check pass alone.
+    assert "timed_from" not in s["stack"]["2"]["state_passing"]["256"]
+    assert s["stack"]["2"]["state_passing"]["512"]["timed_from"] == "check pass"
     cx = s["crossover"]["2"]
     assert abs(cx["bytes"]["measured_tokens"] / cx["bytes"]["tokens"] - 1) < 1e-9
     assert {"time_mixer_wall", "time_mixer_cpu", "time_stack_wall"} <= set(cx)
