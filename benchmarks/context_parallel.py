@@ -1,14 +1,16 @@
 """Context-parallel attention on CPU: time, per-rank peak memory, bytes sent and exactness of every
 cp mode against single-device attention, with DeepSpeed's Ulysses side by side.
 
-    python benchmarks/context_parallel.py [--max-len 32768] [--min-len 4096] [--lengths 4096,8192]
+    python benchmarks/context_parallel.py [--max-len 65536] [--min-len 4096] [--lengths 4096,8192]
                                           [--modes ring,zigzag,ulysses,hybrid,allgather,deepspeed]
                                           [--cps 2,4] [--repeats 3] [--long-repeats 1] [--long-from 32768]
                                           [--heads 4] [--kv-heads 2] [--head-dim 32] [--out DIR]
 
 What runs (defaults): causal attention, fp32, batch 1, 4 query heads, 2 kv heads (GQA), head_dim 32,
-scale 1/sqrt(head_dim), sequence lengths 4K, 8K, 16K and 32K tokens (`--max-len 65536` adds 64K:
-about 17 more minutes on 2 cores, since one single-device 64K forward+backward alone takes ~75 s).
+scale 1/sqrt(head_dim), sequence lengths 4K, 8K, 16K, 32K and 64K tokens (about 35 minutes on 2
+cores; one single-device 64K forward+backward alone takes ~75 s; `--max-len 32768` stops at 32K in
+about half the time). Plus a training-step memory view at 32K (`--model-len`), cp 1 and the largest
+cp: a 4-layer model whose attention layers run each mode, per-rank peak memory against cp 1.
 cp=1 is plain single-device `longtrain.kernels.attention.attention`; cp=2 and cp=4 run every mode of
 `longtrain.parallel.context.strategy` (hybrid: `--hybrid-ulysses` Ulysses ranks x a zigzag ring; at
 cp=2 with 2 Ulysses ranks it is Ulysses with the zigzag token layout) and `deepspeed` =
@@ -350,7 +352,7 @@ def cp_worker(cfg: dict, cp: int, role: str, ref_dir: str, events) -> dict:
                     progress(run_weight(seq_len, cp), f"cp{cp} {runner.name} {klen(seq_len)} #{r + 1}")
         del local
     model = {}
-    if role == "check" and cfg["model_len"]:
+    if role == "check" and cfg["model_len"] and cp in (1, max(cfg["cps"])):  # cp 1 and the largest cp
         model = model_step_checks(cfg, cp, runners, rss, ref_dir, barrier, progress)
     return {"results": {f"{name}@{s}": v for (name, s), v in results.items()}, "deepspeed": ds_info,
             "model": model}
@@ -616,7 +618,7 @@ def summarize_model(cfg: dict, raw: dict) -> dict:
     base = peak(raw[1]["model"]["single"]["per_rank"])
     out = {"length": cfg["model_len"], "layers": cfg["model_layers"], "single": {"peak_bytes": base}, "cp": {}}
     for cp in cfg["cps"]:
-        for mode, r in raw[cp]["model"].items():
+        for mode, r in raw[cp].get("model", {}).items():
             e = r["errors"]
             out["cp"].setdefault(str(cp), {})[mode] = {
                 "peak_bytes": peak(r["per_rank"]), "memory_ratio_vs_cp1": peak(r["per_rank"]) / base,
@@ -893,8 +895,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--min-len", type=int, default=4096)
-    p.add_argument("--max-len", type=int, default=32768,
-                   help="longest sequence (default 32768; 65536 adds ~17 min on 2 cores)")
+    p.add_argument("--max-len", type=int, default=65536,
+                   help="longest sequence (default 65536; 32768 halves the run on 2 cores)")
     p.add_argument("--lengths", default=None, help="comma-separated lengths (overrides --min-len/--max-len)")
     p.add_argument("--modes", default=",".join(ALL_MODES),
                    help=f"comma-separated subset of {','.join(ALL_MODES)} (default all)")
@@ -991,7 +993,7 @@ def main(argv=None) -> int:
         for s in lengths:
             passes = 1 + (args.long_repeats if s >= args.long_from else args.repeats)
             total += n_runners(cp) * passes * run_weight(s, cp)
-        if args.model_len:
+        if args.model_len and cp in (1, max(cps)):
             total += n_runners(cp) * args.model_layers * run_weight(args.model_len, cp)
     start = time.time()
     load = MachineLoad()
