@@ -154,9 +154,10 @@ class RssPeak:
     every pass runs under the same allocator). Without clear_refs (non-Linux) it falls back to
     ru_maxrss, which cannot be reset: an upper bound (`method` says which)."""
 
-    def __init__(self):
+    def __init__(self, timed_after_stop: bool = True):
         import ctypes
 
+        self.timed_after_stop = timed_after_stop  # False: stay at the check settings between passes
         try:
             self.libc = ctypes.CDLL("libc.so.6")
             self.libc.mallopt  # noqa: B018 - glibc only
@@ -195,7 +196,8 @@ class RssPeak:
 
             unit = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
             peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit - self.before)
-        self.timed()
+        if self.timed_after_stop:
+            self.timed()
         return peak
 
 
