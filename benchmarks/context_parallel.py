@@ -64,7 +64,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from measure import CommCounter, MachineLoad, RssPeak, install_comm_counter, klen, machine_info, mib, nbytes  # noqa: E402
+from measure import (CommCounter, MachineLoad, RssPeak, all_ranks, install_comm_counter, record_timed_pass,
+                     klen, machine_info, mib, nbytes)  # noqa: E402
 
 CP_MODES = ("ring", "zigzag", "ulysses", "hybrid", "allgather")
 ALL_MODES = CP_MODES + ("deepspeed",)
@@ -321,10 +322,7 @@ def cp_worker(cfg: dict, cp: int, role: str, ref_dir: str, events) -> dict:
                 del out, grads, got
                 per_rank = {"profiler_peak_bytes": prof_peak, "rss_peak_increase_bytes": rss_peak,
                             "input_bytes": sum(nbytes(t) for t in (q, k, v, dout)), "comm": counter.totals()}
-                gathered = [per_rank]
-                if cp > 1:
-                    gathered = [None] * cp
-                    dist.all_gather_object(gathered, per_rank)
+                gathered = all_ranks(per_rank, cp)
                 results[(runner.name, seq_len)].update(per_rank=gathered, errors=errors)
                 progress(run_weight(seq_len, cp), f"cp{cp} {runner.name} {klen(seq_len)} check")
             del ref
@@ -339,16 +337,7 @@ def cp_worker(cfg: dict, cp: int, role: str, ref_dir: str, events) -> dict:
                     out, grads, fwd_s, wall_s = fwd_bwd(runner, q, k, v, dout)
                     cpu_s = time.process_time() - c0
                     del out, grads
-                    times = torch.tensor([fwd_s, wall_s], dtype=torch.float64)
-                    cpus = [cpu_s]
-                    if cp > 1:
-                        dist.all_reduce(times, op=dist.ReduceOp.MAX)
-                        cpus = [None] * cp
-                        dist.all_gather_object(cpus, cpu_s)
-                    res = results[(runner.name, seq_len)]
-                    res["fwd_s"].append(float(times[0]))
-                    res["wall_s"].append(float(times[1]))
-                    res["cpu_s"].append(cpus)
+                    record_timed_pass(results[(runner.name, seq_len)], cp, fwd_s, wall_s, cpu_s)
                     progress(run_weight(seq_len, cp), f"cp{cp} {runner.name} {klen(seq_len)} #{r + 1}")
         del local
     model = {}
@@ -427,10 +416,7 @@ def model_step_checks(cfg: dict, cp: int, runners: list, rss, ref_dir: str, barr
                       "dx_abs": float(dx_err)}
         per_rank = {"rss_peak_increase_bytes": peak, "memory_method": rss.method,
                     "input_bytes": nbytes(x) + nbytes(labels)}
-        gathered = [per_rank]
-        if cp > 1:
-            gathered = [None] * cp
-            dist.all_gather_object(gathered, per_rank)
+        gathered = all_ranks(per_rank, cp)
         out[runner.name] = {"per_rank": gathered, "errors": errors}
         del x, grads
         progress(cfg["model_layers"] * run_weight(seq_len, cp), f"cp{cp} {runner.name} model {klen(seq_len)}")

@@ -125,6 +125,34 @@ def install_comm_counter(counter: CommCounter):
 
 
 # ----------------------------------------------------------------------------------------------
+# Collecting one pass's numbers from every rank of the cp group
+# ----------------------------------------------------------------------------------------------
+def all_ranks(value, cp: int) -> list:
+    """Every rank's `value` (any picklable object), in rank order; [value] at cp 1."""
+    if cp == 1:
+        return [value]
+    import torch.distributed as dist
+
+    out = [None] * cp
+    dist.all_gather_object(out, value)
+    return out
+
+
+def record_timed_pass(res: dict, cp: int, fwd_s: float, wall_s: float, cpu_s: float) -> None:
+    """Append one timed pass to `res`: the slowest rank's forward and forward+backward seconds,
+    and every rank's CPU seconds."""
+    import torch
+    import torch.distributed as dist
+
+    times = torch.tensor([fwd_s, wall_s], dtype=torch.float64)
+    if cp > 1:
+        dist.all_reduce(times, op=dist.ReduceOp.MAX)
+    res["fwd_s"].append(float(times[0]))
+    res["wall_s"].append(float(times[1]))
+    res["cpu_s"].append(all_ranks(cpu_s, cp))
+
+
+# ----------------------------------------------------------------------------------------------
 # Per-rank peak memory on CPU: the RSS high-water mark over one pass
 # ----------------------------------------------------------------------------------------------
 def proc_status_kib(*keys) -> dict:

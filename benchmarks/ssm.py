@@ -78,7 +78,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from measure import CommCounter, MachineLoad, RssPeak, install_comm_counter, kib, klen, machine_info, mib, nbytes  # noqa: E402
+from measure import (CommCounter, MachineLoad, RssPeak, all_ranks, install_comm_counter, record_timed_pass,
+                     kib, klen, machine_info, mib, nbytes)  # noqa: E402
 
 SSM_MODES = ("state_passing", "all_to_all")
 PARTS = ("mixer", "stack")
@@ -317,10 +318,7 @@ def ssm_worker(cfg: dict, cp: int, ref_dir: str, events) -> dict:
                 per_rank = {"rss_peak_increase_bytes": peak, "memory_method": rss.method,
                             "input_bytes": nbytes(x) + nbytes(dout), "comm": counter.snapshot(),
                             "check_wall_s": wall_s, "check_cpu_s": check_cpu_s}
-                gathered = [per_rank]
-                if cp > 1:
-                    gathered = [None] * cp
-                    dist.all_gather_object(gathered, per_rank)
+                gathered = all_ranks(per_rank, cp)
                 results[f"{part.name}|{name}|{seq_len}"] = {"per_rank": gathered, "errors": errors, "wall_s": [],
                                                              "fwd_s": [], "cpu_s": []}
                 progress(run_weight(part.name, seq_len, cp), f"cp{cp} {part.name} {name} {klen(seq_len)} check")
@@ -339,16 +337,7 @@ def ssm_worker(cfg: dict, cp: int, ref_dir: str, events) -> dict:
                     out, fwd_s, wall_s = fwd_bwd(part, x, dout, positions)
                     cpu_s = time.process_time() - c0
                     del out
-                    times = torch.tensor([fwd_s, wall_s], dtype=torch.float64)
-                    cpus = [cpu_s]
-                    if cp > 1:
-                        dist.all_reduce(times, op=dist.ReduceOp.MAX)
-                        cpus = [None] * cp
-                        dist.all_gather_object(cpus, cpu_s)
-                    res = results[f"{part.name}|{name}|{seq_len}"]
-                    res["fwd_s"].append(float(times[0]))
-                    res["wall_s"].append(float(times[1]))
-                    res["cpu_s"].append(cpus)
+                    record_timed_pass(results[f"{part.name}|{name}|{seq_len}"], cp, fwd_s, wall_s, cpu_s)
                     progress(run_weight(part.name, seq_len, cp), f"cp{cp} {part.name} {name} {klen(seq_len)} #{r + 1}")
             del x, dout
     return results
