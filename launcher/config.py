@@ -66,6 +66,9 @@ class ParallelConfig:
     cp_mode: Literal["auto", "ring", "zigzag", "ulysses", "hybrid", "allgather"] = "auto"
     # Mamba layers of hybrid stacks: state_passing (no head-count limit) or all_to_all.
     ssm_cp_mode: Literal["state_passing", "all_to_all"] = "state_passing"
+    # ring/zigzag/hybrid: K/V goes round the ring in this many pieces (in-flight buffers shrink by
+    # this factor; more, smaller messages and kernel calls). A memory knob for the longest sequences.
+    cp_kv_chunks: int = 1
     cp_ulysses_degree: int = 0  # hybrid: ranks per Ulysses group (0: the largest divisor of cp <= 8 that fits the heads)
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = "1f1b"
     pp_microbatches: int = 0  # 0: as many as pipeline stages (pp x pp_stages_per_rank)
@@ -379,7 +382,7 @@ def validate_recipe(recipe: Recipe, source: str = "recipe", world_size: int | No
 
         try:
             resolve_mode(p.cp_mode, p.cp, mcfg.n_heads // p.tp, mcfg.n_kv_heads // p.tp, p.cp_ulysses_degree, p.tp,
-                         contiguous=hybrid)
+                         contiguous=hybrid, kv_chunks=p.cp_kv_chunks)
         except CPConfigError as err:
             fail(str(err))
         if hybrid:

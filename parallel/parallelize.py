@@ -74,7 +74,7 @@ def parallelize(model: nn.Module, mesh: Mesh, recipe: Recipe, device: torch.devi
         hybrid = hasattr(cfg, "pattern")
         attention = build_strategy(mesh, p.cp_mode, cfg.n_heads // dims.tp, cfg.n_kv_heads // dims.tp,
                                    p.cp_ulysses_degree, p.attention_backend, tp=dims.tp,
-                                   contiguous=hybrid)
+                                   contiguous=hybrid, kv_chunks=p.cp_kv_chunks)
         if hybrid:
             ssm = build_ssm_core(p.ssm_cp_mode, mesh)
     else:

@@ -128,7 +128,7 @@ def cp_attention_errors(cases: list[dict]) -> list[dict]:
 
         strategy = build_strategy(mesh, case["mode"], heads=h, kv_heads=hkv,
                                   ulysses_degree=case.get("ulysses", 0), backend=case.get("backend", "auto"),
-                                  causal=causal)
+                                  causal=causal, kv_chunks=case.get("kv_chunks", 1))
         shape, rank = strategy.shape, mesh.local_rank("cp")
         if doc_ids is None:
             padded = padded_length(s, shape)
@@ -153,7 +153,7 @@ def cp_attention_errors(cases: list[dict]) -> list[dict]:
         if doc_ids is not None:
             kwargs = {"positions": take(positions), "doc_ids": torch.gather(pad(doc_ids, -1), 1, index)}
         else:
-            kwargs = {"positions": index.clone()}
+            kwargs = {"positions": index.clone(), "seq_len": s}
         out = strategy(*local, 0.3, **kwargs)
         grads = torch.autograd.grad(out, local, take(dout).to(dtype))
         real = (index < s)

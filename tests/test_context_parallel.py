@@ -7,7 +7,7 @@ import torch
 from cases import cp_attention_errors
 from distributed import run_group
 from longtrain.parallel.context.layout import CPShape, attention_work
-from longtrain.parallel.context.strategy import CPConfigError, resolve_mode
+from longtrain.parallel.context.strategy import ContextParallelAttention, CPConfigError, resolve_mode
 
 MODES = ["ring", "zigzag", "ulysses", "hybrid", "allgather"]
 # Row 0: odd lengths, a length-1 document, one spanning several shards, padding at the end.
@@ -20,15 +20,28 @@ def _cases(cp):
     for mode in MODES:
         for causal in (True, False):
             cases.append({"mode": mode, "shape": (2, 8 * cp, 4, 4, 8), "causal": causal, "name": f"{mode} mha"})
-        # GQA; kv heads (1) < cp for Ulysses and hybrid
-        cases.append({"mode": mode, "shape": (2, 8 * cp + 3, 4, 1, 8), "name": f"{mode} gqa odd total"})
+        # GQA; kv heads (1) < cp for Ulysses and hybrid; the total needs padding, which full
+        # attention must not see (seq_len masks it)
+        for causal in (True, False):
+            cases.append({"mode": mode, "shape": (2, 8 * cp + 3, 4, 1, 8), "causal": causal,
+                          "name": f"{mode} gqa odd total"})
         cases.append({"mode": mode, "shape": (2, 31, 4, 2, 8), "doc_lengths": PACKED_DOCS, "name": f"{mode} packed"})
         cases.append({"mode": mode, "shape": (2, 31, 4, 2, 8), "doc_lengths": PACKED_DOCS, "causal": False,
                       "name": f"{mode} packed full"})
+    # K/V in pieces round the ring (parallel.cp_kv_chunks): uneven pieces, pieces crossing zigzag
+    # segments, packed documents, more pieces than tokens (clamped)
+    for mode, chunks in (("ring", 3), ("zigzag", 3), ("zigzag", 1000)):
+        cases.append({"mode": mode, "kv_chunks": chunks, "shape": (2, 8 * cp, 4, 2, 8), "name": f"{mode} kv_chunks {chunks}"})
+        cases.append({"mode": mode, "kv_chunks": chunks, "shape": (2, 31, 4, 2, 8), "doc_lengths": PACKED_DOCS,
+                      "name": f"{mode} packed kv_chunks {chunks}"})
+    cases.append({"mode": "zigzag", "kv_chunks": 2, "causal": False, "shape": (1, 8 * cp + 3, 4, 1, 8),
+                  "name": "zigzag full gqa kv_chunks 2"})
     if cp == 4:  # a real 2D hybrid: Ulysses 2 x ring 2
         cases.append({"mode": "hybrid", "ulysses": 2, "shape": (1, 37, 4, 1, 8), "doc_lengths": [[7, 1, 29]],
                       "name": "hybrid u2 packed"})
         cases.append({"mode": "hybrid", "ulysses": 2, "shape": (2, 40, 4, 2, 8), "name": "hybrid u2"})
+        cases.append({"mode": "hybrid", "ulysses": 2, "kv_chunks": 2, "shape": (1, 37, 4, 1, 8),
+                      "doc_lengths": [[7, 1, 29]], "name": "hybrid u2 packed kv_chunks 2"})
     return cases
 
 
@@ -87,3 +100,16 @@ def test_bad_cp_settings_fail_with_one_line():
     assert resolve_mode("auto", 16, 32, 8, 0)[1] == CPShape(ring=2, ulysses=8, balance="zigzag")
     assert resolve_mode("auto", 4, 6, 2, 0)[0] == "hybrid"  # heads do not divide by cp
     assert resolve_mode("auto", 4, 8, 2, 0)[0] == "ulysses"
+    with pytest.raises(CPConfigError, match=r"parallel.cp_kv_chunks: 2 pieces of K/V need a ring, but cp_mode ulysses"):
+        resolve_mode("ulysses", 4, 8, 2, 0, kv_chunks=2)
+    with pytest.raises(CPConfigError, match=r"cp_mode hybrid \(ring 1 x ulysses 4\) has none"):
+        resolve_mode("hybrid", 4, 8, 2, 4, kv_chunks=2)
+    with pytest.raises(CPConfigError, match=r"parallel.cp_kv_chunks: 0 must be at least 1"):
+        resolve_mode("ring", 4, 8, 2, 0, kv_chunks=0)
+    assert resolve_mode("zigzag", 4, 8, 2, 0, kv_chunks=4)[1] == CPShape(ring=4, ulysses=1, balance="zigzag")
+    # full attention over unpacked rows cannot tell padding keys from real ones without seq_len
+    full = ContextParallelAttention("ring", CPShape(ring=2, ulysses=1, balance="contiguous"), 0, None, None, None,
+                                    causal=False)
+    q = torch.zeros(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="full \\(non-causal\\) attention over unpacked rows needs seq_len"):
+        full(q, q, q, 1.0)

@@ -6,6 +6,11 @@ Backward runs the ring again: each member recomputes its blocks against the trav
 adding dQ locally, while a dK/dV accumulator travels *with* its K/V. After R steps every
 accumulator has collected all members' contributions and one more hop returns it to its owner.
 
+`kv_chunks` > 1 splits every member's K/V into that many pieces that go round the ring one after
+another: everything in flight (K/V, dK/dV accumulators, the kernel's block gradients) shrinks by
+that factor, for the price of kv_chunks x more, smaller messages and kernel calls. Memory only:
+the result is the same (the pieces are key blocks, merged like any other).
+
 Which keys a query may attend is decided per block (`BlockPairs`): for unpacked rows from the
 members' contiguous segments (global offsets, so whole blocks are full, skipped or plainly
 causal), for packed rows from per-token positions and document ids, which travel with K/V.
@@ -27,18 +32,39 @@ class TokenInfo:
     segments: list[tuple[int, int]] | None = None  # (global start, length) in local order
     pos: torch.Tensor | None = None  # (B, S)
     doc: torch.Tensor | None = None  # (B, S)
+    limit: int | None = None  # unpacked: global index from which tokens are padding (never keys)
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.pos, self.doc) if t is not None]
 
+    def slice(self, start: int, stop: int) -> "TokenInfo":
+        """The tokens at local indices [start, stop)."""
+        segments = None
+        if self.segments is not None:
+            segments, local = [], 0
+            for seg_start, length in self.segments:
+                lo, hi = max(start, local), min(stop, local + length)
+                if lo < hi:
+                    segments.append((seg_start + lo - local, hi - lo))
+                local += length
+        return TokenInfo(segments, *(None if t is None else t[:, start:stop] for t in (self.pos, self.doc)),
+                         limit=self.limit)
+
     def with_tensors(self, tensors: list[torch.Tensor]) -> "TokenInfo":
         it = iter(tensors)
         return TokenInfo(self.segments, next(it) if self.pos is not None else None,
-                         next(it) if self.doc is not None else None)
+                         next(it) if self.doc is not None else None, self.limit)
+
+
+def chunk_bounds(length: int, kv_chunks: int) -> list[tuple[int, int]]:
+    """[start, stop) of `kv_chunks` near-equal pieces of a local block (fewer if it is shorter)."""
+    pieces = max(1, min(kv_chunks, length))
+    return [(i * length // pieces, (i + 1) * length // pieces) for i in range(pieces)]
 
 
 def block_pairs(q: TokenInfo, k: TokenInfo, causal: bool):
-    """(q slice, k slice, mask) triples covering queries q against keys k."""
+    """(q slice, k slice, mask) triples covering queries q against keys k. Keys at or past
+    `k.limit` (an unpacked row's padding) are left out of every block."""
     if q.segments is None:
         yield slice(None), slice(None), BlockMask(causal=causal, q_pos=q.pos, k_pos=k.pos, q_doc=q.doc, k_doc=k.doc)
         return
@@ -46,9 +72,10 @@ def block_pairs(q: TokenInfo, k: TokenInfo, causal: bool):
     for q_start, q_len in q.segments:
         k_local = 0
         for k_start, k_len in k.segments:
+            real_len = k_len if k.limit is None else max(0, min(k_len, k.limit - k_start))
             mask = BlockMask(causal=causal, q_offset=q_start, k_offset=k_start)
-            if mask.kind(q_len, k_len) != "empty":
-                yield slice(q_local, q_local + q_len), slice(k_local, k_local + k_len), mask
+            if real_len and mask.kind(q_len, real_len) != "empty":
+                yield slice(q_local, q_local + q_len), slice(k_local, k_local + real_len), mask
             k_local += k_len
         q_local += q_len
 
@@ -116,49 +143,69 @@ class RingAttention(torch.autograd.Function):
     rows `q_info`/`k_info` carry per-token positions and documents and travel with K/V."""
 
     @staticmethod
-    def forward(ctx, q, k, v, q_info, member_infos, my_member, scale, causal, backend, group):
+    def forward(ctx, q, k, v, q_info, member_infos, my_member, scale, causal, backend, group, kv_chunks=1):
         ring = RingExchange(group)
         n = len(ring.ranks)
         out = lse = None
-        cur = [k, v] + q_info.tensors()  # my keys carry the same positions/documents as my queries
-        for step in range(n):
-            src = (my_member - step) % n
-            pending = ring.start(cur, tag=1) if step < n - 1 else None
-            k_info = member_infos[src] if q_info.segments is not None else q_info.with_tensors(cur[2:])
-            out, lse = blocks_forward(q, cur[0], cur[1], q_info, k_info, scale, causal, backend, out, lse)
-            if pending is not None:
-                cur = RingExchange.finish(pending)
+        for start, stop in chunk_bounds(k.shape[1], kv_chunks):
+            # my keys carry the same positions/documents as my queries
+            cur = [t[:, start:stop] for t in [k, v] + q_info.tensors()]
+            for step in range(n):
+                src = (my_member - step) % n
+                pending = ring.start(cur, tag=1) if step < n - 1 else None
+                k_info = (member_infos[src].slice(start, stop) if q_info.segments is not None
+                          else q_info.with_tensors(cur[2:]))
+                out, lse = blocks_forward(q, cur[0], cur[1], q_info, k_info, scale, causal, backend, out, lse)
+                if pending is not None:
+                    cur = RingExchange.finish(pending)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, *q_info.tensors())
-        ctx.args = (q_info, member_infos, my_member, scale, causal, backend, group)
+        ctx.args = (q_info, member_infos, my_member, scale, causal, backend, group, kv_chunks)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, *info_tensors = ctx.saved_tensors
-        q_info, member_infos, my_member, scale, causal, backend, group = ctx.args
+        q_info, member_infos, my_member, scale, causal, backend, group, kv_chunks = ctx.args
         q_info = q_info.with_tensors(info_tensors)
         ring = RingExchange(group)
         n = len(ring.ranks)
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         dout = dout.contiguous()
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        cur = [k, v] + info_tensors
-        grads_pending = None
-        for step in range(n):
-            src = (my_member - step) % n
-            kv_pending = ring.start(cur, tag=1) if step < n - 1 else None
-            k_info = member_infos[src] if q_info.segments is not None else q_info.with_tensors(cur[2:])
-            block_dk = torch.zeros(k.shape, dtype=acc, device=k.device)
-            block_dv = torch.zeros(v.shape, dtype=acc, device=v.device)
-            blocks_backward(dout, q, cur[0], cur[1], out, lse, q_info, k_info, scale, causal, backend,
-                            dq, block_dk, block_dv)
-            if grads_pending is not None:  # the accumulator of these K/V, from the previous rank
-                dk_acc, dv_acc = RingExchange.finish(grads_pending)
-                block_dk += dk_acc
-                block_dv += dv_acc
-            grads_pending = ring.start([block_dk, block_dv], tag=2)  # travels on with its K/V
-            if kv_pending is not None:
-                cur = RingExchange.finish(kv_pending)
-        dk, dv = RingExchange.finish(grads_pending)  # my own K/V's gradients, back home
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
+        bounds = chunk_bounds(k.shape[1], kv_chunks)
+        if len(bounds) > 1:
+            dk, dv = (torch.empty(t.shape, dtype=acc, device=t.device) for t in (k, v))
+        going_home = None  # (pending exchange, start, stop): the last hop of a chunk's accumulators
+        for start, stop in bounds:
+            cur = [t[:, start:stop] for t in [k, v] + info_tensors]
+            grads_pending = None
+            for step in range(n):
+                src = (my_member - step) % n
+                kv_pending = ring.start(cur, tag=1) if step < n - 1 else None
+                k_info = (member_infos[src].slice(start, stop) if q_info.segments is not None
+                          else q_info.with_tensors(cur[2:]))
+                block_dk = torch.zeros(cur[0].shape, dtype=acc, device=k.device)
+                block_dv = torch.zeros(cur[1].shape, dtype=acc, device=v.device)
+                blocks_backward(dout, q, cur[0], cur[1], out, lse, q_info, k_info, scale, causal, backend,
+                                dq, block_dk, block_dv)
+                if going_home is not None:  # the previous chunk's gradients, home while this one computed
+                    home, home_start, home_stop = going_home
+                    dk[:, home_start:home_stop], dv[:, home_start:home_stop] = RingExchange.finish(home)
+                    going_home = None
+                if grads_pending is not None:  # the accumulator of these K/V, from the previous rank
+                    dk_acc, dv_acc = RingExchange.finish(grads_pending)
+                    block_dk += dk_acc
+                    block_dv += dv_acc
+                    del dk_acc, dv_acc
+                grads_pending = ring.start([block_dk, block_dv], tag=2)  # travels on with its K/V
+                del block_dk, block_dv
+                if kv_pending is not None:
+                    cur = RingExchange.finish(kv_pending)
+            going_home = (grads_pending, start, stop)
+        home, home_start, home_stop = going_home
+        if len(bounds) == 1:
+            dk, dv = RingExchange.finish(home)  # my own K/V's gradients, back home
+        else:
+            dk[:, home_start:home_stop], dv[:, home_start:home_stop] = RingExchange.finish(home)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None

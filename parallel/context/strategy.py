@@ -8,6 +8,10 @@ Modes (recipe key `parallel.cp_mode`):
              groups (USP); the default when cp > 8 or the heads per tp rank do not divide by cp;
 - allgather: every rank all-gathers K/V (Llama-3 style) and attends its zigzag queries to them.
 Packed rows (document ids) work in every mode: masks come from positions and document ids.
+
+`parallel.cp_kv_chunks` (ring, zigzag, hybrid): each ring member's K/V goes round the ring in
+that many pieces, one after another, so that what is in flight at once is that much smaller
+(ring.py). A memory knob for the longest sequences; 1 (default) sends whole blocks.
 """
 from __future__ import annotations
 
@@ -37,10 +41,22 @@ def auto_ulysses_degree(cp: int, heads: int, kv_heads: int) -> int:
 
 
 def resolve_mode(mode: str, cp: int, heads: int, kv_heads: int, ulysses_degree: int, tp: int = 1,
-                 contiguous: bool = False) -> tuple[str, CPShape]:
+                 contiguous: bool = False, kv_chunks: int = 1) -> tuple[str, CPShape]:
     """(mode, shape) for a recipe's cp settings, heads being per tensor-parallel rank.
     `contiguous`: every rank's shard must be one contiguous run (hybrid Mamba stacks, whose scans
     need their tokens in order): ring/hybrid/allgather then use contiguous shards, zigzag is refused."""
+    mode, shape = _resolve_layout(mode, cp, heads, kv_heads, ulysses_degree, tp, contiguous)
+    if kv_chunks < 1:
+        raise CPConfigError(f"parallel.cp_kv_chunks: {kv_chunks} must be at least 1")
+    if kv_chunks > 1 and (mode == "allgather" or shape.ring == 1):
+        raise CPConfigError(f"parallel.cp_kv_chunks: {kv_chunks} pieces of K/V need a ring, but cp_mode {mode} "
+                            f"(ring {shape.ring} x ulysses {shape.ulysses}) has none; use ring, zigzag or hybrid "
+                            f"with ring > 1, or cp_kv_chunks: 1")
+    return mode, shape
+
+
+def _resolve_layout(mode: str, cp: int, heads: int, kv_heads: int, ulysses_degree: int, tp: int,
+                    contiguous: bool) -> tuple[str, CPShape]:
     if mode == "auto":
         mode = "ulysses" if cp <= 8 and heads % cp == 0 else "hybrid"
     if contiguous and mode == "zigzag":
@@ -89,15 +105,21 @@ class ContextParallelAttention:
     this rank's shard of the sequence; returns this rank's shard of the output."""
 
     def __init__(self, mode: str, shape: CPShape, cp_rank: int, cp_group, ulysses_group, ring_group,
-                 backend: str = "auto", causal: bool = True):
-        self.mode, self.shape, self.cp_rank = mode, shape, cp_rank
+                 backend: str = "auto", causal: bool = True, kv_chunks: int = 1):
+        self.mode, self.shape, self.cp_rank, self.kv_chunks = mode, shape, cp_rank, kv_chunks
         self.cp_group, self.ulysses_group, self.ring_group = cp_group, ulysses_group, ring_group
         self.backend, self.causal = backend, causal
         self.member, _ = shape.member_of(cp_rank)
 
-    def __call__(self, q, k, v, scale: float, positions=None, doc_ids=None):
+    def __call__(self, q, k, v, scale: float, positions=None, doc_ids=None, seq_len: int | None = None):
+        """`seq_len`: an unpacked row's length before the cp padding (layout.padded_length); keys
+        past it are padding and are masked. Causal attention never reaches them from a real query,
+        so only full (non-causal) attention over unpacked rows needs it, and there it is required."""
         u = self.shape.ulysses
         packed = doc_ids is not None
+        if not packed and not self.causal and seq_len is None:
+            raise ValueError("ContextParallelAttention: full (non-causal) attention over unpacked rows needs seq_len, "
+                             "the length before cp padding, or the padding keys would be attended")
         if u > 1:
             h_kv = k.shape[2]
             if h_kv % u:  # fewer kv heads than Ulysses ranks: replicate them
@@ -110,7 +132,8 @@ class ContextParallelAttention:
             member_infos = None
         else:
             padded = q.shape[1] * self.shape.ring
-            member_infos = [TokenInfo(segments=s) for s in member_segments(padded, self.shape)]
+            limit = seq_len if seq_len is not None and seq_len < padded else None
+            member_infos = [TokenInfo(segments=s, limit=limit) for s in member_segments(padded, self.shape)]
             q_info = member_infos[self.member]
 
         if self.mode == "allgather":
@@ -118,23 +141,25 @@ class ContextParallelAttention:
             if packed:
                 k_info = TokenInfo(pos=gather_seq(positions, self.cp_group), doc=gather_seq(doc_ids, self.cp_group))
             else:
-                k_info = TokenInfo(segments=[seg for info in member_infos for seg in info.segments])
+                k_info = TokenInfo(segments=[seg for info in member_infos for seg in info.segments],
+                                   limit=q_info.limit)
             out = LocalBlocksAttention.apply(q, k_all, v_all, q_info, k_info, scale, self.causal, self.backend)
         elif self.shape.ring == 1:
             out = LocalBlocksAttention.apply(q, k, v, q_info, q_info, scale, self.causal, self.backend)
         else:
             out = RingAttention.apply(q, k, v, q_info, member_infos, self.member, scale, self.causal, self.backend,
-                                      self.ring_group)
+                                      self.ring_group, self.kv_chunks)
         if u > 1:
             out = HeadsToSeq.apply(out, self.ulysses_group)
         return out
 
 
 def build_strategy(mesh, mode: str, heads: int, kv_heads: int, ulysses_degree: int, backend: str,
-                   tp: int = 1, causal: bool = True, contiguous: bool = False) -> ContextParallelAttention:
+                   tp: int = 1, causal: bool = True, contiguous: bool = False,
+                   kv_chunks: int = 1) -> ContextParallelAttention:
     """The strategy for this rank of `mesh` (a longtrain Mesh). heads/kv_heads per tp rank."""
     cp = mesh.dims.cp
-    mode, shape = resolve_mode(mode, cp, heads, kv_heads, ulysses_degree, tp, contiguous)
+    mode, shape = resolve_mode(mode, cp, heads, kv_heads, ulysses_degree, tp, contiguous, kv_chunks)
     ulysses, ring = build_groups(mesh.world, shape)
     return ContextParallelAttention(mode, shape, mesh.local_rank("cp"), mesh["cp"].get_group(), ulysses, ring,
-                                    backend=backend, causal=causal)
+                                    backend=backend, causal=causal, kv_chunks=kv_chunks)
