@@ -2,7 +2,7 @@
 cp mode against single-device attention, with DeepSpeed's Ulysses side by side.
 
     python benchmarks/context_parallel.py [--max-len 65536] [--min-len 4096] [--lengths 4096,8192]
-                                          [--modes ring,zigzag,ulysses,hybrid,allgather,deepspeed]
+                                          [--modes ring,zigzag,zigzag-kv4,ulysses,hybrid,allgather,deepspeed]
                                           [--cps 2,4] [--repeats 3] [--long-repeats 1] [--long-from 32768]
                                           [--heads 4] [--kv-heads 2] [--head-dim 32] [--out DIR]
 
@@ -68,7 +68,17 @@ from measure import (CommCounter, MachineLoad, RssPeak, all_ranks, install_comm_
                      klen, machine_info, mib, nbytes)  # noqa: E402
 
 CP_MODES = ("ring", "zigzag", "ulysses", "hybrid", "allgather")
+# A ring mode may carry "-kvN": its K/V goes round the ring in N pieces (parallel.cp_kv_chunks).
+DEFAULT_MODES = ("ring", "zigzag", "zigzag-kv4", "ulysses", "hybrid", "allgather", "deepspeed")
 ALL_MODES = CP_MODES + ("deepspeed",)
+
+
+def mode_parts(name: str) -> tuple[str, int]:
+    """("zigzag", 4) for "zigzag-kv4"; (name, 1) without a -kv suffix."""
+    base, sep, chunks = name.partition("-kv")
+    if sep and chunks.isdigit() and int(chunks) >= 1:
+        return base, int(chunks)
+    return name, 1
 MEMORY_TARGET = 0.35  # issue: at 32K, cp 4 per-rank peak memory <= 0.35x cp 1
 MEMORY_TARGET_LEN, MEMORY_TARGET_CP = 32768, 4
 DEEPSPEED_TARGET = 1.0  # issue: longtrain's Ulysses time <= 1.0x DeepSpeed's
@@ -142,16 +152,18 @@ def make_runners(cfg: dict, cp: int) -> tuple[list[Runner], dict]:
     for mode in cfg["modes"]:
         if mode == "deepspeed":
             continue
-        strategy = build_strategy(mesh, mode, heads=cfg["heads"], kv_heads=cfg["kv_heads"],
-                                  ulysses_degree=cfg["hybrid_ulysses"] if mode == "hybrid" else 0,
-                                  backend=backend, causal=True)
+        base, kv_chunks = mode_parts(mode)
+        strategy = build_strategy(mesh, base, heads=cfg["heads"], kv_heads=cfg["kv_heads"],
+                                  ulysses_degree=cfg["hybrid_ulysses"] if base == "hybrid" else 0,
+                                  backend=backend, causal=True, kv_chunks=kv_chunks)
         shape = strategy.shape
 
         def fn(q, k, v, _s=strategy):  # unpacked rows: the causal order comes from the layout
             return _s(q, k, v, scale)
 
+        pieces = f", K/V in {kv_chunks} pieces" if kv_chunks > 1 else ""
         runners.append(Runner(mode, fn, lambda s, _shape=shape: dense_index(s, _shape)[rank],
-                              f"ring {shape.ring} x ulysses {shape.ulysses}, {shape.balance}"))
+                              f"ring {shape.ring} x ulysses {shape.ulysses}, {shape.balance}{pieces}"))
     if "deepspeed" in cfg["modes"]:
         ds, info = make_deepspeed(cfg, cp, local_attention)
         if ds is not None:
@@ -514,7 +526,7 @@ def summarize(cfg: dict, raw: dict) -> dict:
                 cpu_max = statistics.median(max(c) for c in r["cpu_s"])
                 cpu_sum = statistics.median(sum(c) for c in r["cpu_s"])
                 sent = {ph: max(p["comm"][ph] for p in ranks) for ph in ("fwd", "bwd", "total")}
-                exp = expected_bytes(mode, cfg, cp, seq_len, min(cfg["hybrid_ulysses"], cp))
+                exp = expected_bytes(mode_parts(mode)[0], cfg, cp, seq_len, min(cfg["hybrid_ulysses"], cp))
                 wall = statistics.median(r["wall_s"])
                 per_cp.setdefault(mode, {})[str(seq_len)] = {
                     "layout": r["layout"],
@@ -884,8 +896,9 @@ def parse_args(argv=None):
     p.add_argument("--max-len", type=int, default=65536,
                    help="longest sequence (default 65536; 32768 halves the run on 2 cores)")
     p.add_argument("--lengths", default=None, help="comma-separated lengths (overrides --min-len/--max-len)")
-    p.add_argument("--modes", default=",".join(ALL_MODES),
-                   help=f"comma-separated subset of {','.join(ALL_MODES)} (default all)")
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                   help=f"comma-separated, from {','.join(ALL_MODES)}; ring, zigzag and hybrid may take -kvN: "
+                        f"K/V round the ring in N pieces (default {','.join(DEFAULT_MODES)})")
     p.add_argument("--cps", default="2,4", help="cp degrees besides 1 (default 2,4)")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per configuration (default 3)")
     p.add_argument("--long-repeats", type=int, default=1, help="timed passes from --long-from on (default 1)")
@@ -905,9 +918,11 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(HERE / "results"), help="output folder (default benchmarks/results/)")
     args = p.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
-    bad = [m for m in modes if m not in ALL_MODES]
+    bad = [m for m in modes if mode_parts(m)[0] not in ALL_MODES
+           or (mode_parts(m)[1] > 1 and mode_parts(m)[0] not in ("ring", "zigzag", "hybrid"))]
     if bad or not modes:
-        p.error(f"--modes: unknown {', '.join(bad) or '(empty)'}; known: {', '.join(ALL_MODES)}")
+        p.error(f"--modes: unknown {', '.join(bad) or '(empty)'}; known: {', '.join(ALL_MODES)}, and ring, zigzag "
+                f"or hybrid with -kvN (K/V in N pieces, e.g. zigzag-kv4)")
     cps = sorted({int(x) for x in args.cps.split(",") if x})
     if any(cp < 2 for cp in cps):
         p.error("--cps: degrees must be >= 2 (cp 1 always runs)")

@@ -238,6 +238,109 @@ def _flash_backward(dout, q, k, v, out, lse, scale, kind: str):
 
 
 # ----------------------------------------------------------------------------------------------
+# Masked blocks without mask tensors: cut into full and aligned-causal pieces
+# ----------------------------------------------------------------------------------------------
+DENSE_MASK_MAX_ELEMENTS = 1 << 22  # batch x q x k of a per-token mask tensor (16 MiB of fp32 bias)
+
+
+def causal_pieces(q_start: int, q_len: int, k_start: int, k_len: int, causal: bool):
+    """Queries [q_start, +q_len) against keys [k_start, +k_len) (global positions) as at most three
+    (q offset, q len, k offset, k len) pieces, offsets local to the two ranges, that the kernels run
+    without a mask tensor: keys before every query (full), the aligned diagonal square (causal) and
+    the later queries against that square's keys (full). Keys after every query are dropped. A
+    misaligned causal block (K/V pieces, padding cut off the keys, one document's runs) would
+    otherwise need a dense q_len x k_len mask."""
+    if k_len <= 0 or q_len <= 0:
+        return
+    if not causal:
+        yield 0, q_len, 0, k_len
+        return
+    q_end, k_end = q_start + q_len, k_start + k_len
+    diag_start, diag_end = max(q_start, k_start), min(q_end, k_end)
+    if k_start < q_start:  # keys before the first query: seen by all queries
+        yield 0, q_len, 0, min(k_end, q_start) - k_start
+    if diag_start < diag_end:
+        n = diag_end - diag_start
+        yield diag_start - q_start, n, diag_start - k_start, n  # the diagonal: plain causal
+        if diag_end < q_end:  # queries after the diagonal see all of its keys
+            yield diag_end - q_start, q_end - diag_end, diag_start - k_start, n
+
+
+def _runs(pos: torch.Tensor | None, doc: torch.Tensor | None, length: int) -> list[tuple[int, int, int, int]]:
+    """(local start, length, document, first position) of the maximal runs of one row's tokens that
+    are one document (id >= 0) with consecutive positions; padding (id < 0) is in no run."""
+    if pos is None:
+        pos = torch.arange(length, device=doc.device)
+    if doc is None:
+        doc = torch.zeros(length, dtype=torch.long, device=pos.device)
+    new_run = torch.ones(length, dtype=torch.bool, device=pos.device)
+    new_run[1:] = (doc[1:] != doc[:-1]) | (pos[1:] != pos[:-1] + 1)
+    starts = new_run.nonzero().flatten()
+    ends = starts[1:].tolist() + [length]
+    return [(s, e - s, d, p) for s, e, d, p in zip(starts.tolist(), ends, doc[starts].tolist(), pos[starts].tolist())
+            if d >= 0]
+
+
+def _pieces_of_row(mask: BlockMask, row: int, q_len: int, k_len: int):
+    """(q start, q len, k start, k len, BlockMask) pieces of one batch row of a per-token mask:
+    each query run against each key run of its document, cut by causal_pieces."""
+    def pick(t):
+        return None if t is None else t[min(row, t.shape[0] - 1)]
+
+    k_runs: dict[int, list] = {}
+    for run in _runs(pick(mask.k_pos), pick(mask.k_doc), k_len):
+        k_runs.setdefault(run[2], []).append(run)
+    for q_start, q_n, doc, q_pos in _runs(pick(mask.q_pos), pick(mask.q_doc), q_len):
+        for k_start, k_n, _, k_pos in k_runs.get(doc, ()):
+            for qo, qn, ko, kn in causal_pieces(q_pos, q_n, k_pos, k_n, mask.causal):
+                yield (q_start + qo, qn, k_start + ko, kn,
+                       BlockMask(causal=mask.causal, q_offset=q_pos + qo, k_offset=k_pos + ko))
+
+
+def _pieces(mask: BlockMask, batch: int, q_len: int, k_len: int):
+    """(row slice, q slice, k slice, BlockMask) covering a masked block with mask-free pieces."""
+    if not mask.per_token:
+        for qo, qn, ko, kn in causal_pieces(mask.q_offset, q_len, mask.k_offset, k_len, mask.causal):
+            yield (slice(None), slice(qo, qo + qn), slice(ko, ko + kn),
+                   BlockMask(causal=mask.causal, q_offset=mask.q_offset + qo, k_offset=mask.k_offset + ko))
+        return
+    for row in range(batch):
+        for qs, qn, ks, kn, piece in _pieces_of_row(mask, row, q_len, k_len):
+            yield slice(row, row + 1), slice(qs, qs + qn), slice(ks, ks + kn), piece
+
+
+def _cut_into_pieces(mask: BlockMask, kind: str, batch: int, q_len: int, k_len: int) -> bool:
+    """Whether a masked block runs piece by piece: always for offset causal blocks (at most three
+    pieces), for per-token masks when the mask tensor would be large (a packed row of long
+    documents); a small block of many tiny documents is cheaper as one masked kernel call."""
+    if kind != "masked":
+        return False
+    return not mask.per_token or batch * q_len * k_len > DENSE_MASK_MAX_ELEMENTS
+
+
+def _forward_in_pieces(q, k, v, scale, mask: BlockMask, backend: str):
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out, lse = _empty(q)
+    out = out.to(acc)
+    for rows, qs, ks, piece in _pieces(mask, q.shape[0], q.shape[1], k.shape[1]):
+        o, l = attention_forward(q[rows, qs], k[rows, ks], v[rows, ks], scale=scale, mask=piece, backend=backend)
+        out[rows, qs], lse[rows, :, qs] = merge_partials(out[rows, qs], lse[rows, :, qs], o, l)
+    return out.to(q.dtype), lse
+
+
+def _backward_in_pieces(dout, q, k, v, out, lse, scale, mask: BlockMask, backend: str):
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
+    for rows, qs, ks, piece in _pieces(mask, q.shape[0], q.shape[1], k.shape[1]):
+        gq, gk, gv = attention_backward(dout[rows, qs], q[rows, qs], k[rows, ks], v[rows, ks], out[rows, qs],
+                                        lse[rows, :, qs], scale=scale, mask=piece, backend=backend)
+        dq[rows, qs] += gq
+        dk[rows, ks] += gk
+        dv[rows, ks] += gv
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
 # Entry points
 # ----------------------------------------------------------------------------------------------
 _CHECKED: dict = {}
@@ -311,6 +414,8 @@ def attention_forward(q, k, v, *, scale: float, mask: BlockMask, backend: str = 
     if kind == "empty":
         return _empty(q)
     chosen = resolve_backend(backend, q.device, q.dtype, kind)
+    if chosen != "reference" and _cut_into_pieces(mask, kind, q.shape[0], q.shape[1], k.shape[1]):
+        return _forward_in_pieces(q, k, v, scale, mask, backend)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return _dispatch_forward(chosen, q, k, v, scale, mask, kind)
 
@@ -321,6 +426,8 @@ def attention_backward(dout, q, k, v, out, lse, *, scale: float, mask: BlockMask
     if kind == "empty":
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     chosen = resolve_backend(backend, q.device, q.dtype, kind)
+    if chosen != "reference" and _cut_into_pieces(mask, kind, q.shape[0], q.shape[1], k.shape[1]):
+        return _backward_in_pieces(dout, q, k, v, out, lse, scale, mask, backend)
     q, k, v, dout, out = (t.contiguous() for t in (q, k, v, dout, out))
     return _dispatch_backward(chosen, dout, q, k, v, out, lse, scale, mask, kind)
 

@@ -154,8 +154,15 @@ def cp_attention_errors(cases: list[dict]) -> list[dict]:
             kwargs = {"positions": take(positions), "doc_ids": torch.gather(pad(doc_ids, -1), 1, index)}
         else:
             kwargs = {"positions": index.clone(), "seq_len": s}
-        out = strategy(*local, 0.3, **kwargs)
-        grads = torch.autograd.grad(out, local, take(dout).to(dtype))
+        import longtrain.kernels.attention as kernel
+
+        dense_limit = kernel.DENSE_MASK_MAX_ELEMENTS
+        kernel.DENSE_MASK_MAX_ELEMENTS = case.get("dense_mask_max", dense_limit)  # 0: packed blocks in pieces
+        try:
+            out = strategy(*local, 0.3, **kwargs)
+            grads = torch.autograd.grad(out, local, take(dout).to(dtype))
+        finally:
+            kernel.DENSE_MASK_MAX_ELEMENTS = dense_limit
         real = (index < s)
         if doc_ids is not None:
             real &= torch.gather(pad(doc_ids, -1), 1, index) >= 0

@@ -28,6 +28,9 @@ def _cases(cp):
         cases.append({"mode": mode, "shape": (2, 31, 4, 2, 8), "doc_lengths": PACKED_DOCS, "name": f"{mode} packed"})
         cases.append({"mode": mode, "shape": (2, 31, 4, 2, 8), "doc_lengths": PACKED_DOCS, "causal": False,
                       "name": f"{mode} packed full"})
+        for causal in (True, False):  # packed blocks cut into per-document pieces (long rows do this)
+            cases.append({"mode": mode, "shape": (2, 31, 4, 2, 8), "doc_lengths": PACKED_DOCS, "causal": causal,
+                          "dense_mask_max": 0, "name": f"{mode} packed in pieces"})
     # K/V in pieces round the ring (parallel.cp_kv_chunks): uneven pieces, pieces crossing zigzag
     # segments, packed documents, more pieces than tokens (clamped)
     for mode, chunks in (("ring", 3), ("zigzag", 3), ("zigzag", 1000)):
@@ -113,3 +116,22 @@ def test_bad_cp_settings_fail_with_one_line():
     q = torch.zeros(1, 4, 2, 8)
     with pytest.raises(ValueError, match="full \\(non-causal\\) attention over unpacked rows needs seq_len"):
         full(q, q, q, 1.0)
+
+
+def test_causal_blocks_split_into_pieces_without_mask_tensors():
+    """Every offset causal block (K/V pieces, padding cut off the keys) runs as full and aligned
+    causal pieces that together allow exactly the block's (query, key) pairs, each pair once."""
+    import itertools
+
+    from longtrain.kernels.attention import BlockMask
+    from longtrain.kernels.attention import causal_pieces
+
+    for q_start, q_len, k_start, k_len in itertools.product(range(7), range(1, 5), range(9), range(1, 6)):
+        for causal in (True, False):
+            cover = torch.zeros(q_len, k_len, dtype=torch.int)
+            for q_off, q_n, k_off, k_n in causal_pieces(q_start, q_len, k_start, k_len, causal):
+                mask = BlockMask(causal=causal, q_offset=q_start + q_off, k_offset=k_start + k_off)
+                assert mask.kind(q_n, k_n) in ("full", "causal"), (q_start, q_len, k_start, k_len)
+                cover[q_off:q_off + q_n, k_off:k_off + k_n] += mask.allowed(q_n, k_n, "cpu")[0].int()
+            want = BlockMask(causal=causal, q_offset=q_start, k_offset=k_start).allowed(q_len, k_len, "cpu")[0]
+            assert torch.equal(cover, want.int()), (q_start, q_len, k_start, k_len, causal)

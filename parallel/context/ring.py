@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from longtrain.kernels.attention import BlockMask, attention_backward, attention_forward, merge_partials
+from longtrain.kernels.attention import (BlockMask, attention_backward, attention_forward, causal_pieces,
+                                         merge_partials)
 from longtrain.parallel.context.comm import RingExchange
 
 
@@ -73,11 +74,12 @@ def block_pairs(q: TokenInfo, k: TokenInfo, causal: bool):
         k_local = 0
         for k_start, k_len in k.segments:
             real_len = k_len if k.limit is None else max(0, min(k_len, k.limit - k_start))
-            mask = BlockMask(causal=causal, q_offset=q_start, k_offset=k_start)
-            if real_len and mask.kind(q_len, real_len) != "empty":
-                yield slice(q_local, q_local + q_len), slice(k_local, k_local + real_len), mask
+            for qs, q_n, ks, k_n in causal_pieces(q_start, q_len, k_start, real_len, causal):
+                yield (slice(q_local + qs, q_local + qs + q_n), slice(k_local + ks, k_local + ks + k_n),
+                       BlockMask(causal=causal, q_offset=q_start + qs, k_offset=k_start + ks))
             k_local += k_len
         q_local += q_len
+
 
 
 def blocks_forward(q, k, v, q_info: TokenInfo, k_info: TokenInfo, scale, causal, backend, out, lse):

@@ -1,0 +1,96 @@
+"""kernels/attention.py on one process: masked blocks cut into mask-free pieces (packed documents,
+offset causal blocks) equal the reference math, and a long packed row never builds a dense mask."""
+import pytest
+import torch
+
+import longtrain.kernels.attention as kernel
+from longtrain.kernels.attention import BlockMask, attention_backward, attention_forward
+
+
+def _packed_row(lengths: list[int], total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Document ids (-1 padding after the documents) and positions restarting per document."""
+    doc = torch.full((total,), -1, dtype=torch.long)
+    pos = torch.zeros(total, dtype=torch.long)
+    start = 0
+    for i, n in enumerate(lengths):
+        doc[start:start + n] = i
+        pos[start:start + n] = torch.arange(n)
+        start += n
+    return doc, pos
+
+
+def _inputs(b, sq, sk, h, hkv, d, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q, dout = (torch.randn(b, sq, h, d, generator=gen) for _ in range(2))
+    k, v = (torch.randn(b, sk, hkv, d, generator=gen) for _ in range(2))
+    return q, k, v, dout
+
+
+def _compare(q, k, v, dout, mask):
+    """Max abs differences of the default backend (pieces) against the reference on out, lse and grads."""
+    ref_out, ref_lse = attention_forward(q.double(), k.double(), v.double(), scale=0.3, mask=mask, backend="reference")
+    out, lse = attention_forward(q, k, v, scale=0.3, mask=mask)
+    ref_g = attention_backward(dout.double(), q.double(), k.double(), v.double(), ref_out, ref_lse, scale=0.3,
+                               mask=mask, backend="reference")
+    got_g = attention_backward(dout, q, k, v, out, lse, scale=0.3, mask=mask)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(finite, torch.isfinite(lse))  # the same rows have no key at all
+    errors = {"out": (out.double() - ref_out).abs().max(), "lse": (lse.double() - ref_lse)[finite].abs().max()}
+    for name, got, want in zip(("dq", "dk", "dv"), got_g, ref_g):
+        errors[name] = (got.double() - want).abs().max()
+    return {key: float(value) for key, value in errors.items()}
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_blocks_in_pieces_match_reference(monkeypatch, causal):
+    """Queries and keys are scattered subsets of two packed rows (as a cp rank holds them: runs of
+    documents, some documents split, a length-1 document, padding), GQA."""
+    monkeypatch.setattr(kernel, "DENSE_MASK_MAX_ELEMENTS", 0)  # every per-token block in pieces
+    rows = [_packed_row([5, 1, 19, 3, 1, 2], 40), _packed_row([1, 1, 2, 27, 9], 40)]
+    doc = torch.stack([r[0] for r in rows])
+    pos = torch.stack([r[1] for r in rows])
+    q_idx = torch.tensor([0, 1, 2, 5, 6, 7, 8, 20, 21, 22, 23, 24, 28, 29, 36, 37])  # runs, split documents
+    k_idx = torch.tensor([3, 4, 5, 6, 9, 10, 11, 12, 13, 24, 25, 26, 27, 28, 30, 31, 38, 39])
+    q, k, v, dout = _inputs(2, len(q_idx), len(k_idx), 4, 2, 8, seed=1)
+    mask = BlockMask(causal=causal, q_pos=pos[:, q_idx], k_pos=pos[:, k_idx], q_doc=doc[:, q_idx],
+                     k_doc=doc[:, k_idx])
+    errors = _compare(q, k, v, dout, mask)
+    assert max(errors.values()) <= 1e-5, errors
+
+
+@pytest.mark.parametrize("offsets", [(3, 0), (0, 6), (5, 9), (3, 3)])
+def test_offset_causal_blocks_in_pieces_match_reference(offsets):
+    """A block whose keys are not aligned with its queries (a K/V piece, keys cut at the padding)."""
+    q, k, v, dout = _inputs(2, 12, 7, 4, 1, 8, seed=2)
+    mask = BlockMask(causal=True, q_offset=offsets[0], k_offset=offsets[1])
+    assert mask.kind(12, 7) == "masked"
+    errors = _compare(q, k, v, dout, mask)
+    assert max(errors.values()) <= 1e-5, errors
+
+
+def test_long_packed_row_builds_no_dense_mask(monkeypatch):
+    """One 6K-token packed row of four documents: at most DENSE_MASK_MAX_ELEMENTS mask elements per
+    kernel call (the old path built a 6K x 6K mask), and the result equals the dense-mask path."""
+    sizes = []
+    real = kernel._additive_mask
+
+    def recording(allowed, dtype):
+        sizes.append(allowed.numel())
+        return real(allowed, dtype)
+
+    monkeypatch.setattr(kernel, "_additive_mask", recording)
+    monkeypatch.setattr(kernel, "DENSE_MASK_MAX_ELEMENTS", 1 << 20)
+    doc, pos = _packed_row([3000, 1, 2500, 600], 6144)
+    q, k, v, dout = _inputs(1, 6144, 6144, 2, 1, 16, seed=3)
+    mask = BlockMask(causal=True, q_pos=pos[None], k_pos=pos[None], q_doc=doc[None], k_doc=doc[None])
+    out, lse = attention_forward(q, k, v, scale=0.25, mask=mask)
+    grads = attention_backward(dout, q, k, v, out, lse, scale=0.25, mask=mask)
+    assert max(sizes, default=0) <= 1 << 20, max(sizes)
+
+    monkeypatch.setattr(kernel, "DENSE_MASK_MAX_ELEMENTS", 1 << 40)  # one masked call, the old way
+    dense_out, dense_lse = attention_forward(q, k, v, scale=0.25, mask=mask)
+    dense_grads = attention_backward(dout, q, k, v, dense_out, dense_lse, scale=0.25, mask=mask)
+    assert max(sizes) == 6144 * 6144
+    assert (out - dense_out).abs().max() <= 1e-5
+    for got, want in zip(grads, dense_grads):
+        assert (got - want).abs().max() <= 1e-4
