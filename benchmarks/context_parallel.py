@@ -815,7 +815,6 @@ def make_plots(report: dict, out: Path) -> list[str]:
     lengths = c["lengths"]
     single_t = [s["single"][str(x)]["wall_s"] for x in lengths]
     single_cpu = [s["single"][str(x)]["cpu_s"] for x in lengths]
-    single_m = [s["single"][str(x)]["peak_bytes"] / 2 ** 20 for x in lengths]
     styles = {"ring": ("tab:blue", "o"), "zigzag": ("tab:orange", "s"), "ulysses": ("tab:green", "^"),
               "hybrid": ("tab:red", "D"), "allgather": ("tab:purple", "v"), "deepspeed": ("tab:gray", "x")}
     cps = c["cps"]
@@ -833,14 +832,17 @@ def make_plots(report: dict, out: Path) -> list[str]:
         ax.grid(True, which="both", alpha=0.3)
 
     def mode_lines(ax, cp, key, scale=1.0):
-        for mode, (color, marker) in styles.items():
+        for mode in c["modes"]:
             v = s["cp"][str(cp)].get(mode)
-            if not v:
+            base, kv_chunks = mode_parts(mode)
+            if not v or base not in styles:
                 continue
+            color, marker = styles[base]
             xs = [x for x in lengths if str(x) in v]
             label = "deepspeed (Ulysses)" if mode == "deepspeed" else mode
-            ax.plot(xs, [v[str(x)][key] * scale for x in xs], marker=marker, color=color, label=label,
-                    linestyle="--" if mode == "deepspeed" else "-")
+            style = "--" if mode == "deepspeed" else (":" if kv_chunks > 1 else "-")
+            ax.plot(xs, [v[str(x)][key] * scale for x in xs], marker="P" if kv_chunks > 1 else marker, color=color,
+                    label=label, linestyle=style)
 
     fig, axes = plt.subplots(2, len(cps), figsize=(6.5 * len(cps), 9.5), squeeze=False)
     for j, cp in enumerate(cps):
@@ -873,20 +875,24 @@ def make_plots(report: dict, out: Path) -> list[str]:
     plt.close(fig)
     names.append(path.name)
 
-    fig, axes = plt.subplots(1, len(cps), figsize=(6.5 * len(cps), 5), squeeze=False)
-    for j, cp in enumerate(cps):
-        ax = axes[0][j]
-        ax.plot(lengths, single_m, color="black", linestyle=":", marker=".", label="cp 1 (single device)")
-        ax.plot(lengths, [x / cp for x in single_m], color="black", linestyle="-.", alpha=0.5, label=f"cp 1 / {cp}")
-        if cp == MEMORY_TARGET_CP:
-            ax.plot(lengths, [x * MEMORY_TARGET for x in single_m], color="tab:red", linestyle=":", alpha=0.7,
-                    label=f"target {MEMORY_TARGET} x cp 1 (at 32K)")
-        mode_lines(ax, cp, "peak_bytes", 1 / 2 ** 20)
-        ax.set_yscale("log")
-        ax.set_ylabel("per-rank peak memory (MiB, max over ranks)")
-        ax.set_title(f"cp {cp}: per-rank peak memory (inputs + RSS increase)")
-        xaxis(ax)
-        ax.legend(fontsize=8)
+    views = [("peak_bytes", "inputs + RSS increase"), ("profiler_peak_bytes", "inputs + PyTorch allocator peak")]
+    fig, axes = plt.subplots(len(views), len(cps), figsize=(6.5 * len(cps), 5 * len(views)), squeeze=False)
+    for i, (key, what) in enumerate(views):
+        single_view = [s["single"][str(x)][key] / 2 ** 20 for x in lengths]
+        for j, cp in enumerate(cps):
+            ax = axes[i][j]
+            ax.plot(lengths, single_view, color="black", linestyle=":", marker=".", label="cp 1 (single device)")
+            ax.plot(lengths, [x / cp for x in single_view], color="black", linestyle="-.", alpha=0.5,
+                    label=f"cp 1 / {cp}")
+            if cp == MEMORY_TARGET_CP:
+                ax.plot(lengths, [x * MEMORY_TARGET for x in single_view], color="tab:red", linestyle=":", alpha=0.7,
+                        label=f"target {MEMORY_TARGET} x cp 1 (at 32K)")
+            mode_lines(ax, cp, key, 1 / 2 ** 20)
+            ax.set_yscale("log")
+            ax.set_ylabel("per-rank peak memory (MiB, max over ranks)")
+            ax.set_title(f"cp {cp}: per-rank peak memory ({what})")
+            xaxis(ax)
+            ax.legend(fontsize=8)
     fig.tight_layout()
     path = out / "context_parallel_memory.png"
     fig.savefig(path, dpi=110)
@@ -924,6 +930,8 @@ def parse_args(argv=None):
                         "0 skips it)")
     p.add_argument("--model-layers", type=int, default=4, help="layers of the training-step model (default 4)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--replot", metavar="JSON", default=None,
+                   help="redraw the plots and the markdown of an earlier run's JSON into --out, running nothing")
     p.add_argument("--out", default=str(HERE / "results"), help="output folder (default benchmarks/results/)")
     args = p.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
@@ -977,6 +985,8 @@ def _env(**values):
 
 def main(argv=None) -> int:
     args, modes, cps, lengths = parse_args(argv)
+    if args.replot:
+        return replot(Path(args.replot), Path(args.out))
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -1045,6 +1055,22 @@ def main(argv=None) -> int:
     if not args.no_plots:
         report["plots"] = make_plots(report, out)
     report["raw"] = {str(cp): raw[cp]["results"] for cp in raw}
+    (out / "context_parallel.json").write_text(json.dumps(report, indent=2) + "\n")
+    markdown = to_markdown(report)
+    (out / "context_parallel.md").write_text(markdown)
+    print(markdown)
+    return 0
+
+
+def replot(report_path: Path, out: Path) -> int:
+    try:
+        report = json.loads(report_path.read_text())
+        report["summary"], report["config"]
+    except (OSError, ValueError, KeyError) as err:
+        print(f"--replot: {report_path}: not a context_parallel.py report ({err})", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    report["plots"] = make_plots(report, out)
     (out / "context_parallel.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = to_markdown(report)
     (out / "context_parallel.md").write_text(markdown)

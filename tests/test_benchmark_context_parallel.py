@@ -71,6 +71,20 @@ def test_context_parallel_benchmark_smoke(tmp_path):
     for name in report["plots"]:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # K/V in pieces round the ring (the default sweep's zigzag-kv8): exact, same bytes as whole blocks
+    for length in ("256", "512"):
+        pieces, whole = cp2["zigzag-kv8"][length], cp2["zigzag"][length]
+        assert pieces["exact"] and pieces["bytes_sent"] == whole["bytes_sent"]
+        assert "K/V in 8 pieces" in pieces["layout"]
+
+    # --replot redraws the plots and the markdown from the JSON alone
+    replotted = tmp_path / "replot"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--replot", str(tmp_path / "context_parallel.json"),
+                           "--out", str(replotted)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (replotted / "context_parallel.md").read_text() == markdown
+    assert (replotted / "context_parallel_memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
 
 def test_bad_arguments_fail_in_one_line():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--modes", "rings"], capture_output=True, text=True,

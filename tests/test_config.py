@@ -40,6 +40,9 @@ def test_base_cycle_is_reported(tmp_path):
     (["parallel.cp=8", "parallel.cp_mode=ulysses", "model.name=tiny", "run.launch.nproc_per_node=8"],
      "parallel.cp_mode: ulysses needs the attention heads per tensor-parallel rank (model.n_heads / parallel.tp = "
      "4 / 1 = 4) to divide by the Ulysses degree 8"),
+    (["parallel.cp=2", "parallel.cp_mode=ulysses", "parallel.cp_kv_chunks=2", "model.name=tiny",
+      "run.launch.nproc_per_node=2"],
+     "parallel.cp_kv_chunks: 2 pieces of K/V need a ring, but cp_mode ulysses (ring 1 x ulysses 2) has none"),
     (["parallel.pp_schedule=interleaved_1f1b", "parallel.pp=2", "run.launch.nproc_per_node=2"],
      "parallel.pp_stages_per_rank: interleaved_1f1b needs at least 2 stages per rank"),
     (["model.name=llama3-8"], "model.name: unknown size 'llama3-8' (did you mean 'llama3-8b'?)"),

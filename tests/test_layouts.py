@@ -18,6 +18,8 @@ LAYOUTS = {
         "pp2_1f1b": ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_schedule=1f1b"] + global_batch(1),
         "cp2_ring": ["parallel.cp=2", "parallel.cp_mode=ring", "parallel.dp_shard=1"] + global_batch(1),
         "cp2_zigzag": ["parallel.cp=2", "parallel.cp_mode=zigzag", "parallel.dp_shard=1"] + global_batch(1),
+        "cp2_ring_kv_chunks3": ["parallel.cp=2", "parallel.cp_mode=ring", "parallel.cp_kv_chunks=3",
+                                "parallel.dp_shard=1"] + global_batch(1),
         "cp2_zigzag_recompute": ["parallel.cp=2", "parallel.cp_mode=zigzag", "parallel.dp_shard=1",
                                  "parallel.activation_checkpoint=full"] + global_batch(1),
     },
