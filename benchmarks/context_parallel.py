@@ -7,7 +7,7 @@ cp mode against single-device attention, with DeepSpeed's Ulysses side by side.
                                           [--heads 4] [--kv-heads 2] [--head-dim 32] [--out DIR]
 
 What runs (defaults): causal attention, fp32, batch 1, 4 query heads, 2 kv heads (GQA), head_dim 32,
-scale 1/sqrt(head_dim), sequence lengths 4K, 8K, 16K, 32K and 64K tokens (about 40 minutes on 2
+scale 1/sqrt(head_dim), sequence lengths 4K, 8K, 16K, 32K and 64K tokens (about 45 minutes on 2
 cores; one single-device 64K forward+backward alone takes ~75 s; `--max-len 32768` stops at 32K in
 about half the time). Plus a training-step memory view at 32K (`--model-len`), cp 1 and the largest
 cp: a 4-layer model whose attention layers run each mode, per-rank peak memory against cp 1.
@@ -25,10 +25,12 @@ core.
 
 For every (cp, mode, length):
 
-- one untimed *check pass*, in its own process group: per-rank peak memory (below), the bytes each
-  rank sends (torch.distributed's collectives are wrapped while it runs; forward and backward
-  counted apart) and the output and dq/dk/dv against the cp=1 result on the same global input (max
-  abs difference over all ranks);
+- untimed *check passes*, in their own process group: one for the RSS peak (below) and the bytes
+  each rank sends (torch.distributed's collectives are wrapped while it runs; forward and backward
+  counted apart), one under torch.profiler for the allocator peak and the output and dq/dk/dv
+  against the cp=1 result on the same global input (max abs difference over all ranks). Apart,
+  because the profiler's own event records would count in the RSS (more ops, more records: it
+  inflated the ring modes' RSS most);
 - timed passes in a fresh group: forward+backward wall time = the slowest rank's, after a barrier;
   `--repeats` passes (`--long-repeats` from `--long-from` tokens on), interleaved over the modes in
   ABBA order so machine drift is shared; the median is reported (min and CPU seconds in the JSON).
@@ -314,10 +316,13 @@ def cp_worker(cfg: dict, cp: int, role: str, ref_dir: str, events) -> dict:
                 counter.reset()
                 rss.start()
                 counter.active = True
+                out, grads, _, _ = fwd_bwd(runner, q, k, v, dout)
+                rss_peak = rss.stop()  # without the profiler: its event records would count in the RSS
+                counter.active = False
+                del out, grads
+                barrier()
                 with quiet_stderr_fd(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
                     out, grads, _, _ = fwd_bwd(runner, q, k, v, dout)
-                    rss_peak = rss.stop()
-                counter.active = False
                 prof_peak = profiler_peak_bytes(prof)
                 del prof
                 got = {"out": out.detach(), "dq": grads[0], "dk": grads[1], "dv": grads[2]}
@@ -336,7 +341,7 @@ def cp_worker(cfg: dict, cp: int, role: str, ref_dir: str, events) -> dict:
                             "input_bytes": sum(nbytes(t) for t in (q, k, v, dout)), "comm": counter.totals()}
                 gathered = all_ranks(per_rank, cp)
                 results[(runner.name, seq_len)].update(per_rank=gathered, errors=errors)
-                progress(run_weight(seq_len, cp), f"cp{cp} {runner.name} {klen(seq_len)} check")
+                progress(2 * run_weight(seq_len, cp), f"cp{cp} {runner.name} {klen(seq_len)} check")
             del ref
         else:  # timed passes, interleaved over the modes (ABBA)
             repeats = cfg["long_repeats"] if seq_len >= cfg["long_from"] else cfg["repeats"]
@@ -785,13 +790,14 @@ def to_markdown(report: dict) -> str:
     lines += table(lambda v: f"{max(v['max_abs_diff_vs_cp1'].values()):.1e}")
     lines += ["", f"All within {c['tolerance']:.0e}: {'yes' if s['all_exact'] else 'NO'}.", "",
               "## Method", "",
-              "- Per configuration an untimed check pass (memory, bytes, exactness) in one process group, then the "
-              "timed passes in a fresh group with glibc's default malloc settings.",
+              "- Per configuration two untimed check passes in one process group (RSS memory and bytes; then under "
+              "torch.profiler the allocator view and exactness: apart, because the profiler's own event records "
+              "would count in the RSS), then the timed passes in a fresh group with glibc's default malloc settings.",
               "- Memory: in the check group glibc's mmap threshold is fixed at 64 KiB (MALLOC_MMAP_THRESHOLD_), so "
               "every tensor is its own mapping and a free returns it to the OS; before the pass free heap is trimmed "
               "(malloc_trim) and the RSS high-water mark reset (/proc/self/clear_refs = 5); VmHWM after minus VmRSS "
               "before, plus the input shards, is the per-rank peak. torch.profiler(profile_memory=True) over the "
-              "same pass gives the tensor-allocator view.",
+              "second pass gives the tensor-allocator view.",
               "- Bytes: torch.distributed's all_to_all_single, all_gather, reduce_scatter, batch_isend_irecv (and "
               "the other collectives) are wrapped during the check pass; a rank's bytes are what leaves it under the "
               "standard algorithms (all-to-all minus its own chunk, all-gather (N-1) x input, reduce-scatter "
@@ -1011,7 +1017,7 @@ def main(argv=None) -> int:
     total = 0.0
     for cp in [1] + cps:
         for s in lengths:
-            passes = 1 + (args.long_repeats if s >= args.long_from else args.repeats)
+            passes = 2 + (args.long_repeats if s >= args.long_from else args.repeats)  # 2 check passes
             total += n_runners(cp) * passes * run_weight(s, cp)
         if args.model_len and cp in (1, max(cps)):
             total += n_runners(cp) * args.model_layers * run_weight(args.model_len, cp)
