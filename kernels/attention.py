@@ -24,6 +24,13 @@ Backends: `reference` (plain PyTorch math, fp32 accumulation; the tests' ground 
 needed; flash or memory-efficient attention on CUDA), `flash_attn` (flash-attn 2 on CUDA when
 installed, for blocks without per-token masks). `auto` picks flash_attn, then torch. Every fused
 backend is checked once per (device, dtype) against the reference on a small input before use.
+
+Masked blocks without mask tensors: an offset causal block runs as at most three pieces that are
+full or aligned-causal (`causal_pieces`); a packed block larger than DENSE_MASK_MAX_ELEMENTS runs
+as each query run against each key run of its document, cut the same way. On CUDA in half
+precision with flash-attn installed, all those pieces go to flash-attn's varlen functions (one
+call for the full pieces, one for the causal; cu_seqlens built from the runs), self-checked once
+against the reference; elsewhere one fused call per piece. Memory stays linear in the sequence.
 """
 from __future__ import annotations
 
@@ -318,7 +325,124 @@ def _cut_into_pieces(mask: BlockMask, kind: str, batch: int, q_len: int, k_len: 
     return not mask.per_token or batch * q_len * k_len > DENSE_MASK_MAX_ELEMENTS
 
 
+# ----------------------------------------------------------------------------------------------
+# The pieces in two flash-attn varlen calls (CUDA): one for the full pieces, one for the causal
+# ----------------------------------------------------------------------------------------------
+def _piece_index(pieces: list, batch: int, q_len: int, k_len: int, device):
+    """Flat (batch x seq) token indices of every piece's queries and keys, and cu_seqlens."""
+    q_idx, k_idx, q_lens, k_lens = [], [], [], []
+    for rows, qs, ks, _ in pieces:
+        for row in range(batch)[rows]:
+            q_idx.append(torch.arange(qs.start, qs.stop) + row * q_len)
+            k_idx.append(torch.arange(ks.start, ks.stop) + row * k_len)
+            q_lens.append(qs.stop - qs.start)
+            k_lens.append(ks.stop - ks.start)
+
+    def cu(lengths):
+        return torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+
+    return (torch.cat(q_idx).to(device), torch.cat(k_idx).to(device), cu(q_lens), cu(k_lens),
+            max(q_lens), max(k_lens))
+
+
+def _varlen_groups(mask: BlockMask, batch: int, q_len: int, k_len: int, device):
+    """Per causal flag, the flat indices and cu_seqlens of its pieces (full pieces, causal pieces)."""
+    by_kind: dict[bool, list] = {}
+    for piece in _pieces(mask, batch, q_len, k_len):
+        kind = piece[3].kind(piece[1].stop - piece[1].start, piece[2].stop - piece[2].start)
+        by_kind.setdefault(kind == "causal", []).append(piece)
+    return [(causal, _piece_index(group, batch, q_len, k_len, device)) for causal, group in by_kind.items()]
+
+
+def _varlen_forward(q, k, v, scale, mask: BlockMask):
+    """Every piece of a masked block in one flash-attn varlen call per causal flag; the partial
+    results of a query (several key runs) merge through their log-sum-exp by index."""
+    from flash_attn.flash_attn_interface import _flash_attn_varlen_forward
+
+    b, s_q, h, d = q.shape
+    q_flat, k_flat, v_flat = (t.reshape(-1, *t.shape[2:]) for t in (q, k, v))
+    outs, lses, idxs = [], [], []
+    for causal, (q_idx, k_idx, cu_q, cu_k, max_q, max_k) in _varlen_groups(mask, b, s_q, k.shape[1], q.device):
+        res = _flash_attn_varlen_forward(q_flat[q_idx], k_flat[k_idx], v_flat[k_idx], cu_q, cu_k, max_q, max_k, 0.0,
+                                         scale, causal=causal, window_size_left=-1, window_size_right=-1,
+                                         softcap=0.0, alibi_slopes=None, return_softmax=False)
+        outs.append(res[0])
+        lses.append(res[1].float().transpose(0, 1))  # (heads, total) -> (total, heads)
+        idxs.append(q_idx)
+    out_flat = torch.zeros(b * s_q, h, d, dtype=torch.float32, device=q.device)
+    lse_flat = torch.full((b * s_q, h), -math.inf, dtype=torch.float32, device=q.device)
+    if outs:
+        idx, part_lse, part_out = torch.cat(idxs), torch.cat(lses), torch.cat(outs)
+        top = lse_flat.scatter_reduce(0, idx[:, None].expand(-1, h), part_lse, reduce="amax")
+        weights = torch.exp(part_lse - top[idx])
+        total = torch.zeros_like(lse_flat).index_add_(0, idx, weights)
+        lse_flat = top + torch.log(total)
+        share = torch.exp(part_lse - lse_flat[idx])[..., None]
+        out_flat.index_add_(0, idx, part_out.float() * share)
+    return out_flat.view(b, s_q, h, d).to(q.dtype), lse_flat.view(b, s_q, h).transpose(1, 2).contiguous()
+
+
+def _varlen_backward(dout, q, k, v, out, lse, scale, mask: BlockMask):
+    from flash_attn.flash_attn_interface import _flash_attn_varlen_backward
+
+    b, s_q, h, d = q.shape
+    q_flat, k_flat, v_flat, do_flat, o_flat = (t.reshape(-1, *t.shape[2:]) for t in (q, k, v, dout, out))
+    lse_flat = lse.masked_fill(torch.isinf(lse), 0.0).transpose(1, 2).reshape(-1, h)
+    dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (q_flat, k_flat, v_flat))
+    for causal, (q_idx, k_idx, cu_q, cu_k, max_q, max_k) in _varlen_groups(mask, b, s_q, k.shape[1], q.device):
+        qp, kp, vp = q_flat[q_idx], k_flat[k_idx], v_flat[k_idx]
+        gq, gk, gv = torch.empty_like(qp), torch.empty_like(kp), torch.empty_like(vp)
+        _flash_attn_varlen_backward(do_flat[q_idx], qp, kp, vp, o_flat[q_idx],
+                                    lse_flat[q_idx].transpose(0, 1).contiguous(), gq, gk, gv, cu_q, cu_k, max_q,
+                                    max_k, 0.0, scale, causal, -1, -1, 0.0, None, False)
+        dq.index_add_(0, q_idx, gq.float())
+        dk.index_add_(0, k_idx, gk.float())
+        dv.index_add_(0, k_idx, gv.float())
+    return (dq.view(q.shape).to(q.dtype), dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype))
+
+
+def _varlen_usable(device, dtype) -> bool:
+    """flash-attn's varlen functions for the pieces: CUDA, half precision, installed, and checked
+    once per (device, dtype) against the reference (private functions change between releases;
+    on any disagreement or error the pieces run one kernel call each)."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or not flash_attn_available():
+        return False
+    key = ("flash_varlen", device.type, dtype)
+    if key not in _CHECKED:
+        _CHECKED[key] = _varlen_self_check(device, dtype)
+    return _CHECKED[key]
+
+
+def _varlen_self_check(device, dtype) -> bool:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    q, do = (torch.randn(2, 40, 4, 32, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
+    k, v = (torch.randn(2, 40, 2, 32, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
+    doc = torch.tensor([[0] * 7 + [1] * 20 + [2] * 13, [0] * 1 + [1] * 30 + [-1] * 9], device=device)
+    pos = torch.cat([torch.arange(n) for n in (7, 20, 13, 1, 30, 9)]).view(2, 40).to(device)
+    mask = BlockMask(causal=True, q_pos=pos, k_pos=pos, q_doc=doc, k_doc=doc)
+    try:
+        ref_out, ref_lse = _reference_forward(q, k, v, 0.2, mask)
+        out, lse = _varlen_forward(q, k, v, 0.2, mask)
+        ref_g = _reference_backward(do, q, k, v, ref_out, ref_lse, 0.2, mask)
+        got_g = _varlen_backward(do, q, k, v, ref_out, ref_lse, 0.2, mask)
+        finite = torch.isfinite(ref_lse)
+        errs = [(out.float() - ref_out.float()).abs().max(), (lse - ref_lse)[finite].abs().max()]
+        errs += [(a.float() - b.float()).abs().max() for a, b in zip(got_g, ref_g)]
+        ok = all(bool(e <= 0.3) for e in errs)  # half-precision tolerance, as _self_check
+        detail = f"max error {max(float(e) for e in errs):.2e}"
+    except Exception as err:  # noqa: BLE001 - any failure means: do not use it
+        ok, detail = False, f"{type(err).__name__}: {err}"
+    if not ok:
+        import warnings
+
+        warnings.warn(f"flash-attn varlen on {device.type}/{dtype} failed its check ({detail}); packed blocks run "
+                      "one kernel call per piece")
+    return ok
+
+
 def _forward_in_pieces(q, k, v, scale, mask: BlockMask, backend: str):
+    if backend in ("auto", "flash_attn") and _varlen_usable(q.device, q.dtype):
+        return _varlen_forward(q, k, v, scale, mask)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     out, lse = _empty(q)
     out = out.to(acc)
@@ -329,6 +453,8 @@ def _forward_in_pieces(q, k, v, scale, mask: BlockMask, backend: str):
 
 
 def _backward_in_pieces(dout, q, k, v, out, lse, scale, mask: BlockMask, backend: str):
+    if backend in ("auto", "flash_attn") and _varlen_usable(q.device, q.dtype):
+        return _varlen_backward(dout, q, k, v, out, lse, scale, mask)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
     for rows, qs, ks, piece in _pieces(mask, q.shape[0], q.shape[1], k.shape[1]):

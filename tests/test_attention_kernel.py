@@ -94,3 +94,70 @@ def test_long_packed_row_builds_no_dense_mask(monkeypatch):
     assert (out - dense_out).abs().max() <= 1e-5
     for got, want in zip(grads, dense_grads):
         assert (got - want).abs().max() <= 1e-4
+
+
+def _fake_flash_attn(monkeypatch, lse_layout="heads_total"):
+    """A stand-in for flash-attn's varlen functions (CUDA only) built on the reference math, so the
+    packing, the merge by log-sum-exp and the scatter of gradients run on CPU. `lse_layout` other
+    than flash-attn's (heads, total) simulates a release whose private API changed."""
+    import sys
+    import types
+
+    def segments(cu):
+        return [slice(int(cu[i]), int(cu[i + 1])) for i in range(len(cu) - 1)]
+
+    def forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, window_size_left, window_size_right,
+                softcap, alibi_slopes, return_softmax):
+        outs, lses = [], []
+        for qs, ks in zip(segments(cu_q), segments(cu_k)):
+            o, lse = kernel._reference_forward(q[None, qs], k[None, ks], v[None, ks], scale, BlockMask(causal=causal))
+            outs.append(o[0])
+            lses.append(lse[0])
+        lse = torch.cat(lses, dim=1)
+        return torch.cat(outs), (lse if lse_layout == "heads_total" else lse.T.contiguous()), None, None
+
+    def backward(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal,
+                 window_size_left, window_size_right, softcap, alibi_slopes, deterministic):
+        for qs, ks in zip(segments(cu_q), segments(cu_k)):
+            g = kernel._reference_backward(dout[None, qs], q[None, qs], k[None, ks], v[None, ks], out[None, qs],
+                                           lse[None, :, qs], scale, BlockMask(causal=causal))
+            dq[qs], dk[ks], dv[ks] = g[0][0], g[1][0], g[2][0]
+
+    interface = types.ModuleType("flash_attn.flash_attn_interface")
+    interface._flash_attn_varlen_forward, interface._flash_attn_varlen_backward = forward, backward
+    package = types.ModuleType("flash_attn")
+    package.flash_attn_interface = interface
+    monkeypatch.setitem(sys.modules, "flash_attn", package)
+    monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", interface)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_varlen_pieces_match_reference(monkeypatch, causal):
+    """The CUDA path for packed blocks (every piece in one varlen call per causal flag, partials
+    merged by index) on the same scattered packed rows as above."""
+    _fake_flash_attn(monkeypatch)
+    rows = [_packed_row([5, 1, 19, 3, 1, 2], 40), _packed_row([1, 1, 2, 27, 9], 40)]
+    doc, pos = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+    q_idx = torch.tensor([0, 1, 2, 5, 6, 7, 8, 20, 21, 22, 23, 24, 28, 29, 36, 37])
+    k_idx = torch.tensor([3, 4, 5, 6, 9, 10, 11, 12, 13, 24, 25, 26, 27, 28, 30, 31, 38, 39])
+    q, k, v, dout = (t.double() for t in _inputs(2, len(q_idx), len(k_idx), 4, 2, 8, seed=5))
+    mask = BlockMask(causal=causal, q_pos=pos[:, q_idx], k_pos=pos[:, k_idx], q_doc=doc[:, q_idx],
+                     k_doc=doc[:, k_idx])
+    ref_out, ref_lse = kernel._reference_forward(q, k, v, 0.3, mask)
+    out, lse = kernel._varlen_forward(q, k, v, 0.3, mask)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(finite, torch.isfinite(lse))
+    assert (out.double() - ref_out).abs().max() <= 1e-5
+    assert (lse.double() - ref_lse)[finite].abs().max() <= 1e-5
+    ref_g = kernel._reference_backward(dout, q, k, v, ref_out, ref_lse, 0.3, mask)
+    got_g = kernel._varlen_backward(dout, q, k, v, ref_out, ref_lse, 0.3, mask)
+    for got, want in zip(got_g, ref_g):
+        assert (got.double() - want).abs().max() <= 1e-5
+
+
+def test_flash_varlen_self_check_falls_back_when_the_api_differs(monkeypatch):
+    _fake_flash_attn(monkeypatch)
+    assert kernel._varlen_self_check(torch.device("cpu"), torch.float32)
+    _fake_flash_attn(monkeypatch, lse_layout="total_heads")  # a release with another lse layout
+    with pytest.warns(UserWarning, match="flash-attn varlen on cpu/torch.float32 failed its check"):
+        assert not kernel._varlen_self_check(torch.device("cpu"), torch.float32)
