@@ -710,9 +710,10 @@ def to_markdown(report: dict) -> str:
                       "Ulysses measures the same). The ring's double buffers (K/V in flight, dK/dV accumulators "
                       "travelling, the kernel's block gradients) are of the same order with whole blocks; "
                       "`-kvN` modes (recipe key `parallel.cp_kv_chunks: N`) send K/V round the ring in N pieces, so "
-                      "those buffers shrink N-fold for N x more, smaller messages and kernel calls. In the RSS view "
-                      "gloo's transport and the C allocator's arenas add a few MiB that the allocator view (what "
-                      "a GPU's caching allocator would count) does not see. These transients are paid once per step, "
+                      "those buffers shrink N-fold for N x more, smaller messages and kernel calls. The RSS view "
+                      "carries a few MiB more than the allocator view for the ring modes (memory outside PyTorch's "
+                      "allocator: gloo's transport threads, glibc's arenas; not broken down here); the allocator "
+                      "view is what a GPU's caching allocator would count. These transients are paid once per step, "
                       "while every layer's saved activations shrink to 1/N: the training-step view below is what a "
                       "rank holds in training."]
     mv = s.get("model") or {}
