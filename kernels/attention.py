@@ -440,15 +440,35 @@ def _varlen_self_check(device, dtype) -> bool:
     return ok
 
 
+def accumulate_forward(q, k, v, pieces, *, scale: float, backend: str, out=None, lse=None):
+    """Merge q's attention over `pieces`, (rows, q slice, k slice, BlockMask) tuples, into fp32 (out,
+    lse) (fp64 for fp64 inputs), started as zeros and -inf when None."""
+    if out is None:
+        b, s, h, _ = q.shape
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out = torch.zeros(q.shape, dtype=acc, device=q.device)
+        lse = torch.full((b, h, s), -math.inf, dtype=acc, device=q.device)
+    for rows, qs, ks, piece in pieces:
+        o, l = attention_forward(q[rows, qs], k[rows, ks], v[rows, ks], scale=scale, mask=piece, backend=backend)
+        out[rows, qs], lse[rows, :, qs] = merge_partials(out[rows, qs], lse[rows, :, qs], o, l)
+    return out, lse
+
+
+def accumulate_backward(dout, q, k, v, out, lse, pieces, *, scale: float, backend: str, dq, dk, dv) -> None:
+    """Add every piece's gradients into dq, dk, dv, given the final (merged) out and lse."""
+    for rows, qs, ks, piece in pieces:
+        gq, gk, gv = attention_backward(dout[rows, qs], q[rows, qs], k[rows, ks], v[rows, ks], out[rows, qs],
+                                        lse[rows, :, qs], scale=scale, mask=piece, backend=backend)
+        dq[rows, qs] += gq
+        dk[rows, ks] += gk
+        dv[rows, ks] += gv
+
+
 def _forward_in_pieces(q, k, v, scale, mask: BlockMask, backend: str):
     if backend in ("auto", "flash_attn") and _varlen_usable(q.device, q.dtype):
         return _varlen_forward(q, k, v, scale, mask)
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out, lse = _empty(q)
-    out = out.to(acc)
-    for rows, qs, ks, piece in _pieces(mask, q.shape[0], q.shape[1], k.shape[1]):
-        o, l = attention_forward(q[rows, qs], k[rows, ks], v[rows, ks], scale=scale, mask=piece, backend=backend)
-        out[rows, qs], lse[rows, :, qs] = merge_partials(out[rows, qs], lse[rows, :, qs], o, l)
+    out, lse = accumulate_forward(q, k, v, _pieces(mask, q.shape[0], q.shape[1], k.shape[1]), scale=scale,
+                                  backend=backend)
     return out.to(q.dtype), lse
 
 
@@ -457,12 +477,8 @@ def _backward_in_pieces(dout, q, k, v, out, lse, scale, mask: BlockMask, backend
         return _varlen_backward(dout, q, k, v, out, lse, scale, mask)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
-    for rows, qs, ks, piece in _pieces(mask, q.shape[0], q.shape[1], k.shape[1]):
-        gq, gk, gv = attention_backward(dout[rows, qs], q[rows, qs], k[rows, ks], v[rows, ks], out[rows, qs],
-                                        lse[rows, :, qs], scale=scale, mask=piece, backend=backend)
-        dq[rows, qs] += gq
-        dk[rows, ks] += gk
-        dv[rows, ks] += gv
+    accumulate_backward(dout, q, k, v, out, lse, _pieces(mask, q.shape[0], q.shape[1], k.shape[1]), scale=scale,
+                        backend=backend, dq=dq, dk=dk, dv=dv)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from longtrain.kernels.attention import (BlockMask, attention_backward, attention_forward, causal_pieces,
-                                         merge_partials)
+from longtrain.kernels.attention import (BlockMask, accumulate_backward, accumulate_forward, attention_backward,
+                                         attention_forward, causal_pieces)
 from longtrain.parallel.context.comm import RingExchange
 
 
@@ -64,10 +64,12 @@ def chunk_bounds(length: int, kv_chunks: int) -> list[tuple[int, int]]:
 
 
 def block_pairs(q: TokenInfo, k: TokenInfo, causal: bool):
-    """(q slice, k slice, mask) triples covering queries q against keys k. Keys at or past
-    `k.limit` (an unpacked row's padding) are left out of every block."""
+    """(rows, q slice, k slice, mask) pieces covering queries q against keys k (every row: the
+    layout is the same for all rows, or the mask is per token). Keys at or past `k.limit` (an
+    unpacked row's padding) are left out of every block."""
     if q.segments is None:
-        yield slice(None), slice(None), BlockMask(causal=causal, q_pos=q.pos, k_pos=k.pos, q_doc=q.doc, k_doc=k.doc)
+        yield (slice(None), slice(None), slice(None),
+               BlockMask(causal=causal, q_pos=q.pos, k_pos=k.pos, q_doc=q.doc, k_doc=k.doc))
         return
     q_local = 0
     for q_start, q_len in q.segments:
@@ -75,37 +77,16 @@ def block_pairs(q: TokenInfo, k: TokenInfo, causal: bool):
         for k_start, k_len in k.segments:
             real_len = k_len if k.limit is None else max(0, min(k_len, k.limit - k_start))
             for qs, q_n, ks, k_n in causal_pieces(q_start, q_len, k_start, real_len, causal):
-                yield (slice(q_local + qs, q_local + qs + q_n), slice(k_local + ks, k_local + ks + k_n),
+                yield (slice(None), slice(q_local + qs, q_local + qs + q_n),
+                       slice(k_local + ks, k_local + ks + k_n),
                        BlockMask(causal=causal, q_offset=q_start + qs, k_offset=k_start + ks))
             k_local += k_len
         q_local += q_len
 
 
 
-def blocks_forward(q, k, v, q_info: TokenInfo, k_info: TokenInfo, scale, causal, backend, out, lse):
-    """Merge q's attention to this key block into (out, lse) (fp32, None at first)."""
-    b, s, h, d = q.shape
-    if out is None:
-        out = torch.zeros(b, s, h, d, dtype=torch.float32 if q.dtype != torch.float64 else q.dtype, device=q.device)
-        lse = torch.full((b, h, s), float("-inf"), dtype=out.dtype, device=q.device)
-    for qs, ks, mask in block_pairs(q_info, k_info, causal):
-        o, l = attention_forward(q[:, qs], k[:, ks], v[:, ks], scale=scale, mask=mask, backend=backend)
-        merged_out, merged_lse = merge_partials(out[:, qs], lse[:, :, qs], o, l)
-        out[:, qs], lse[:, :, qs] = merged_out, merged_lse
-    return out, lse
-
-
-def blocks_backward(dout, q, k, v, out, lse, q_info, k_info, scale, causal, backend, dq, dk, dv):
-    for qs, ks, mask in block_pairs(q_info, k_info, causal):
-        gq, gk, gv = attention_backward(dout[:, qs], q[:, qs], k[:, ks], v[:, ks], out[:, qs], lse[:, :, qs],
-                                        scale=scale, mask=mask, backend=backend)
-        dq[:, qs] += gq
-        dk[:, ks] += gk
-        dv[:, ks] += gv
-
-
 def _covers_all(pair, q, k) -> bool:
-    qs, ks, _ = pair
+    _, qs, ks, _ = pair
     return qs.indices(q.shape[1]) == (0, q.shape[1], 1) and ks.indices(k.shape[1]) == (0, k.shape[1], 1)
 
 
@@ -117,9 +98,9 @@ class LocalBlocksAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, q_info, k_info, scale, causal, backend):
         pairs = list(block_pairs(q_info, k_info, causal))
         if len(pairs) == 1 and _covers_all(pairs[0], q, k):  # one block: the kernel's own result
-            out, lse = attention_forward(q, k, v, scale=scale, mask=pairs[0][2], backend=backend)
+            out, lse = attention_forward(q, k, v, scale=scale, mask=pairs[0][3], backend=backend)
         else:
-            out, lse = blocks_forward(q, k, v, q_info, k_info, scale, causal, backend, None, None)
+            out, lse = accumulate_forward(q, k, v, pairs, scale=scale, backend=backend)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (q_info, k_info, scale, causal, backend)
@@ -131,12 +112,13 @@ class LocalBlocksAttention(torch.autograd.Function):
         q_info, k_info, scale, causal, backend = ctx.args
         pairs = list(block_pairs(q_info, k_info, causal))
         if len(pairs) == 1 and _covers_all(pairs[0], q, k):  # no accumulators needed
-            dq, dk, dv = attention_backward(dout.contiguous(), q, k, v, out, lse, scale=scale, mask=pairs[0][2],
+            dq, dk, dv = attention_backward(dout.contiguous(), q, k, v, out, lse, scale=scale, mask=pairs[0][3],
                                             backend=backend)
             return dq, dk, dv, None, None, None, None, None
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
-        blocks_backward(dout.contiguous(), q, k, v, out, lse, q_info, k_info, scale, causal, backend, dq, dk, dv)
+        accumulate_backward(dout.contiguous(), q, k, v, out, lse, pairs, scale=scale, backend=backend, dq=dq, dk=dk,
+                            dv=dv)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
@@ -157,7 +139,8 @@ class RingAttention(torch.autograd.Function):
                 pending = ring.start(cur, tag=1) if step < n - 1 else None
                 k_info = (member_infos[src].slice(start, stop) if q_info.segments is not None
                           else q_info.with_tensors(cur[2:]))
-                out, lse = blocks_forward(q, cur[0], cur[1], q_info, k_info, scale, causal, backend, out, lse)
+                out, lse = accumulate_forward(q, cur[0], cur[1], block_pairs(q_info, k_info, causal), scale=scale,
+                                              backend=backend, out=out, lse=lse)
                 if pending is not None:
                     cur = RingExchange.finish(pending)
         out = out.to(q.dtype)
@@ -189,8 +172,8 @@ class RingAttention(torch.autograd.Function):
                           else q_info.with_tensors(cur[2:]))
                 block_dk = torch.zeros(cur[0].shape, dtype=acc, device=k.device)
                 block_dv = torch.zeros(cur[1].shape, dtype=acc, device=v.device)
-                blocks_backward(dout, q, cur[0], cur[1], out, lse, q_info, k_info, scale, causal, backend,
-                                dq, block_dk, block_dv)
+                accumulate_backward(dout, q, cur[0], cur[1], out, lse, block_pairs(q_info, k_info, causal), scale=scale,
+                                    backend=backend, dq=dq, dk=block_dk, dv=block_dv)
                 if going_home is not None:  # the previous chunk's gradients, home while this one computed
                     home, home_start, home_stop = going_home
                     dk[:, home_start:home_stop], dv[:, home_start:home_stop] = RingExchange.finish(home)
