@@ -5,6 +5,7 @@ cp mode against single-device attention, with DeepSpeed's Ulysses side by side.
                                           [--modes ring,zigzag,zigzag-kv8,ulysses,hybrid,allgather,deepspeed]
                                           [--cps 2,4] [--repeats 3] [--long-repeats 1] [--long-from 32768]
                                           [--heads 4] [--kv-heads 2] [--head-dim 32] [--out DIR]
+    python benchmarks/context_parallel.py --from-json benchmarks/results/context_parallel.json  # re-render
 
 What runs (defaults): causal attention, fp32, batch 1, 4 query heads, 2 kv heads (GQA), head_dim 32,
 scale 1/sqrt(head_dim), sequence lengths 4K, 8K, 16K, 32K and 64K tokens (about 45 minutes on 2
@@ -66,8 +67,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from measure import (CommCounter, MachineLoad, RssPeak, all_ranks, install_comm_counter, record_timed_pass,
-                     klen, machine_info, mib, nbytes)  # noqa: E402
+from measure import (CommCounter, MachineLoad, RssPeak, all_ranks, install_comm_counter, klen,  # noqa: E402
+                     length_axis, machine_info, mib, nbytes, record_timed_pass, save_figure)
 
 CP_MODES = ("ring", "zigzag", "ulysses", "hybrid", "allgather")
 # A ring mode may carry "-kvN": its K/V goes round the ring in N pieces (parallel.cp_kv_chunks).
@@ -832,11 +833,7 @@ def make_plots(report: dict, out: Path) -> list[str]:
 
         ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
         ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: ""))
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(lengths)
-        ax.set_xticklabels([klen(x) for x in lengths])
-        ax.set_xlabel("sequence length (tokens)")
-        ax.grid(True, which="both", alpha=0.3)
+        length_axis(ax, lengths)
 
     def mode_lines(ax, cp, key, scale=1.0):
         for mode in c["modes"]:
@@ -876,11 +873,7 @@ def make_plots(report: dict, out: Path) -> list[str]:
         ax.legend(fontsize=8)
     fig.suptitle(f"Context-parallel causal attention, fp32, {c['heads']}q/{c['kv_heads']}kv heads, d={c['head_dim']}, "
                  "CPU, 1 thread per rank", fontsize=11)
-    fig.tight_layout()
-    path = out / "context_parallel_time.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    names.append(path.name)
+    save_figure(fig, out / "context_parallel_time.png", names, dpi=110)
 
     views = [("peak_bytes", "inputs + RSS increase"), ("profiler_peak_bytes", "inputs + PyTorch allocator peak")]
     fig, axes = plt.subplots(len(views), len(cps), figsize=(6.5 * len(cps), 5 * len(views)), squeeze=False)
@@ -900,11 +893,7 @@ def make_plots(report: dict, out: Path) -> list[str]:
             ax.set_title(f"cp {cp}: per-rank peak memory ({what})")
             xaxis(ax)
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "context_parallel_memory.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    names.append(path.name)
+    save_figure(fig, out / "context_parallel_memory.png", names, dpi=110)
     return names
 
 
@@ -937,8 +926,9 @@ def parse_args(argv=None):
                         "0 skips it)")
     p.add_argument("--model-layers", type=int, default=4, help="layers of the training-step model (default 4)")
     p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--replot", metavar="JSON", default=None,
-                   help="redraw the plots and the markdown of an earlier run's JSON into --out, running nothing")
+    p.add_argument("--from-json", metavar="JSON", default=None,
+                   help="no measuring: redraw the plots and the markdown of an earlier run's context_parallel.json "
+                        "(its summary as stored) into --out")
     p.add_argument("--out", default=str(HERE / "results"), help="output folder (default benchmarks/results/)")
     args = p.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
@@ -992,8 +982,8 @@ def _env(**values):
 
 def main(argv=None) -> int:
     args, modes, cps, lengths = parse_args(argv)
-    if args.replot:
-        return replot(Path(args.replot), Path(args.out))
+    if args.from_json:
+        return rerender(Path(args.from_json), Path(args.out), plots=not args.no_plots)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -1057,11 +1047,14 @@ def main(argv=None) -> int:
     report = {"machine": machine_info(), "config": cfg, "deepspeed": ds_info,
               "other_processes_cpu_share": load.other_share(),
               "summary": summarize(cfg, raw), "elapsed_s": time.time() - start, "plots": []}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if not args.no_plots:
-        report["plots"] = make_plots(report, out)
     report["raw"] = {str(cp): raw[cp]["results"] for cp in raw}
+    return write_report(report, Path(args.out), plots=not args.no_plots)
+
+
+def write_report(report: dict, out: Path, plots: bool) -> int:
+    """The plots, context_parallel.json and .md into `out`; the markdown printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    report["plots"] = make_plots(report, out) if plots else []
     (out / "context_parallel.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = to_markdown(report)
     (out / "context_parallel.md").write_text(markdown)
@@ -1069,20 +1062,14 @@ def main(argv=None) -> int:
     return 0
 
 
-def replot(report_path: Path, out: Path) -> int:
+def rerender(report_path: Path, out: Path, plots: bool) -> int:
     try:
         report = json.loads(report_path.read_text())
         report["summary"], report["config"]
     except (OSError, ValueError, KeyError) as err:
-        print(f"--replot: {report_path}: not a context_parallel.py report ({err})", file=sys.stderr)
+        print(f"--from-json: {report_path}: not a context_parallel.py report ({err})", file=sys.stderr)
         return 2
-    out.mkdir(parents=True, exist_ok=True)
-    report["plots"] = make_plots(report, out)
-    (out / "context_parallel.json").write_text(json.dumps(report, indent=2) + "\n")
-    markdown = to_markdown(report)
-    (out / "context_parallel.md").write_text(markdown)
-    print(markdown)
-    return 0
+    return write_report(report, out, plots)
 
 
 if __name__ == "__main__":

@@ -305,3 +305,25 @@ def mib(n) -> str:
 
 def kib(n) -> str:
     return f"{n / 2 ** 10:,.1f}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots (matplotlib, imported by the caller with the Agg backend)
+# ----------------------------------------------------------------------------------------------
+def length_axis(ax, lengths) -> None:
+    """A log-2 x axis of sequence lengths, ticked at `lengths` (4K, 8K, ...), with a grid."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths)
+    ax.set_xticklabels([klen(x) for x in lengths])
+    ax.set_xlabel("sequence length (tokens)")
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def save_figure(fig, path, names: list, dpi: int) -> None:
+    """Lay out, write the PNG, close the figure and add its file name to `names`."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    names.append(path.name)

@@ -78,8 +78,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from measure import (CommCounter, MachineLoad, RssPeak, all_ranks, install_comm_counter, record_timed_pass,
-                     kib, klen, machine_info, mib, nbytes)  # noqa: E402
+from measure import (CommCounter, MachineLoad, RssPeak, all_ranks, install_comm_counter, kib, klen,  # noqa: E402
+                     length_axis, machine_info, mib, nbytes, record_timed_pass, save_figure)
 
 SSM_MODES = ("state_passing", "all_to_all")
 PARTS = ("mixer", "stack")
@@ -800,13 +800,6 @@ def make_plots(report: dict, out: Path) -> list[str]:
     style = {"state_passing": ("-", "o"), "all_to_all": ("--", "s")}
     names = []
 
-    def xaxis(ax, lengths):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(lengths)
-        ax.set_xticklabels([klen(x) for x in lengths])
-        ax.set_xlabel("sequence length (tokens)")
-        ax.grid(True, which="both", alpha=0.3)
-
     def ylog(ax):
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
@@ -838,14 +831,10 @@ def make_plots(report: dict, out: Path) -> list[str]:
             what = "one Mamba-2 mixer" if part == "mixer" else f"hybrid stack {c['stack']['pattern']}"
             ax.set_title(f"{what}: {'wall time' if row == 0 else 'per-rank compute'}"
                          + (f"\n(cp 4 = 4 ranks on {report['machine']['cpu_count']} cores)" if row == 0 else ""))
-            xaxis(ax, lengths)
+            length_axis(ax, lengths)
             ax.legend(fontsize=8)
     fig.suptitle("Mamba-2 context parallelism on CPU, fp32, batch 1, 1 thread per rank", fontsize=11)
-    fig.tight_layout()
-    path = out / "ssm_time.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    names.append(path.name)
+    save_figure(fig, out / "ssm_time.png", names, dpi=100)
 
     # Bytes per Mamba layer vs length: measured points, formula lines over a wider range, L*.
     if "mixer" in s and cps:
@@ -883,11 +872,7 @@ def make_plots(report: dict, out: Path) -> list[str]:
         ax.set_title("Bytes per rank per Mamba-2 layer: state passing flat, all-to-all linear\n"
                      "(dotted verticals: L* where they cross)")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / "ssm_bytes.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        names.append(path.name)
+        save_figure(fig, out / "ssm_bytes.png", names, dpi=100)
 
     # Per-rank peak memory vs length.
     fig, axes = plt.subplots(1, len(parts), figsize=(6.5 * len(parts), 5), squeeze=False)
@@ -908,13 +893,9 @@ def make_plots(report: dict, out: Path) -> list[str]:
         ax.set_ylabel("per-rank peak memory (MiB, max over ranks)")
         ax.set_title(f"{'one Mamba-2 mixer' if part == 'mixer' else 'hybrid stack ' + c['stack']['pattern']}: "
                      "per-rank peak memory")
-        xaxis(ax, lengths)
+        length_axis(ax, lengths)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "ssm_memory.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    names.append(path.name)
+    save_figure(fig, out / "ssm_memory.png", names, dpi=100)
     return names
 
 

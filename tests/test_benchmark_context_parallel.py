@@ -77,9 +77,9 @@ def test_context_parallel_benchmark_smoke(tmp_path):
         assert pieces["exact"] and pieces["bytes_sent"] == whole["bytes_sent"]
         assert "K/V in 8 pieces" in pieces["layout"]
 
-    # --replot redraws the plots and the markdown from the JSON alone
+    # --from-json redraws the plots and the markdown from the JSON alone
     replotted = tmp_path / "replot"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--replot", str(tmp_path / "context_parallel.json"),
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--from-json", str(tmp_path / "context_parallel.json"),
                            "--out", str(replotted)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (replotted / "context_parallel.md").read_text() == markdown
