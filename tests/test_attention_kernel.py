@@ -161,3 +161,53 @@ def test_flash_varlen_self_check_falls_back_when_the_api_differs(monkeypatch):
     _fake_flash_attn(monkeypatch, lse_layout="total_heads")  # a release with another lse layout
     with pytest.warns(UserWarning, match="flash-attn varlen on cpu/torch.float32 failed its check"):
         assert not kernel._varlen_self_check(torch.device("cpu"), torch.float32)
+
+
+def test_a_backend_that_fails_its_check_is_passed_over_for_the_next(monkeypatch):
+    """flash_attn failing (or raising in) its self-check falls back to PyTorch's fused kernels, not
+    straight to the reference math (whose q x k score matrix does not fit at long lengths)."""
+    monkeypatch.setattr(kernel, "_CHECKED", {})
+    monkeypatch.setattr(kernel, "flash_attn_available", lambda: True)
+    passing = {"flash_attn": False, "torch": True}
+    monkeypatch.setattr(kernel, "_self_check", lambda backend, device, dtype: passing[backend])
+    cuda = torch.device("cuda")
+    assert kernel.resolve_backend("auto", cuda, torch.bfloat16, "causal") == "torch"
+    assert kernel.resolve_backend("flash_attn", cuda, torch.bfloat16, "full") == "torch"
+    passing["flash_attn"] = True
+    monkeypatch.setattr(kernel, "_CHECKED", {})
+    assert kernel.resolve_backend("auto", cuda, torch.bfloat16, "causal") == "flash_attn"
+    assert kernel.resolve_backend("auto", cuda, torch.bfloat16, "masked") == "torch"  # no per-token masks
+    assert kernel.resolve_backend("auto", cuda, torch.float32, "causal") == "torch"  # half precision only
+    passing.update(flash_attn=False, torch=False)
+    monkeypatch.setattr(kernel, "_CHECKED", {})
+    assert kernel.resolve_backend("auto", cuda, torch.bfloat16, "causal") == "reference"
+
+
+def test_a_backend_that_raises_in_its_check_fails_it_with_a_warning(monkeypatch):
+    """A kernel missing for the device, dtype or head size raises: the check fails, it does not crash."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("FlashAttention only support fp16 and bf16 data type")
+
+    monkeypatch.setattr(kernel, "_torch_forward", broken)
+    with pytest.warns(UserWarning, match="attention backend torch on cpu/torch.float32 failed its check .*RuntimeError"):
+        assert not kernel._self_check("torch", torch.device("cpu"), torch.float32)
+
+
+def test_varlen_only_for_small_pieces():
+    """One flash-attn varlen call for many small pieces (launches dominate), one call per piece
+    when the mean piece is large (the same speed without the varlen path's gathered copies)."""
+    def pieces(lengths, rows=slice(0, 1)):
+        out, start = [], 0
+        for n in lengths:
+            out.append((rows, slice(start, start + n), slice(start, start + n), BlockMask(causal=True)))
+            start += n
+        return out
+
+    heads, head_dim = 32, 128
+    assert kernel._varlen_pays(pieces([512] * 16), 1, heads, head_dim)  # 4 x 32 x 128 x 512^2 = 4.3e9 each
+    assert not kernel._varlen_pays(pieces([8192] * 4), 1, heads, head_dim)  # 1.1e12 each
+    assert kernel._varlen_pays(pieces([8192] * 4), 1, 1, 8)  # the same pieces with one small head
+    # Whole-batch pieces (slice(None)) count once per row; the mean is per piece and row.
+    assert kernel._varlen_pays(pieces([1024], rows=slice(None)), 8, heads, head_dim) == \
+        kernel._varlen_pays(pieces([1024] * 8), 1, heads, head_dim)
+    assert not kernel._varlen_pays([], 1, heads, head_dim)
