@@ -44,3 +44,35 @@ def test_train_throughput_smoke(tmp_path):
     assert "| comparison |" in markdown and "single process" in markdown and "dp2" in markdown
     assert "1 intra-op thread per process" in markdown
     assert markdown.strip() in proc.stdout  # printed at the end
+
+
+ATTENTION_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_kernel.py"
+
+
+def test_attention_kernel_benchmark_smoke(tmp_path):
+    """benchmarks/attention_kernel.py on CPU at toy sizes: every accuracy case within the 2x bar of
+    plain SDPA in bf16, a timed row per (case, length, backend), and the report re-renders from its
+    JSON."""
+    cmd = [sys.executable, str(ATTENTION_SCRIPT), "--device", "cpu", "--dtype", "bf16", "--lengths", "256,512",
+           "--heads", "4", "--kv-heads", "2", "--head-dim", "64", "--accuracy-len", "128", "--repeats", "2",
+           "--out", str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "attention_kernel_cpu_bf16.json").read_text())
+    cases = {r["case"] for r in report["accuracy"]}
+    assert cases == {"causal", "full", "offset", "packed-dense", "packed-pieces"}
+    for r in report["accuracy"]:
+        assert r["ok"] and 0 < r["ratio"] <= 2.0, r
+        assert all(0 < e < 1e-2 for e in r["errors"].values()), r
+    rows = {(r["case"], r["length"], r["backend"]) for r in report["speed"]}
+    assert rows == {("causal", 256, "torch"), ("packed", 256, "torch"), ("packed", 256, "torch-dense"),
+                    ("causal", 512, "torch"), ("packed", 512, "torch"), ("packed", 512, "torch-dense")}
+    assert all(r["seconds"] > 0 and r["tflops"] > 0 for r in report["speed"])
+    assert (tmp_path / "attention_kernel_cpu_bf16.png").exists()
+    again = tmp_path / "again"
+    proc = subprocess.run([sys.executable, str(ATTENTION_SCRIPT), "--from-json",
+                           str(tmp_path / "attention_kernel_cpu_bf16.json"), "--out", str(again), "--no-plots"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (again / "attention_kernel_cpu_bf16.md").read_text() == (tmp_path / "attention_kernel_cpu_bf16.md").read_text()
