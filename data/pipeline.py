@@ -31,6 +31,7 @@ tokens/s: ~30 s). Sequential (datasets-streamed) sources are re-read from their 
 from __future__ import annotations
 
 import os
+import platform
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Optional
@@ -47,6 +48,13 @@ BLEND_BLOCK = 1000  # documents per blending block (exact proportions per block)
 # ----------------------------------------------------------------------------------------------
 # Settings: everything a worker process needs to rebuild the pipeline (plain, picklable)
 # ----------------------------------------------------------------------------------------------
+
+def _source_identity(path: str) -> str:
+    """A source as the fingerprint names it. The built-in corpus is this Python's standard library,
+    which differs between Python releases: a checkpoint taken on one must not resume its cursor in
+    another's stream (it would silently read other documents)."""
+    return f"builtin(stdlib of Python {platform.python_version()})" if path == "builtin" else path
+
 @dataclass
 class DataSettings:
     sources: list  # SourceSpec
@@ -93,7 +101,7 @@ class DataSettings:
 
     def fingerprint(self) -> str:
         """What must not change under a global cursor: the stream and how rows are cut."""
-        srcs = ";".join(f"{s.path}|{s.weight:g}|{s.text_field}|{s.format}" for s in self.sources)
+        srcs = ";".join(f"{_source_identity(s.path)}|{s.weight:g}|{s.text_field}|{s.format}" for s in self.sources)
         return (f"sources={srcs} tokenizer={self.tokenizer} bos={int(self.add_bos)} eos={int(self.add_eos)} "
                 f"packing={self.packing} seq_len={self.seq_len} budget={self.budget if self.packing == 'varlen' else 0} "
                 f"max_doc_len={self.max_doc_len} window={self.pack_window}")

@@ -533,3 +533,16 @@ def test_eval_rows_do_not_depend_on_the_dp_degree():
 
     one, two = eval_rows(1, 4), eval_rows(2, 2)
     assert one == two and len(one) == 8
+
+
+def test_builtin_stream_is_tied_to_its_python(monkeypatch):
+    """The built-in corpus is the running Python's standard library: a checkpoint's cursor from
+    another Python release (another stdlib, other documents) is refused, not silently resumed."""
+    import platform
+
+    state = loader(source="builtin", packing="concat").state_dict()
+    assert f"stdlib of Python {platform.python_version()}" in state["source"]
+    loader(source="builtin", packing="concat").load_state_dict(state)  # same Python: resumes
+    monkeypatch.setattr(platform, "python_version", lambda: "3.99.0")
+    with pytest.raises(ValueError, match="differ from this recipe"):
+        loader(source="builtin", packing="concat").load_state_dict(state)
