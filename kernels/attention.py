@@ -164,6 +164,11 @@ def _kv_for_fused(t: torch.Tensor, n_heads: int) -> torch.Tensor:
     return t if t.device.type == "cpu" else _expand_kv(t, n_heads)
 
 
+def _cuda_flash_kernel(bias, dtype) -> bool:
+    """On CUDA, PyTorch's flash kernel (half precision, no mask tensor); else the memory-efficient one."""
+    return bias is None and dtype != torch.float32
+
+
 def _torch_forward(q, k, v, scale, mask: BlockMask, kind: str):
     h = q.shape[2]
     qh, kh, vh = q.transpose(1, 2), _kv_for_fused(k, h).transpose(1, 2), _kv_for_fused(v, h).transpose(1, 2)
@@ -174,10 +179,10 @@ def _torch_forward(q, k, v, scale, mask: BlockMask, kind: str):
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qh, kh, vh, 0.0, kind == "causal", attn_mask=bias, scale=scale)
-    elif bias is None and q.dtype != torch.float32:
+    elif _cuda_flash_kernel(bias, q.dtype):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
             qh, kh, vh, 0.0, kind == "causal", False, scale=scale)[:2]
-    else:  # a mask tensor, or fp32 (CUDA's flash kernel is half precision only)
+    else:
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
             qh, kh, vh, None if bias is None else bias.contiguous(), True, 0.0, kind == "causal", scale=scale)[:2]
         lse = lse[..., : q.shape[1]]
@@ -206,7 +211,7 @@ def _torch_backward(dout, q, k, v, out, lse, scale, mask: BlockMask, kind: str):
     if q.device.type == "cpu":
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             do, qh, kh, vh, o, lse, 0.0, kind == "causal", attn_mask=bias, scale=scale)
-    elif bias is None and q.dtype != torch.float32:
+    elif _cuda_flash_kernel(bias, q.dtype):
         s_q, s_k = q.shape[1], k.shape[1]
         # cum_seq_q/k None: dense (batch, heads, seq, dim) inputs; a defined tensor means varlen
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
@@ -429,6 +434,24 @@ def _varlen_usable(device, dtype) -> bool:
     return _CHECKED[key]
 
 
+def _agrees_with_reference(forward, backward, q, k, v, do, mask: BlockMask, bar: float) -> tuple[bool, str]:
+    """A candidate's forward(q, k, v, scale, mask) -> (out, lse) and backward(dout, q, k, v, out, lse,
+    scale, mask) -> (dq, dk, dv) against the reference on one small input: (all max abs errors of out,
+    lse (rows with keys), dq, dk, dv within `bar`, a detail for the warning). Any exception (a kernel
+    missing for this device, dtype or head size, a changed private signature) fails it."""
+    try:
+        ref_out, ref_lse = _reference_forward(q, k, v, 0.2, mask)
+        out, lse = forward(q, k, v, 0.2, mask)
+        ref_g = _reference_backward(do, q, k, v, ref_out, ref_lse, 0.2, mask)
+        got_g = backward(do, q, k, v, ref_out, ref_lse, 0.2, mask)
+        finite = torch.isfinite(ref_lse)
+        errs = [(out.float() - ref_out.float()).abs().max(), (lse - ref_lse)[finite].abs().max()]
+        errs += [(a.float() - b.float()).abs().max() for a, b in zip(got_g, ref_g)]
+        return all(bool(e <= bar) for e in errs), f"max error {max(float(e) for e in errs):.2e}"
+    except Exception as err:  # noqa: BLE001 - any failure means: do not use it
+        return False, f"{type(err).__name__}: {err}"
+
+
 def _varlen_self_check(device, dtype) -> bool:
     gen = torch.Generator(device="cpu").manual_seed(0)
     q, do = (torch.randn(2, 40, 4, 64, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
@@ -436,18 +459,7 @@ def _varlen_self_check(device, dtype) -> bool:
     doc = torch.tensor([[0] * 7 + [1] * 20 + [2] * 13, [0] * 1 + [1] * 30 + [-1] * 9], device=device)
     pos = torch.cat([torch.arange(n) for n in (7, 20, 13, 1, 30, 9)]).view(2, 40).to(device)
     mask = BlockMask(causal=True, q_pos=pos, k_pos=pos, q_doc=doc, k_doc=doc)
-    try:
-        ref_out, ref_lse = _reference_forward(q, k, v, 0.2, mask)
-        out, lse = _varlen_forward(q, k, v, 0.2, mask)
-        ref_g = _reference_backward(do, q, k, v, ref_out, ref_lse, 0.2, mask)
-        got_g = _varlen_backward(do, q, k, v, ref_out, ref_lse, 0.2, mask)
-        finite = torch.isfinite(ref_lse)
-        errs = [(out.float() - ref_out.float()).abs().max(), (lse - ref_lse)[finite].abs().max()]
-        errs += [(a.float() - b.float()).abs().max() for a, b in zip(got_g, ref_g)]
-        ok = all(bool(e <= 0.3) for e in errs)  # half-precision tolerance, as _self_check
-        detail = f"max error {max(float(e) for e in errs):.2e}"
-    except Exception as err:  # noqa: BLE001 - any failure means: do not use it
-        ok, detail = False, f"{type(err).__name__}: {err}"
+    ok, detail = _agrees_with_reference(_varlen_forward, _varlen_backward, q, k, v, do, mask, bar=0.3)
     if not ok:
         import warnings
 
@@ -499,10 +511,15 @@ def _varlen_pays(pieces: list, batch: int, heads: int, head_dim: int) -> bool:
     return count > 0 and 4 * heads * head_dim * pairs / count < VARLEN_MAX_MEAN_PIECE_FLOPS
 
 
+def _use_varlen(pieces: list, q: torch.Tensor, backend: str) -> bool:
+    """The pieces of q's block go to flash-attn's varlen call (forward and backward decide alike)."""
+    return backend in ("auto", "flash_attn") and _varlen_usable(q.device, q.dtype) \
+        and _varlen_pays(pieces, q.shape[0], q.shape[2], q.shape[3])
+
+
 def _forward_in_pieces(q, k, v, scale, mask: BlockMask, backend: str):
     pieces = list(_pieces(mask, q.shape[0], q.shape[1], k.shape[1]))
-    if backend in ("auto", "flash_attn") and _varlen_usable(q.device, q.dtype) \
-            and _varlen_pays(pieces, q.shape[0], q.shape[2], q.shape[3]):
+    if _use_varlen(pieces, q, backend):
         return _varlen_forward(q, k, v, scale, mask, pieces)
     out, lse = accumulate_forward(q, k, v, pieces, scale=scale, backend=backend)
     return out.to(q.dtype), lse
@@ -510,8 +527,7 @@ def _forward_in_pieces(q, k, v, scale, mask: BlockMask, backend: str):
 
 def _backward_in_pieces(dout, q, k, v, out, lse, scale, mask: BlockMask, backend: str):
     pieces = list(_pieces(mask, q.shape[0], q.shape[1], k.shape[1]))
-    if backend in ("auto", "flash_attn") and _varlen_usable(q.device, q.dtype) \
-            and _varlen_pays(pieces, q.shape[0], q.shape[2], q.shape[3]):
+    if _use_varlen(pieces, q, backend):
         return _varlen_backward(dout, q, k, v, out, lse, scale, mask, pieces)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     dq, dk, dv = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
@@ -546,8 +562,7 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, kind: s
 
 
 def _self_check(backend: str, device, dtype) -> bool:
-    """Forward and backward of a small masked and causal block against the reference; an error
-    (a kernel missing for this device, dtype or head size, a changed private signature) fails it."""
+    """Forward and backward of a small causal block (and for torch a masked one) against the reference."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     q, k, v, do = (torch.randn(1, 48, 4, 64, generator=gen).to(device=device, dtype=dtype) for _ in range(4))
     k, v = k[:, :, :2].contiguous(), v[:, :, :2].contiguous()
@@ -555,20 +570,13 @@ def _self_check(backend: str, device, dtype) -> bool:
     masks = [BlockMask(causal=True)]
     if backend == "torch":
         masks.append(BlockMask(causal=True, q_offset=10, k_offset=0))
-    try:
-        errs = []
-        for mask in masks:
-            kind = mask.kind(48, 48)
-            ref_out, ref_lse = _reference_forward(q, k, v, 0.2, mask)
-            out, lse = _dispatch_forward(backend, q, k, v, 0.2, mask, kind)
-            ref_g = _reference_backward(do, q, k, v, ref_out, ref_lse, 0.2, mask)
-            got_g = _dispatch_backward(backend, do, q, k, v, ref_out, ref_lse, 0.2, mask, kind)
-            errs += [(out.float() - ref_out.float()).abs().max(), (lse - ref_lse).abs().max()]
-            errs += [(a.float() - b.float()).abs().max() for a, b in zip(got_g, ref_g)]
-        ok = all(bool(e <= tol * 10) for e in errs)
-        detail = f"max error {max(float(e) for e in errs):.2e}"
-    except Exception as err:  # noqa: BLE001 - any failure means: do not use it
-        ok, detail = False, f"{type(err).__name__}: {err}"
+    for mask in masks:
+        kind = mask.kind(48, 48)
+        ok, detail = _agrees_with_reference(
+            lambda *args: _dispatch_forward(backend, *args, kind), lambda *args: _dispatch_backward(backend, *args, kind),
+            q, k, v, do, mask, bar=tol * 10)
+        if not ok:
+            break
     if not ok:
         import warnings
 
