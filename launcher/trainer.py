@@ -123,14 +123,16 @@ def lr_at(step: int, recipe: Recipe) -> float:
 def clip_grad_norm(parts: list[nn.Module], max_norm: float, pp_group) -> float:
     """Total gradient norm over every parameter of the model, whatever its layout: DTensor
     gradients are reduced over their own mesh, pipeline stages over the pp group."""
-    grads = [p.grad for part in parts for p in part.parameters() if p.grad is not None]
-    by_layout: dict = {}
-    for g in grads:
+    params = [p for part in parts for p in part.parameters() if p.grad is not None]
+    grads = [p.grad for p in params]
+    by_layout: dict = {}      # layout -> parameters whose gradients share it
+    for p in params:
+        g = p.grad
         key = (g.device_mesh, g.placements) if isinstance(g, DTensor) else None
-        by_layout.setdefault(key, []).append(g)
+        by_layout.setdefault(key, []).append(p)
     total_sq = torch.zeros((), dtype=torch.float32)
     for key, group in by_layout.items():
-        norm = torch.nn.utils.get_total_norm(group, norm_type=2.0, foreach=True)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type=2.0, foreach=True)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         total_sq += norm.float().cpu() ** 2
@@ -139,8 +141,10 @@ def clip_grad_norm(parts: list[nn.Module], max_norm: float, pp_group) -> float:
         dist.all_reduce(total_sq, group=pp_group)
     total = total_sq.sqrt()
     if max_norm > 0:
+        # clip_grads_with_norm_ takes parameters and scales their .grad (handing it gradients scaled
+        # nothing: a gradient's own .grad is None, and every run trained unclipped).
         for key, group in by_layout.items():
-            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total.to(_device_of(group[0])), foreach=True)
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total.to(_device_of(group[0].grad)), foreach=True)
     return float(total)
 
 
