@@ -5,6 +5,7 @@
     longtrain tokenizer train --source S --vocab-size N --out F   train a sentencepiece model
     longtrain data inspect RECIPE [key=value ...]         document lengths, tokens, packing efficiency
     longtrain data export --out DIR                       the built-in corpus as jsonl shards
+    longtrain plan RECIPE [--cluster h100] [--nodes N]    per-rank memory, step time, MFU; layouts that fit
 
 Bad input ends with one line on stderr naming the key, file or rank, and exit code 2 (1 for a
 worker that failed while running).
@@ -57,7 +58,28 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="directory for the .jsonl files")
     export.add_argument("--split", choices=["train", "eval"], default="train")
     export.add_argument("--shards", type=int, default=4)
+    _add_plan_parser(sub)
     return parser
+
+
+def _add_plan_parser(sub) -> None:
+    plan = sub.add_parser("plan", help="per-rank memory, predicted step time and MFU; the layouts that fit")
+    plan.add_argument("recipe")
+    plan.add_argument("overrides", nargs="*")
+    plan.add_argument("--cluster", default="h100", help="accelerator preset (launcher/plan.py CLUSTERS)")
+    plan.add_argument("--nodes", type=int, default=None, help="nodes (default: run.launch.nnodes)")
+    plan.add_argument("--top", type=int, default=8, help="ranked layouts to show")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def _plan_command(args, overrides) -> int:
+    import json
+
+    from longtrain.launcher.plan import format_plan, plan
+
+    result = plan(load_recipe(args.recipe, overrides), cluster=args.cluster, nodes=args.nodes, top=args.top)
+    print(json.dumps(result, indent=1) if args.json else format_plan(result))
+    return 0
 
 
 def _tokenizer_train(args) -> int:
@@ -102,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     overrides = list(getattr(args, "overrides", None) or []) + extra
+    if args.command == "plan":
+        try:
+            return _plan_command(args, overrides)
+        except (RecipeError, ValueError) as err:
+            print(f"longtrain: error: {err}", file=sys.stderr)
+            return 2
     if args.command in ("tokenizer", "data"):
         if extra and not (args.command == "data" and args.action == "inspect"):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
