@@ -250,15 +250,17 @@ def _checkpointed(lay: Layout, layer_id: int) -> bool:
 
 
 def _layer_backward_transient(cfg, kind: str, tokens: float, lay: Layout, precision: str) -> float:
-    """Gradients alive inside one layer's backward beyond what it saved: the widest three
-    gradient tensors (MLP: d(product), d(gate), d(up); Mamba: the chunk matrices again)."""
+    """Gradients alive inside one layer's backward beyond what it saved and its parameter
+    gradients (measured op by op on CPU, tests/test_plan.py): the MLP's widest gradient (T x F)
+    and two of the residual stream; attention two of width d and one of the stream; Mamba-2 two
+    of width d_inner (fp32 scan) and one of the stream."""
     c, r = _elem(precision)
-    widest = cfg.dim
-    if kind in ("T", "-"):
-        widest = max(widest, cfg.ffn_dim / lay.tp)
+    stream = tokens * cfg.dim * r
+    mlp = tokens * getattr(cfg, "ffn_dim", 0) / lay.tp * c + 2 * stream
+    attn = 2 * tokens * cfg.dim / lay.tp * c + stream
     if kind == "M":
-        return _mamba_saved(cfg, tokens, lay, precision) * 0.5
-    return 3 * tokens * widest * max(c, 4 if precision == "fp32" else c) + 2 * tokens * cfg.dim * r
+        return 2 * tokens * cfg.d_inner / lay.tp * 4 + stream
+    return {"-": mlp, "*": attn, "T": max(mlp, attn)}[kind]
 
 
 def _head(cfg, tokens: float, lay: Layout, precision: str) -> tuple[float, float, float]:
@@ -331,38 +333,41 @@ def estimate_memory(cfg, lay: Layout, work: Workload) -> MemoryEstimate:
             parts["gathered_parameters"] = params * c if work.precision == "autocast" else 0.0  # autocast cache
             unsharded_grad = 0.0
         in_flight = _microbatches_in_flight(lay, pp_rank)
-        held, peak_layer, work_bytes = 0.0, 0.0, 0.0
+        held_by_layer, full_by_layer, work_bytes = [], [], 0.0
         for i in my_layers:
             saved, w = layer_activation(cfg, kinds[i], tokens, lay, work.precision)
             work_bytes = max(work_bytes, w)
-            if _checkpointed(lay, i):
-                held += tokens * cfg.dim * r  # the block input
-                peak_layer = max(peak_layer, saved)  # recomputed in backward
-            else:
-                held += saved
-        held *= in_flight
-        if first:
-            held += tokens * 8 * 3 * in_flight  # tokens, labels, positions (int64)
-        transient = max((_layer_backward_transient(cfg, kinds[i], tokens, lay, work.precision) for i in my_layers),
-                        default=0.0)
+            full_by_layer.append(saved)
+            held_by_layer.append(tokens * cfg.dim * r if _checkpointed(lay, i) else saved)  # checkpointed: the input
+        one_micro = sum(held_by_layer) + (tokens * 8 * 3 if first else 0.0)  # + tokens, labels, positions
+        held = one_micro * in_flight
         head_saved, loss_fwd, loss_bwd = _head(cfg, tokens, lay, work.precision) if last else (0.0, 0.0, 0.0)
         parts["activations"] = held + head_saved
         static = parts["parameters"] + parts["optimizer_state"] + parts["gathered_parameters"]
-        # phases: the loss forward (no gradients yet), the loss backward (head gradient), a layer's
-        # backward (gradients of the later layers exist; its recompute and transients), the optimizer step
         grads = parts["gradients"]
         head_grad = (0 if not last else cfg.vocab_size * cfg.dim / lay.tp * 4 / shard)
+        # Backward walks the layers in reverse: at layer k, the earlier layers still hold what they
+        # saved (checkpointed ones only their input), layer k holds all its activations (recomputed
+        # if checkpointed) plus its gradient transients, and the later layers' gradients exist.
+        earlier_micro = one_micro * (in_flight - 1)
+        layer_peak, grads_so_far = 0.0, head_grad
+        for k in range(len(my_layers) - 1, -1, -1):
+            i = my_layers[k]
+            grads_so_far += layer_params[k] / shard * 4
+            now = (sum(held_by_layer[:k]) + full_by_layer[k]
+                   + _layer_backward_transient(cfg, kinds[i], tokens, lay, work.precision) + work_bytes + grads_so_far)
+            layer_peak = max(layer_peak, now)
         phases = {
             "loss forward": static + held + head_saved + loss_fwd,
             "loss backward": static + held + head_saved + loss_bwd + head_grad,
-            "layer backward": static + held + peak_layer + transient + work_bytes + head_grad
-                              + max(layer_params, default=0.0) / shard * 4 + unsharded_grad,
+            "layer backward": static + earlier_micro + layer_peak + unsharded_grad,
             "backward end": static + grads + unsharded_grad,
             "optimizer step": static + grads + (0 if work.fused_optimizer else params / shard * 4),
         }
         phase = max(phases, key=phases.get)
         parts["logits_and_loss"] = max(loss_fwd, loss_bwd)
-        parts["workspace"] = work_bytes + transient + (peak_layer if lay.activation_checkpoint != "none" else 0.0)
+        parts["workspace"] = work_bytes + max((_layer_backward_transient(cfg, kinds[i], tokens, lay, work.precision)
+                                               for i in my_layers), default=0.0)
         rank = {"pp_rank": pp_rank, "peak_bytes": phases[phase], "phase": phase, "phases": phases, "parts": parts}
         by_rank.append(rank)
         if best is None or rank["peak_bytes"] > best["peak_bytes"]:
