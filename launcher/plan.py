@@ -29,6 +29,11 @@ CLUSTERS: dict[str, Hardware] = {
 }
 
 
+# A layout "fits" when its predicted peak is at most this share of the device memory: the caching
+# allocator's fragmentation and the CUDA context are not in the model (it predicts allocated bytes).
+HEADROOM = 0.95
+
+
 def hardware(name: str) -> Hardware:
     if name not in CLUSTERS:
         import difflib
@@ -136,7 +141,7 @@ def plan(recipe: Recipe, cluster: str = "h100", nodes: int | None = None, top: i
         return {"layout": lay.describe(), "degrees": dataclasses.asdict(lay), "precision": work.precision,
                 "memory": {"peak_gib": mem.peak_gib, "phase": mem.phase, "pp_rank": mem.pp_rank,
                            "parts_gib": {k: v / GiB for k, v in mem.parts.items()}},
-                "fits": mem.peak_gib <= hw.memory_gib, **t}
+                "fits": mem.peak_gib <= HEADROOM * hw.memory_gib, **t}
 
     result = {"model": f"{recipe.model.name or recipe.model.kind}: {cfg.num_params() / 1e9:.2f}B parameters",
               "cluster": cluster, "hardware": hw.name, "nodes": nodes, "gpus_per_node": gpus, "world": world,
@@ -151,7 +156,7 @@ def plan(recipe: Recipe, cluster: str = "h100", nodes: int | None = None, top: i
 
 
 def _row(r: dict) -> str:
-    return (f"{r['layout']:<40} {r['memory']['peak_gib']:7.1f} GiB  {r['step_s']:8.2f} s  "
+    return (f"{r['layout']:<46} {r['memory']['peak_gib']:7.1f} GiB  {r['step_s']:8.2f} s  "
             f"{r['tokens_per_second']:>10,.0f} tok/s  MFU {100 * r['mfu']:5.1f}%")
 
 
@@ -173,8 +178,8 @@ def format_plan(result: dict) -> str:
         lines += [f"  step {rec['step_s']:.2f} s: compute ({comp}) s; exposed communication ({comm}) s; "
                   f"bubble {rec['bubble_s']:.2f} s",
                   f"  {rec['tokens_per_second']:,.0f} tokens/s, MFU {100 * rec['mfu']:.1f}%"]
-    lines += ["", f"layouts that fit ({result['fitting_count']} of {result['considered']} considered), "
-                  f"fastest first:"]
+    lines += ["", f"layouts that fit in {HEADROOM:.0%} of the memory ({result['fitting_count']} of "
+                  f"{result['considered']} considered), fastest first:"]
     lines += [f"  {i + 1:>2}. {_row(r)}" for i, r in enumerate(result["fitting"])]
     if not result["fitting"]:
         lines.append("  none: more nodes, a shorter sequence or a smaller model")
