@@ -229,21 +229,20 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["cpu"]
-    fig, ax = plt.subplots(figsize=(7, 6))
-    mib = 2 ** 20
-    xs = [r["measured_peak_bytes"] / mib for r in rows]
-    ys = [r["predicted_peak_bytes"] / mib for r in rows]
-    ax.scatter(xs, ys)
-    for r, x, y in zip(rows, xs, ys):
-        ax.annotate(r["name"], (x, y), fontsize=7)
-    lo, hi = min(xs + ys) * 0.8, max(xs + ys) * 1.2
-    ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
-    ax.fill_between([lo, hi], [lo * (1 - TOLERANCE), hi * (1 - TOLERANCE)], [lo * (1 + TOLERANCE), hi * (1 + TOLERANCE)],
-                    alpha=0.15, label=f"±{TOLERANCE:.0%}")
-    ax.set_xlabel("measured peak tensor MiB per rank")
-    ax.set_ylabel("predicted MiB")
-    ax.set_title("longtrain plan: per-rank peak memory (CPU, fp32)")
-    ax.legend()
+    names = [f"{r['name']} ({r['world']} rank{'s' if r['world'] > 1 else ''})" for r in rows]
+    errors = [100 * r["error"] for r in rows]
+    if result.get("h100"):
+        names.append("H100 llama-1b 16K (recorded run)")
+        errors.append(100 * result["h100"]["error"])
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.5))
+    ax.barh(range(len(names)), errors, color=["tab:blue"] * len(rows) + ["tab:green"] * (len(names) - len(rows)))
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    for x in (-100 * TOLERANCE, 100 * TOLERANCE):
+        ax.axvline(x, color="k", linestyle="--", linewidth=0.8)
+    ax.axvline(0, color="k", linewidth=0.8)
+    ax.set_xlabel("predicted / measured peak tensor memory per rank - 1 (%)")
+    ax.set_title(f"longtrain plan: peak memory per rank (dashed: ±{TOLERANCE:.0%})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
