@@ -120,10 +120,8 @@ def plan(recipe: Recipe, cluster: str = "h100", nodes: int | None = None, top: i
     hw = hardware(cluster)
     launch = recipe.run.launch
     gpus = launch.nproc_per_node
-    if nodes is not None:
-        if nodes < 1:
-            raise RecipeError(f"--nodes: must be at least 1, got {nodes}")
-        hw = dataclasses.replace(hw, gpus_per_node=gpus)
+    if nodes is not None and nodes < 1:
+        raise RecipeError(f"--nodes: must be at least 1, got {nodes}")
     nodes = nodes or launch.nnodes
     world = nodes * gpus
     cfg = resolve_model_config(recipe.model)

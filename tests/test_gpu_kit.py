@@ -177,3 +177,21 @@ def test_gpu_runner_dry_run():
     bad = subprocess.run([sys.executable, str(REPO / "tools/gpu_kit/run_gpu_checks.py"), "--only", "nope", "--dry-run"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown step(s) nope" in bad.stderr
+
+
+def test_gpu_runner_training_summary(tmp_path):
+    """What the runner records for a training step: the run's last logged metrics next to
+    `longtrain plan`'s prediction for the same recipe (the H100 16K numbers as a stand-in run)."""
+    step = next(s for s in run_gpu_checks.steps() if s.name == "train_16k")
+    run = tmp_path / "gpu_runs" / "train_16k"
+    run.mkdir(parents=True)
+    rows = [{"step": 5, "loss": 4.0}, {"step": 20, "loss": 2.93, "tokens_per_second": 29005.0, "mfu": 0.266,
+                                       "peak_memory_gb": 74.6}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = run_gpu_checks._training_summary(step, tmp_path)
+    assert summary["measured"]["tokens_per_second"] == 29005.0 and summary["measured"]["step"] == 20
+    assert abs(summary["predicted"]["peak_memory_gib"] / 74.6 - 1) < 0.15
+    assert 0 < summary["predicted"]["mfu"] < 1
+    step32 = next(s for s in run_gpu_checks.steps() if s.name == "train_32k")
+    assert "parallel.activation_checkpoint=full" in " ".join(step32.command(tmp_path))
+    assert run_gpu_checks._training_summary(step32, tmp_path)["predicted"]["peak_memory_gib"] < 79.1 * 0.98

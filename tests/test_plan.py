@@ -96,6 +96,8 @@ def test_plan_cli(capsys):
     assert main(["plan", str(REPO / "configs/llama3_8b_128k.yaml"), "--nodes", "1", "parallel.cp=1",
                  "parallel.activation_checkpoint=none", "--json"]) == 0
     assert not json.loads(capsys.readouterr().out)["recipe"]["fits"]
+    assert main(["plan", str(REPO / "configs/llama3_8b_128k.yaml"), "--nodes", "0"]) == 2
+    assert "--nodes: must be at least 1" in capsys.readouterr().err
     assert main(["plan", str(REPO / "configs/llama3_8b_128k.yaml"), "--cluster", "h10"]) == 2
     assert "--cluster: unknown preset 'h10' (did you mean 'h100'?)" in capsys.readouterr().err
 
