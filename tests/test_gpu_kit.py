@@ -1,6 +1,7 @@
 """tools/gpu_kit as far as a CPU allows: trimming a fake flash-attn / mamba-ssm source tree (files,
 static_switch.h, setup.py), argument errors, the build plan, and the GPU runner's dry-run listing."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -195,3 +196,26 @@ def test_gpu_runner_training_summary(tmp_path):
     step32 = next(s for s in run_gpu_checks.steps() if s.name == "train_32k")
     assert "parallel.activation_checkpoint=full" in " ".join(step32.command(tmp_path))
     assert run_gpu_checks._training_summary(step32, tmp_path)["predicted"]["peak_memory_gib"] < 79.1 * 0.98
+
+
+@pytest.mark.skipif(not os.environ.get("LONGTRAIN_GPU_KIT_SDISTS"),
+                    reason="set LONGTRAIN_GPU_KIT_SDISTS to a folder holding the flash-attn 2.8.3, mamba-ssm and "
+                           "causal-conv1d sdists (prepare.py download) to trim the real trees")
+def test_trim_real_sdists(tmp_path):
+    import shutil
+
+    for archive in Path(os.environ["LONGTRAIN_GPU_KIT_SDISTS"]).glob("*.tar.gz"):
+        shutil.copy(archive, tmp_path)
+    assert prepare.main(["trim", str(tmp_path)]) == 0
+    trees = {prepare.package_of(t): t for t in tmp_path.iterdir() if t.is_dir()}
+    for pkg, tree in trees.items():
+        setup = (tree / "setup.py").read_text()
+        compile(setup, "setup.py", "exec")
+        assert set(re.findall(r"arch=compute_(\d+)", setup)) == {"90"}, pkg
+    fa = trees["flash-attn"]
+    kernels = sorted(p.name for p in (fa / "csrc/flash_attn/src").glob("flash_*hdim*.cu"))
+    assert len(kernels) == 24 and all("bf16" in k and int(re.search(r"hdim(\d+)", k).group(1)) <= 128 for k in kernels)
+    setup = (fa / "setup.py").read_text()
+    listed = re.findall(r'"csrc/flash_attn/src/([^"]+\.cu)"', setup)
+    assert sorted(listed) == kernels  # every listed kernel exists, every kept one is listed
+    assert "-DFLASHATTENTION_DISABLE_SOFTCAP" in setup

@@ -48,11 +48,17 @@ def download_commands(out: Path, packages: dict) -> list[list[str]]:
              f"{name}=={version}", "-d", str(out)] for name, version in packages.items()]
 
 
+# Reading an sdist's metadata runs its setup.py; these make it skip the CUDA build (and torch's
+# CUDA checks) on the download machine.
+SKIP_BUILD = {"FLASH_ATTENTION_SKIP_CUDA_BUILD": "TRUE", "MAMBA_SKIP_CUDA_BUILD": "TRUE",
+              "CAUSAL_CONV1D_SKIP_CUDA_BUILD": "TRUE"}
+
+
 def download(out: Path, packages: dict) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     for cmd in download_commands(out, packages):
         print("+", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, env={**os.environ, **SKIP_BUILD})
     return unpack(out)
 
 
@@ -96,8 +102,9 @@ def keep_arch_flags(setup_text: str, archs: list[str]) -> str:
     text = pair.sub(repl, setup_text)
     if not kept:
         raise KitError(f"setup.py: no -gencode entry for sm_{'/'.join(archs)} found; cannot trim the architectures")
-    # an `if ...:` left with an empty body: give it a `pass`
-    text = re.sub(r"(\n([ \t]*)if [^\n]+:[ \t]*\n)(?!\2[ \t]+\S)", r"\1\2    pass\n", text)
+    # an `if ...:` left with an empty body (its next non-blank line not indented deeper): a `pass`
+    text = re.sub(r"^([ \t]*)(if [^\n]+:[ \t]*\n)(?!(?:[ \t]*\n)*\1[ \t]+\S)", r"\1\2\1    pass\n", text,
+                  flags=re.M)
     return text
 
 
@@ -213,6 +220,8 @@ def build_plan(root: Path, jobs: int) -> list[tuple[Path, list[str], dict]]:
     for pkg in BUILD_ORDER:
         if pkg in by_pkg:
             env = {FORCE_BUILD[pkg]: "TRUE", "MAX_JOBS": str(jobs), "NVCC_THREADS": "2"}
+            if pkg == "flash-attn":  # flash-attn >= 2.7 also filters its -gencode list by this variable
+                env["FLASH_ATTN_CUDA_ARCHS"] = ";".join(json.loads((by_pkg[pkg] / "TRIMMED.json").read_text())["archs"])
             cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-v",
                    str(by_pkg[pkg])]
             out.append((by_pkg[pkg], cmd, env))
