@@ -39,6 +39,10 @@ LAYOUTS = [
     ("dense cp2 ring, ac every 2", 2, {"parallel": {"cp": 2, "cp_mode": "ring", "activation_checkpoint": "every_k"}}),
     ("dense pp2 1f1b", 2, {"parallel": {"pp": 2, "pp_microbatches": 2}}),
     ("dense fsdp2, ac full", 2, {"parallel": {"dp_shard": 2, "activation_checkpoint": "full"}}),
+    # FSDP2 with bf16 parameters (the GPU recipes' regime; runs on CPU too)
+    ("dense fsdp2 bf16", 2, {"parallel": {"dp_shard": 2, "mixed_precision": "bf16"}}),
+    ("dense cp2 zigzag bf16, ac every 2", 2, {"parallel": {"cp": 2, "cp_mode": "zigzag", "mixed_precision": "bf16",
+                                                           "activation_checkpoint": "every_k"}}),
     ("hybrid single", 1, {"model": {"kind": "hybrid", "name": "hybrid-debug"}, "data": {"packing": "concat"}}),
     ("hybrid tp2", 2, {"model": {"kind": "hybrid", "name": "hybrid-debug"}, "data": {"packing": "concat"},
                        "parallel": {"tp": 2}}),
@@ -201,9 +205,9 @@ def write_report(result: dict, out: Path) -> str:
              "Measured: the peak over one optimizer step (after a warm-up step) of the bytes of every live tensor "
              "storage on the rank (parameters, optimizer state, gradients, activations, buffers, communication "
              "buffers), tracked op by op by a TorchDispatchMode (benchmarks/plan_validation.py); the largest rank. "
-             "Not the process RSS (`peak_memory_gb`), which adds the torch runtime. fp32, gloo ranks, "
+             "Not the process RSS (`peak_memory_gb`), which adds the torch runtime. gloo ranks, "
              f"debug-size models, seq {BASE['data']['seq_len']} x batch {BASE['data']['batch_size']} per data rank. "
-             f"Tolerance {TOLERANCE:.0%}.", "",
+             f"Tolerance {TOLERANCE:.0%}. fp32 unless the name says bf16 (FSDP2 with bf16 parameters, fp32 reduction).", "",
              "| layout | ranks | measured MiB | predicted MiB | error | predicted peak at |", "|---|---|---|---|---|---|"]
     for r in result["cpu"]:
         lines.append(f"| {r['name']} ({r['layout']}) | {r['world']} | {r['measured_peak_bytes'] / mib:.1f} | "
