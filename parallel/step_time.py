@@ -33,6 +33,43 @@ def model_flops_per_token(cfg, seq_len: int) -> float:
     return float(cfg.flops_per_token(seq_len))
 
 
+def cp_attention_bytes(mode: str, tokens: float, hq: float, hkv: float, head_dim: int, cp: int,
+                       ulysses: int = 1, elem: int = 4) -> float:
+    """Bytes one rank sends per attention layer, forward + backward, under context parallel
+    (benchmarks/context_parallel.py `expected_bytes` "derived_total"): `tokens` local tokens, heads
+    per tp rank; kv heads replicated up to the Ulysses degree when fewer."""
+    n, x_kv = cp, tokens * hkv * head_dim * elem
+
+    def rep(u):
+        return hkv if hkv % u == 0 else hkv * (u / math.gcd(u, int(hkv)))
+
+    if n == 1:
+        return 0.0
+    if mode == "ulysses":
+        return 2 * 2 * (n - 1) / n * tokens * (hq + rep(n)) * head_dim * elem
+    if mode in ("ring", "zigzag"):
+        return 2 * (n - 1) * x_kv + 2 * (n - 1) * x_kv + 2 * n * x_kv
+    if mode == "allgather":
+        return 4 * (n - 1) * x_kv
+    if mode == "hybrid":
+        u = ulysses
+        ring, h = n // u, rep(u)
+        a2a = 2 * (u - 1) / u * tokens * (hq + h) * head_dim * elem
+        p2p = 2 * (ring - 1) * tokens * h * head_dim * elem
+        return 2 * a2a + 2 * p2p + (2 * ring * tokens * h * head_dim * elem if ring > 1 else 0)
+    raise ValueError(f"cp mode {mode!r}")
+
+
+def cp_mamba_bytes(rows: int, cp: int, heads: float, headdim: int, d_state: int, groups: float, d_conv: int,
+                   d_inner: float, elem: int = 4) -> float:
+    """Bytes one rank sends per Mamba-2 layer, forward + backward, under state passing
+    (benchmarks/ssm.py `expected_mamba_bytes`): the conv halo and the all-gathered final states."""
+    if cp == 1:
+        return 0.0
+    channels = d_inner + 2 * groups * d_state
+    return 2 * elem * rows * ((d_conv - 1) * channels + (cp - 1) * heads * (headdim * d_state + 1))
+
+
 def estimate_step_time(cfg, lay: Layout, work: Workload, hw: Hardware) -> dict:
     kinds = layer_kinds(cfg)
     n_stages = lay.pp * lay.pp_stages_per_rank
@@ -94,27 +131,14 @@ def estimate_step_time(cfg, lay: Layout, work: Workload, hw: Hardware) -> dict:
         bw = _group_bw(hw, lay.cp, lay.tp)
         n_attn = sum(1 for i in layers for s in _sublayers(kinds[i]) if s == "*")
         n_mamba = sum(1 for i in layers if kinds[i] == "M")
-        per_layer = 0.0
-        if lay.cp_mode == "ulysses":
-            h = hkv if hkv % n == 0 else hkv * (n / math.gcd(n, int(hkv)))
-            per_layer = 2 * 2 * (n - 1) / n * tl * (hq + h) * hd * c
-        elif lay.cp_mode in ("ring", "zigzag", "allgather"):
-            x = tl * hkv * hd * c
-            per_layer = (2 * (n - 1) * x + 2 * (n - 1) * x + 2 * n * x) if lay.cp_mode != "allgather" else 4 * (n - 1) * x
-        elif lay.cp_mode == "hybrid":
-            u = lay.cp_ulysses_degree
-            ring = n // u
-            h = hkv if hkv % u == 0 else hkv * (u / math.gcd(u, int(hkv)))
-            a2a = 2 * (u - 1) / u * tl * (hq + h) * hd * c
-            p2p = 2 * (ring - 1) * tl * h * hd * c
-            per_layer = 2 * a2a + p2p + p2p + (2 * ring * tl * h * hd * c if ring > 1 else 0)
+        per_layer = cp_attention_bytes(lay.cp_mode, tl, hq, hkv, hd, n, lay.cp_ulysses_degree, c) if n_attn else 0.0
         t_cp = per_layer * n_attn * micro / bw
         if lay.cp_mode in ("ring", "zigzag"):  # overlapped with the attention blocks it feeds
             t_cp = max(0.0, t_cp - t_attn)
         if n_mamba:
-            E, h = cfg.d_inner / lay.tp, cfg.mamba_heads / lay.tp
-            C = E + 2 * cfg.ngroups / lay.tp * cfg.d_state
-            sp = 2 * 4 * ((cfg.d_conv - 1) * C + (n - 1) * h * (cfg.mamba_headdim * cfg.d_state + 1))
+            rows = work.batch_size / micro
+            sp = cp_mamba_bytes(rows, n, cfg.mamba_heads / lay.tp, cfg.mamba_headdim, cfg.d_state,
+                                cfg.ngroups / lay.tp, cfg.d_conv, cfg.d_inner / lay.tp)
             t_cp += sp * n_mamba * micro / bw + 4 * n_mamba * micro * hw.collective_latency_s
         comm["cp"] = t_cp
     if fsdp:

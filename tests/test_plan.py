@@ -146,3 +146,31 @@ def test_layer_backward_transient_bounds_the_measured_one(kind):
     measured = tracker.peak - after_forward - param_grads
     predicted = _layer_backward_transient(cfg, kind, tokens, Layout(), "fp32")
     assert measured <= predicted <= 1.5 * measured, (measured, predicted)
+
+
+def _load_benchmark(name):
+    import importlib.util
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("mode,cp,u", [("ulysses", 4, 4), ("ring", 4, 1), ("zigzag", 2, 1), ("allgather", 4, 1),
+                                       ("hybrid", 8, 4), ("ulysses", 8, 8)])
+def test_cp_bytes_are_the_benchmarks_formulas(mode, cp, u):
+    """The time model's context-parallel volumes are those benchmarks/context_parallel.py and
+    benchmarks/ssm.py measure the code against."""
+    from longtrain.parallel.step_time import cp_attention_bytes, cp_mamba_bytes
+
+    cpb = _load_benchmark("context_parallel")
+    cfg = {"head_dim": 64, "heads": 8, "kv_heads": 2, "batch": 2}
+    seq = 4096
+    expected = cpb.expected_bytes(mode, cfg, cp, seq, u)["derived_total"]
+    assert cp_attention_bytes(mode, 2 * seq / cp, 8, 2, 64, cp, u, 4) == pytest.approx(expected)
+    ssm = _load_benchmark("ssm")
+    mcfg = {"batch": 2, "dim": 256, "mamba": {"expand": 2, "headdim": 64, "d_state": 64, "ngroups": 2, "d_conv": 4}}
+    exp = ssm.expected_mamba_bytes("state_passing", mcfg, cp, seq)["total"]
+    assert cp_mamba_bytes(2, cp, 8, 64, 64, 2, 4, 512) == pytest.approx(exp)
