@@ -1,0 +1,137 @@
+"""Ladder Residual under tensor parallelism: each sublayer's output reduction stays in flight
+while the next sublayer computes (research notes section 2.2).
+
+A row-parallel output projection (attention wo, MLP w2, Mamba out_proj) leaves partial sums on
+every tp rank; a standard block all-reduces them (reduce-scatters them under sequence parallel)
+and waits at once, because the next sublayer reads the sum. A ladder sublayer does not read its
+predecessor's output (models/ladder.py), so here the projection only *launches* the collective
+(`async_op=True`) and hands the model the buffer being filled; the model reads it through
+`residual_sync`, which waits on the work handle, and does so only after the next sublayer has
+computed. On gloo the collective runs on the backend's threads; on nccl it runs on the process
+group's own stream, ordered after the producing kernels, and `wait()` makes the compute stream
+wait for it (set CUDA_DEVICE_MAX_CONNECTIONS > 1 so the two actually run side by side).
+
+`parallel.ladder_overlap: false` waits right after launching (same numbers, no overlap), which
+is how the benchmark measures what the overlap hides. `log` (a list, when set) records
+("start", projection) / ("wait", projection) events in order, which the tests read.
+
+Backward: the reduction's backward is the identity (all-gather of the gradient under sequence
+parallel); the input-gradient all-reduce in front of each sublayer is DTensor's and waited at
+once (not overlapped yet).
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import Partial, Replicate, Shard
+from torch.distributed.tensor.parallel import RowwiseParallel
+from torch.distributed.tensor.parallel.style import distribute_module
+
+
+class SublayerReductions:
+    """The `residual_sync` of a tensor-parallel ladder model part: launches the sublayer output
+    reductions and waits for them where the model reads them."""
+
+    MAX_IN_FLIGHT = 2  # the ladder needs one besides the newest; more only under recomputation
+
+    def __init__(self, tp_group, sequence_parallel: bool, overlap: bool = True):
+        self.group = tp_group
+        self.tp = dist.get_world_size(tp_group)
+        self.sequence_parallel = sequence_parallel
+        self.overlap = overlap
+        self.in_flight: dict[int, tuple] = {}  # buffer storage address -> (work, label, buffers)
+        self.log: list | None = None
+        self.counts = {"start": 0, "wait": 0, "wait_at_start": 0}
+
+    # -- launch (from the output projection) ---------------------------------------------------
+    def start(self, partial_sums: torch.Tensor, label: str) -> torch.Tensor:
+        return _StartReduction.apply(partial_sums, self, label)
+
+    def _launch(self, partial_sums: torch.Tensor, label: str) -> torch.Tensor:
+        while len(self.in_flight) >= self.MAX_IN_FLIGHT:  # bounded: e.g. outputs recomputed but never read
+            self._wait(next(iter(self.in_flight)))
+        if self.sequence_parallel:  # (B, S, D) partial -> (B, S/tp, D) sum: scatter along the sequence
+            send = partial_sums.transpose(0, 1).contiguous()
+            b, s, d = partial_sums.shape
+            # (B, S/tp, D) laid out sequence-first, so that its transpose is the contiguous buffer
+            out = torch.empty_strided((b, s // self.tp, d), (d, b * d, 1), dtype=send.dtype, device=send.device)
+            work = dist.reduce_scatter_single(out.transpose(0, 1), send, group=self.group, async_op=True)
+            keep = (out, send)
+        else:
+            out = partial_sums.contiguous().clone()
+            work = dist.all_reduce(out, group=self.group, async_op=True)
+            keep = (out,)
+        key = out.untyped_storage().data_ptr()
+        self.in_flight[key] = (work, label, keep)
+        self.counts["start"] += 1
+        if self.log is not None:
+            self.log.append(("start", label))
+        if not self.overlap:
+            self.counts["wait_at_start"] += 1
+            self._wait(key)
+        return out
+
+    # -- read (from the model) -------------------------------------------------------------------
+    def __call__(self, pending: torch.Tensor) -> torch.Tensor:
+        key = pending.untyped_storage().data_ptr()
+        if key in self.in_flight:
+            self._wait(key)
+        return pending
+
+    def _wait(self, key: int) -> None:
+        work, label, _ = self.in_flight.pop(key)
+        with torch.no_grad():  # waiting marks the buffer written: not an autograd operation
+            work.wait()
+        self.counts["wait"] += 1
+        if self.log is not None:
+            self.log.append(("wait", label))
+
+    def drain(self) -> None:
+        for key in list(self.in_flight):
+            self._wait(key)
+
+
+class _StartReduction(torch.autograd.Function):
+    """Forward: launch the sum of the tp ranks' partial outputs (all-reduce, or reduce-scatter
+    along the sequence), return the buffer it fills. Backward: the gradient of a sum each rank
+    then holds in full is the gradient itself (all-gathered along the sequence under SP)."""
+
+    @staticmethod
+    def forward(ctx, partial_sums, reductions: SublayerReductions, label: str):
+        ctx.reductions = reductions
+        return reductions._launch(partial_sums, label)
+
+    @staticmethod
+    def backward(ctx, grad):
+        red = ctx.reductions
+        red.drain()  # nothing launched in a recomputed forward stays in flight into backward
+        if not red.sequence_parallel:
+            return grad, None, None
+        shard = grad.transpose(0, 1).contiguous()  # (S/tp, B, D)
+        full = shard.new_empty((shard.shape[0] * red.tp, *shard.shape[1:]))
+        dist.all_gather_single(full, shard, group=red.group)
+        return full.transpose(0, 1), None, None
+
+
+class LadderRowwiseParallel(RowwiseParallel):
+    """RowwiseParallel for a linear whose partial output the ladder reduces asynchronously."""
+
+    def __init__(self, reductions: SublayerReductions, label: str):
+        super().__init__()
+        self.reductions, self.label = reductions, label
+
+    def _output(self, mod, outputs, device_mesh):
+        if tuple(outputs.placements) != (Partial(),):
+            raise RuntimeError(f"{self.label}: expected a partial-sum output, got {outputs.placements}")
+        return self.reductions.start(outputs.to_local(grad_placements=[Replicate()]), self.label)
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        if not isinstance(module, nn.Linear):
+            raise NotImplementedError(f"{self.label}: ladder overlap shards nn.Linear output projections only")
+        self.desired_input_layouts = (Shard(-1),)  # row-parallel: input split by features
+        return distribute_module(module, device_mesh, self._partition_linear_fn,
+                                 partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+                                 self._output)
