@@ -21,6 +21,7 @@ once (not overlapped yet).
 """
 from __future__ import annotations
 
+import weakref
 from functools import partial
 
 import torch
@@ -42,62 +43,82 @@ class SublayerReductions:
         self.tp = dist.get_world_size(tp_group)
         self.sequence_parallel = sequence_parallel
         self.overlap = overlap
-        self.in_flight: dict[int, tuple] = {}  # buffer storage address -> (work, label, buffers)
+        # placeholder storage address -> [work (None once waited), label, result buffer, send buffer]
+        self.pending: dict[int, list] = {}
         self.log: list | None = None
         self.counts = {"start": 0, "wait": 0, "wait_at_start": 0}
 
     # -- launch (from the output projection) ---------------------------------------------------
     def start(self, partial_sums: torch.Tensor, label: str) -> torch.Tensor:
+        """Launch the reduction; returns a placeholder of the result's shape (no memory) that
+        stands for it until the model reads it through __call__. The collective's buffer is never
+        handed to autograd before it is complete (completion marks it written)."""
         return _StartReduction.apply(partial_sums, self, label)
 
     def _launch(self, partial_sums: torch.Tensor, label: str) -> torch.Tensor:
-        while len(self.in_flight) >= self.MAX_IN_FLIGHT:  # bounded: e.g. outputs recomputed but never read
-            self._wait(next(iter(self.in_flight)))
+        in_flight = [k for k, entry in self.pending.items() if entry[0] is not None]
+        for key in in_flight[:max(0, len(in_flight) - self.MAX_IN_FLIGHT + 1)]:  # bounded (recomputation)
+            self._wait(key)
         if self.sequence_parallel:  # (B, S, D) partial -> (B, S/tp, D) sum: scatter along the sequence
             send = partial_sums.transpose(0, 1).contiguous()
             b, s, d = partial_sums.shape
             # (B, S/tp, D) laid out sequence-first, so that its transpose is the contiguous buffer
             out = torch.empty_strided((b, s // self.tp, d), (d, b * d, 1), dtype=send.dtype, device=send.device)
             work = dist.reduce_scatter_single(out.transpose(0, 1), send, group=self.group, async_op=True)
-            keep = (out, send)
         else:
+            send = None
             out = partial_sums.contiguous().clone()
             work = dist.all_reduce(out, group=self.group, async_op=True)
-            keep = (out,)
-        key = out.untyped_storage().data_ptr()
-        self.in_flight[key] = (work, label, keep)
+        base = out.new_zeros(1)
+        placeholder = base.expand(out.shape)
+        key = base.untyped_storage().data_ptr()
+        self.pending[key] = [work, label, out, send]
+        # The entry lives as long as the placeholder: a recomputed block (activation checkpointing)
+        # reads its input placeholder again.
+        weakref.finalize(base, self.pending.pop, key, None)
         self.counts["start"] += 1
         if self.log is not None:
             self.log.append(("start", label))
         if not self.overlap:
             self.counts["wait_at_start"] += 1
             self._wait(key)
-        return out
+        return placeholder
 
     # -- read (from the model) -------------------------------------------------------------------
     def __call__(self, pending: torch.Tensor) -> torch.Tensor:
+        """The completed sum a placeholder stands for (waiting for it if still in flight); any
+        other tensor (already complete, e.g. received from the previous pipeline stage) as is."""
         key = pending.untyped_storage().data_ptr()
-        if key in self.in_flight:
-            self._wait(key)
-        return pending
+        if key not in self.pending:
+            return pending
+        self._wait(key)
+        return _ReadReduction.apply(pending, self.pending[key][2])
+
+    @property
+    def in_flight(self) -> int:
+        return sum(entry[0] is not None for entry in self.pending.values())
 
     def _wait(self, key: int) -> None:
-        work, label, _ = self.in_flight.pop(key)
-        with torch.no_grad():  # waiting marks the buffer written: not an autograd operation
-            work.wait()
+        entry = self.pending[key]
+        if entry[0] is None:
+            return
+        entry[0].wait()
+        entry[0] = entry[3] = None
         self.counts["wait"] += 1
         if self.log is not None:
-            self.log.append(("wait", label))
+            self.log.append(("wait", entry[1]))
 
     def drain(self) -> None:
-        for key in list(self.in_flight):
+        """Wait for every reduction in flight (from backward: a forward that launched one nobody
+        read, as a recomputed block's last output, is over)."""
+        for key in list(self.pending):
             self._wait(key)
 
 
 class _StartReduction(torch.autograd.Function):
     """Forward: launch the sum of the tp ranks' partial outputs (all-reduce, or reduce-scatter
-    along the sequence), return the buffer it fills. Backward: the gradient of a sum each rank
-    then holds in full is the gradient itself (all-gathered along the sequence under SP)."""
+    along the sequence); return a placeholder. Backward: the gradient of a sum each rank then
+    holds in full is the gradient itself (all-gathered along the sequence under SP)."""
 
     @staticmethod
     def forward(ctx, partial_sums, reductions: SublayerReductions, label: str):
@@ -107,13 +128,25 @@ class _StartReduction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         red = ctx.reductions
-        red.drain()  # nothing launched in a recomputed forward stays in flight into backward
+        red.drain()
         if not red.sequence_parallel:
             return grad, None, None
         shard = grad.transpose(0, 1).contiguous()  # (S/tp, B, D)
         full = shard.new_empty((shard.shape[0] * red.tp, *shard.shape[1:]))
         dist.all_gather_single(full, shard, group=red.group)
         return full.transpose(0, 1), None, None
+
+
+class _ReadReduction(torch.autograd.Function):
+    """placeholder -> the completed buffer; the gradient passes to the placeholder unchanged."""
+
+    @staticmethod
+    def forward(ctx, placeholder, out):
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
 
 
 class LadderRowwiseParallel(RowwiseParallel):

@@ -91,7 +91,7 @@ class StageAdapter(nn.Module):
             if self.stage.tok_embeddings is None:
                 pending, *meta = meta
             out = self.stage(x, *meta, pending=pending)
-            return out if self.is_last else (*out, *meta)
+            return out if self.is_last else (*(t.contiguous() for t in out), *meta)  # p2p sends contiguous
         out = self.stage(x, *meta)
         return out if self.is_last else (out, *meta)
 
