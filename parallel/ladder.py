@@ -21,6 +21,7 @@ once (not overlapped yet).
 """
 from __future__ import annotations
 
+import time
 import weakref
 from functools import partial
 
@@ -47,6 +48,7 @@ class SublayerReductions:
         self.pending: dict[int, list] = {}
         self.log: list | None = None
         self.counts = {"start": 0, "wait": 0, "wait_at_start": 0}
+        self.wait_seconds = 0.0  # host time blocked in wait(): the communication left exposed
 
     # -- launch (from the output projection) ---------------------------------------------------
     def start(self, partial_sums: torch.Tensor, label: str) -> torch.Tensor:
@@ -102,7 +104,9 @@ class SublayerReductions:
         entry = self.pending[key]
         if entry[0] is None:
             return
+        began = time.perf_counter()
         entry[0].wait()
+        self.wait_seconds += time.perf_counter() - began
         entry[0] = entry[3] = None
         self.counts["wait"] += 1
         if self.log is not None:

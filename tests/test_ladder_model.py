@@ -128,3 +128,39 @@ def test_checkpoint_of_the_other_architecture_is_refused():
     check_residual_architecture({"model": {"residual": "ladder", "ladder_layers": 4}}, ladder_all, where)
     check_residual_architecture({"model": {}}, TCFG, where)
     check_residual_architecture({"model": {"residual": "ladder", "ladder_layers": 0}}, TCFG, where)
+
+
+class _PlainKVCache:
+    """A core_attention that keeps every key/value seen so far (written out here, independent of
+    any decode module): new queries attend causally to the cache plus themselves."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def __call__(self, q, k, v, scale, positions=None, doc_ids=None):
+        past = 0 if self.k is None else self.k.shape[1]
+        self.k = k if self.k is None else torch.cat([self.k, k], 1)
+        self.v = v if self.v is None else torch.cat([self.v, v], 1)
+        rep = q.shape[2] // k.shape[2]
+        keys, values = self.k.repeat_interleave(rep, 2), self.v.repeat_interleave(rep, 2)
+        scores = torch.einsum("bshd,bthd->bhst", q, keys) * scale
+        allowed = torch.arange(keys.shape[1])[None, :] <= (past + torch.arange(q.shape[1]))[:, None]
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        return torch.einsum("bhst,bthd->bshd", scores.softmax(-1), values)
+
+
+@pytest.mark.parametrize("k", [None, 2])
+def test_ladder_decodes_token_by_token_with_a_kv_cache(k):
+    """Decoding needs nothing ladder-specific: the carry form is per token, so a ladder model's
+    own forward with KV caches in its attention hooks (what `generate` installs) fed one token
+    at a time with its positions gives the logits of the full forward."""
+    _, ladder = _pair(Transformer, TCFG, ladder_layers=k)
+    tokens = torch.randint(0, TCFG.vocab_size, (2, 10), generator=torch.Generator().manual_seed(5))
+    full = ladder(tokens)
+    for module in ladder.modules():
+        if hasattr(module, "core_attention"):
+            module.core_attention = _PlainKVCache()
+    steps = [ladder(tokens[:, :4], torch.arange(4)[None])]  # prefill
+    for t in range(4, tokens.shape[1]):
+        steps.append(ladder(tokens[:, t:t + 1], torch.tensor([[t]])))
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-9)
