@@ -9,7 +9,8 @@ with its all-reduces overlapped, and the same ladder model waiting at once, side
 What is measured, per tp degree, in one process group, same shapes, fp32 on CPU (gloo):
 - step time (forward + backward + optimizer, longtrain's Trainer.train_step) of `standard`,
   `ladder` (parallel.ladder_overlap=true) and `ladder_no_overlap` (false), timed in windows that
-  rotate the order of the three each repeat; the median window per variant;
+  rotate the order of the three each repeat; the fastest window per variant (others share the
+  machine and only ever add time), the median beside it;
 - the forward sublayer-output reductions: the host time blocked in their wait(). Waiting at once
   (no overlap) that is the whole reduction time; with overlap it is what stays exposed, so
   hidden = 1 - exposed(overlap) / exposed(no overlap);
@@ -99,8 +100,10 @@ def measure(cfg: dict) -> dict:
             exposed[name].append((getattr(reductions, "wait_seconds", 0.0) - waited) / len(timed))
     out = {"tp": world, "first_loss": first_loss}
     for name in VARIANTS:
-        out[name] = {"step_s": statistics.median(windows[name]), "windows_step_s": windows[name],
-                     "exposed_reduction_s": statistics.median(exposed[name])}
+        # Other processes share this machine: interference only adds time, so the fastest window
+        # is the estimate (the median is reported beside it).
+        out[name] = {"step_s": min(windows[name]), "median_step_s": statistics.median(windows[name]),
+                     "windows_step_s": windows[name], "exposed_reduction_s": statistics.median(exposed[name])}
     comm = out["ladder_no_overlap"]["exposed_reduction_s"]
     out["reduction_s"] = comm
     out["hidden_share"] = (1 - out["ladder"]["exposed_reduction_s"] / comm) if comm > 0 else None
@@ -151,8 +154,8 @@ def markdown(report: dict) -> str:
     cfg = report["config"]
     lines = [f"# Ladder Residual under tensor parallelism ({report['device']})", "",
              f"Model dim {cfg['dim']}, {cfg['layers']} layers, ffn {cfg['ffn_dim']}, batch {cfg['batch_size']} x "
-             f"{cfg['seq_len']} tokens per step, fp32, sequence parallel {cfg['sp']}; median of {cfg['repeats']} "
-             f"windows of {cfg['steps']} steps. Machine: {report['machine'].get('cpu')} x "
+             f"{cfg['seq_len']} tokens per step, fp32, sequence parallel {cfg['sp']}; the fastest of {cfg['repeats']} "
+             f"windows of {cfg['steps']} steps (median reduction wait). Machine: {report['machine'].get('cpu')} x "
              f"{report['machine'].get('cpu_count')}.", "",
              "| tp | standard s/step | ladder s/step | ladder, no overlap s/step | ladder / standard speed-up | "
              "overlap speed-up | reduction time s/step | exposed with overlap | hidden |",

@@ -1,6 +1,6 @@
 """Ladder Residual under every axis of the mesh: per-step losses and final weights equal one
 process (tp2 with and without sequence parallel, overlap on and off, activation checkpointing,
-dp2 x tp2 FSDP, pp2 x tp2, tp2 x cp2, a hybrid stack under tp2 and under pp2 x tp2 with the stage
+cp2 ring, dp2 x tp2 FSDP, HSDP 2 x 2, pp2 x tp2, tp2 x cp2 Ulysses, a hybrid stack under tp2 and under pp2 x tp2 with the stage
 boundary between an attention and an MLP layer), and the overlap is applied: each sublayer's
 reduction is launched before the next sublayer computes and waited for only after it."""
 import pytest
@@ -22,9 +22,11 @@ LAYOUTS = {
         "tp2_sp_overlap_off": LADDER + TP2 + ["parallel.ladder_overlap=false"],
         "tp2_recompute": LADDER + TP2 + ["parallel.activation_checkpoint=full"],
         "hybrid_tp2": HYBRID + TP2,
+        "cp2_ring": LADDER + ["parallel.cp=2", "parallel.cp_mode=ring", "parallel.dp_shard=1"] + global_batch(1),
     },
     4: {
         "dp2_tp2": LADDER + ["parallel.dp_shard=2", "parallel.tp=2"] + global_batch(2),
+        "hsdp2x2": LADDER + ["parallel.dp_replicate=2", "parallel.dp_shard=2"] + global_batch(4),
         "pp2_tp2": LADDER + ["parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=1"] + global_batch(1),
         "tp2_cp2_ulysses": LADDER + ["parallel.tp=2", "parallel.cp=2", "parallel.cp_mode=ulysses",
                                      "parallel.dp_shard=1"] + global_batch(1),
