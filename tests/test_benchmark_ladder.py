@@ -30,8 +30,12 @@ def test_ladder_benchmark_smoke(tmp_path):
 
 
 def test_gpu_cost_model_by_hand():
-    sys.path.insert(0, str(SCRIPT.parent))
-    from ladder import gpu_model
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ladder_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    gpu_model = module.gpu_model
 
     g = gpu_model(dim=1024, ffn=4096, heads=8, kv_heads=8, tp=4, tokens=1, mode="decode", hbm_tb_s=1.0,
                   bus_gb_s=100.0, latency_us=10.0)
