@@ -42,3 +42,27 @@ def ladder_group(train: list, traces: list) -> dict:
     dist.barrier()
     return out
 
+
+
+def resume_across_residuals(ckpt_dir: str) -> dict:
+    """Save a ladder checkpoint after one step; resume it as a standard model and as the same
+    ladder model. Returns the refusal line and the step the matching resume reached."""
+    from longtrain.launcher.checkpoint import CheckpointError
+    from longtrain.launcher.config import load_recipe
+    from longtrain.launcher.trainer import Trainer
+
+    ladder = ["model.residual=ladder", "model.ladder_layers=2", f"checkpoint.dir={ckpt_dir}"]
+    Trainer(load_recipe(None, TINY + ladder + ["train.steps=1", "checkpoint.save_at_end=true"])).run()
+    refused = None
+    try:
+        Trainer(load_recipe(None, TINY + [f"checkpoint.dir={ckpt_dir}", "train.steps=2"])).maybe_resume(None)
+    except CheckpointError as err:
+        refused = str(err)
+    same = Trainer(load_recipe(None, TINY + ladder + ["train.steps=2"]))
+    same.maybe_resume(_Quiet())
+    return {"refused": refused, "resumed_step": same.step}
+
+
+class _Quiet:
+    def write(self, line):
+        pass

@@ -164,3 +164,25 @@ def test_ladder_decodes_token_by_token_with_a_kv_cache(k):
     for t in range(4, tokens.shape[1]):
         steps.append(ladder(tokens[:, t:t + 1], torch.tensor([[t]])))
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-9)
+
+
+def test_ladder_model_is_not_exported_as_a_llama():
+    from longtrain.models.hf import config_to_hf
+
+    config_to_hf(dataclasses.replace(TCFG, residual="ladder", ladder_layers=0))  # the standard model: fine
+    with pytest.raises(ValueError, match=r"model\.residual: a ladder model has no Hugging Face Llama equivalent"):
+        config_to_hf(dataclasses.replace(TCFG, residual="ladder", ladder_layers=1))
+
+
+def test_trainer_refuses_to_resume_a_ladder_checkpoint_as_standard(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from distributed import run_group
+    from ladder_cases import resume_across_residuals
+
+    out = run_group(1, resume_across_residuals, str(tmp_path / "ckpt"))
+    assert out["refused"] is not None and "\n" not in out["refused"]
+    assert "holds a ladder (last 2 layers) model but model.residual/model.ladder_layers ask for a standard one" \
+        in out["refused"]
+    assert out["resumed_step"] == 1
