@@ -1,10 +1,10 @@
 """Ladder Residual under tensor parallelism: training step time of a standard model, a ladder model
 with its all-reduces overlapped, and the same ladder model waiting at once, side by side.
 
-    python benchmarks/ladder.py [--tp 2 4] [--dim 512] [--layers 4] [--seq-len 256] [--batch-size 2]
-                                [--steps 3] [--warmup 1] [--repeats 3] [--sequence-parallel] [--out DIR]
-    # GPUs (nccl, one process per GPU; the same measurement, written as ladder_cuda.*):
-    torchrun --nproc_per_node 8 benchmarks/ladder.py --tp 8 --dim 4096 --layers 8 --seq-len 4096
+    python benchmarks/ladder.py [--tp 2 4] [--dim 128] [--layers 4] [--seq-len 256] [--batch-size 2]
+                                [--steps 2] [--warmup 1] [--repeats 7] [--sequence-parallel] [--out DIR]
+    # GPUs (nccl, one process per GPU, tp = the world; written as ladder_cuda_tp<N>.*):
+    benchmarks/ladder_gpu.sh   (torchrun at tp 2, 4, 8 with Llama-3-8B-wide layers)
 
 What is measured, per tp degree, in one process group, same shapes, fp32 on CPU (gloo):
 - step time (forward + backward + optimizer, longtrain's Trainer.train_step) of `standard`,
@@ -52,7 +52,7 @@ def _recipe(cfg: dict, variant: str, world: int, run_dir: str):
         f"model.n_heads={cfg['heads']}", f"model.n_kv_heads={cfg['heads']}", f"model.ffn_dim={cfg['ffn_dim']}",
         f"model.max_seq_len={cfg['seq_len']}", f"data.seq_len={cfg['seq_len']}", f"data.batch_size={cfg['batch_size']}",
         f"parallel.tp={world}", "parallel.dp_shard=1", f"parallel.sequence_parallel={str(cfg['sp']).lower()}",
-        "parallel.mixed_precision=fp32", f"run.launch.nproc_per_node={world}", f"train.steps={steps + 5}",
+        f"parallel.mixed_precision={'bf16' if cfg.get('bf16') else 'fp32'}", f"run.launch.nproc_per_node={world}", f"train.steps={steps + 5}",
         "checkpoint.save_at_end=false", "checkpoint.resume=never", "run.tensorboard=false", "run.progress=false",
         f"run.dir={run_dir}", "data.num_workers=0",
     ] + VARIANTS[variant]
@@ -154,7 +154,7 @@ def markdown(report: dict) -> str:
     cfg = report["config"]
     lines = [f"# Ladder Residual under tensor parallelism ({report['device']})", "",
              f"Model dim {cfg['dim']}, {cfg['layers']} layers, ffn {cfg['ffn_dim']}, batch {cfg['batch_size']} x "
-             f"{cfg['seq_len']} tokens per step, fp32, sequence parallel {cfg['sp']}; the fastest of {cfg['repeats']} "
+             f"{cfg['seq_len']} tokens per step, {'bf16' if cfg.get('bf16') else 'fp32'}, sequence parallel {cfg['sp']}; the fastest of {cfg['repeats']} "
              f"windows of {cfg['steps']} steps (median reduction wait). Machine: {report['machine'].get('cpu')} x "
              f"{report['machine'].get('cpu_count')}.", "",
              "| tp | standard s/step | ladder s/step | ladder, no overlap s/step | ladder / standard speed-up | "
@@ -212,22 +212,23 @@ def plot(report: dict, path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tp", type=int, nargs="+", default=[2, 4])
-    ap.add_argument("--dim", type=int, default=512)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--ffn-dim", type=int, default=1376)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--ffn-dim", type=int, default=344)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--sequence-parallel", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="bf16 parameters (FSDP mixed precision / autocast on CUDA)")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args(argv)
     cfg = {"dim": args.dim, "heads": args.heads, "ffn_dim": args.ffn_dim, "layers": args.layers,
            "seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
-           "repeats": args.repeats, "sp": args.sequence_parallel}
+           "repeats": args.repeats, "sp": args.sequence_parallel, "bf16": args.bf16}
     sys.path.insert(0, str(HERE))
     from measure import machine_info
 
@@ -236,7 +237,8 @@ def main(argv=None) -> int:
         import torch
         import torch.distributed as dist
 
-        device, stem = ("cuda" if torch.cuda.is_available() else "cpu"), "ladder_cuda"
+        device = "cuda, nccl" if torch.cuda.is_available() else "cpu, gloo"
+        stem = f"ladder_{'cuda' if torch.cuda.is_available() else 'cpu'}_tp{dist.get_world_size()}"
         if dist.get_rank() != 0:
             return 0
     else:
