@@ -5,9 +5,12 @@ A row-parallel output projection (attention wo, MLP w2, Mamba out_proj) leaves p
 every tp rank; a standard block all-reduces them (reduce-scatters them under sequence parallel)
 and waits at once, because the next sublayer reads the sum. A ladder sublayer does not read its
 predecessor's output (models/ladder.py), so here the projection only *launches* the collective
-(`async_op=True`) and hands the model the buffer being filled; the model reads it through
-`residual_sync`, which waits on the work handle, and does so only after the next sublayer has
-computed. On gloo the collective runs on the backend's threads; on nccl it runs on the process
+(`async_op=True`) and hands the model a placeholder (an expanded zero, no memory) that stands for
+the buffer being filled; the model reads it through `residual_sync`, which waits on the work
+handle and returns the buffer, and does so only after the next sublayer has computed. (The buffer
+itself never reaches autograd before it is complete: completion marks it written, which autograd
+would take for an in-place change of a view.) A placeholder keeps its buffer reachable while it
+lives, so a block recomputed under activation checkpointing reads its input again. On gloo the collective runs on the backend's threads; on nccl it runs on the process
 group's own stream, ordered after the producing kernels, and `wait()` makes the compute stream
 wait for it (set CUDA_DEVICE_MAX_CONNECTIONS > 1 so the two actually run side by side).
 
@@ -17,7 +20,11 @@ is how the benchmark measures what the overlap hides. `log` (a list, when set) r
 
 Backward: the reduction's backward is the identity (all-gather of the gradient under sequence
 parallel); the input-gradient all-reduce in front of each sublayer is DTensor's and waited at
-once (not overlapped yet).
+once. Not overlapped yet, for two reasons: the norm's backward sits between that all-reduce and
+the stream (so either the norm runs on partial gradients, leaving its weight gradient partial
+over tp, or its backward must be deferred too), and autograd runs ready nodes latest-created
+first, so the node that adds the reduced gradient to the stream must be created before the
+previous sublayer's forward (a lazily completed stream add), or it runs, and waits, first.
 """
 from __future__ import annotations
 
