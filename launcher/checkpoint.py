@@ -86,6 +86,25 @@ def read_meta(ckpt_dir: Path) -> dict:
         raise CheckpointError(f"checkpoint: {ckpt_dir / META}: unreadable ({err})") from None
 
 
+def check_residual_architecture(meta: dict, model_cfg, ckpt_dir: Path) -> None:
+    """A ladder model's weights do not fit a standard model (or other ladder layers): the same
+    tensors compute another function. Checkpoints saved before the flag existed are standard."""
+    def ladder_layers(cfg: dict) -> int:  # how many of the last layers are ladder layers
+        if cfg.get("residual", "standard") != "ladder":
+            return 0
+        k = cfg.get("ladder_layers")
+        return model_cfg.n_layers if k is None else k
+
+    saved = ladder_layers(meta.get("model") or {})
+    wanted = ladder_layers({"residual": model_cfg.residual, "ladder_layers": model_cfg.ladder_layers})
+    if saved != wanted:
+        def name(k):
+            return "standard" if k == 0 else f"ladder (last {k} layers)"
+
+        raise CheckpointError(f"checkpoint: {ckpt_dir} holds a {name(saved)} model but model.residual/"
+                              f"model.ladder_layers ask for a {name(wanted)} one")
+
+
 class CheckpointManager:
     def __init__(self, root: str | Path, keep: int):
         self.root = Path(root)

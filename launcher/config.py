@@ -50,6 +50,10 @@ class ModelConfig:
     mamba_headdim: Optional[int] = None
     ngroups: Optional[int] = None
     chunk_size: Optional[int] = None
+    # Ladder Residual (models/ladder.py): standard | ladder; ladder_layers: the last k layers become
+    # ladder layers (unset: all; 0: the standard model). Checkpoints of one do not load into the other.
+    residual: Optional[Literal["standard", "ladder"]] = None
+    ladder_layers: Optional[int] = None
     # Import weights from a Hugging Face Llama directory (config.json + safetensors) at start.
     hf_checkpoint: Optional[str] = None
 
@@ -74,6 +78,9 @@ class ParallelConfig:
     pp_microbatches: int = 0  # 0: as many as pipeline stages (pp x pp_stages_per_rank)
     pp_stages_per_rank: int = 1  # >1 for the interleaved and zero-bubble schedules
     sequence_parallel: bool = True  # Megatron-style SP on norms when tp > 1
+    # Ladder models under tp: keep each sublayer's output all-reduce (reduce-scatter with sequence
+    # parallel) in flight while the next sublayer computes (parallel/ladder.py); false waits at once.
+    ladder_overlap: bool = True
     # FSDP: free gathered parameters after forward (ZeRO-3, least memory) or keep them until
     # backward (ZeRO-2 style: one all-gather per step instead of two).
     reshard_after_forward: bool = True

@@ -23,7 +23,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from longtrain.data.loader import build_loader
-from longtrain.launcher.checkpoint import CheckpointManager, find_resume_dir
+from longtrain.launcher.checkpoint import CheckpointManager, check_residual_architecture, find_resume_dir, read_meta
 from longtrain.launcher.config import Recipe, pp_microbatches, resolve_degrees
 from longtrain.launcher.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 from longtrain.models.sizes import resolve_model_config
@@ -286,6 +286,7 @@ class Trainer:
         ckpt = find_resume_dir(self.ckpt_root, self.recipe.checkpoint.resume)
         if ckpt is None:
             return
+        check_residual_architecture(read_meta(ckpt), self.model_cfg, ckpt)
         state = self.state_dict_for_checkpoint()
         meta = CheckpointManager.load(ckpt, state)
         self.load_checkpoint_state(state)

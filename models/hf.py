@@ -36,6 +36,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from longtrain.models.ladder import is_ladder
 from longtrain.models.transformer import RopeScaling, Transformer, TransformerConfig
 
 CONFIG_NAME = "config.json"
@@ -268,6 +269,8 @@ def config_to_hf(cfg: TransformerConfig, dtype: torch.dtype | str = torch.float3
     if cfg.dim % cfg.n_heads or cfg.n_heads % cfg.n_kv_heads:
         raise ValueError(f"model: dim={cfg.dim}, n_heads={cfg.n_heads}, n_kv_heads={cfg.n_kv_heads} do not "
                          "describe a valid Llama attention layout")
+    if is_ladder(cfg):  # the same tensors would compute another function in LlamaForCausalLM
+        raise ValueError("model.residual: a ladder model has no Hugging Face Llama equivalent; it cannot be exported")
     dtype_name = dtype if isinstance(dtype, str) else _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
     scaling = _rope_params_to_hf(cfg)
     rope_parameters = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}

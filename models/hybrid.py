@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from longtrain.models.ladder import LocalSync, Residual, check_residual, first_ladder_layer, is_ladder, ladder_step
 from longtrain.models.mamba import MambaConfig, Mamba2Mixer, init_ssm_param
 from longtrain.models.transformer import (Attention, DecoderLM, FeedForward, RMSNorm, RopeScaling,
                                           seeded_normal_)
@@ -79,6 +80,10 @@ class HybridConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Ladder Residual (models/ladder.py): every block is one sublayer; the last `ladder_layers`
+    # blocks (None: all) read the stream without the preceding block's output.
+    residual: Residual = "standard"
+    ladder_layers: int | None = None
 
     def __post_init__(self):
         self.validate()
@@ -86,6 +91,7 @@ class HybridConfig:
     def validate(self):
         """Raises a one-line ValueError naming the model.* key at fault."""
         parse_pattern(self.pattern)
+        check_residual(self.residual, self.ladder_layers, self.n_layers)
         kinds = set(self.layer_kinds)
         if "*" in kinds:
             if self.n_heads <= 0 or self.dim % self.n_heads:
@@ -197,8 +203,16 @@ class HybridBlock(nn.Module):
             self.mixer = FeedForward(cfg)
         else:
             raise ValueError(f"model.pattern: unknown symbol {kind!r} for layer {layer_id}")
+        # Ladder models run every block in carry form (models/ladder.py).
+        self.carry, self.ladder = is_ladder(cfg), layer_id >= first_ladder_layer(cfg)
+        self.residual_sync = LocalSync()
 
-    def forward(self, x, positions=None, doc_ids=None):
+    def forward(self, x, positions=None, doc_ids=None, pending=None):
+        if self.carry:  # (h, pending) -> (h, pending)
+            def sublayer(t):
+                return self.mixer(self.norm(t)) if self.kind == "-" else self.mixer(self.norm(t), positions, doc_ids)
+
+            return ladder_step(x, pending, sublayer, self.ladder, self.residual_sync)
         if self.kind == "-":
             return x + self.mixer(self.norm(x))
         return x + self.mixer(self.norm(x), positions, doc_ids)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from longtrain.models.hybrid import HybridConfig
+from longtrain.models.ladder import check_residual
 from longtrain.models.transformer import RopeScaling, TransformerConfig
 
 _LLAMA3_ROPE = RopeScaling(type="llama3", factor=8.0, original_max_position=8192,
@@ -54,12 +55,12 @@ HYBRID_SIZES: dict[str, HybridConfig] = {
 }
 
 _FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "norm_eps", "rope_theta",
-           "max_seq_len", "tie_embeddings", "init_std")
+           "max_seq_len", "tie_embeddings", "init_std", "residual", "ladder_layers")
 
 
 _HYBRID_FIELDS = ("vocab_size", "dim", "n_heads", "n_kv_heads", "ffn_dim", "norm_eps", "rope_theta", "max_seq_len",
                   "tie_embeddings", "init_std", "pattern", "d_state", "d_conv", "expand", "mamba_headdim",
-                  "ngroups", "chunk_size")
+                  "ngroups", "chunk_size", "residual", "ladder_layers")
 
 
 def _unknown_size(name: str, known: dict) -> ValueError:
@@ -129,4 +130,5 @@ def resolve_model_config(model_section) -> TransformerConfig | HybridConfig:
         raise ValueError(f"model.n_kv_heads: {cfg.n_kv_heads} does not divide model.n_heads={cfg.n_heads}")
     if cfg.head_dim % 2:
         raise ValueError(f"model.dim: head dimension {cfg.head_dim} must be even for RoPE")
+    check_residual(cfg.residual, cfg.ladder_layers, cfg.n_layers)
     return cfg

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from longtrain.kernels.attention import BlockMask, attention
+from longtrain.models.ladder import LocalSync, Residual, check_residual, first_ladder_layer, is_ladder, ladder_step
 
 
 @dataclass
@@ -46,6 +47,10 @@ class TransformerConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Ladder Residual (models/ladder.py): the last `ladder_layers` layers (None: all) read the
+    # stream without the preceding sublayer's output.
+    residual: Residual = "standard"
+    ladder_layers: int | None = None
 
     @property
     def head_dim(self) -> int:
@@ -227,8 +232,17 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
+        # Ladder models run every block in carry form (models/ladder.py); `ladder` marks this one's
+        # sublayers as ladder sublayers; `residual_sync` reads a pending output (parallel/ swaps it).
+        self.carry, self.ladder = is_ladder(cfg), layer_id >= first_ladder_layer(cfg)
+        self.residual_sync = LocalSync()
 
-    def forward(self, x, positions=None, doc_ids=None):
+    def forward(self, x, positions=None, doc_ids=None, pending=None):
+        if self.carry:  # (h, pending) -> (h, pending)
+            h, pending = ladder_step(x, pending, lambda t: self.attention(self.attention_norm(t), positions, doc_ids),
+                                     self.ladder, self.residual_sync)
+            return ladder_step(h, pending, lambda t: self.feed_forward(self.ffn_norm(t)), self.ladder,
+                               self.residual_sync)
         h = x + self.attention(self.attention_norm(x), positions, doc_ids)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -256,6 +270,10 @@ class DecoderLM(nn.Module):
         self.layers = layers
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # Ladder Residual: layers pass (stream, pending output); a pipeline stage hands both on.
+        check_residual(cfg.residual, cfg.ladder_layers, cfg.n_layers)
+        self.ladder_residual = is_ladder(cfg)
+        self.residual_sync = LocalSync()
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         if not self.output.weight.is_meta:
@@ -267,8 +285,15 @@ class DecoderLM(nn.Module):
                 module.reset_buffers()
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+                doc_ids: torch.Tensor | None = None, pending: torch.Tensor | None = None) -> torch.Tensor:
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        if self.ladder_residual:
+            for layer in self.layers.values():
+                h, pending = layer(h, positions, doc_ids, pending=pending)
+            if self.norm is None:  # a pipeline stage before the last: the stream and the pending output
+                return h, self.residual_sync(pending)
+            h = h + self.residual_sync(pending)  # the last two outputs meet before the final norm
+            return self.output(self.norm(h)) if self.output is not None else self.norm(h)
         for layer in self.layers.values():
             h = layer(h, positions, doc_ids)
         h = self.norm(h) if self.norm is not None else h

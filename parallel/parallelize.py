@@ -85,7 +85,8 @@ def parallelize(model: nn.Module, mesh: Mesh, recipe: Recipe, device: torch.devi
         if not on_meta:  # meta parts are materialized after sharding (Trainer._materialize)
             part.to(device)
         if dims.tp > 1:
-            apply_tensor_parallel(part, mesh["tp"], sequence_parallel=p.sequence_parallel)
+            apply_tensor_parallel(part, mesh["tp"], sequence_parallel=p.sequence_parallel,
+                                  ladder_overlap=p.ladder_overlap)
         for module in part.modules():  # sequence strategies: plain, or context parallel
             if hasattr(module, "core_attention"):
                 module.core_attention = attention

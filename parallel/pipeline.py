@@ -86,6 +86,12 @@ class StageAdapter(nn.Module):
         self.is_last = is_last
 
     def forward(self, x, *meta):
+        if self.stage.ladder_residual:  # Ladder Residual: (stream, pending output, *meta) between stages
+            pending = None
+            if self.stage.tok_embeddings is None:
+                pending, *meta = meta
+            out = self.stage(x, *meta, pending=pending)
+            return out if self.is_last else (*(t.contiguous() for t in out), *meta)  # p2p sends contiguous
         out = self.stage(x, *meta)
         return out if self.is_last else (out, *meta)
 

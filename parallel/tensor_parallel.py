@@ -8,6 +8,8 @@ Without sequence parallel, activations between blocks stay replicated.
 """
 from __future__ import annotations
 
+from functools import partial
+
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
@@ -19,10 +21,21 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from longtrain.parallel.ladder import LadderRowwiseParallel, SublayerReductions
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = True) -> None:
-    """Shard `model` (a Transformer or a pipeline stage of one) in place over `tp_mesh`."""
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = True,
+                          ladder_overlap: bool = True) -> None:
+    """Shard `model` (a Transformer or a pipeline stage of one) in place over `tp_mesh`. A ladder
+    model's output projections launch their reductions asynchronously (parallel/ladder.py)."""
     between = Shard(1) if sequence_parallel else Replicate()
+    row = lambda name: RowwiseParallel(output_layouts=between)  # noqa: E731
+    if model.ladder_residual:
+        reductions = SublayerReductions(tp_mesh.get_group(), sequence_parallel, ladder_overlap)
+        row = partial(LadderRowwiseParallel, reductions)
+        for module in model.modules():  # the model reads pending outputs through it
+            if hasattr(module, "residual_sync"):
+                module.residual_sync = reductions
     top_plan = {}
     if model.tok_embeddings is not None:
         top_plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=between)
@@ -34,12 +47,13 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
     if top_plan:
         parallelize_module(model, tp_mesh, top_plan)
 
-    for block in model.layers.values():
-        plan = _hybrid_block_plan(block, tp_mesh, between) if hasattr(block, "kind") else {
+    for key, block in model.layers.items():
+        row_in = lambda name, key=key: row(f"layers.{key}.{name}")  # noqa: E731
+        plan = _hybrid_block_plan(block, tp_mesh, between, row_in) if hasattr(block, "kind") else {
             "attention": _mixer_input(between, 3),
-            **_attention_plan("attention", between),
+            **_attention_plan("attention", row_in),
             "feed_forward": _mixer_input(between, 1),
-            **_mlp_plan("feed_forward", between),
+            **_mlp_plan("feed_forward", row_in),
         }
         if sequence_parallel:
             for norm in ("attention_norm", "ffn_norm", "norm"):
@@ -55,30 +69,29 @@ def _mixer_input(between, n_inputs: int) -> PrepareModuleInput:
     return PrepareModuleInput(input_layouts=(between, *rest), desired_input_layouts=(Replicate(), *rest))
 
 
-def _attention_plan(prefix: str, between) -> dict:
+def _attention_plan(prefix: str, row) -> dict:
     return {f"{prefix}.wq": ColwiseParallel(), f"{prefix}.wk": ColwiseParallel(), f"{prefix}.wv": ColwiseParallel(),
-            f"{prefix}.wo": RowwiseParallel(output_layouts=between)}
+            f"{prefix}.wo": row(f"{prefix}.wo")}
 
 
-def _mlp_plan(prefix: str, between) -> dict:
-    return {f"{prefix}.w1": ColwiseParallel(), f"{prefix}.w3": ColwiseParallel(),
-            f"{prefix}.w2": RowwiseParallel(output_layouts=between)}
+def _mlp_plan(prefix: str, row) -> dict:
+    return {f"{prefix}.w1": ColwiseParallel(), f"{prefix}.w3": ColwiseParallel(), f"{prefix}.w2": row(f"{prefix}.w2")}
 
 
-def _hybrid_block_plan(block: nn.Module, tp_mesh: DeviceMesh, between) -> dict:
+def _hybrid_block_plan(block: nn.Module, tp_mesh: DeviceMesh, between, row) -> dict:
     """A block of a hybrid stack: attention, MLP, or Mamba-2 (heads split across tp: the input
     projections by output features — z, x and dt by heads, B and C by groups — the output
     projection by input features; the per-channel conv, per-head dt_bias/A_log/D and the gated
     norm's weight sharded alike, so each rank runs whole heads and whole norm groups)."""
     if block.kind == "*":
-        return {"mixer": _mixer_input(between, 3), **_attention_plan("mixer", between)}
+        return {"mixer": _mixer_input(between, 3), **_attention_plan("mixer", row)}
     if block.kind == "-":
-        return {"mixer": _mixer_input(between, 1), **_mlp_plan("mixer", between)}
+        return {"mixer": _mixer_input(between, 1), **_mlp_plan("mixer", row)}
     mixer = block.mixer
     for owner in (mixer.conv_x, mixer.conv_B, mixer.conv_C, mixer, mixer.norm):
         for name, param in list(owner.named_parameters(recurse=False)):
             owner.register_parameter(name, nn.Parameter(distribute_tensor(param.data, tp_mesh, [Shard(0)])))
-    plan = {"mixer": _mixer_input(between, 3), "mixer.out_proj": RowwiseParallel(output_layouts=between)}
+    plan = {"mixer": _mixer_input(between, 3), "mixer.out_proj": row("mixer.out_proj")}
     for proj in ("in_proj_z", "in_proj_x", "in_proj_B", "in_proj_C", "in_proj_dt"):
         plan[f"mixer.{proj}"] = ColwiseParallel()
     return plan
