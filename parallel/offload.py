@@ -368,8 +368,8 @@ class OffloadAdamW(torch.optim.Optimizer):
     # -- backward: gradients to the host ------------------------------------------------------
     def _make_hook(self, pi: int):
         def hook(param: torch.Tensor) -> None:
-            if param.grad is None:
-                return
+            if param.grad is None or _placements(param.grad) != _placements(param):
+                return  # another layout (TP: replicated or partial gradients): redistributed at the step
             g = local(param.grad).detach()
             dst = self._flat(self.grad, pi)
             stream = self._streams["grad_d2h"]
@@ -392,6 +392,10 @@ class OffloadAdamW(torch.optim.Optimizer):
         copied), and drop the device gradients of parameters held wholly on the host."""
         if self._prepared:
             return
+        self._norm_of = {}
+        for pi, p in enumerate(self.params):  # the same order on every rank: collectives inside
+            if p.grad is not None and _placements(p.grad) != _placements(p):
+                self._norm_of[pi], p.grad = _to_param_layout(p, p.grad)
         for g, version, done in list(self._grad_copies.values()):
             done.result() if isinstance(done, Future) else done.synchronize()
         host_params = sorted({s.param for sg in self.subgroups if sg.role == "host" for s in sg.segments})
@@ -411,13 +415,20 @@ class OffloadAdamW(torch.optim.Optimizer):
             self.counters["device_grads_freed"] += 1
         self._prepared = True
 
-    def grads_for_norm(self) -> dict[int, torch.Tensor]:
-        """id(parameter) -> its local gradient where the update reads it: host subgroups' from the
-        host buffer, device subgroups' from the device."""
+    def grads_for_norm(self) -> dict[int, tuple]:
+        """id(parameter) -> (layout key, local gradient or its norm, sharded mesh dims). The
+        gradient is read where the update reads it: host subgroups' from the host buffer, device
+        subgroups' from the device. The key is the gradient's layout as backward left it."""
         self.prepare_gradients()
         on_host = {s.param for sg in self.subgroups if sg.role == "host" for s in sg.segments}
-        return {id(p): self._flat(self.grad, pi) if pi in on_host else local(p.grad).reshape(-1)
-                for pi, p in enumerate(self.params)}
+        out = {}
+        for pi, p in enumerate(self.params):
+            if pi in self._norm_of:
+                out[id(p)] = self._norm_of[pi]
+                continue
+            g = self._flat(self.grad, pi) if pi in on_host else local(p.grad).reshape(-1)
+            out[id(p)] = (_layout(p), g, _shard_dims(p))
+        return out
 
     # -- update -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -518,6 +529,31 @@ class OffloadAdamW(torch.optim.Optimizer):
             self._copier.shutdown()
 
 
+def _placements(t: torch.Tensor):
+    return tuple(t.placements) if isinstance(t, DTensor) else None
+
+
+def _layout(t: torch.Tensor):
+    return (t.device_mesh, tuple(t.placements)) if isinstance(t, DTensor) else None
+
+
+def _shard_dims(t: torch.Tensor) -> list[int]:
+    return [i for i, pl in enumerate(t.placements) if pl.is_shard()] if isinstance(t, DTensor) else []
+
+
+def _to_param_layout(p: DTensor, grad: DTensor) -> tuple[tuple, DTensor]:
+    """A gradient that backward left in another layout than its parameter (tensor parallel:
+    Replicate for a sharded embedding, Partial for replicated norms): its norm entry as the
+    trainer's clipping computes it (partial sums reduced first, then the local norm), and the
+    gradient in the parameter's layout, as torch's optimizers redistribute it."""
+    from torch.distributed.tensor import Replicate
+
+    whole = grad.redistribute(grad.device_mesh, [Replicate() if pl.is_partial() else pl for pl in grad.placements])
+    norm = torch._foreach_norm([local(whole)], 2.0)[0]
+    entry = (_layout(grad), norm, _shard_dims(grad))
+    return entry, whole.redistribute(p.device_mesh, p.placements)
+
+
 @torch.no_grad()
 def clip_offloaded_grad_norm(parts: list[nn.Module], optimizers: list[OffloadAdamW], max_norm: float, pp_group,
                              device: torch.device) -> float:
@@ -526,21 +562,23 @@ def clip_offloaded_grad_norm(parts: list[nn.Module], optimizers: list[OffloadAda
     local norms, squares summed over the mesh dimensions that shard them, then over the pipeline).
     With max_norm > 0 each subgroup's gradient is scaled by max_norm / (norm + 1e-6), at most 1,
     before its update, as torch's clip_grads_with_norm_ does."""
-    grads: dict[int, torch.Tensor] = {}
+    grads: dict[int, tuple] = {}
     for opt in optimizers:
         grads.update(opt.grads_for_norm())
-    by_layout: dict = {}
+    by_layout: dict = {}  # layout key -> (entries in model order, sharded mesh dims)
     for part in parts:
         for p in part.parameters():
             if id(p) in grads:
-                key = (p.device_mesh, p.placements) if isinstance(p, DTensor) else None
-                by_layout.setdefault(key, []).append(grads[id(p)])
+                key, value, dims = grads[id(p)]
+                by_layout.setdefault(key, ([], dims))[0].append(value)
     total_sq = torch.zeros((), dtype=torch.float32)
-    for key, tensors in by_layout.items():
-        norms = torch.stack([n.to(device) for n in _norms(tensors)])
+    for key, (values, dims) in by_layout.items():
+        tensors = [v for v in values if v.dim() > 0]
+        norms_of = iter(_norms(tensors))
+        norms = torch.stack([(next(norms_of) if v.dim() > 0 else v).to(device) for v in values])
         # Each parameter's norm is made global before the norms are combined, mesh dimension by
         # mesh dimension, as DTensor reduces its partial norms (the same bits as the trainer's).
-        for dim in [i for i, pl in enumerate(key[1]) if pl.is_shard()] if key is not None else []:
+        for dim in dims:
             sq = norms ** 2
             dist.all_reduce(sq, group=key[0].get_group(dim))
             norms = sq ** (1.0 / 2)
