@@ -10,6 +10,8 @@ Probe (cached per machine in LONGTRAIN_CACHE or ~/.cache/longtrain/offload_probe
 Model of one update with subgroup sizes S_x and roles (host or device) from the stride k,
 w = bytes per parameter of the training dtype:
     T_host   = sum_{x host}   S_x / U_h                     (worker thread, in order)
+               + w sum_{x host} S_x / B_h2d  only when the "device" is the host CPU (the weights'
+               return is then a copy by the same thread; on a GPU it is asynchronous, in L_h2d)
     T_device = sum_{x device} (12 S_x / B_h2d + S_x / U_d + 12 S_x / B_d2h)
                (fp32 master, m, v prefetched and flushed back; one reusable buffer set, so one
                device subgroup's prefetch waits for the previous one's flush)
@@ -32,6 +34,7 @@ from pathlib import Path
 import torch
 
 STATE_BYTES = 12          # fp32 master weight, m and v: what a device subgroup moves each way
+PROBE_NUMEL = 1 << 23     # 32 MB per fp32 buffer: beyond the CPU caches, as real subgroups are
 DEVICE_BUFFER_BYTES = 16  # fp32 master, m, v and the gathered gradient per device-buffer element
 
 
@@ -70,6 +73,8 @@ def predict(probe: Probe, sizes: list[int], roles: list[str], host_impl: str, we
     host_n = sum(s for s, r in zip(sizes, roles) if r == "host")
     dev_n = sum(s for s, r in zip(sizes, roles) if r == "device")
     host_s = host_n / u_h
+    if probe.device_is_host:
+        host_s += weight_bytes * host_n / probe.h2d_bytes_per_s
     device_s = dev_n * (STATE_BYTES / probe.h2d_bytes_per_s + 1 / probe.device_adam_params_per_s
                         + STATE_BYTES / probe.d2h_bytes_per_s)
     link_s = (STATE_BYTES * dev_n + weight_bytes * host_n) / probe.h2d_bytes_per_s
@@ -119,7 +124,7 @@ def _timed(fn, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def run_probe(device: torch.device, host_adams: dict, numel: int = 1 << 21, reps: int = 5) -> Probe:
+def run_probe(device: torch.device, host_adams: dict, numel: int = PROBE_NUMEL, reps: int = 5) -> Probe:
     """Measure host Adam per implementation, device fused Adam and both copy directions on
     `numel` fp32 parameters. `host_adams`: name -> HostAdam (see parallel/offload.py)."""
     from longtrain.parallel.offload import device_adam, pinned_empty, synchronize
@@ -157,7 +162,7 @@ def run_probe(device: torch.device, host_adams: dict, numel: int = 1 << 21, reps
     return probe
 
 
-def cached_probe(device: torch.device, host_adams: dict, numel: int = 1 << 21) -> Probe:
+def cached_probe(device: torch.device, host_adams: dict, numel: int = PROBE_NUMEL) -> Probe:
     """The probe of this machine: read from the cache when it holds this machine and every host
     implementation asked for, else measured and written there."""
     path, key = _cache_path(), machine_key(device)
