@@ -370,7 +370,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         def hook(param: torch.Tensor) -> None:
             if param.grad is None or _placements(param.grad) != _placements(param):
                 return  # another layout (TP: replicated or partial gradients): redistributed at the step
-            g = local(param.grad).detach()
+            g = local(param.grad)
             dst = self._flat(self.grad, pi)
             stream = self._streams["grad_d2h"]
             if stream.stream is not None:
@@ -382,7 +382,7 @@ class OffloadAdamW(torch.optim.Optimizer):
             else:
                 done = self._copier.submit(dst.copy_, g.reshape(-1))
             with self._lock:
-                self._grad_copies[pi] = (g, g._version, done)
+                self._grad_copies[pi] = (g, (g.data_ptr(), g._version), done)
                 self.counters["async_grad_copies"] += 1
         return hook
 
@@ -406,7 +406,7 @@ class OffloadAdamW(torch.optim.Optimizer):
                                    "updates every parameter every step")
             g = local(p.grad)
             copied = self._grad_copies.get(pi)
-            if copied is None or copied[0] is not g or copied[1] != g._version:
+            if copied is None or copied[1] != (g.data_ptr(), g._version):  # never copied, or changed since
                 self._flat(self.grad, pi).copy_(g.reshape(-1))
                 self.counters["sync_grad_copies"] += 1
         self._grad_copies.clear()

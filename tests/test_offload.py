@@ -70,7 +70,7 @@ def test_offload_exact_on_one_process(tmp_path, monkeypatch):
     monkeypatch.setenv("LONGTRAIN_CACHE", str(tmp_path / "cache"))
     ckpt = tmp_path / "ckpt"
     interleaved = OFFLOAD + MODES["stride2"]
-    half = ["train.steps=10", "checkpoint.save_at_end=false"]
+    half = ["train.steps=10", "checkpoint.save_at_end=false", "data.batch_size=8"]
     cases = _cases(["data.batch_size=8"]) + [
         # Saved at step 5 with interleaved stride 2; resumed with no offload.
         {"overrides": half + interleaved + [f"checkpoint.dir={ckpt}/a"], "stop_after": 5},
