@@ -28,6 +28,8 @@ benchmarks/results/).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
 import json
 import os
 import statistics
@@ -215,6 +217,10 @@ def train(model: str, steps: int, subgroup: int, extra: list[str], device_name: 
             if hasattr(trainer.loader, "close"):
                 trainer.loader.close()
             out["modes"][mode] = row
+            del trainer, offloaded
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     if "none" not in out["modes"]:
         return out
     base = out["modes"]["none"]["losses"]
@@ -226,15 +232,19 @@ def train(model: str, steps: int, subgroup: int, extra: list[str], device_name: 
 # ----------------------------------------------------------------------------------------------
 # GPU: a model whose optimizer state does not fit, cpu / interleaved / DeepSpeed ZeRO-3 offload
 # ----------------------------------------------------------------------------------------------
-def _gpu_model(host_bytes: float) -> str:
+def _gpu_model(host_bytes: float) -> tuple[str, int]:
+    """llama3-8b's shape with as many layers as host memory holds the offloaded state of (fp32
+    master, m, v and gradient: 16 bytes/parameter in 60% of host memory), at most its 32."""
     from longtrain.models.sizes import SIZES
 
-    fitting = [(cfg.num_params(), name) for name, cfg in SIZES.items()
-               if not name.startswith("hybrid") and 16 * cfg.num_params() <= 0.6 * host_bytes]
-    return max(fitting)[1]
+    cfg = SIZES["llama3-8b"]
+    per_layer = (cfg.num_params() - SIZES["llama3-8b"].vocab_size * cfg.dim * 2) / cfg.n_layers
+    fixed = cfg.num_params() - per_layer * cfg.n_layers
+    layers = int((0.6 * host_bytes / 16 - fixed) // per_layer)
+    return "llama3-8b", max(1, min(cfg.n_layers, layers))
 
 
-def deepspeed_zero3_offload(model_name: str, seq_len: int, steps: int) -> dict:
+def deepspeed_zero3_offload(model_name: str, n_layers: int, seq_len: int, steps: int) -> dict:
     """The same model and batch under DeepSpeed ZeRO-3 with the optimizer (and its fp32 master
     weights) on the CPU (DeepSpeedCPUAdam), bf16, one process."""
     import deepspeed
@@ -244,7 +254,7 @@ def deepspeed_zero3_offload(model_name: str, seq_len: int, steps: int) -> dict:
     from longtrain.models.registry import build_model
     from longtrain.models.sizes import SIZES
 
-    cfg = SIZES[model_name]
+    cfg = dataclasses.replace(SIZES[model_name], n_layers=n_layers, max_seq_len=max(seq_len, 128))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29561")
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
@@ -259,18 +269,19 @@ def deepspeed_zero3_offload(model_name: str, seq_len: int, steps: int) -> dict:
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     tokens = torch.randint(0, cfg.vocab_size, (1, seq_len + 1), device=engine.device)
     positions = torch.arange(seq_len, device=engine.device)[None]
-    times = []
+    times, losses = [], []
     for _ in range(steps):
-        torch.cuda.synchronize()
+        _sync()
         t0 = time.perf_counter()
         logits = engine(tokens[:, :-1], positions)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
         engine.backward(loss)
         engine.step()
-        torch.cuda.synchronize()
+        _sync()
         times.append(time.perf_counter() - t0)
-    return {"step_s": statistics.median(times[1:] or times), "repeats_s": times,
-            "peak_device_memory_bytes": torch.cuda.max_memory_allocated()}
+        losses.append(float(loss))
+    return {"step_s": statistics.median(times[1:] or times), "repeats_s": times, "losses": losses,
+            "peak_device_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
 
 
 def gpu(args) -> dict:
@@ -280,28 +291,47 @@ def gpu(args) -> dict:
 
     if not torch.cuda.is_available() and not args.gpu_smoke:
         raise SystemExit("--gpu needs a CUDA device (use --gpu-smoke to run the same code on CPU)")
+    from longtrain.models.sizes import SIZES
+
     host_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    model = args.gpu_model if args.gpu_model != "auto" else _gpu_model(host_bytes)
-    out = {"machine": machine_info(), "model": model, "seq_len": args.seq_len,
+    if args.gpu_model == "auto":
+        model, n_layers = _gpu_model(host_bytes)
+    else:
+        model, n_layers = args.gpu_model, SIZES[args.gpu_model].n_layers
+    n = dataclasses.replace(SIZES[model], n_layers=n_layers).num_params()
+    out = {"machine": machine_info(), "model": f"{model} with {n_layers} layers", "params": n, "seq_len": args.seq_len,
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "modes": {}}
     extra = [f"data.seq_len={args.seq_len}", "data.batch_size=1", "parallel.activation_checkpoint=full",
-             f"model.max_seq_len={max(args.seq_len, 128)}"]
+             f"model.max_seq_len={max(args.seq_len, 128)}", f"model.n_layers={n_layers}"]
     if torch.cuda.is_available():
-        from longtrain.models.sizes import SIZES
-
-        n = SIZES[model].num_params()
         total = torch.cuda.get_device_properties(0).total_memory
-        # Weights and gradients (fp32 shards: 8 B/param) fit, Adam's m and v (8 B/param) do not.
-        cap = min(total, 8 * n + 0.5 * 8 * n)
+        # An 80 GB device (H100): fp32 weights and gradients (8 B/param) fit beside the
+        # activations, AdamW's m and v (8 B/param more) do not once 16 B/param exceed it.
+        cap = min(total, args.device_cap_gb * 2**30)
         torch.cuda.set_per_process_memory_fraction(cap / total)
         out["device_memory_cap_bytes"] = cap
+        out["adam_state_fits_on_device"] = 16 * n < cap
         extra += ["parallel.mixed_precision=bf16"]
-    modes = {k: TRAIN_MODES[k] for k in ("cpu", "interleaved_auto")}
     device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    # Exactness of the CUDA code paths (side streams, pinned buffers, async hooks): a small fp32
+    # model, every mode against torch.optim.AdamW(fused) on the device.
+    exact = train("debug" if torch.cuda.is_available() else "tiny", 5, 200_000 if torch.cuda.is_available() else 20_000,
+                  ["data.seq_len=256" if torch.cuda.is_available() else "data.seq_len=32", "parallel.mixed_precision=fp32"],
+                  device_name)
+    out["exactness_fp32"] = {"losses": {m: r["losses"] for m, r in exact["modes"].items()},
+                             "max_relative_loss_difference": max(
+                                 abs(a - b) / abs(b) for r in exact["modes"].values()
+                                 for a, b in zip(r["losses"], exact["modes"]["none"]["losses"])),
+                             "equal_within_1e-6": exact["losses_equal_within_1e-6"]}
+    modes = {k: TRAIN_MODES[k] for k in ("cpu", "interleaved_auto")}
     out["modes"].update(train(model, args.gpu_steps, args.subgroup, extra, device_name, modes)["modes"])
-    if torch.cuda.is_available() and not args.skip_deepspeed:
+    if not args.skip_deepspeed:
         try:
-            out["modes"]["deepspeed_zero3_offload"] = deepspeed_zero3_offload(model, args.seq_len, args.gpu_steps)
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            out["modes"]["deepspeed_zero3_offload"] = deepspeed_zero3_offload(model, n_layers, args.seq_len,
+                                                                              args.gpu_steps)
         except Exception as err:  # reported, the rest of the run stands
             out["modes"]["deepspeed_zero3_offload"] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
     cpu_s = out["modes"].get("cpu", {}).get("step_s")
@@ -324,8 +354,15 @@ def _gb(n) -> str:
 def markdown(report: dict) -> str:
     lines = ["# Optimizer offloading", ""]
     m = report.get("machine", {})
+    share = report.get("other_processes_cpu_share")
     lines += [f"Machine: {m.get('cpu_count')} x {m.get('cpu')}, torch {m.get('torch_version')}, "
-              f"{report.get('threads')} thread(s). Command: `{report.get('command')}`", ""]
+              f"{report.get('threads')} thread(s). Command: `{report.get('command')}`. Other processes used "
+              f"{'?' if share is None else f'{100 * share:.0f}%'} of the CPUs meanwhile.", ""]
+    if "gpu" in report and "exactness_fp32" in report["gpu"]:
+        e = report["gpu"]["exactness_fp32"]
+        lines += [f"Exactness on {report['gpu']['device']} (fp32, 5 steps, every mode vs torch.optim.AdamW fused): "
+                  f"max relative loss difference {e['max_relative_loss_difference']:.2e}, within 1e-6: "
+                  f"{e['equal_within_1e-6']}", ""]
     if "host_adam" in report:
         h = report["host_adam"]
         names = list(next(iter(h["params_per_s"].values())))
@@ -425,14 +462,21 @@ def main() -> None:
     ap.add_argument("--gpu-steps", type=int, default=3)
     ap.add_argument("--seq-len", type=int, default=16384)
     ap.add_argument("--skip-deepspeed", action="store_true")
+    ap.add_argument("--device-cap-gb", type=float, default=80.0, help="--gpu: device memory the run may use")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     import torch
 
     from measure import machine_info
 
+    # A probe measured in this run (unless LONGTRAIN_CACHE names a cache): the prediction then
+    # rests on the same machine state as the measurements next to it.
+    os.environ.setdefault("LONGTRAIN_CACHE", tempfile.mkdtemp(prefix="offload_probe_"))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    from measure import MachineLoad
+
+    load = MachineLoad()
     report = {"machine": machine_info(), "threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
     if args.gpu or args.gpu_smoke:
         report["gpu"] = gpu(args)
@@ -442,6 +486,7 @@ def main() -> None:
         report["update"] = update(args.params, args.subgroup, args.repeats)
         report["train"] = train(args.train_model, args.train_steps, args.subgroup // 4, [])
         stem = "offload"
+    report["other_processes_cpu_share"] = load.other_share()
     report["figures"] = plot(report, out_dir / f"{stem}.png")
     (out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2))
     md = markdown(report)
