@@ -78,6 +78,9 @@ def test_offload_exact_on_one_process(tmp_path, monkeypatch):
         # Saved at step 5 without offload; resumed interleaved with stride 3.
         {"overrides": half + REFERENCE + [f"checkpoint.dir={ckpt}/b"], "stop_after": 5},
         {"overrides": half + OFFLOAD + MODES["stride3"] + [f"checkpoint.resume={ckpt}/b", f"checkpoint.dir={ckpt}/b2"]},
+        # Gradient accumulation: the hooks fire per micro-batch; the last copy is the sum.
+        {"overrides": STEPS + ["data.batch_size=8", "train.grad_accum=2"] + REFERENCE},
+        {"overrides": STEPS + ["data.batch_size=8", "train.grad_accum=2"] + OFFLOAD + MODES["stride2"]},
         # DeepSpeed's CPU Adam on the host: AdamW up to its own float rounding.
         {"overrides": STEPS + ["data.batch_size=8"] + OFFLOAD + ["optim.offload=cpu", "optim.offload_host_adam=deepspeed"]},
     ]
@@ -87,7 +90,10 @@ def test_offload_exact_on_one_process(tmp_path, monkeypatch):
         _assert_placed(f"single/{name}", got)
         _assert_losses_close(f"single/{name}", got["losses"], ref["losses"])
         _assert_weights_close(f"single/{name}", got["weights"], ref["weights"])
-    saved_a, resumed_a, saved_b, resumed_b, deepspeed = out[5:]
+    saved_a, resumed_a, saved_b, resumed_b, accum_ref, accum, deepspeed = out[5:]
+    _assert_placed("single accum2/stride2", accum)
+    _assert_losses_close("accum2", accum["losses"], accum_ref["losses"])
+    _assert_weights_close("accum2", accum["weights"], accum_ref["weights"])
     assert sorted(saved_a["losses"]) == [1, 2, 3, 4, 5] and sorted(resumed_a["losses"]) == [6, 7, 8, 9, 10]
     assert resumed_a["placements"] == [] and resumed_b["placements"][0]["stride"] == 3
     for name, got in (("interleaved -> none", resumed_a), ("none -> interleaved", resumed_b)):
@@ -100,13 +106,15 @@ def test_offload_exact_on_one_process(tmp_path, monkeypatch):
 
 def test_offload_exact_under_layouts(tmp_path, monkeypatch):
     """dp_shard2 (FSDP2 shards), tp2 (DTensor shards, replicated norms) and pp2: every stride
-    and plain CPU offload against AdamW in the same layout; a dp_shard2 interleaved checkpoint
-    resumed under tp2 without offload."""
+    and plain CPU offload against AdamW in the same layout; cp2 with stride 3; a dp_shard2
+    interleaved checkpoint resumed under tp2 without offload."""
     monkeypatch.setenv("LONGTRAIN_CACHE", str(tmp_path / "cache"))
     ckpt = tmp_path / "ckpt"
     cases = []
     for layout in LAYOUTS.values():
         cases += _cases(layout)
+    cp2 = ["parallel.cp=2", "parallel.cp_mode=ring", "parallel.dp_shard=1", "data.batch_size=8"]
+    cases += [{"overrides": STEPS + cp2 + REFERENCE}, {"overrides": STEPS + cp2 + OFFLOAD + MODES["stride3"]}]
     cases += [
         {"overrides": ["train.steps=10"] + LAYOUTS["dp_shard2"] + OFFLOAD + MODES["stride2"]
          + [f"checkpoint.dir={ckpt}/dp"], "stop_after": 5},
@@ -121,6 +129,10 @@ def test_offload_exact_under_layouts(tmp_path, monkeypatch):
             _assert_placed(f"{layout}/{name}", got)
             _assert_losses_close(f"{layout}/{name}", got["losses"], ref["losses"])
             _assert_weights_close(f"{layout}/{name}", got["weights"], ref["weights"])
+    cp_ref, cp = out[-4], out[-3]
+    _assert_placed("cp2/stride3", cp)
+    _assert_losses_close("cp2/stride3", cp["losses"], cp_ref["losses"])
+    _assert_weights_close("cp2/stride3", cp["weights"], cp_ref["weights"])
     dp_ref = out[0]
     resumed = out[-1]
     _assert_losses_close("dp_shard2 interleaved -> tp2 none", resumed["losses"],
@@ -165,26 +177,34 @@ def test_model_picks_predicted_fastest_stride():
 
 def test_model_predicts_this_machine(tmp_path, monkeypatch):
     """The prediction for this machine's update (probe measured here) is within 30% of the
-    measured update time, for plain CPU offload and interleaved stride 2."""
-    monkeypatch.setenv("LONGTRAIN_CACHE", str(tmp_path / "cache"))
+    measured update time, for plain CPU offload and interleaved stride 2. The machine is shared
+    with other jobs: each mode gets three attempts, each with a fresh probe; a model that is
+    wrong (not noisy) fails all three."""
     from longtrain.parallel.offload import OffloadAdamW, OffloadSettings
 
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(1024, 1024)) for _ in range(4)]
+    grads = [torch.randn_like(p) for p in params]
     for mode, stride in (("cpu", "auto"), ("interleaved", 2)):
-        settings = OffloadSettings(mode, 1 << 20, stride, "torch", 0.0)
-        opt = OffloadAdamW([{"params": params, "weight_decay": 0.1}], lr=1e-3, betas=(0.9, 0.95), eps=1e-8,
-                           device=torch.device("cpu"), settings=settings)
-        times = []
-        for _ in range(7):
-            for p in params:
-                p.grad = torch.randn_like(p)
-            opt.step()
-            times.append(opt.last_update_s)
-        measured = sorted(times)[len(times) // 2]
-        predicted = opt.prediction.update_s
-        opt.close()
-        assert abs(predicted - measured) <= 0.3 * measured, f"{mode}: predicted {predicted:.4f} s, measured {measured:.4f} s"
+        attempts = []
+        for attempt in range(3):
+            monkeypatch.setenv("LONGTRAIN_CACHE", str(tmp_path / f"cache_{mode}_{attempt}"))
+            settings = OffloadSettings(mode, 1 << 20, stride, "torch", 0.0)
+            opt = OffloadAdamW([{"params": params, "weight_decay": 0.1}], lr=1e-3, betas=(0.9, 0.95), eps=1e-8,
+                               device=torch.device("cpu"), settings=settings)
+            times = []
+            for _ in range(7):
+                for p, g in zip(params, grads):
+                    p.grad = g
+                opt.step()
+                times.append(opt.last_update_s)
+            opt.close()
+            measured = sorted(times)[len(times) // 2]
+            attempts.append((opt.prediction.update_s, measured))
+            if abs(opt.prediction.update_s - measured) <= 0.3 * measured:
+                break
+        else:
+            pytest.fail(f"{mode}: (predicted s, measured s) per attempt: {attempts}")
 
 
 # ----------------------------------------------------------------------------------------------
