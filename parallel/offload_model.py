@@ -9,10 +9,12 @@ Probe (cached per machine in LONGTRAIN_CACHE or ~/.cache/longtrain/offload_probe
 
 Model of one update with subgroup sizes S_x and roles (host or device) from the stride k,
 w = bytes per parameter of the training dtype:
-    T_host   = sum_{x host}   S_x / U_h                     (worker thread, in order)
+    c        fixed seconds per subgroup (kernel calls, the worker thread's hand-off, per-segment
+               copies), measured on a 4K-element update
+    T_host   = sum_{x host}   (S_x / U_h + c)               (worker thread, in order)
                + w sum_{x host} S_x / B_h2d  only when the "device" is the host CPU (the weights'
                return is then a copy by the same thread; on a GPU it is asynchronous, in L_h2d)
-    T_device = sum_{x device} (12 S_x / B_h2d + S_x / U_d + 12 S_x / B_d2h)
+    T_device = sum_{x device} (12 S_x / B_h2d + S_x / U_d + 12 S_x / B_d2h + c)
                (fp32 master, m, v prefetched and flushed back; one reusable buffer set, so one
                device subgroup's prefetch waits for the previous one's flush)
     L_h2d    = (12 sum_{device} S_x + w sum_{host} S_x) / B_h2d   (the link the weights share)
@@ -45,6 +47,7 @@ class Probe:
     h2d_bytes_per_s: float = 0.0
     d2h_bytes_per_s: float = 0.0
     device_is_host: bool = True
+    subgroup_overhead_s: float = 0.0  # fixed cost per subgroup: a kernel call, thread hand-off, copies
 
     def best_host_adam(self) -> str:
         return max(self.host_adam_params_per_s, key=self.host_adam_params_per_s.get)
@@ -72,11 +75,12 @@ def predict(probe: Probe, sizes: list[int], roles: list[str], host_impl: str, we
     u_h = probe.host_adam_params_per_s[host_impl]
     host_n = sum(s for s, r in zip(sizes, roles) if r == "host")
     dev_n = sum(s for s, r in zip(sizes, roles) if r == "device")
-    host_s = host_n / u_h
+    c = probe.subgroup_overhead_s
+    host_s = host_n / u_h + c * roles.count("host")
     if probe.device_is_host:
         host_s += weight_bytes * host_n / probe.h2d_bytes_per_s
     device_s = dev_n * (STATE_BYTES / probe.h2d_bytes_per_s + 1 / probe.device_adam_params_per_s
-                        + STATE_BYTES / probe.d2h_bytes_per_s)
+                        + STATE_BYTES / probe.d2h_bytes_per_s) + c * roles.count("device")
     link_s = (STATE_BYTES * dev_n + weight_bytes * host_n) / probe.h2d_bytes_per_s
     if probe.device_is_host:
         update_s = host_s + device_s
@@ -110,7 +114,12 @@ def _cache_path() -> Path:
 
 def machine_key(device: torch.device) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return f"{platform.node()}|{name}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+    return f"v2|{platform.node()}|{name}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _timed(fn, reps: int) -> float:
@@ -127,7 +136,7 @@ def _timed(fn, reps: int) -> float:
 def run_probe(device: torch.device, host_adams: dict, numel: int = PROBE_NUMEL, reps: int = 5) -> Probe:
     """Measure host Adam per implementation, device fused Adam and both copy directions on
     `numel` fp32 parameters. `host_adams`: name -> HostAdam (see parallel/offload.py)."""
-    from longtrain.parallel.offload import device_adam, pinned_empty, synchronize
+    from longtrain.parallel.offload import device_adam, pinned_empty
 
     def host_buffers():
         return [torch.rand(numel) for _ in range(4)]
@@ -159,7 +168,28 @@ def run_probe(device: torch.device, host_adams: dict, numel: int = PROBE_NUMEL, 
 
     probe.h2d_bytes_per_s = host.numel() * 4 / _timed(h2d, reps)
     probe.d2h_bytes_per_s = host.numel() * 4 / _timed(d2h, reps)
+    probe.subgroup_overhead_s = _subgroup_overhead(device, next(iter(host_adams.values())), reps)
     return probe
+
+
+def _subgroup_overhead(device: torch.device, impl, reps: int) -> float:
+    """Seconds of one 4K-element subgroup's host update handed to a worker thread and back, plus
+    its weights' copy: what a subgroup costs beyond its size."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = 4096
+    p, g, m, v = (torch.rand(n) for _ in range(4))
+    target = torch.empty(n, device=device)
+
+    def one():
+        impl.update(p, g, m, v, step=3, lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+        target.copy_(p, non_blocking=True)
+
+    with ThreadPoolExecutor(1) as pool:
+        def handed():
+            pool.submit(one).result()
+            synchronize(device)
+        return _timed(handed, max(reps, 20))
 
 
 def cached_probe(device: torch.device, host_adams: dict, numel: int = PROBE_NUMEL) -> Probe:
