@@ -115,6 +115,8 @@ MODES = {
 
 
 def update(numel: int, subgroup: int, repeats: int) -> dict:
+    """Every mode's optimizer is built first; then the repeats go round the modes in turn, so that
+    load from other processes on a shared machine falls on all of them alike."""
     import torch
 
     from longtrain.parallel.offload import OffloadAdamW, OffloadSettings
@@ -122,27 +124,33 @@ def update(numel: int, subgroup: int, repeats: int) -> dict:
     device = torch.device("cpu")
     chunk = 1 << 20
     out = {"params": numel, "subgroup_size": subgroup, "modes": {}}
+    steps, opts = {}, {}
     for mode, spec in MODES.items():
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(chunk)) for _ in range(numel // chunk)]
-        for p in params:
-            p.grad = torch.randn_like(p)
+        grads = [torch.randn_like(p) for p in params]
         groups = [{"params": params, "weight_decay": 0.1}]
         if spec is None:
             opt = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
-            step = opt.step
         else:
             opt = OffloadAdamW(groups, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, device=device,
                                settings=OffloadSettings(spec[0], subgroup, spec[1], "auto", 0.0))
 
-            grads = [p.grad for p in params]
-
-            def step(opt=opt, params=params, grads=grads):
-                for p, g in zip(params, grads):  # the gradients backward left (offload drops host ones)
-                    p.grad = g
-                opt.step()
-        times = _timed(step, repeats)
-        row = {"measured_s": statistics.median(times), "repeats_s": times, **_optimizer_bytes(opt, device)}
+        def step(opt=opt, params=params, grads=grads):
+            for p, g in zip(params, grads):  # the gradients backward left (offload drops host ones)
+                p.grad = g
+            opt.step()
+        step()  # warm-up (and AdamW's state)
+        steps[mode], opts[mode] = step, opt
+    times = {mode: [] for mode in MODES}
+    for _ in range(repeats):
+        for mode, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[mode].append(time.perf_counter() - t0)
+    for mode, spec in MODES.items():
+        opt = opts[mode]
+        row = {"measured_s": statistics.median(times[mode]), "repeats_s": times[mode], **_optimizer_bytes(opt, device)}
         if spec is not None:
             row.update(predicted_s=opt.prediction.update_s, stride=min(opt.stride, len(opt.subgroups) + 1),
                        subgroups=len(opt.subgroups), device_subgroups=opt.placement_summary()["device"],
@@ -164,7 +172,7 @@ TRAIN_MODES = {"none": ["optim.fused='on'"], "cpu": ["optim.offload=cpu"],
 
 
 def train(model: str, steps: int, subgroup: int, extra: list[str], device_name: str = "cpu",
-          modes: dict | None = None) -> dict:
+          modes: dict | None = None, deadline: float | None = None) -> dict:
     import torch
 
     from longtrain.launcher.config import load_recipe
@@ -172,6 +180,9 @@ def train(model: str, steps: int, subgroup: int, extra: list[str], device_name: 
 
     out = {"model": model, "steps": steps, "modes": {}}
     for mode, overrides in (modes or TRAIN_MODES).items():
+        if deadline is not None and time.time() > deadline:
+            out["modes"][mode] = {"error": "skipped: --time-budget-s spent"}
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             recipe = load_recipe(None, TRAIN_COMMON + extra + overrides + [
                 f"model.name={model}", f"train.steps={steps}", f"run.dir={tmp}", f"train.device={device_name}",
@@ -218,9 +229,7 @@ def train(model: str, steps: int, subgroup: int, extra: list[str], device_name: 
                 trainer.loader.close()
             out["modes"][mode] = row
             del trainer, offloaded
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            _release_memory()
     if "none" not in out["modes"]:
         return out
     base = out["modes"]["none"]["losses"]
@@ -232,6 +241,20 @@ def train(model: str, steps: int, subgroup: int, extra: list[str], device_name: 
 # ----------------------------------------------------------------------------------------------
 # GPU: a model whose optimizer state does not fit, cpu / interleaved / DeepSpeed ZeRO-3 offload
 # ----------------------------------------------------------------------------------------------
+def _release_memory() -> None:
+    """Free the device cache and the pinned host cache (tens of GB for a large model's offloaded
+    state) before the next mode allocates its own."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        empty_host = getattr(torch._C, "_accelerator_emptyHostCache", None) or getattr(torch._C, "_host_emptyCache", None)
+        if empty_host is not None:
+            empty_host()
+
+
 def _gpu_model(host_bytes: float) -> tuple[str, int]:
     """llama3-8b's shape with as many layers as host memory holds the offloaded state of (fp32
     master, m, v and gradient: 16 bytes/parameter in 60% of host memory), at most its 32."""
@@ -253,6 +276,7 @@ def deepspeed_zero3_offload(model_name: str, n_layers: int, seq_len: int, steps:
 
     from longtrain.models.registry import build_model
     from longtrain.models.sizes import SIZES
+    from longtrain.parallel.activation_checkpoint import apply_activation_checkpoint
 
     cfg = dataclasses.replace(SIZES[model_name], n_layers=n_layers, max_seq_len=max(seq_len, 128))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -266,6 +290,7 @@ def deepspeed_zero3_offload(model_name: str, n_layers: int, seq_len: int, steps:
               "activation_checkpointing": {}}
     with deepspeed.zero.Init(config_dict_or_path=config):
         model = build_model(cfg)
+    apply_activation_checkpoint(model, "full")  # as the longtrain runs beside it
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     tokens = torch.randint(0, cfg.vocab_size, (1, seq_len + 1), device=engine.device)
     positions = torch.arange(seq_len, device=engine.device)[None]
@@ -293,6 +318,7 @@ def gpu(args) -> dict:
         raise SystemExit("--gpu needs a CUDA device (use --gpu-smoke to run the same code on CPU)")
     from longtrain.models.sizes import SIZES
 
+    deadline = time.time() + args.time_budget_s  # later modes are skipped (and said so) past it
     host_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if args.gpu_model == "auto":
         model, n_layers = _gpu_model(host_bytes)
@@ -324,12 +350,12 @@ def gpu(args) -> dict:
                                  for a, b in zip(r["losses"], exact["modes"]["none"]["losses"])),
                              "equal_within_1e-6": exact["losses_equal_within_1e-6"]}
     modes = {k: TRAIN_MODES[k] for k in ("cpu", "interleaved_auto")}
-    out["modes"].update(train(model, args.gpu_steps, args.subgroup, extra, device_name, modes)["modes"])
-    if not args.skip_deepspeed:
+    out["modes"].update(train(model, args.gpu_steps, args.subgroup, extra, device_name, modes, deadline)["modes"])
+    if not args.skip_deepspeed and time.time() > deadline:
+        out["modes"]["deepspeed_zero3_offload"] = {"error": "skipped: --time-budget-s spent"}
+    elif not args.skip_deepspeed:
         try:
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            _release_memory()
             out["modes"]["deepspeed_zero3_offload"] = deepspeed_zero3_offload(model, n_layers, args.seq_len,
                                                                               args.gpu_steps)
         except Exception as err:  # reported, the rest of the run stands
@@ -393,6 +419,9 @@ def markdown(report: dict) -> str:
         for mode, r in t["modes"].items():
             if "error" in r:
                 lines.append(f"| {mode} | {r['error']} |  |  |  |  |  |  |")
+                continue
+            if "update_s" not in r:  # DeepSpeed: the step only
+                lines.append(f"| {mode} | {r['step_s']:.4f} | - | - | - | - | - | {_gb(r.get('peak_device_memory_bytes'))} |")
                 continue
             pred = r.get("predicted_update_s")
             lines.append(f"| {mode} | {r['step_s']:.4f} | {r.get('update_s', float('nan')):.4f} | "
@@ -462,6 +491,7 @@ def main() -> None:
     ap.add_argument("--gpu-steps", type=int, default=3)
     ap.add_argument("--seq-len", type=int, default=16384)
     ap.add_argument("--skip-deepspeed", action="store_true")
+    ap.add_argument("--time-budget-s", type=float, default=420.0, help="--gpu: start no mode after this")
     ap.add_argument("--device-cap-gb", type=float, default=80.0, help="--gpu: device memory the run may use")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")

@@ -219,7 +219,8 @@ class OffloadAdamW(torch.optim.Optimizer):
         self._streams = {name: _Stream(device) for name in ("grad_d2h", "h2d", "d2h", "weights")}
         self._copier = ThreadPoolExecutor(1, thread_name_prefix="offload-grads") if device.type != "cuda" else None
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="offload-host")
-        self._grad_copies: dict[int, tuple] = {}  # param index -> (local grad, its version, future/event)
+        # param index -> (local gradient, (its storage, its version) when copied, future or event)
+        self._grad_copies: dict[int, tuple] = {}
         self._lock = threading.Lock()
         self._clip_coef: torch.Tensor | None = None
         self._prepared = False
@@ -234,7 +235,6 @@ class OffloadAdamW(torch.optim.Optimizer):
             raise ValueError(f"optim.offload_subgroup_size: must be at least 1, got {size}")
         self.offsets, offset = [], 0
         self.subgroups: list[Subgroup] = []
-        index = 0
         for gi, group in enumerate(self.param_groups):
             group_start = offset
             for p in group["params"]:
@@ -307,11 +307,8 @@ class OffloadAdamW(torch.optim.Optimizer):
         # The one reusable device buffer set: master, m, v and the gathered gradient.
         self.dev_bufs = [torch.empty(n, device=self.device) for _ in range(4)] if n else None
         self.dev_step = torch.zeros((), device=self.device)
-        self.host_only_params = [pi for pi in range(len(self.params))
-                                 if all(self.subgroups_of(pi, "host"))]
-
-    def subgroups_of(self, pi: int, role: str) -> list[bool]:
-        return [sg.role == role for sg in self.subgroups for s in sg.segments if s.param == pi]
+        on_device = {s.param for sg in device_sgs for s in sg.segments}
+        self.host_only_params = [pi for pi in range(len(self.params)) if pi not in on_device]
 
     def placement_summary(self) -> dict:
         """Which subgroups are where (for logs and tests)."""

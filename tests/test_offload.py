@@ -235,3 +235,32 @@ def test_auto_budget_below_one_subgroup_is_refused(monkeypatch):
         offload.OffloadAdamW([{"params": params, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.95), eps=1e-8,
                              device=torch.device("cpu"),
                              settings=offload.OffloadSettings("interleaved", 4096, 1, "torch", 0.0))
+
+
+def test_low_precision_weights_keep_an_fp32_master():
+    """bf16 parameters: the optimizer updates an fp32 master (saved as state `master`) and writes
+    it back in bf16, on host and device subgroups alike: the master equals fp32 AdamW (fused) fed
+    the same gradients, the weights are that master rounded to bf16."""
+    from longtrain.parallel.offload import OffloadAdamW, OffloadSettings
+
+    torch.manual_seed(0)
+    full = [torch.randn(40, 30), torch.randn(50)]
+    params = [torch.nn.Parameter(t.to(torch.bfloat16)) for t in full]
+    ref = [torch.nn.Parameter(p.detach().float().clone()) for p in params]
+    opt = OffloadAdamW([{"params": params, "weight_decay": 0.1}], lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
+                       device=torch.device("cpu"), settings=OffloadSettings("interleaved", 500, 2, "torch", 0.0))
+    ref_opt = torch.optim.AdamW([{"params": ref, "weight_decay": 0.1}], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    assert opt.placement_summary()["device"] == [1] and opt.placement_summary()["host"] == [0, 2]
+    for _ in range(3):
+        for p, r in zip(params, ref):
+            g = torch.randn(p.shape).to(torch.bfloat16)
+            p.grad, r.grad = g, g.float()
+        opt.step()
+        ref_opt.step()
+    for p, r in zip(params, ref):
+        master = opt.state[p]["master"]
+        assert p.dtype == torch.bfloat16 and master.dtype == torch.float32
+        assert torch.equal(master, r.detach())
+        assert torch.equal(p.detach(), r.detach().to(torch.bfloat16))
+    assert opt.counters["host_updates"] == 6 and opt.counters["device_updates"] == 3
+    opt.close()
