@@ -270,7 +270,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         weight_bytes = torch.empty((), dtype=self.train_dtype).element_size()
         self.budget_bytes = self._device_budget_bytes()
         # Measured once per machine (cached): picks the host Adam and the stride, predicts the update.
-        self.probe = cached_probe(self.device, self.host_adams)
+        self.probe = cached_probe(self.device, self.host_adams, max(sizes, default=1))
         self.host_adam = self.host_adams[self.probe.best_host_adam()]
         if s.mode == "cpu":
             self.stride = ALL_HOST

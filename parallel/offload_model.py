@@ -1,9 +1,10 @@
 """Performance model of the offloaded optimizer update (Deep Optimizer States, arXiv 2410.21316),
 and the short probe that feeds it.
 
-Probe (cached per machine in LONGTRAIN_CACHE or ~/.cache/longtrain/offload_probe.json):
-    U_h[impl]  host Adam throughput, parameters/s, for each host implementation that loads
-    U_d        device Adam throughput (fused AdamW on the device), parameters/s
+Probe (cached per machine and subgroup size in LONGTRAIN_CACHE or ~/.cache/longtrain/offload_probe.json):
+    U_h[impl]  host Adam throughput, parameters/s, for each host implementation that loads, over
+               PROBE_NUMEL parameters in subgroup-sized calls (caches and call overheads as in a step)
+    U_d        device Adam throughput (fused AdamW on the device), parameters/s, the same way
     B_h2d      host-to-device copy bandwidth, bytes/s (pinned host memory on CUDA)
     B_d2h      device-to-host copy bandwidth, bytes/s
 
@@ -133,10 +134,16 @@ def _timed(fn, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def run_probe(device: torch.device, host_adams: dict, numel: int = PROBE_NUMEL, reps: int = 5) -> Probe:
-    """Measure host Adam per implementation, device fused Adam and both copy directions on
-    `numel` fp32 parameters. `host_adams`: name -> HostAdam (see parallel/offload.py)."""
+def run_probe(device: torch.device, host_adams: dict, chunk: int = PROBE_NUMEL, numel: int = PROBE_NUMEL,
+              reps: int = 5) -> Probe:
+    """Measure host Adam per implementation and device fused Adam as the update runs them: over
+    `numel` fp32 parameters (beyond the CPU caches) in subgroup-sized calls of `chunk`; and both
+    copy directions. `host_adams`: name -> HostAdam (see parallel/offload.py)."""
     from longtrain.parallel.offload import device_adam, pinned_empty
+
+    chunk = max(1, min(chunk, numel))
+    starts = range(0, numel - chunk + 1, chunk)
+    numel_run = chunk * len(starts)
 
     def host_buffers():
         return [torch.rand(numel) for _ in range(4)]
@@ -144,16 +151,22 @@ def run_probe(device: torch.device, host_adams: dict, numel: int = PROBE_NUMEL, 
     probe = Probe(device_is_host=device.type == "cpu")
     for name, impl in host_adams.items():
         p, g, m, v = host_buffers()
-        probe.host_adam_params_per_s[name] = numel / _timed(
-            lambda: impl.update(p, g, m, v, step=3, lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1), reps)
+
+        def host():
+            for a in starts:
+                impl.update(p[a:a + chunk], g[a:a + chunk], m[a:a + chunk], v[a:a + chunk], step=3, lr=1e-4,
+                            beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+        probe.host_adam_params_per_s[name] = numel_run / _timed(host, reps)
     p, g, m, v = (t.to(device) for t in host_buffers())
     step = torch.tensor(3.0, device=device)
 
     def dev():
-        device_adam(p, g, m, v, step, lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+        for a in starts:
+            device_adam(p[a:a + chunk], g[a:a + chunk], m[a:a + chunk], v[a:a + chunk], step, lr=1e-4, beta1=0.9,
+                        beta2=0.95, eps=1e-8, weight_decay=0.1)
         synchronize(device)
 
-    probe.device_adam_params_per_s = numel / _timed(dev, reps)
+    probe.device_adam_params_per_s = numel_run / _timed(dev, reps)
     host = pinned_empty(numel * 3, device)
     host.copy_(torch.rand(numel * 3))
     dev_buf = torch.empty(numel * 3, device=device)
@@ -192,10 +205,12 @@ def _subgroup_overhead(device: torch.device, impl, reps: int) -> float:
         return _timed(handed, max(reps, 20))
 
 
-def cached_probe(device: torch.device, host_adams: dict, numel: int = PROBE_NUMEL) -> Probe:
-    """The probe of this machine: read from the cache when it holds this machine and every host
-    implementation asked for, else measured and written there."""
-    path, key = _cache_path(), machine_key(device)
+def cached_probe(device: torch.device, host_adams: dict, chunk: int = PROBE_NUMEL) -> Probe:
+    """The probe of this machine for subgroups of `chunk` parameters (capped at PROBE_NUMEL): read
+    from the cache when it holds this machine, size and every host implementation asked for, else
+    measured and written there."""
+    chunk = min(chunk, PROBE_NUMEL)
+    path, key = _cache_path(), f"{machine_key(device)}|subgroup {chunk}"
     try:
         cache = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -205,7 +220,7 @@ def cached_probe(device: torch.device, host_adams: dict, numel: int = PROBE_NUME
         hit = dict(hit)
         hit["host_adam_params_per_s"] = {k: v for k, v in hit["host_adam_params_per_s"].items() if k in host_adams}
         return Probe(**hit)
-    probe = run_probe(device, host_adams, numel)
+    probe = run_probe(device, host_adams, chunk)
     cache[key] = asdict(probe)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
