@@ -7,8 +7,9 @@ CPU part (what this machine can show; the "device" is the CPU, see parallel/offl
 1. `host_adam`: parameters/s of DeepSpeed's CPU Adam (deepspeed.ops.adam, built on first use),
    torch's fused CPU AdamW (both are what `optim.offload_host_adam` chooses between) and
    torch.optim.AdamW(foreach) for context, on 1M, 4M and 16M fp32 parameters.
-2. `update`: the optimizer update of `--params` parameters in `--subgroup` subgroups for
-   none (torch.optim.AdamW, fused), cpu, interleaved stride 2 and interleaved stride auto:
+2. `update`: the optimizer step of `--params` parameters in `--subgroup` subgroups (gradients
+   already on the host, as the backward hooks leave them) for none (torch.optim.AdamW, fused),
+   cpu, interleaved stride 2 and interleaved stride auto, round-robin over the modes:
    measured median seconds next to the performance model's prediction (parallel/offload_model.py),
    and the bytes of optimizer state resident on the device and on the host (counted from the
    tensors the optimizer holds).
@@ -136,17 +137,22 @@ def update(numel: int, subgroup: int, repeats: int) -> dict:
             opt = OffloadAdamW(groups, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, device=device,
                                settings=OffloadSettings(spec[0], subgroup, spec[1], "auto", 0.0))
 
-        def step(opt=opt, params=params, grads=grads):
-            for p, g in zip(params, grads):  # the gradients backward left (offload drops host ones)
+        def ready(opt=opt, params=params, grads=grads, offloaded=spec is not None):
+            """The gradients as backward leaves them; offloaded: copied to the host, which the
+            hooks do during backward (not timed here: it overlaps backward in training)."""
+            for p, g in zip(params, grads):
                 p.grad = g
-            opt.step()
-        step()  # warm-up (and AdamW's state)
-        steps[mode], opts[mode] = step, opt
+            if offloaded:
+                opt.prepare_gradients()
+        ready()
+        opt.step()  # warm-up (and AdamW's state)
+        steps[mode], opts[mode] = ready, opt
     times = {mode: [] for mode in MODES}
     for _ in range(repeats):
-        for mode, step in steps.items():
+        for mode, ready in steps.items():
+            ready()
             t0 = time.perf_counter()
-            step()
+            opts[mode].step()
             times[mode].append(time.perf_counter() - t0)
     for mode, spec in MODES.items():
         opt = opts[mode]
