@@ -466,12 +466,17 @@ def plot(report: dict, path: Path) -> list:
         else:
             modes = report[key]["modes"]
             ok = {k: v for k, v in modes.items() if "error" not in v}
-            measured = [v.get("measured_s", v.get("update_s")) for v in ok.values()] if key == "update" else \
-                [v["step_s"] for v in ok.values()]
             xs = range(len(ok))
-            ax.bar([x - 0.2 for x in xs], measured, width=0.4, label="measured" if key == "update" else "step")
-            pred = [v.get("predicted_s", v.get("predicted_update_s")) or 0 for v in ok.values()]
-            ax.bar([x + 0.2 for x in xs], pred, width=0.4, label="predicted update")
+            if key == "update":
+                series = {"update measured": [v["measured_s"] for v in ok.values()],
+                          "update predicted": [v.get("predicted_s") or 0 for v in ok.values()]}
+            else:
+                series = {"step": [v["step_s"] for v in ok.values()],
+                          "update measured": [v.get("update_s") or 0 for v in ok.values()],
+                          "update predicted": [v.get("predicted_update_s") or 0 for v in ok.values()]}
+            width = 0.8 / len(series)
+            for i, (label, values) in enumerate(series.items()):
+                ax.bar([x - 0.4 + width * (i + 0.5) for x in xs], values, width=width, label=label)
             ax.set_xticks(list(xs))
             ax.set_xticklabels(list(ok), rotation=20)
             ax.set_ylabel("seconds")
