@@ -535,7 +535,11 @@ def _layout(t: torch.Tensor):
 
 
 def _shard_dims(t: torch.Tensor) -> list[int]:
-    return [i for i, pl in enumerate(t.placements) if pl.is_shard()] if isinstance(t, DTensor) else []
+    """Mesh dimensions whose ranks hold different pieces of t: Shard and FSDP2's _StridedShard
+    (which is_shard() does not count), not Replicate or Partial."""
+    if not isinstance(t, DTensor):
+        return []
+    return [i for i, pl in enumerate(t.placements) if not pl.is_replicate() and not pl.is_partial()]
 
 
 def _to_param_layout(p: DTensor, grad: DTensor) -> tuple[tuple, DTensor]:

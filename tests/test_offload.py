@@ -264,3 +264,20 @@ def test_low_precision_weights_keep_an_fp32_master():
         assert torch.equal(p.detach(), r.detach().to(torch.bfloat16))
     assert opt.counters["host_updates"] == 6 and opt.counters["device_updates"] == 3
     opt.close()
+
+
+def test_offload_exact_under_2d_layouts(tmp_path, monkeypatch):
+    """HSDP (dp_replicate2 x dp_shard2) and FSDP2 x TP (dp_shard2 x tp2) on 4 ranks: interleaved
+    stride 2 against AdamW in the same layout."""
+    monkeypatch.setenv("LONGTRAIN_CACHE", str(tmp_path / "cache"))
+    layouts = {"hsdp": ["parallel.dp_replicate=2", "parallel.dp_shard=2", "data.batch_size=2"],
+               "dp_shard2_tp2": ["parallel.dp_shard=2", "parallel.tp=2", "data.batch_size=4"]}
+    cases = []
+    for layout in layouts.values():
+        cases += [{"overrides": STEPS + layout + REFERENCE}, {"overrides": STEPS + layout + OFFLOAD + MODES["stride2"]}]
+    out = run_group(4, offload_cases, cases)
+    for i, name in enumerate(layouts):
+        ref, got = out[2 * i], out[2 * i + 1]
+        _assert_placed(f"{name}/stride2" if name == "hsdp" else f"{name}_tp2/stride2", got)
+        _assert_losses_close(name, got["losses"], ref["losses"])
+        _assert_weights_close(name, got["weights"], ref["weights"])
