@@ -178,70 +178,82 @@ TRAIN_MODES = {"none": ["optim.fused='on'"], "cpu": ["optim.offload=cpu"],
 
 
 def train(model: str, steps: int, subgroup: int, extra: list[str], device_name: str = "cpu",
-          modes: dict | None = None, deadline: float | None = None) -> dict:
-    import torch
-
-    from longtrain.launcher.config import load_recipe
-    from longtrain.launcher.trainer import Trainer
-
+          modes: dict | None = None, deadline: float | None = None, catch_errors: bool = False) -> dict:
     out = {"model": model, "steps": steps, "modes": {}}
     for mode, overrides in (modes or TRAIN_MODES).items():
         if deadline is not None and time.time() > deadline:
             out["modes"][mode] = {"error": "skipped: --time-budget-s spent"}
             continue
-        with tempfile.TemporaryDirectory() as tmp:
-            recipe = load_recipe(None, TRAIN_COMMON + extra + overrides + [
-                f"model.name={model}", f"train.steps={steps}", f"run.dir={tmp}", f"train.device={device_name}",
-                f"optim.offload_subgroup_size={subgroup}"])
-            trainer = Trainer(recipe)
-            update_s = []
-            for opt in trainer.optimizers:
-                real = opt.step
-
-                def timed_step(*a, _real=real, **k):
-                    _sync()
-                    t0 = time.perf_counter()
-                    r = _real(*a, **k)
-                    _sync()
-                    update_s.append(time.perf_counter() - t0)
-                    return r
-                opt.step = timed_step
-            if trainer.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            step_s, losses = [], []
-            for _ in range(steps):
-                batch = next(trainer.loader)
-                _sync()
-                t0 = time.perf_counter()
-                loss, _ = trainer.train_step(batch)
-                _sync()
-                step_s.append(time.perf_counter() - t0)
-                losses.append(loss)
-            bytes_ = [_optimizer_bytes(o, trainer.device) for o in trainer.optimizers]
-            row = {"step_s": statistics.median(step_s[1:] or step_s), "update_s": statistics.median(update_s[1:] or update_s),
-                   "losses": losses, "device_bytes": sum(b["device"] for b in bytes_),
-                   "host_bytes": sum(b["host"] for b in bytes_),
-                   "params": trainer.model_cfg.num_params()}
-            if trainer.device.type == "cuda":
-                row["peak_device_memory_bytes"] = torch.cuda.max_memory_allocated()
-            offloaded = [o for o in trainer.optimizers if hasattr(o, "placement_summary")]
-            if offloaded:
-                s = offloaded[0].placement_summary()
-                row.update(predicted_update_s=s["predicted_update_s"], stride=min(s["stride"], s["subgroups"] + 1),
-                           subgroups=s["subgroups"], host_adam=s["host_adam"])
-                for o in offloaded:
-                    o.close()
-            if hasattr(trainer.loader, "close"):
-                trainer.loader.close()
-            out["modes"][mode] = row
-            del trainer, offloaded
-            _release_memory()
-    if "none" not in out["modes"]:
+        if catch_errors:  # the GPU run: one mode's failure (e.g. out of memory) is reported, the rest run
+            try:
+                out["modes"][mode] = _train_one(model, steps, subgroup, extra, device_name, overrides)
+            except Exception as err:
+                out["modes"][mode] = {"error": f"{type(err).__name__}: {str(err).strip()[:300]}"}
+                _release_memory()
+            continue
+        out["modes"][mode] = _train_one(model, steps, subgroup, extra, device_name, overrides)
+    if "none" not in out["modes"] or "error" in out["modes"]["none"]:
         return out
     base = out["modes"]["none"]["losses"]
     out["losses_equal_within_1e-6"] = all(
-        all(abs(a - b) <= 1e-6 * abs(b) for a, b in zip(r["losses"], base)) for r in out["modes"].values())
+        all(abs(a - b) <= 1e-6 * abs(b) for a, b in zip(r["losses"], base)) for r in out["modes"].values()
+        if "losses" in r)
     return out
+
+
+def _train_one(model: str, steps: int, subgroup: int, extra: list[str], device_name: str, overrides: list[str]) -> dict:
+    import torch
+
+    from longtrain.launcher.config import load_recipe
+    from longtrain.launcher.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = load_recipe(None, TRAIN_COMMON + extra + overrides + [
+            f"model.name={model}", f"train.steps={steps}", f"run.dir={tmp}", f"train.device={device_name}",
+            f"optim.offload_subgroup_size={subgroup}"])
+        trainer = Trainer(recipe)
+        update_s = []
+        for opt in trainer.optimizers:
+            real = opt.step
+
+            def timed_step(*a, _real=real, **k):
+                _sync()
+                t0 = time.perf_counter()
+                r = _real(*a, **k)
+                _sync()
+                update_s.append(time.perf_counter() - t0)
+                return r
+            opt.step = timed_step
+        if trainer.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        step_s, losses = [], []
+        for _ in range(steps):
+            batch = next(trainer.loader)
+            _sync()
+            t0 = time.perf_counter()
+            loss, _ = trainer.train_step(batch)
+            _sync()
+            step_s.append(time.perf_counter() - t0)
+            losses.append(loss)
+        bytes_ = [_optimizer_bytes(o, trainer.device) for o in trainer.optimizers]
+        row = {"step_s": statistics.median(step_s[1:] or step_s), "update_s": statistics.median(update_s[1:] or update_s),
+               "losses": losses, "device_bytes": sum(b["device"] for b in bytes_),
+               "host_bytes": sum(b["host"] for b in bytes_),
+               "params": trainer.model_cfg.num_params()}
+        if trainer.device.type == "cuda":
+            row["peak_device_memory_bytes"] = torch.cuda.max_memory_allocated()
+        offloaded = [o for o in trainer.optimizers if hasattr(o, "placement_summary")]
+        if offloaded:
+            s = offloaded[0].placement_summary()
+            row.update(predicted_update_s=s["predicted_update_s"], stride=min(s["stride"], s["subgroups"] + 1),
+                       subgroups=s["subgroups"], host_adam=s["host_adam"])
+            for o in offloaded:
+                o.close()
+        if hasattr(trainer.loader, "close"):
+            trainer.loader.close()
+        del trainer, offloaded
+        _release_memory()
+        return row
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,7 +368,8 @@ def gpu(args) -> dict:
                                  for a, b in zip(r["losses"], exact["modes"]["none"]["losses"])),
                              "equal_within_1e-6": exact["losses_equal_within_1e-6"]}
     modes = {k: TRAIN_MODES[k] for k in ("cpu", "interleaved_auto")}
-    out["modes"].update(train(model, args.gpu_steps, args.subgroup, extra, device_name, modes, deadline)["modes"])
+    out["modes"].update(train(model, args.gpu_steps, args.subgroup, extra, device_name, modes, deadline,
+                              catch_errors=True)["modes"])
     if not args.skip_deepspeed and time.time() > deadline:
         out["modes"]["deepspeed_zero3_offload"] = {"error": "skipped: --time-budget-s spent"}
     elif not args.skip_deepspeed:

@@ -3,7 +3,6 @@ optimizer state on the host (plain CPU offload) or interleaved with stride 1, 2,
 weights torch.optim.AdamW reaches, on one process and under dp_shard2 (FSDP2), tp2 and pp2; each
 case asserts where its subgroups were updated. Checkpoints of offloaded state resume under another
 offload setting and another layout. Bad settings fail with one line naming the key."""
-import math
 
 import pytest
 import torch
