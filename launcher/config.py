@@ -129,8 +129,15 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 10
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    offload: bool = False
     fused: Literal["auto", "on", "off"] = "auto"
+    # Optimizer offloading (parallel/offload.py): none; cpu (fp32 master, m, v of each rank's
+    # shard in host memory, every subgroup updated by the CPU); interleaved (every stride-th
+    # subgroup prefetched and updated on the device while the CPU updates the others).
+    offload: Literal["none", "cpu", "interleaved"] = "none"
+    offload_subgroup_size: int = 10_000_000  # parameters per subgroup (per rank's shard)
+    offload_stride: str = "auto"  # interleaved: auto (the performance model picks) or k >= 1
+    offload_host_adam: Literal["auto", "deepspeed", "torch"] = "auto"  # auto: the faster, measured
+    offload_device_memory_gb: float = 0.0  # device buffer budget for interleaved; 0: what is free
 
 
 @dataclass
@@ -440,14 +447,29 @@ def validate_recipe(recipe: Recipe, source: str = "recipe", world_size: int | No
         fail(f"data.seq_len: {d.seq_len} exceeds model.max_seq_len={mcfg.max_seq_len}")
     if t.steps < 0:
         fail(f"train.steps: must be at least 0, got {t.steps}")
-    if recipe.optim.offload:
-        fail("optim.offload: optimizer offloading is not implemented yet; set it to false")
+    _validate_offload(recipe.optim, fail)
     if recipe.optim.lr <= 0:
         fail(f"optim.lr: must be positive, got {recipe.optim.lr}")
     if len(recipe.optim.betas) != 2:
         fail(f"optim.betas: expected two numbers, got {recipe.optim.betas}")
     if recipe.checkpoint.keep < 1:
         fail(f"checkpoint.keep: must be at least 1, got {recipe.checkpoint.keep}")
+
+
+def _validate_offload(o: OptimConfig, fail) -> None:
+    if o.offload == "none":
+        return
+    if o.offload_subgroup_size < 1:
+        fail(f"optim.offload_subgroup_size: must be at least 1, got {o.offload_subgroup_size}")
+    stride = str(o.offload_stride)
+    if stride != "auto" and not (stride.isdigit() and int(stride) >= 1):
+        fail(f"optim.offload_stride: must be auto or an integer >= 1, got {o.offload_stride!r}")
+    if o.offload_device_memory_gb < 0:
+        fail(f"optim.offload_device_memory_gb: must be >= 0, got {o.offload_device_memory_gb}")
+    buffer_gb = 16 * o.offload_subgroup_size / 2**30  # fp32 master, m, v, gradient per element
+    if o.offload == "interleaved" and 0 < o.offload_device_memory_gb < buffer_gb:
+        fail(f"optim.offload_device_memory_gb: {o.offload_device_memory_gb} GiB cannot hold one subgroup's "
+             f"device buffers ({buffer_gb:.3g} GiB for optim.offload_subgroup_size={o.offload_subgroup_size})")
 
 
 def _validate_data(d: DataConfig, mcfg, fail) -> None:

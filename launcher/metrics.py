@@ -123,4 +123,6 @@ def format_line(r: dict) -> str:
         return f"step {r['step']:>6}  eval_loss {r['eval_loss']:.4f}"
     return (f"step {r['step']:>6}  loss {r['loss']:.4f}  lr {r['lr']:.2e}  grad_norm {r['grad_norm']:.3f}  "
             f"tok/s {r['tokens_per_second']:,.0f}  TFLOP/s/dev {r['tflops_per_device']:.3f}  "
-            f"MFU {100 * r['mfu']:.1f}%  mem {r['peak_memory_gb']:.2f} GB")
+            f"MFU {100 * r['mfu']:.1f}%  mem {r['peak_memory_gb']:.2f} GB"
+            + (f"  update {r['offload_update_s']:.3f}s (predicted {r['offload_update_s_predicted']:.3f}s)"
+               if "offload_update_s" in r else ""))

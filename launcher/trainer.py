@@ -99,6 +99,14 @@ def build_optimizers(parts: list[nn.Module], recipe: Recipe, device: torch.devic
         decay = [p for n, p in named if p.ndim >= 2 and not n.endswith(NO_DECAY)]
         no_decay = [p for n, p in named if p.ndim < 2 or n.endswith(NO_DECAY)]
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if o.offload != "none":  # the same AdamW, its state in host memory (parallel/offload.py)
+            from longtrain.parallel.offload import OffloadSettings, build_offload_optimizer
+
+            settings = OffloadSettings(o.offload, o.offload_subgroup_size, o.offload_stride, o.offload_host_adam,
+                                       o.offload_device_memory_gb)
+            optimizers.append(build_offload_optimizer(groups, lr=o.lr, betas=o.betas, eps=o.eps, device=device,
+                                                      settings=settings))
+            continue
         optimizers.append(torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                             fused=fused or None, foreach=None if fused else True))
     return optimizers
@@ -349,7 +357,13 @@ class Trainer:
                 local += loss.detach()
             holds_loss = True
 
-        grad_norm = clip_grad_norm(self.parts, self.recipe.train.grad_clip, self.parallel.pp_group)
+        if self.recipe.optim.offload != "none":  # gradients of host subgroups live on the host
+            from longtrain.parallel.offload import clip_offloaded_grad_norm
+
+            grad_norm = clip_offloaded_grad_norm(self.parts, self.optimizers, self.recipe.train.grad_clip,
+                                                 self.parallel.pp_group, self.device)
+        else:
+            grad_norm = clip_grad_norm(self.parts, self.recipe.train.grad_clip, self.parallel.pp_group)
         for opt in self.optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -423,7 +437,7 @@ class Trainer:
                     logger.log({"step": self.step, "loss": loss, "lr": lr_at(self.step, recipe),
                                 "grad_norm": grad_norm, "tokens_per_second": tps, "tflops_per_device": tflops,
                                 "mfu": tflops / peak if peak else 0.0,
-                                "peak_memory_gb": peak_memory_gb(self.device)})
+                                "peak_memory_gb": peak_memory_gb(self.device), **self._offload_metrics()})
                     window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0
                 if recipe.train.eval_every and self.step % recipe.train.eval_every == 0:
                     eval_loss = self.evaluate()
@@ -450,6 +464,14 @@ class Trainer:
                 signal.signal(signal.SIGTERM, previous)
         result.last_step = self.step
         return result
+
+    def _offload_metrics(self) -> dict:
+        """Offloaded optimizer: predicted and measured update seconds of the step."""
+        if self.recipe.optim.offload == "none":
+            return {}
+        from longtrain.parallel.offload import offload_metrics
+
+        return offload_metrics(self.optimizers)
 
     def _on_sigterm(self, signum, frame):
         self.stop_requested = True
