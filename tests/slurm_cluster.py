@@ -213,10 +213,11 @@ SlurmdTimeout=120
         _wait(idle, timeout, "the nodes never became idle", self)
 
     # ---- use ----------------------------------------------------------------------------------
-    def run(self, *cmd: str, check: bool = True, timeout: float = 60, where: str = "ctl") -> subprocess.CompletedProcess:
+    def run(self, *cmd: str, check: bool = True, timeout: float = 60, where: str = "ctl",
+            cwd: str | Path | None = None) -> subprocess.CompletedProcess:
         """A command (sbatch, squeue, longtrain slurm --submit ...) inside a namespace of the cluster."""
         proc = subprocess.run(self._inside(where, list(cmd)), capture_output=True, text=True,
-                              env=self.env, timeout=timeout)
+                              env=self.env, timeout=timeout, cwd=cwd)
         if check and proc.returncode != 0:
             raise RuntimeError(f"`{' '.join(cmd)}` failed ({proc.returncode}): {proc.stderr.strip()}")
         return proc
