@@ -6,14 +6,17 @@ Debian's slurm-wlm (slurmctld, slurmd) and munge, run as root, everything under 
     netns <ctl>:   bridge 10.231.S.254 "ctl"   slurmctld
     netns <node1>: veth   10.231.S.1   "node1" slurmd -N node1   (its job steps run here)
     netns <node2>: veth   10.231.S.2   "node2" slurmd -N node2
-    (root netns):  munged, on a socket file every namespace sees; the test's client commands
-                   (sbatch, squeue, scontrol, scancel) run inside <ctl> through `ip netns exec`.
+    (root netns):  munged, on a socket file every namespace sees.
 
-The addresses exist only inside the namespaces. Names resolve the way a real cluster's DNS would
-make them: `ip netns exec` bind-mounts /etc/netns/<ns>/hosts over /etc/hosts, so every process of
-the cluster (daemons, batch scripts, tasks) sees `ctl`, `node1` and `node2`; each daemon also gets
-its own UTS namespace with hostname = its node name, so gethostname() (which srun and gloo use to
-pick the address peers should dial) resolves to that node's own address, not to this machine's.
+Every process of the cluster (daemons, batch scripts, job tasks, and the test's client commands
+sbatch, squeue, scontrol, scancel, run inside <ctl>) enters its namespace through `nsenter --net`
+plus `unshare --mount --uts` (not `ip netns exec`, which remounts /sys and so hides the cgroup
+mounts slurmd 22.05 opens at start). The addresses exist only inside the namespaces. Names
+resolve as a real cluster's DNS would make them: /etc/netns/<ns>/hosts (ctl, node1, node2) is
+bind-mounted over /etc/hosts in each process's mount namespace, so `scontrol show hostnames` ->
+node1 -> MASTER_ADDR resolves on both nodes; and each daemon has its own hostname (UTS namespace)
+= its node name, so gethostname(), from which srun and gloo pick the address that peers dial,
+resolves to the node's own address instead of this machine's.
 Teardown kills everything left in the namespaces and deletes them and their hosts files.
 """
 from __future__ import annotations
@@ -267,9 +270,7 @@ SlurmdTimeout=120
                     proc.wait(timeout=10)
                 except (ProcessLookupError, subprocess.TimeoutExpired):
                     _killpg(proc.pid)
-            if name != "munged":  # job processes left behind in the namespaces
-                pass
-        for ns in self.ns.values():
+        for ns in self.ns.values():  # job processes left behind in the namespaces
             pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
             for pid in map(int, pids):
                 try:
