@@ -81,6 +81,21 @@ def wait_for(predicate, timeout: float, what: str, cluster, job: str, run: Path)
     raise AssertionError(f"{what} within {timeout} s; job {cluster.job(job)}\n{out[-3000:]}\n{cluster.logs()}")
 
 
+def release_requeued(cluster, job: str, timeout: float = 120) -> None:
+    """Slurm holds a requeued job for two minutes (its BeginTime); the test does not wait them out.
+    The hold is set as the requeue completes, which may be after `scontrol requeue` returns, so
+    the start time is moved to now until the job runs."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = cluster.job(job).get("JobState")
+        if state == "RUNNING":
+            return
+        if state == "PENDING":
+            cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+        time.sleep(2)
+    raise AssertionError(f"the requeued job {job} never ran: {cluster.job(job)}\n{cluster.logs()}")
+
+
 def test_job_on_two_nodes_equals_local_launch(cluster, tmp_path):
     run = tmp_path / "slurm_run"
     job, script = submit(cluster, tmp_path, "train.steps=4", f"run.dir={run}")
@@ -121,8 +136,7 @@ def test_scancel_checkpoints_requeue_resumes_node_failure_names_rank(cluster, tm
 
     # Requeued, the same script resumes from that checkpoint: the next step logged is saved + 1.
     cluster.run("scontrol", "requeue", job)
-    # Slurm holds a requeued job for two minutes (its BeginTime); the test does not wait them out.
-    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    release_requeued(cluster, job)
     lines_before = len(metrics.read_text().splitlines())
 
     def resumed_steps():
