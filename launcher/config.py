@@ -332,9 +332,27 @@ def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
     return recipe
 
 
+SHIPPED_RECIPES = Path(__file__).parent.parent / "configs"  # package data: longtrain/configs/*.yaml
+
+
+def recipe_file(path: str | Path) -> Path:
+    """The recipe file for `path`: the path itself when it is a file; otherwise a recipe shipped with
+    longtrain, by name from any directory (`debug_cpu`, `debug_cpu.yaml`, `configs/debug_cpu.yaml`).
+    A path that is neither fails with one line listing the shipped names."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.parent in (Path("."), Path("configs")):
+        for candidate in (SHIPPED_RECIPES / path.name, SHIPPED_RECIPES / f"{path.name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    names = ", ".join(sorted(f.stem for f in SHIPPED_RECIPES.glob("*.yaml")))
+    raise RecipeError(f"recipe file not found: {path} (recipes shipped with longtrain, by name: {names})")
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe file (or the defaults when path is None), apply overrides, validate."""
-    data = _read_yaml(Path(path)) if path is not None else {}
+    data = _read_yaml(recipe_file(path)) if path is not None else {}
     data = apply_overrides(data, list(overrides or []))
     return recipe_from_dict(data, str(path) if path is not None else "recipe")
 

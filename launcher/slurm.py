@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from longtrain.launcher.config import Recipe, RecipeError, resolve_degrees, validate_recipe
+from longtrain.launcher.config import Recipe, RecipeError, recipe_file, resolve_degrees, validate_recipe
 
 PER_NODE = ("tasks", "torchrun")
 
@@ -136,7 +136,8 @@ def sbatch_script(recipe: Recipe, recipe_path: str, overrides: list[str], job: S
               "#SBATCH --open-mode=append",
               "",
               'echo "longtrain: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST, start $((${SLURM_RESTART_COUNT:-0} + 1))"']
-    train = shlex.join(["-m", "longtrain.launcher.cli", "train", str(Path(recipe_path).resolve()), *overrides])
+    recipe_abs = str(recipe_file(recipe_path).resolve())  # a shipped recipe's name -> its file
+    train = shlex.join(["-m", "longtrain.launcher.cli", "train", recipe_abs, *overrides])
     py = shlex.quote(python)
     if job.per_node == "tasks":
         # One task per rank; --kill-on-bad-exit ends every rank when one fails (srun names it:

@@ -125,3 +125,10 @@ def test_cli_mismatch_writes_nothing(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"longtrain: error: {DEBUG}: run.launch.nnodes=1 but --nodes 2: set run.launch.nnodes=2"]
     assert not (tmp_path / "job.sbatch").exists()
+
+
+def test_shipped_recipe_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe("debug_cpu", TWO_BY_TWO)
+    cmd = command_of(sbatch_script(recipe, "debug_cpu", TWO_BY_TWO, SlurmJob(nodes=2)))
+    assert Path(cmd[cmd.index("train") + 1]).resolve() == (ROOT / "configs" / "debug_cpu.yaml").resolve()

@@ -1,0 +1,44 @@
+"""Recipes ship with longtrain (package data): `longtrain train debug_cpu` finds them by name from any
+directory; a file at the given path still wins; an unknown name fails with one line listing them."""
+from pathlib import Path
+
+import pytest
+
+from longtrain.launcher.cli import main
+from longtrain.launcher.config import RecipeError, load_recipe, recipe_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["debug_cpu", "debug_cpu.yaml", "configs/debug_cpu.yaml"])
+def test_shipped_recipe_by_name_from_anywhere(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert recipe_file(name).resolve() == (ROOT / "configs" / "debug_cpu.yaml").resolve()
+    assert load_recipe(name).run.launch.nproc_per_node == 4
+
+
+def test_shipped_recipe_with_base_and_cli(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe("llama3_8b_128k")  # `base: llama3_8b.yaml`, relative to the shipped file
+    assert recipe.data.seq_len == load_recipe(ROOT / "configs" / "llama3_8b_128k.yaml").data.seq_len
+    assert main(["config", "debug_cpu", "train.steps=7"]) == 0
+    assert "steps: 7" in capsys.readouterr().out
+
+
+def test_a_file_at_the_path_wins(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "debug_cpu.yaml").write_text("train:\n  steps: 3\n")
+    assert recipe_file("debug_cpu.yaml") == Path("debug_cpu.yaml")
+    assert load_recipe("debug_cpu.yaml").train.steps == 3
+
+
+def test_unknown_name_lists_the_shipped_recipes(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RecipeError, match=r"^recipe file not found: debug_gpu \(recipes shipped with longtrain, "
+                                          r"by name: .*debug_cpu, .*llama3_8b_128k"):
+        load_recipe("debug_gpu")
+    with pytest.raises(RecipeError, match="recipe file not found: elsewhere/debug_cpu.yaml"):
+        load_recipe("elsewhere/debug_cpu.yaml")  # a real directory part is not a name
+    assert main(["config", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("longtrain: error: recipe file not found: nope (")
