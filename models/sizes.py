@@ -130,3 +130,17 @@ def resolve_model_config(model_section) -> TransformerConfig | HybridConfig:
     if cfg.head_dim % 2:
         raise ValueError(f"model.dim: head dimension {cfg.head_dim} must be even for RoPE")
     return cfg
+
+
+def describe_model(model_section, cfg) -> str:
+    """The resolved model in one line, printed at start: the named size and the fields given over
+    it, then every dimension, so an override that keeps the size's other fields shows what it kept."""
+    given = [k for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "pattern")
+             if getattr(model_section, k, None) is not None]
+    name = model_section.name or "defaults"
+    origin = f"{name}" + (f" with {', '.join(given)} given" if given else "")
+    shape = (f"dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads ({cfg.n_kv_heads} kv, head dim "
+             f"{cfg.dim // cfg.n_heads}), ffn {cfg.ffn_dim}, vocab {cfg.vocab_size}")
+    if getattr(cfg, "pattern", None):
+        shape += f", pattern {cfg.pattern}"
+    return f"{origin}: {shape}, {cfg.num_params() / 1e6:,.2f}M parameters"

@@ -1,11 +1,17 @@
-"""Recipes ship with longtrain (package data): `longtrain train debug_cpu` finds them by name from any
-directory; a file at the given path still wins; an unknown name fails with one line listing them."""
+"""Trips a newcomer met (issue 17): recipes ship with longtrain (package data) and `longtrain train
+debug_cpu` finds them by name from any directory (a file at the given path still wins; an unknown
+name fails with one line listing them); the resolved model is printed at start, so overriding a
+field of a named size shows the fields it kept."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from longtrain.launcher.cli import main
 from longtrain.launcher.config import RecipeError, load_recipe, recipe_file
+from longtrain.models.sizes import describe_model, resolve_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,3 +48,22 @@ def test_unknown_name_lists_the_shipped_recipes(tmp_path, monkeypatch, capsys):
     assert main(["config", "nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("longtrain: error: recipe file not found: nope (")
+
+
+def test_resolved_model_is_described():
+    recipe = load_recipe(ROOT / "configs" / "debug_cpu.yaml", ["model.name=tiny", "model.n_layers=3"])
+    assert describe_model(recipe.model, resolve_model_config(recipe.model)) == (
+        "tiny with n_layers given: dim 32, 3 layers, 4 heads (2 kv, head dim 8), ffn 64, vocab 260, 0.04M parameters")
+    recipe = load_recipe(ROOT / "configs" / "hybrid_debug_cpu.yaml", ["model.name=tiny"])
+    assert ", pattern M*-|M*-," in describe_model(recipe.model, resolve_model_config(recipe.model))
+
+
+def test_training_prints_the_resolved_model_at_start(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "longtrain.launcher.cli", "train", "debug_cpu", "--nproc", "1",
+                           "model.name=tiny", "model.n_layers=3", "parallel.tp=1", "data.seq_len=32",
+                           "data.batch_size=2", "train.steps=1", "train.eval_every=0", "run.tensorboard=false",
+                           "run.progress=false", f"run.dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "longtrain: model tiny with n_layers given: dim 32, 3 layers, 4 heads (2 kv, head dim 8), ffn 64" in proc.stdout
