@@ -67,3 +67,55 @@ def test_training_prints_the_resolved_model_at_start(tmp_path):
                           capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "longtrain: model tiny with n_layers given: dim 32, 3 layers, 4 heads (2 kv, head dim 8), ffn 64" in proc.stdout
+
+
+def _model(*overrides):
+    recipe = load_recipe(ROOT / "configs" / "debug_cpu.yaml", list(overrides))
+    return recipe, resolve_model_config(recipe.model)
+
+
+def test_multiple_of_sizes_the_ffn_as_llama_does():
+    # Llama's FeedForward, written out: hidden = int(2 * (4 * dim) / 3); hidden = int(multiplier * hidden);
+    # hidden = multiple_of * ceil(hidden / multiple_of). Llama-3-8B's params.json (dim 4096,
+    # ffn_dim_multiplier 1.3, multiple_of 1024) gives its intermediate_size 14336.
+    _, cfg = _model("model.dim=4096", "model.n_heads=32", "model.n_kv_heads=8", "model.multiple_of=1024",
+                    "model.ffn_dim_multiplier=1.3")
+    assert cfg.ffn_dim == 14336
+    _, cfg = _model("model.multiple_of=256")  # torchtitan's llama3 debugmodel: dim 256, multiple_of 256
+    assert cfg.ffn_dim == 768
+    from longtrain.models.registry import build_model
+
+    _, cfg = _model("model.name=tiny", "model.multiple_of=16")  # int(2 * 128 / 3) = 85 -> 96
+    model = build_model(cfg)
+    ffn = [m for name, m in model.named_modules() if name.endswith("w1")]
+    assert ffn and all(m.out_features == 96 for m in ffn)
+    _, cfg = _model("model.kind=hybrid", "model.name=tiny", "model.multiple_of=16")
+    assert cfg.ffn_dim == 96
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["model.multiple_of=256", "model.ffn_dim=100"], "model.multiple_of: give model.ffn_dim or model.multiple_of"),
+    (["model.ffn_dim_multiplier=1.3"], "model.ffn_dim_multiplier: needs model.multiple_of"),
+    (["model.multiple_of=0"], "model.multiple_of: must be at least 1, got 0"),
+    (["parallel.ac=full"], "parallel.ac: unknown key (did you mean 'activation_checkpoint'?)"),
+    (["parallel.sp=true"], "parallel.sp: unknown key (did you mean 'sequence_parallel'?)"),
+    (["model.intermediate_size=128"], "model.intermediate_size: unknown key (did you mean 'ffn_dim'?)"),
+    (["model.rope_scaling.type=linear"], "model.rope_scaling.factor: required for rope_scaling type linear"),
+    (["model.rope_scaling=yarn"], "model.rope_scaling.factor: required for rope_scaling type yarn"),
+    (["model.rope_scaling=llama4"], "model.rope_scaling.type: 'llama4' is not one of"),
+])
+def test_model_trips_fail_with_one_line(overrides, expected):
+    with pytest.raises(RecipeError) as err:
+        _model(*overrides)
+    assert expected in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_rope_scaling_llama3_alone_takes_llama31_values():
+    llama31 = dict(type="llama3", factor=8.0, original_max_position=8192, low_freq_factor=1.0, high_freq_factor=4.0)
+    for overrides in (["model.rope_scaling=llama3"], ["model.rope_scaling.type=llama3"]):
+        _, cfg = _model(*overrides)
+        assert {k: getattr(cfg.rope_scaling, k) for k in llama31} == llama31
+    _, cfg = _model("model.rope_scaling.type=llama3", "model.rope_scaling.factor=32")
+    assert cfg.rope_scaling.factor == 32.0 and cfg.rope_scaling.high_freq_factor == 4.0
+    _, cfg = _model("model.rope_scaling.type=linear", "model.rope_scaling.factor=4")
+    assert cfg.rope_scaling.type == "linear" and cfg.rope_scaling.factor == 4.0
