@@ -165,7 +165,7 @@ class RunConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     tensorboard: bool = True
     progress: bool = True
-    peak_tflops: float = 0.0  # 0: known GPU peak, or a measured matmul peak on CPU
+    peak_tflops: float = 0.0  # MFU's peak per device; 0: a known GPU's, none on CPU (MFU not reported)
 
 
 @dataclass

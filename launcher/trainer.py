@@ -422,7 +422,7 @@ class Trainer:
                     tflops = tps * flops_per_token / dist.get_world_size() / 1e12
                     logger.log({"step": self.step, "loss": loss, "lr": lr_at(self.step, recipe),
                                 "grad_norm": grad_norm, "tokens_per_second": tps, "tflops_per_device": tflops,
-                                "mfu": tflops / peak if peak else 0.0,
+                                "mfu": tflops / peak if peak else None,
                                 "peak_memory_gb": peak_memory_gb(self.device)})
                     window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0
                 if recipe.train.eval_every and self.step % recipe.train.eval_every == 0:

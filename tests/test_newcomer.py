@@ -1,7 +1,9 @@
 """Trips a newcomer met (issue 17): recipes ship with longtrain (package data) and `longtrain train
 debug_cpu` finds them by name from any directory (a file at the given path still wins; an unknown
 name fails with one line listing them); the resolved model is printed at start, so overriding a
-field of a named size shows the fields it kept."""
+field of a named size shows the fields it kept; model keys from Llama and other frameworks
+(multiple_of, rope_scaling: llama3, did-you-mean for parallel.ac); no MFU against a CPU "peak"."""
+import json
 import os
 import subprocess
 import sys
@@ -63,10 +65,24 @@ def test_training_prints_the_resolved_model_at_start(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "longtrain.launcher.cli", "train", "debug_cpu", "--nproc", "1",
                            "model.name=tiny", "model.n_layers=3", "parallel.tp=1", "data.seq_len=32",
                            "data.batch_size=2", "train.steps=1", "train.eval_every=0", "run.tensorboard=false",
-                           "run.progress=false", f"run.dir={tmp_path / 'run'}"],
+                           "run.progress=false", f"run.dir={tmp_path / 'run'}", "run.peak_tflops=0.001"],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "longtrain: model tiny with n_layers given: dim 32, 3 layers, 4 heads (2 kv, head dim 8), ffn 64" in proc.stdout
+    # MFU on CPU only against a peak the user gives (run.peak_tflops); without one it is null (test_training).
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["mfu"] == pytest.approx(record["tflops_per_device"] / 0.001)
+
+
+def test_no_mfu_peak_on_cpu():
+    import torch
+
+    from longtrain.launcher.metrics import device_peak_tflops, format_line
+
+    assert device_peak_tflops(torch.device("cpu")) == 0.0 and device_peak_tflops(torch.device("cpu"), 50.0) == 50.0
+    line = format_line(dict(step=1, loss=1.0, lr=1e-3, grad_norm=1.0, tokens_per_second=10.0, tflops_per_device=0.1,
+                            mfu=None, peak_memory_gb=0.3))
+    assert "MFU -  mem 0.30 GiB" in line
 
 
 def _model(*overrides):
