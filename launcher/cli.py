@@ -2,6 +2,8 @@
 
     longtrain train  RECIPE [key=value ...] [--nproc N]   train (starting N local workers if asked)
     longtrain config RECIPE [key=value ...]               print the resolved, validated recipe
+    longtrain slurm  RECIPE [key=value ...] --nodes N [--gpus-per-node G] [--time T] [--partition P] [--submit]
+                                                          write (and submit) an sbatch script for the recipe
     longtrain tokenizer train --source S --vocab-size N --out F   train a sentencepiece model
     longtrain data inspect RECIPE [key=value ...]         document lengths, tokens, packing efficiency
     longtrain data export --out DIR                       the built-in corpus as jsonl shards
@@ -30,6 +32,24 @@ def _parser() -> argparse.ArgumentParser:
     config.add_argument("recipe")
     config.add_argument("overrides", nargs="*")
     config.add_argument("--nproc", type=int, default=None)
+
+    slurm = sub.add_parser("slurm", help="write (and submit) an sbatch script for a recipe")
+    slurm.add_argument("recipe")
+    slurm.add_argument("overrides", nargs="*", help="dotted overrides, passed on to every rank")
+    slurm.add_argument("--nodes", type=int, required=True, help="nodes (must equal run.launch.nnodes)")
+    slurm.add_argument("--gpus-per-node", type=int, default=None,
+                       help="GPUs per node, one rank each (default: run.launch.nproc_per_node; 0 for a CPU job "
+                            "of run.launch.nproc_per_node ranks per node)")
+    slurm.add_argument("--per-node", choices=["tasks", "torchrun"], default="tasks",
+                       help="srun starts one task per rank (default), or one torchrun per node")
+    slurm.add_argument("--time", default=None, help="time limit, Slurm format (e.g. 2-00:00:00)")
+    slurm.add_argument("--partition", default=None)
+    slurm.add_argument("--account", default=None)
+    slurm.add_argument("--job-name", default=None)
+    slurm.add_argument("--signal-before", type=int, default=300,
+                       help="seconds before the time limit at which SIGTERM makes the job checkpoint and exit")
+    slurm.add_argument("--out", default=None, help="the script to write (default: <run.dir>/longtrain.sbatch)")
+    slurm.add_argument("--submit", action="store_true", help="sbatch the script")
 
     tokenizer = sub.add_parser("tokenizer", help="train a sentencepiece tokenizer")
     tok_sub = tokenizer.add_subparsers(dest="action", required=True)
@@ -116,6 +136,22 @@ def _data_command(args, overrides) -> int:
     return 0
 
 
+def _slurm_command(args, overrides) -> int:
+    from longtrain.launcher.slurm import SlurmJob, sbatch_script, submit, write_script
+
+    recipe = load_recipe(args.recipe, overrides)
+    job = SlurmJob(nodes=args.nodes, gpus_per_node=args.gpus_per_node, per_node=args.per_node, time=args.time,
+                   partition=args.partition, account=args.account, job_name=args.job_name,
+                   signal_before=args.signal_before)
+    path = write_script(sbatch_script(recipe, args.recipe, overrides, job), recipe, args.out)
+    print(f"wrote {path}")
+    if args.submit:
+        print(f"submitted job {submit(path)}")
+    else:
+        print(f"submit it with: sbatch {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # Overrides may come before or after --nproc: collect the ones argparse left over.
@@ -124,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     overrides = list(getattr(args, "overrides", None) or []) + extra
-    if args.command == "plan":
+    if args.command in ("plan", "slurm"):
         try:
-            return _plan_command(args, overrides)
+            return _plan_command(args, overrides) if args.command == "plan" else _slurm_command(args, overrides)
         except (RecipeError, ValueError) as err:
             print(f"longtrain: error: {err}", file=sys.stderr)
             return 2

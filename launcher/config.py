@@ -41,6 +41,10 @@ class ModelConfig:
     max_seq_len: Optional[int] = None
     tie_embeddings: Optional[bool] = None
     init_std: Optional[float] = None
+    # The FFN size from dim, as Llama does, when ffn_dim is not given: multiple_of x
+    # ceil(int(ffn_dim_multiplier x int(8 dim / 3)) / multiple_of) (models/sizes.py).
+    multiple_of: Optional[int] = None
+    ffn_dim_multiplier: Optional[float] = None
     # kind=hybrid (models/hybrid.py): one symbol per layer, M Mamba-2, * attention, - MLP, and | a
     # pipeline stage boundary (n_layers follows from it); the Mamba-2 layer sizes.
     pattern: Optional[str] = None
@@ -175,7 +179,7 @@ class RunConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     tensorboard: bool = True
     progress: bool = True
-    peak_tflops: float = 0.0  # 0: known GPU peak, or a measured matmul peak on CPU
+    peak_tflops: float = 0.0  # MFU's peak per device; 0: a known GPU's, none on CPU (MFU not reported)
 
 
 @dataclass
@@ -285,6 +289,8 @@ def _coerce(value, tp, where: str):
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise RecipeError(f"{where}: {value!r} is not one of {', '.join(map(str, allowed))}{hint}")
         return value
+    if tp is RopeScaling:
+        return _rope_scaling(value, where)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise RecipeError(f"{where}: expected a section (mapping), got {type(value).__name__} {value!r}")
@@ -323,6 +329,30 @@ def _coerce(value, tp, where: str):
     return value
 
 
+def _rope_scaling(value, where: str) -> RopeScaling:
+    """model.rope_scaling: a mapping, or a type alone (`model.rope_scaling=llama3`). Type llama3 takes
+    Llama-3.1's values for the fields not given (factor 8, original 8192, low 1, high 4); linear and
+    yarn need a factor (the default 1.0 would silently scale nothing)."""
+    if isinstance(value, str):
+        value = {"type": value}
+    if not isinstance(value, dict):
+        raise RecipeError(f"{where}: expected a section (mapping) or a type, got {type(value).__name__} {value!r}")
+    kind = value.get("type", "none")
+    if kind == "llama3":
+        from longtrain.models.sizes import _LLAMA3_ROPE
+
+        value = {**dataclasses.asdict(_LLAMA3_ROPE), **value}
+    elif kind in ("linear", "yarn") and "factor" not in value:
+        raise RecipeError(f"{where}.factor: required for rope_scaling type {kind}")
+    return _build(RopeScaling, value, where)
+
+
+# Names people bring from other frameworks, for the did-you-mean of an unknown key.
+_KEY_ALIASES = {"ac": "activation_checkpoint", "sp": "sequence_parallel", "fsdp": "dp_shard", "dp": "dp_shard",
+                "hidden_size": "dim", "intermediate_size": "ffn_dim", "ffn_hidden_size": "ffn_dim",
+                "num_layers": "n_layers", "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads"}
+
+
 def _build(cls, data: dict, prefix: str):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -331,6 +361,8 @@ def _build(cls, data: dict, prefix: str):
         where = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
+            if not close and _KEY_ALIASES.get(str(key)) in names:
+                close = [_KEY_ALIASES[str(key)]]
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise RecipeError(f"{where}: unknown key{hint}")
         kwargs[key] = _coerce(value, hints[key], where)
@@ -346,9 +378,27 @@ def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
     return recipe
 
 
+SHIPPED_RECIPES = Path(__file__).parent.parent / "configs"  # package data: longtrain/configs/*.yaml
+
+
+def recipe_file(path: str | Path) -> Path:
+    """The recipe file for `path`: the path itself when it is a file; otherwise a recipe shipped with
+    longtrain, by name from any directory (`debug_cpu`, `debug_cpu.yaml`, `configs/debug_cpu.yaml`).
+    A path that is neither fails with one line listing the shipped names."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if path.parent in (Path("."), Path("configs")):
+        for candidate in (SHIPPED_RECIPES / path.name, SHIPPED_RECIPES / f"{path.name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    names = ", ".join(sorted(f.stem for f in SHIPPED_RECIPES.glob("*.yaml")))
+    raise RecipeError(f"recipe file not found: {path} (recipes shipped with longtrain, by name: {names})")
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe file (or the defaults when path is None), apply overrides, validate."""
-    data = _read_yaml(Path(path)) if path is not None else {}
+    data = _read_yaml(recipe_file(path)) if path is not None else {}
     data = apply_overrides(data, list(overrides or []))
     return recipe_from_dict(data, str(path) if path is not None else "recipe")
 

@@ -2,13 +2,12 @@
 TensorBoard event files in the run directory (rank 0 writes; every rank measures).
 
 MFU is achieved model FLOP/s per device over the device's peak: the dense bf16 peak for known
-GPUs, or on CPU the fp32 matmul rate measured once at start (so CPU MFU means "fraction of what
-this machine's matmul reaches", not of a datasheet number).
+GPUs, or `run.peak_tflops` when given. A CPU has no such number (a matmul rate measured at start
+read 124% under load later), so there MFU is not reported (null) unless run.peak_tflops is set.
 """
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -21,6 +20,8 @@ GPU_PEAK_TFLOPS = {
 
 
 def device_peak_tflops(device: torch.device, override: float = 0.0) -> float:
+    """The peak MFU is measured against: run.peak_tflops, else a known GPU's; 0.0 when there is none
+    (a CPU, an unknown GPU), and then MFU is not reported."""
     if override > 0:
         return override
     if device.type == "cuda":
@@ -28,24 +29,7 @@ def device_peak_tflops(device: torch.device, override: float = 0.0) -> float:
         for key, peak in GPU_PEAK_TFLOPS.items():
             if key in name:
                 return peak
-        return 0.0
-    return measured_cpu_matmul_tflops()
-
-
-_CPU_PEAK: float | None = None
-
-
-def measured_cpu_matmul_tflops(size: int = 512, seconds: float = 0.2) -> float:
-    global _CPU_PEAK
-    if _CPU_PEAK is None:
-        a, b = torch.randn(size, size), torch.randn(size, size)
-        a @ b
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            a @ b
-            n += 1
-        _CPU_PEAK = 2 * size**3 * n / (time.perf_counter() - start) / 1e12
-    return _CPU_PEAK
+    return 0.0
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -123,6 +107,7 @@ def format_line(r: dict) -> str:
         return f"step {r['step']:>6}  eval_loss {r['eval_loss']:.4f}"
     return (f"step {r['step']:>6}  loss {r['loss']:.4f}  lr {r['lr']:.2e}  grad_norm {r['grad_norm']:.3f}  "
             f"tok/s {r['tokens_per_second']:,.0f}  TFLOP/s/dev {r['tflops_per_device']:.3f}  "
-            f"MFU {100 * r['mfu']:.1f}%  mem {r['peak_memory_gb']:.2f} GB"
+            f"MFU {'-' if r['mfu'] is None else format(100 * r['mfu'], '.1f') + '%'}  "
+            f"mem {r['peak_memory_gb']:.2f} GiB"
             + (f"  update {r['offload_update_s']:.3f}s (predicted {r['offload_update_s_predicted']:.3f}s)"
                if "offload_update_s" in r else ""))

@@ -26,7 +26,7 @@ from longtrain.data.loader import build_loader
 from longtrain.launcher.checkpoint import CheckpointManager, check_residual_architecture, find_resume_dir, read_meta
 from longtrain.launcher.config import Recipe, pp_microbatches, resolve_degrees
 from longtrain.launcher.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
-from longtrain.models.sizes import resolve_model_config
+from longtrain.models.sizes import describe_model, resolve_model_config
 from longtrain.models.registry import build_model
 from longtrain.parallel.context.layout import shard_batch
 from longtrain.parallel.mesh import Mesh, ParallelDims
@@ -415,6 +415,7 @@ class Trainer:
         logger.write(f"longtrain: {self.model_cfg.num_params() / 1e6:.1f}M parameters, layout "
                      f"{self.dims.describe()} on {dist.get_world_size()} x {self.device.type}, "
                      f"{recipe.train.steps} steps")
+        logger.write(f"longtrain: model {describe_model(recipe.model, self.model_cfg)}")
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
         peak = device_peak_tflops(self.device, recipe.run.peak_tflops)
         flops_per_token = self.model_cfg.flops_per_token(recipe.data.seq_len)
@@ -436,7 +437,7 @@ class Trainer:
                     tflops = tps * flops_per_token / dist.get_world_size() / 1e12
                     logger.log({"step": self.step, "loss": loss, "lr": lr_at(self.step, recipe),
                                 "grad_norm": grad_norm, "tokens_per_second": tps, "tflops_per_device": tflops,
-                                "mfu": tflops / peak if peak else 0.0,
+                                "mfu": tflops / peak if peak else None,
                                 "peak_memory_gb": peak_memory_gb(self.device), **self._offload_metrics()})
                     window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0
                 if recipe.train.eval_every and self.step % recipe.train.eval_every == 0:

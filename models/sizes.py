@@ -71,6 +71,29 @@ def _unknown_size(name: str, known: dict) -> ValueError:
     return ValueError(f"model.name: unknown size {name!r}{hint}; known: {', '.join(known)}")
 
 
+def ffn_dim_for(dim: int, multiple_of: int, ffn_dim_multiplier: float | None = None) -> int:
+    """Llama's FFN size: 2/3 of 4 x dim, times the multiplier, rounded up to a multiple."""
+    hidden = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def _ffn_dim_from_multiple_of(model_section, dim: int) -> int | None:
+    multiple_of = getattr(model_section, "multiple_of", None)
+    multiplier = getattr(model_section, "ffn_dim_multiplier", None)
+    if multiple_of is None:
+        if multiplier is not None:
+            raise ValueError("model.ffn_dim_multiplier: needs model.multiple_of (the FFN size is computed from both)")
+        return None
+    if multiple_of < 1:
+        raise ValueError(f"model.multiple_of: must be at least 1, got {multiple_of}")
+    if model_section.ffn_dim is not None:
+        raise ValueError("model.multiple_of: give model.ffn_dim or model.multiple_of (with ffn_dim_multiplier), "
+                         "not both")
+    return ffn_dim_for(dim, multiple_of, multiplier)
+
+
 def resolve_hybrid_config(model_section) -> HybridConfig:
     """model.kind=hybrid: a named hybrid size (HYBRID_SIZES; "tiny" and "debug" mean hybrid-tiny and
     hybrid-debug) or the HybridConfig defaults, with the explicit fields on top. n_layers follows
@@ -89,6 +112,9 @@ def resolve_hybrid_config(model_section) -> HybridConfig:
         base = HybridConfig()
     over = {k: getattr(model_section, k, None) for k in _HYBRID_FIELDS}
     over = {k: v for k, v in over.items() if v is not None}
+    ffn = _ffn_dim_from_multiple_of(model_section, over.get("dim", base.dim))
+    if ffn is not None:
+        over["ffn_dim"] = ffn
     if model_section.rope_scaling is not None:
         over["rope_scaling"] = dataclasses.replace(model_section.rope_scaling)
     cfg = dataclasses.replace(base, **over)  # validates (ValueError naming model.<key>)
@@ -122,6 +148,9 @@ def resolve_model_config(model_section) -> TransformerConfig | HybridConfig:
         value = getattr(model_section, key)
         if value is not None:
             setattr(cfg, key, value)
+    ffn = _ffn_dim_from_multiple_of(model_section, cfg.dim)
+    if ffn is not None:
+        cfg.ffn_dim = ffn
     if model_section.rope_scaling is not None:
         cfg.rope_scaling = dataclasses.replace(model_section.rope_scaling)
     if cfg.dim % cfg.n_heads:
@@ -132,3 +161,17 @@ def resolve_model_config(model_section) -> TransformerConfig | HybridConfig:
         raise ValueError(f"model.dim: head dimension {cfg.head_dim} must be even for RoPE")
     check_residual(cfg.residual, cfg.ladder_layers, cfg.n_layers)
     return cfg
+
+
+def describe_model(model_section, cfg) -> str:
+    """The resolved model in one line, printed at start: the named size and the fields given over
+    it, then every dimension, so an override that keeps the size's other fields shows what it kept."""
+    given = [k for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "multiple_of", "vocab_size", "pattern")
+             if getattr(model_section, k, None) is not None]
+    name = model_section.name or "defaults"
+    origin = f"{name}" + (f" with {', '.join(given)} given" if given else "")
+    shape = (f"dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads ({cfg.n_kv_heads} kv, head dim "
+             f"{cfg.dim // cfg.n_heads}), ffn {cfg.ffn_dim}, vocab {cfg.vocab_size}")
+    if getattr(cfg, "pattern", None):
+        shape += f", pattern {cfg.pattern}"
+    return f"{origin}: {shape}, {cfg.num_params() / 1e6:,.2f}M parameters"

@@ -118,10 +118,9 @@ def test_run_directory_contents(single):
     train_records = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_records] == [2, 4, 6]
     for r in train_records:
-        for key in ("step", "loss", "lr", "grad_norm", "tokens_per_second", "tflops_per_device", "mfu",
-                    "peak_memory_gb"):
+        for key in ("step", "loss", "lr", "grad_norm", "tokens_per_second", "tflops_per_device", "peak_memory_gb"):
             assert isinstance(r[key], (int, float)), key
-        assert r["tokens_per_second"] > 0 and 0 < r["mfu"] < 1
+        assert r["tokens_per_second"] > 0 and r["mfu"] is None  # a CPU has no peak to measure MFU against
     assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
     assert results[7]["losses"] == results[0]["losses"]  # logging and eval do not change training
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
