@@ -265,10 +265,9 @@ class Trainer:
         for part, opt in zip(self.parts, self.optimizers):
             model_sd.update(get_model_state_dict(part, options=opts))
             optim_sd.update(get_optimizer_state_dict(part, opt, options=opts))
-        return {"model": model_sd, "optim": optim_sd,
-                "train": {"step": self.step, "data": self.loader.state_dict()}}
+        return {"model": model_sd, "optim": optim_sd}  # the trainer state goes to meta.json (JSON)
 
-    def load_checkpoint_state(self, state: dict) -> None:
+    def load_checkpoint_state(self, state: dict, meta: dict) -> None:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
@@ -279,8 +278,8 @@ class Trainer:
         for part, opt in zip(self.parts, self.optimizers):
             set_model_state_dict(part, state["model"], options=opts)
             set_optimizer_state_dict(part, opt, state["optim"], options=opts)
-        self.step = int(state["train"]["step"])
-        self.loader.load_state_dict(state["train"]["data"])
+        self.step = int(meta["train"]["step"])
+        self.loader.load_state_dict(meta["train"]["data"])
 
     def maybe_resume(self, logger) -> None:
         ckpt = find_resume_dir(self.ckpt_root, self.recipe.checkpoint.resume)
@@ -288,13 +287,14 @@ class Trainer:
             return
         state = self.state_dict_for_checkpoint()
         meta = CheckpointManager.load(ckpt, state)
-        self.load_checkpoint_state(state)
+        self.load_checkpoint_state(state, meta)
         logger.write(f"resumed from {ckpt} at step {self.step} (saved as {meta.get('layout', '?')})")
 
     def save_checkpoint(self) -> Path:
         manager = CheckpointManager(self.ckpt_root, self.recipe.checkpoint.keep)
         meta = {"layout": self.dims.describe(), "degrees": vars(self.dims), "model": self.model_cfg.__dict__ | {
-            "rope_scaling": vars(self.model_cfg.rope_scaling)}}
+            "rope_scaling": vars(self.model_cfg.rope_scaling)},
+            "train": {"step": self.step, "data": self.loader.state_dict()}}
         return manager.save(self.step, self.state_dict_for_checkpoint(), meta)
 
     # -- one step -----------------------------------------------------------------------------
