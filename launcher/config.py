@@ -137,6 +137,10 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     init_device: Literal["auto", "cpu", "meta"] = "auto"
     deterministic: bool = False
+    # A non-finite loss or gradient norm is caught before the optimizer step (nothing applied or
+    # saved): stop the run, skip_step (count the step, drop its batch, no update), or rollback
+    # (reload the last checkpoint and skip the offending batch; a second failure there stops).
+    on_nonfinite: Literal["stop", "skip_step", "rollback"] = "stop"
 
 
 @dataclass

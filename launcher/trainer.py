@@ -43,6 +43,18 @@ logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERR
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
 
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or gradient norm (train.on_nonfinite: stop); str() is one line."""
+
+
+class _NonFiniteStep(Exception):
+    """Raised by train_step before the optimizer step; the weights and optimizer are untouched."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float):
+        super().__init__(f"step {step}: loss {loss}, grad norm {grad_norm}")
+        self.step, self.loss, self.grad_norm = step, loss, grad_norm
+
+
 @dataclass
 class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)  # step -> global mean token loss
@@ -50,6 +62,7 @@ class TrainResult:
     last_step: int = 0
     stopped_by_signal: bool = False
     run_dir: str = ""
+    nonfinite: list = field(default_factory=list)  # (step, action) for every non-finite step met
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,6 +200,8 @@ class Trainer:
         self.step = 0
         self.tokens_in_step = 1.0  # global token count of the current step, set before each step
         self.stop_requested = False
+        self._skip_batches: set[int] = set()  # steps whose original batch is skipped after a rollback
+        self._rollbacks: dict[int, int] = {}
 
     # -- model ------------------------------------------------------------------------------
     def _init_on_meta(self) -> bool:
@@ -349,11 +364,55 @@ class Trainer:
             holds_loss = True
 
         grad_norm = clip_grad_norm(self.parts, self.recipe.train.grad_clip, self.parallel.pp_group)
+        loss = self._reduce_loss(local if holds_loss else None)
+        # Checked before the optimizer step (and so before any save): a non-finite step changes nothing.
+        bad = torch.tensor(0.0 if math.isfinite(loss) and math.isfinite(grad_norm) else 1.0, device=self.device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+            raise _NonFiniteStep(self.step + 1, loss, grad_norm)
         for opt in self.optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
         self.step += 1
-        return self._reduce_loss(local if holds_loss else None), grad_norm
+        return loss, grad_norm
+
+    def _on_nonfinite(self, bad: _NonFiniteStep, result: TrainResult, logger) -> None:
+        """train.on_nonfinite: stop (raise), skip_step (the step counts, its batch is dropped,
+        no update) or rollback (reload the last checkpoint, drop the offending batch)."""
+        action = self.recipe.train.on_nonfinite
+        what = f"non-finite {'loss' if not math.isfinite(bad.loss) else 'gradient norm'} at step {bad.step} " \
+               f"(loss {bad.loss}, grad norm {bad.grad_norm})"
+        result.nonfinite.append((bad.step, action))
+        if action == "skip_step":
+            self.step += 1
+            logger.write(f"{what}: step skipped, no update (train.on_nonfinite: skip_step)")
+            return
+        if action == "rollback":
+            if self._rollbacks.get(bad.step, 0) >= 1:
+                raise NonFiniteError(f"{what} again after rolling back and skipping its batch; stopping "
+                                     f"(the last checkpoint in {self.ckpt_root} is unchanged)")
+            ckpt = find_resume_dir(self.ckpt_root, "auto")
+            if ckpt is None:
+                raise NonFiniteError(f"{what}; train.on_nonfinite: rollback found no checkpoint in {self.ckpt_root} "
+                                     "to roll back to (set checkpoint.every)")
+            self._rollbacks[bad.step] = self._rollbacks.get(bad.step, 0) + 1
+            state = self.state_dict_for_checkpoint()
+            meta = CheckpointManager.load(ckpt, state)
+            self.load_checkpoint_state(state, meta)
+            self._skip_batches.add(bad.step)
+            logger.write(f"{what}: rolled back to {ckpt} (step {self.step}); step {bad.step}'s batch will be skipped")
+            return
+        raise NonFiniteError(f"{what}; nothing of this step was applied or saved (the last checkpoint in "
+                             f"{self.ckpt_root} is unchanged); train.on_nonfinite: skip_step or rollback go past it")
+
+    def _next_batch(self) -> dict:
+        batch = next(self.loader)
+        if self.step + 1 in self._skip_batches:  # this step's batch made the loss or gradients non-finite
+            self._skip_batches.discard(self.step + 1)
+            batch = next(self.loader)
+        return batch
 
     def _reduce_loss(self, local: torch.Tensor | None) -> float:
         """Global mean token loss: each data/cp rank's share is counted once (one tp rank, the
@@ -406,14 +465,21 @@ class Trainer:
         window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0
         try:
             while self.step < recipe.train.steps:
-                loss, grad_norm = self.train_step(next(self.loader))
-                window_steps += 1
-                window_tokens += self.tokens_in_step  # trained tokens of the whole step (all data ranks)
-                result.losses[self.step] = loss
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss} at step {self.step}")
+                try:
+                    loss, grad_norm = self.train_step(self._next_batch())
+                except _NonFiniteStep as bad:
+                    before = self.step
+                    self._on_nonfinite(bad, result, logger)
+                    if self.step <= before:  # rolled back: continue from the checkpoint's step
+                        window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0
+                        continue
+                    loss = None
+                if loss is not None:
+                    window_steps += 1
+                    window_tokens += self.tokens_in_step  # trained tokens of the whole step (all data ranks)
+                    result.losses[self.step] = loss
                 logger.advance(self.step, loss)
-                if self.step % recipe.train.log_every == 0 or self.step == recipe.train.steps:
+                if loss is not None and (self.step % recipe.train.log_every == 0 or self.step == recipe.train.steps):
                     if self.device.type == "cuda":
                         torch.cuda.synchronize()
                     elapsed = time.perf_counter() - window_start

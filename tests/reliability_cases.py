@@ -149,3 +149,56 @@ def tamper_cases(root: str, cases: list) -> list:
         except Exception as err:  # noqa: BLE001 - the test looks at the message
             out.append({"error": f"{type(err).__name__}: {err}"})
     return out
+
+
+def nonfinite_cases(root: str, cases: list) -> list:
+    """For each case {"overrides", "bad_steps": {step: "loss"|"grad"}, "times": n}: train with a NaN
+    planted into the loss (the model's output) or one gradient at those steps, at most `times`
+    times each; report the error, losses, checkpoints on disk, optimizer step counts, weights."""
+    import math
+
+    import torch
+
+    from cases import full_weights
+    from longtrain.launcher.checkpoint import find_resume_dir
+
+    out = []
+    for i, case in enumerate(cases):
+        ckpt = os.path.join(root, f"case{i}")
+        trainer = trainer_for(list(case["overrides"]) + [f"checkpoint.dir={ckpt}"])
+        model = trainer.parts[0]
+        planted = {int(k): v for k, v in case["bad_steps"].items()}
+        fired: dict = {}
+
+        def due(kind):
+            step = trainer.step + 1
+            if planted.get(step) == kind and fired.get(step, 0) < case.get("times", 1):
+                fired[step] = fired.get(step, 0) + 1
+                return True
+            return False
+
+        def poison_output(module, args, output):
+            return output * float("nan") if due("loss") else output
+
+        first = next(p for p in model.parameters())
+
+        def poison_grad(grad):
+            return grad * float("inf") if due("grad") else grad
+
+        model.register_forward_hook(poison_output)
+        first.register_hook(poison_grad)
+        error = None
+        try:
+            result = trainer.run()
+            losses, nonfinite = result.losses, result.nonfinite
+        except Exception as err:  # noqa: BLE001 - the test looks at the message
+            error, losses, nonfinite = f"{type(err).__name__}: {err}", {}, []
+        latest = find_resume_dir(ckpt, "auto")
+        opt_steps = sorted({int(s["step"]) for opt in trainer.optimizers for s in opt.state.values()})
+        weights = full_weights(trainer)
+        out.append({"error": error, "losses": losses, "nonfinite": nonfinite,
+                    "latest": os.path.basename(str(latest)) if latest else None, "optimizer_steps": opt_steps,
+                    "finite": all(bool(torch.isfinite(w).all()) for w in weights.values()),
+                    "all_losses_finite": all(math.isfinite(v) for v in losses.values())})
+        dist.barrier()
+    return out
