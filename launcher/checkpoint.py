@@ -60,7 +60,7 @@ def _completed(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / META).is_file())
 
 
-def find_resume_dir(root: str | Path, resume: str) -> Path | None:
+def find_resume_dir(root: str | Path, resume: str, key: str = "checkpoint.resume") -> Path | None:
     """Which checkpoint to resume from, or None to start fresh. Raises CheckpointError for a
     path that does not exist, a save that never completed, or a directory that holds
     checkpoints but no `latest` (starting fresh there could overwrite them)."""
@@ -69,14 +69,14 @@ def find_resume_dir(root: str | Path, resume: str) -> Path | None:
     if resume != "auto":
         path = Path(resume)
         if not path.exists():
-            raise CheckpointError(f"checkpoint.resume: {path} does not exist")
+            raise CheckpointError(f"{key}: {path} does not exist")
         if (path / LATEST).is_file():
             return _read_latest(path)
         if (path / META).is_file():
             return path
         if path.name.startswith((".tmp_", "step_")) or (path / ".metadata").is_file():
-            raise CheckpointError(f"checkpoint.resume: {path}: this checkpoint's save never completed (no {META})")
-        raise CheckpointError(f"checkpoint.resume: {path} has no completed checkpoint (no '{LATEST}' file)")
+            raise CheckpointError(f"{key}: {path}: this checkpoint's save never completed (no {META})")
+        raise CheckpointError(f"{key}: {path} has no completed checkpoint (no '{LATEST}' file)")
     root = Path(root)
     if (root / LATEST).is_file():
         return _read_latest(root)
@@ -101,6 +101,36 @@ def read_meta(ckpt_dir: Path) -> dict:
         return json.loads((ckpt_dir / META).read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint: {ckpt_dir / META}: unreadable ({err})") from None
+
+
+# Model fields that only shape the initialization or the computation's blocking, not the model a
+# checkpoint holds: they may change on resume.
+NOT_THE_MODEL = ("init_std", "dt_min", "dt_max", "dt_init_floor", "chunk_size")
+
+
+def model_fields(kind: str, cfg) -> dict:
+    """The model config as meta.json stores it (JSON types), with its kind."""
+    fields = {k: (vars(v) if dataclasses.is_dataclass(v) else v) for k, v in vars(cfg).items()}
+    return json.loads(json.dumps({"kind": kind, **fields}))
+
+
+def check_same_model(ckpt_dir: Path, meta: dict, current: dict) -> None:
+    """Refuse to resume into another model, in one line naming the first differing field."""
+    saved = meta.get("model")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"checkpoint: {ckpt_dir / META}: holds no model config to compare with")
+    for key in sorted(set(saved) | set(current), key=lambda k: (k != "kind", k)):
+        if key in NOT_THE_MODEL:
+            continue
+        there, here = saved.get(key, "(absent)"), current.get(key, "(absent)")
+        if there != here:
+            if isinstance(there, dict) and isinstance(here, dict):
+                sub = next(k for k in sorted(set(there) | set(here)) if there.get(k) != here.get(k))
+                key, there, here = f"{key}.{sub}", there.get(sub, "(absent)"), here.get(sub, "(absent)")
+            raise CheckpointError(
+                f"checkpoint: {ckpt_dir} holds another model: model.{key} is {there!r} there, {here!r} in this "
+                f"recipe; resume needs the same model (to start from its weights on purpose, e.g. a new "
+                f"rope_theta, set checkpoint.init_from={ckpt_dir} and a new checkpoint.dir)")
 
 
 class CheckpointManager:
@@ -164,7 +194,7 @@ class CheckpointManager:
         return final
 
     @staticmethod
-    def load(ckpt_dir: Path, state: dict, restore_rng: bool = True) -> dict:
+    def load(ckpt_dir: Path, state: dict, restore_rng: bool = True, model: dict | None = None) -> dict:
         """Collective: fills `state` in place from `ckpt_dir` (resharding to this layout) and
         restores this rank's RNG when the checkpoint had the same world size. Returns meta.
         Nothing in the checkpoint is executed (see the module docstring)."""
@@ -172,6 +202,8 @@ class CheckpointManager:
         if meta.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"checkpoint: {ckpt_dir}: format version {meta.get('format_version')} "
                                   f"is not {FORMAT_VERSION} (written by another version of longtrain)")
+        if model is not None:
+            check_same_model(ckpt_dir, meta, model)
         try:
             dcp.load(state, storage_reader=SafeFileSystemReader(ckpt_dir), planner=SafeLoadPlanner())
         except CheckpointError:

@@ -149,6 +149,11 @@ class CheckpointConfig:
     every: int = 0  # 0: only at the end of training (and on SIGTERM)
     keep: int = 2
     resume: str = "auto"  # auto | never | a path to a checkpoint directory
+    # Start a new run from another run's weights (a checkpoint directory or its parent with
+    # `latest`): weights only, a new optimizer, step 0, data from the start. For deliberate model
+    # changes (a new rope_theta for long-context extension), which resume refuses. Ignored once
+    # this run has checkpoints of its own (they are resumed).
+    init_from: Optional[str] = None
     save_at_end: bool = True
 
 
@@ -445,6 +450,8 @@ def validate_recipe(recipe: Recipe, source: str = "recipe", world_size: int | No
         fail(f"optim.betas: expected two numbers, got {recipe.optim.betas}")
     if recipe.checkpoint.keep < 1:
         fail(f"checkpoint.keep: must be at least 1, got {recipe.checkpoint.keep}")
+    if recipe.checkpoint.init_from and recipe.model.hf_checkpoint:
+        fail("checkpoint.init_from: model.hf_checkpoint gives the initial weights too; set one of them")
 
 
 def _validate_data(d: DataConfig, mcfg, fail) -> None:

@@ -83,6 +83,8 @@ def preflight(recipe: Recipe, source: str, launching: bool = True) -> int:
     if launching:  # `longtrain config` prints recipes whose data lives on another machine
         check_data(recipe, source)
     find_resume_dir(Path(recipe.checkpoint.dir or Path(recipe.run.dir) / "checkpoints"), recipe.checkpoint.resume)
+    if recipe.checkpoint.init_from:
+        find_resume_dir(".", recipe.checkpoint.init_from, key="checkpoint.init_from")
     return world
 
 

@@ -297,19 +297,53 @@ class Trainer:
         self.loader.load_state_dict(meta["train"]["data"])
 
     def maybe_resume(self, logger) -> None:
+        """Resume this run (the same model, refused otherwise), or else start from another run's
+        weights when checkpoint.init_from is set (new optimizer, step 0, the data from the start)."""
         ckpt = find_resume_dir(self.ckpt_root, self.recipe.checkpoint.resume)
         if ckpt is None:
+            if self.recipe.checkpoint.init_from:
+                self._init_from(logger)
             return
         state = self.state_dict_for_checkpoint()
-        meta = CheckpointManager.load(ckpt, state)
+        meta = CheckpointManager.load(ckpt, state, model=self._model_fields())
         self.load_checkpoint_state(state, meta)
         logger.write(f"resumed from {ckpt} at step {self.step} (saved as {meta.get('layout', '?')})")
 
+    def _model_fields(self) -> dict:
+        from longtrain.launcher.checkpoint import model_fields
+
+        return model_fields(self.recipe.model.kind, self.model_cfg)
+
+    def _init_from(self, logger) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            set_model_state_dict,
+        )
+
+        source = find_resume_dir(".", self.recipe.checkpoint.init_from, key="checkpoint.init_from")
+        state = {"model": {}}
+        for part in self.parts:
+            state["model"].update(get_model_state_dict(part))
+        from longtrain.launcher.checkpoint import CheckpointError, read_dcp_metadata
+
+        saved_keys = {k for k in read_dcp_metadata(source / ".metadata").state_dict_metadata if k.startswith("model.")}
+        unused = sorted(saved_keys - {f"model.{k}" for k in state["model"]})
+        if unused:
+            raise CheckpointError(f"checkpoint.init_from: {source} holds weights this model has no place for "
+                                  f"({unused[0]}{f' and {len(unused) - 1} more' if len(unused) > 1 else ''})")
+        meta = CheckpointManager.load(source, state, restore_rng=False)
+        for part in self.parts:
+            set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
+        saved, here = meta.get("model", {}), self._model_fields()
+        changed = [f"{k} {saved.get(k)!r} -> {here.get(k)!r}" for k in sorted(here) if saved.get(k) != here.get(k)]
+        logger.write(f"initialized the weights from {source} (step {meta.get('step')}); new optimizer, step 0"
+                     + (f"; model changes: {', '.join(changed)}" if changed else ""))
+
     def save_checkpoint(self) -> Path:
         manager = CheckpointManager(self.ckpt_root, self.recipe.checkpoint.keep)
-        meta = {"layout": self.dims.describe(), "degrees": vars(self.dims), "model": self.model_cfg.__dict__ | {
-            "rope_scaling": vars(self.model_cfg.rope_scaling)},
-            "train": {"step": self.step, "data": self.loader.state_dict()}}
+        meta = {"layout": self.dims.describe(), "degrees": vars(self.dims), "model": self._model_fields(),
+                "train": {"step": self.step, "data": self.loader.state_dict()}}
         return manager.save(self.step, self.state_dict_for_checkpoint(), meta)
 
     # -- one step -----------------------------------------------------------------------------

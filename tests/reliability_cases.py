@@ -202,3 +202,33 @@ def nonfinite_cases(root: str, cases: list) -> list:
                     "all_losses_finite": all(math.isfinite(v) for v in losses.values())})
         dist.barrier()
     return out
+
+
+def resume_into_other_models(root: str, cases: list) -> dict:
+    """Train and save the tiny model; then for each list of overrides build that trainer on the
+    same checkpoint directory and resume. Returns the error line or the step, the optimizer's
+    state size and whether the weights equal the saved run's."""
+    import torch
+
+    from cases import full_weights
+
+    ckpt = os.path.join(root, "ckpt")
+    first = trainer_for(["train.steps=2", f"checkpoint.dir={ckpt}", "checkpoint.save_at_end=true"])
+    first.run()
+    saved = full_weights(first)
+    out = []
+    for overrides in cases:
+        overrides = [o.replace("CKPT", ckpt).replace("ROOT", root) for o in overrides]
+        try:
+            trainer = trainer_for(overrides)
+            trainer.maybe_resume(Silent())
+        except Exception as err:  # noqa: BLE001 - the test looks at the message
+            out.append({"error": f"{type(err).__name__}: {err}"})
+            continue
+        weights = full_weights(trainer)
+        same = weights.keys() == saved.keys() and all(torch.equal(weights[k], saved[k]) for k in saved)
+        optim_state = sum(len(opt.state) for opt in trainer.optimizers)
+        losses = trainer.run().losses
+        out.append({"error": None, "step": trainer.step - len(losses), "same_weights": same,
+                    "optim_state": optim_state, "losses": losses})
+    return out
