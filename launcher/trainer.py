@@ -26,6 +26,7 @@ from longtrain.data.loader import build_loader
 from longtrain.launcher.checkpoint import CheckpointManager, find_resume_dir
 from longtrain.launcher.config import Recipe, pp_microbatches, resolve_degrees
 from longtrain.launcher.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
+from longtrain.launcher.supervisor import report_timing
 from longtrain.models.sizes import resolve_model_config
 from longtrain.models.registry import build_model
 from longtrain.parallel.context.layout import shard_batch
@@ -79,7 +80,7 @@ def pick_device(recipe: Recipe) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device: torch.device) -> None:
+def init_distributed(device: torch.device, timeout_s: float = 600.0) -> None:
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:  # a plain one-process run
@@ -87,7 +88,11 @@ def init_distributed(device: torch.device) -> None:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    from datetime import timedelta
+
+    # run.collective_timeout: a collective stuck longer fails (and the launcher prints all stacks)
+    dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None,
+                            timeout=timedelta(seconds=timeout_s))
 
 
 def _free_port() -> int:
@@ -172,7 +177,7 @@ class Trainer:
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
         self.device = pick_device(recipe)
-        init_distributed(self.device)
+        init_distributed(self.device, recipe.run.collective_timeout)
         self.rank = dist.get_rank()
         degrees = resolve_degrees(recipe.parallel, dist.get_world_size())
         self.dims = ParallelDims(**degrees)
@@ -344,7 +349,10 @@ class Trainer:
         manager = CheckpointManager(self.ckpt_root, self.recipe.checkpoint.keep)
         meta = {"layout": self.dims.describe(), "degrees": vars(self.dims), "model": self._model_fields(),
                 "train": {"step": self.step, "data": self.loader.state_dict()}}
-        return manager.save(self.step, self.state_dict_for_checkpoint(), meta)
+        started = time.perf_counter()
+        path = manager.save(self.step, self.state_dict_for_checkpoint(), meta)
+        report_timing("save", time.perf_counter() - started)  # sizes the launcher's SIGTERM grace
+        return path
 
     # -- one step -----------------------------------------------------------------------------
     def _global_token_count(self, labels: torch.Tensor) -> float:
@@ -484,6 +492,31 @@ class Trainer:
         (checkpoint, then return), for time-boxed jobs and tests of resume."""
         recipe, result = self.recipe, TrainResult(run_dir=str(self.run_dir))
         is_writer = self.rank == 0
+        lock = self._lock_run_dir()
+        try:
+            return self._run(recipe, result, is_writer, stop_after)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _lock_run_dir(self):
+        """Rank 0 holds the run.dir lock (unless the local launcher holds it for the job); every
+        rank fails together, in one line naming the holder, when another run has it."""
+        from longtrain.launcher.run_lock import HELD_ENV, RunDirLocked, RunLock
+
+        lock, message = None, ""
+        if self.rank == 0 and not os.environ.get(HELD_ENV):
+            try:
+                lock = RunLock(self.run_dir).acquire()
+            except RunDirLocked as err:
+                message = str(err)
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        if box[0]:
+            raise RunDirLocked(box[0])
+        return lock
+
+    def _run(self, recipe: Recipe, result: TrainResult, is_writer: bool, stop_after: int | None) -> TrainResult:
         if is_writer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "recipe.yaml").write_text(recipe.to_yaml())
@@ -499,8 +532,10 @@ class Trainer:
         window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0
         try:
             while self.step < recipe.train.steps:
+                step_started = time.perf_counter()
                 try:
                     loss, grad_norm = self.train_step(self._next_batch())
+                    report_timing("step", time.perf_counter() - step_started)
                 except _NonFiniteStep as bad:
                     before = self.step
                     self._on_nonfinite(bad, result, logger)
@@ -519,10 +554,13 @@ class Trainer:
                     elapsed = time.perf_counter() - window_start
                     tps = window_tokens / elapsed
                     tflops = tps * flops_per_token / dist.get_world_size() / 1e12
-                    logger.log({"step": self.step, "loss": loss, "lr": lr_at(self.step, recipe),
-                                "grad_norm": grad_norm, "tokens_per_second": tps, "tflops_per_device": tflops,
-                                "mfu": tflops / peak if peak else 0.0,
-                                "peak_memory_gb": peak_memory_gb(self.device)})
+                    record = {"step": self.step, "loss": loss, "lr": lr_at(self.step, recipe),
+                              "grad_norm": grad_norm, "tokens_per_second": tps, "tflops_per_device": tflops,
+                              "mfu": tflops / peak if peak else 0.0, "peak_memory_gb": peak_memory_gb(self.device)}
+                    skipped = self._skipped_records()
+                    if skipped is not None:
+                        record["skipped_records"] = skipped
+                    logger.log(record)
                     window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0
                 if recipe.train.eval_every and self.step % recipe.train.eval_every == 0:
                     eval_loss = self.evaluate()
@@ -541,6 +579,9 @@ class Trainer:
                     break
             if recipe.checkpoint.save_at_end or result.stopped_by_signal:
                 logger.write(f"checkpoint saved: {self.save_checkpoint()}")
+            skipped = self._skipped_records()
+            if skipped:
+                logger.write(f"skipped {skipped} bad records in all (data.skip_bad_records)")
         finally:
             logger.close()
             if hasattr(self.loader, "close"):
@@ -549,6 +590,16 @@ class Trainer:
                 signal.signal(signal.SIGTERM, previous)
         result.last_step = self.step
         return result
+
+    def _skipped_records(self) -> int | None:
+        """Bad records skipped so far by all data ranks (None unless data.skip_bad_records)."""
+        if not self.recipe.data.skip_bad_records:
+            return None
+        stats = getattr(self.loader, "stats", {})
+        first_of_data_rank = all(self.mesh.local_rank(axis) == 0 for axis in ("tp", "cp", "pp"))
+        count = torch.tensor(float(stats.get("skipped_records", 0)) if first_of_data_rank else 0.0, device=self.device)
+        dist.all_reduce(count)
+        return int(count.item())
 
     def _on_sigterm(self, signum, frame):
         self.stop_requested = True
