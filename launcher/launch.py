@@ -135,7 +135,8 @@ def worker(recipe_dict: dict) -> dict:
     if dist.is_initialized():  # leave together, with no backend work in flight
         dist.barrier()
         dist.destroy_process_group()
-    return {"last_step": result.last_step, "stopped_by_signal": result.stopped_by_signal}
+    return {"last_step": result.last_step, "stopped_by_signal": result.stopped_by_signal,
+            "stop_checkpoint": result.stop_checkpoint}
 
 
 def launch(recipe: Recipe, source: str = "recipe") -> None:

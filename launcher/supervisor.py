@@ -182,7 +182,6 @@ class Supervisor:
         while True:
             if self.signal_name is not None and forwarded_at is None:
                 forwarded_at = time.monotonic()
-                before = _latest_name(self.ckpt_root)
                 grace = self._grace(job_dir)
                 for p in procs:
                     if p.poll() is None:
@@ -197,21 +196,19 @@ class Supervisor:
                 if _looks_like_timeout(message):
                     self._print_stacks(procs, job_dir, exclude=first)
                 if forwarded_at is not None:
-                    return {"kind": "stopped", "result": self._stopped(job_dir, before, grace, killed=False,
-                                                                       failure=message)}
+                    return {"kind": "stopped", "result": self._stopped(job_dir, grace, killed=False, failure=message)}
                 return {"kind": "failed", "message": message}
             if all(c == 0 for c in codes):
                 result = _read_json(job_dir / "result.json") or {}
                 if forwarded_at is not None or result.get("stopped_by_signal"):
                     return {"kind": "stopped", "result": self._stopped(
-                        job_dir, before if forwarded_at is not None else None,
-                        grace if forwarded_at is not None else 0.0, killed=False)}
+                        job_dir, grace if forwarded_at is not None else 0.0, killed=False)}
                 return {"kind": "done", "result": result}
             if forwarded_at is not None and (time.monotonic() - forwarded_at > grace or self._force):
                 for p in procs:
                     if p.poll() is None:
                         p.kill()
-                return {"kind": "stopped", "result": self._stopped(job_dir, before, grace, killed=True)}
+                return {"kind": "stopped", "result": self._stopped(job_dir, grace, killed=True)}
             time.sleep(POLL_SECONDS)
 
     # -- reporting -------------------------------------------------------------------------------
@@ -221,12 +218,12 @@ class Supervisor:
         timing = _read_json(job_dir / "timing.json") or {}
         return max(MIN_GRACE_SECONDS, timing.get("step", 0.0) + 2 * timing.get("save", 0.0) + 10.0)
 
-    def _stopped(self, job_dir: Path, before: str | None, grace: float, killed: bool, failure: str = "") -> dict:
+    def _stopped(self, job_dir: Path, grace: float, killed: bool, failure: str = "") -> dict:
         name = self.signal_name or "SIGTERM"
         after = _latest_name(self.ckpt_root)
         result = _read_json(job_dir / "result.json") or {}
-        if not killed and not failure and after and after != before:
-            raise JobStopped(f"stopped by {name}: the workers saved {self.ckpt_root / after} and exited")
+        if not killed and not failure and result.get("stop_checkpoint"):
+            raise JobStopped(f"stopped by {name}: the workers saved {result['stop_checkpoint']} and exited")
         if not killed and not failure and result.get("stopped_by_signal") is False:
             raise JobStopped(f"stopped by {name} after training finished")
         why = (f"the workers did not finish their step and the save within {grace:.0f} s "

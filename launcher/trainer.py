@@ -64,6 +64,7 @@ class TrainResult:
     stopped_by_signal: bool = False
     run_dir: str = ""
     nonfinite: list = field(default_factory=list)  # (step, action) for every non-finite step met
+    stop_checkpoint: str = ""  # the checkpoint saved when stopped by a signal
 
 
 # ----------------------------------------------------------------------------------------------
@@ -578,7 +579,10 @@ class Trainer:
                     logger.write(f"stopping: saving a checkpoint at step {self.step} and exiting")
                     break
             if recipe.checkpoint.save_at_end or result.stopped_by_signal:
-                logger.write(f"checkpoint saved: {self.save_checkpoint()}")
+                saved = self.save_checkpoint()
+                logger.write(f"checkpoint saved: {saved}")
+                if result.stopped_by_signal:
+                    result.stop_checkpoint = str(saved)
             skipped = self._skipped_records()
             if skipped:
                 logger.write(f"skipped {skipped} bad records in all (data.skip_bad_records)")
