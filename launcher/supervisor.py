@@ -139,6 +139,9 @@ class Supervisor:
                 if self.signal_name is not None or attempt >= self.max_restarts:
                     raise JobFailed(outcome["message"])
                 attempt += 1
+                if (self.ckpt_root / "latest").is_file():  # resume this run's own progress, not checkpoint.resume's
+                    self.recipe_dict = dict(self.recipe_dict, checkpoint=dict(self.recipe_dict["checkpoint"],
+                                                                              resume="auto"))
                 print(f"longtrain: {outcome['message']}; restarting all workers from the last checkpoint "
                       f"(restart {attempt} of run.launch.max_restarts={self.max_restarts})", file=sys.stderr, flush=True)
         finally:

@@ -232,3 +232,12 @@ def resume_into_other_models(root: str, cases: list) -> dict:
         out.append({"error": None, "step": trainer.step - len(losses), "same_weights": same,
                     "optim_state": optim_state, "losses": losses})
     return out
+
+
+def train_in(run_dir: str) -> str | None:
+    """Train two steps in run_dir; the error line, or None."""
+    try:
+        trainer_for(["train.steps=2", f"run.dir={run_dir}"]).run()
+    except Exception as err:  # noqa: BLE001 - the test looks at the message
+        return f"{type(err).__name__}: {err}"
+    return None

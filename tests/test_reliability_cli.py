@@ -200,3 +200,13 @@ def test_a_bad_record_under_one_process_is_one_line_and_skips_are_counted(tmp_pa
     assert code == 0, err[-3000:]
     records = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["skipped_records"] == 1 and "skipped 1 bad records in all" in out, (records[-1], out[-1000:])
+
+
+def test_nan_stops_before_the_step_and_its_save(tmp_path):
+    run = tmp_path / "run"
+    code, _, err = finish(start(run, fault={"nan_at_step": 4}), timeout=150)
+    assert code == 1, err[-3000:]
+    line = error_lines(err)
+    assert len(line) == 1 and "NonFiniteError: non-finite loss at step 4" in line[0], err[-3000:]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000002"  # step 4 was never saved
+    assert max(losses(run)) == 3

@@ -15,6 +15,8 @@ REFUSED = [(["model.n_layers=2"], "model.n_layers is 4 there, 2 in this recipe")
            (["model.kind=hybrid"], "model.kind is 'transformer' there, 'hybrid'")]
 INIT_FROM = ["checkpoint.init_from=CKPT", "checkpoint.dir=ROOT/extended", "model.rope_theta=500000", "train.steps=2"]
 CASES = [SAME] + [SAME + o for o, _ in REFUSED] + [INIT_FROM,
+                                                   ["checkpoint.init_from=CKPT", "checkpoint.dir=ROOT/y",
+                                                    "model.dim=64", "model.ffn_dim=128"],
                                                    ["checkpoint.init_from=CKPT", "checkpoint.dir=ROOT/x",
                                                     "model.n_layers=2"]]
 
@@ -46,3 +48,9 @@ def test_init_from_a_model_of_other_shapes_fails_in_one_line(outcomes):
     error = outcomes[-1]["error"]
     assert error is not None and error.startswith("CheckpointError: checkpoint") and "\n" not in error, error
     assert "no place for (model.layers.2." in error, error
+
+
+def test_init_from_other_shapes_fails_in_one_line(outcomes):
+    error = outcomes[-2]["error"]
+    assert error is not None and error.startswith("CheckpointError: checkpoint: ") and "\n" not in error, error
+    assert "could not load into this model" in error and "size" in error.lower(), error

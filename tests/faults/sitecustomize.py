@@ -9,6 +9,7 @@ sitecustomize at startup, and this one patches longtrain.launcher.trainer once i
   {"slow_step": S, "seconds": T, "ready": F}     every rank sleeps T s in step S (F created first)
   {"stall_save_at": S, "ready": F}               the save of step S stalls after the shards are
                                                  written, before meta.json (F created first)
+  {"nan_at_step": S}                             the loss of step S is NaN on every rank
 Nothing here is imported by longtrain itself.
 """
 import json
@@ -45,6 +46,14 @@ def _patch(trainer_mod):
         return real_step(self, batch)
 
     trainer_mod.Trainer.train_step = train_step
+    if "nan_at_step" in FAULT:
+        real_loss = trainer_mod.Trainer._loss_fn
+
+        def loss_fn(self, logits, labels):
+            loss = real_loss(self, logits, labels)
+            return loss * float("nan") if self.step + 1 == FAULT["nan_at_step"] else loss
+
+        trainer_mod.Trainer._loss_fn = loss_fn
     if "stall_save_at" in FAULT:
         from longtrain.launcher import checkpoint
 
