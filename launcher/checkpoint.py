@@ -209,6 +209,9 @@ class CheckpointManager:
         except CheckpointError:
             raise
         except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
+            cause = _root_cause(err)
+            if isinstance(cause, CheckpointError):  # a file at fault, already named
+                raise CheckpointError(str(cause)) from None
             raise CheckpointError(f"checkpoint: {ckpt_dir}: could not load into this model "
                                   f"({_one_line(err)})") from None
         rng_file = ckpt_dir / "rng" / f"rank_{dist.get_rank():05d}.pt"

@@ -144,7 +144,7 @@ def launch(recipe: Recipe, source: str = "recipe") -> None:
     where = environment()
     if where == "slurm":
         join_slurm_job()
-    if where != "local" or world == 1:
+    if where != "local" or (world == 1 and recipe.run.launch.max_restarts == 0):
         from longtrain.launcher.run_lock import RunDirLocked
 
         try:

@@ -82,8 +82,11 @@ def worker_main() -> None:
     except BaseException as err:  # noqa: BLE001 - every failure is reported to the launcher
         line = f"{type(err).__name__}: {' '.join(str(err).split())}"
         (job_dir / f"rank_{rank}.error").write_text(line[:2000])
-        if not isinstance(err, _expected_failures()):
-            traceback.print_exc()
+        from longtrain.launcher.checkpoint import CheckpointError
+        from longtrain.launcher.config import RecipeError
+
+        if not isinstance(err, _expected_failures() + (CheckpointError, RecipeError)):
+            traceback.print_exc()  # a bug: its traceback; a user-facing error: the launcher's one line
         sys.stderr.flush()
         os._exit(1)  # peers may be stuck in a collective: do not wait on them
     if rank == 0:

@@ -241,3 +241,13 @@ def train_in(run_dir: str) -> str | None:
     except Exception as err:  # noqa: BLE001 - the test looks at the message
         return f"{type(err).__name__}: {err}"
     return None
+
+
+def save_on_small_disk(ckpt_dir: str) -> dict:
+    """Train one step and save into ckpt_dir (on a disk too small for the checkpoint)."""
+    try:
+        trainer_for(["train.steps=1", f"checkpoint.dir={ckpt_dir}", "checkpoint.save_at_end=true"]).run()
+        error = None
+    except Exception as err:  # noqa: BLE001
+        error = f"{type(err).__name__}: {err}"
+    return {"error": error, "left": sorted(os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) else []}

@@ -66,3 +66,24 @@ def test_full_disk_is_reported_with_the_size_needed_and_cleaned_up(tmp_path, how
     assert error is not None and error.startswith("CheckpointError: checkpoint: no space left on device"), out
     assert "needs about" in error and "KiB" in error and "4.0 KiB free" in error and "\n" not in error, error
     assert not [name for name in out["left"] if name.startswith(".tmp_")], out["left"]
+
+
+def test_a_real_full_disk(tmp_path):
+    """A 256 KiB tmpfs (root only, skipped elsewhere) cannot hold the tiny model's ~1.5 MiB checkpoint."""
+    import subprocess
+
+    from reliability_cases import save_on_small_disk
+
+    disk = tmp_path / "small"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        out = run_group(1, save_on_small_disk, str(disk / "ckpt"))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+    error = out["error"]
+    assert error is not None and error.startswith("CheckpointError: checkpoint: no space left on device"), out
+    assert "MiB" in error and "free" in error and "\n" not in error, error
+    assert not [name for name in out["left"] if name.startswith((".tmp_", "step_"))], out["left"]

@@ -65,7 +65,7 @@ def uninterrupted(tmp_path_factory):
     run = tmp_path_factory.mktemp("reference") / "run"
     code, _, err = finish(start(run))
     assert code == 0, err[-3000:]
-    return losses(run)
+    return {"losses": losses(run), "run": run}
 
 
 def test_kill9_during_a_save_then_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted):
@@ -80,7 +80,7 @@ def test_kill9_during_a_save_then_resume_equals_an_uninterrupted_run(tmp_path, u
     code, out, err = finish(start(run))
     assert code == 0, err[-3000:]
     assert "resumed from" in out and "step_00000002" in out, out[-2000:]
-    assert losses(run) == uninterrupted  # steps 3-4 replayed, each logged once
+    assert losses(run) == uninterrupted["losses"]  # steps 3-4 replayed, each logged once
     assert not (ckpts / ".tmp_step_00000004").exists()
 
 
@@ -91,7 +91,7 @@ def test_max_restarts_resumes_equal_to_an_uninterrupted_run(tmp_path, uninterrup
     assert code == 0, err[-3000:]
     assert "worker rank 1 was killed by SIGKILL; restarting all workers from the last checkpoint (restart 1 of " \
            "run.launch.max_restarts=1)" in err, err[-3000:]
-    assert losses(run) == uninterrupted
+    assert losses(run) == uninterrupted["losses"]
     assert time.time() - started < 200
 
 
@@ -210,3 +210,17 @@ def test_nan_stops_before_the_step_and_its_save(tmp_path):
     assert len(line) == 1 and "NonFiniteError: non-finite loss at step 4" in line[0], err[-3000:]
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000002"  # step 4 was never saved
     assert max(losses(run)) == 3
+
+
+@pytest.mark.parametrize("target", ["__1_0.distcp"])  # every file kind: test_reliability_checkpoint.py
+def test_a_corrupted_checkpoint_file_is_one_line_naming_it(tmp_path, uninterrupted, target):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted["run"] / "checkpoints", run / "checkpoints")
+    bad = run / "checkpoints" / "step_00000006" / target
+    bad.write_bytes(bad.read_bytes()[:50])  # truncated
+    code, _, err = finish(start(run, "train.steps=8"), timeout=150)
+    assert code == 1 and "Traceback" not in err, err[-3000:]
+    line = error_lines(err)
+    assert len(line) == 1 and line[0].startswith("longtrain: error: worker rank ") and str(bad) in line[0], err[-3000:]
