@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"run.launch.nproc_per_node={args.nproc}")
     from longtrain.launcher.checkpoint import CheckpointError
     from longtrain.launcher.launch import LaunchError, StoppedBySignal, launch, preflight
+    from longtrain.launcher.run_lock import RunDirLocked
 
     try:
         recipe = load_recipe(args.recipe, overrides)
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         launch(recipe, args.recipe)
         return 0
-    except (RecipeError, CheckpointError) as err:
+    except (RecipeError, CheckpointError, RunDirLocked) as err:
         print(f"longtrain: error: {err}", file=sys.stderr)
         return 2
     except LaunchError as err:

@@ -155,6 +155,10 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     init_device: Literal["auto", "cpu", "meta"] = "auto"
     deterministic: bool = False
+    # A non-finite loss or gradient norm is caught before the optimizer step (nothing applied or
+    # saved): stop the run, skip_step (count the step, drop its batch, no update), or rollback
+    # (reload the last checkpoint and skip the offending batch; a second failure there stops).
+    on_nonfinite: Literal["stop", "skip_step", "rollback"] = "stop"
 
 
 @dataclass
@@ -163,6 +167,11 @@ class CheckpointConfig:
     every: int = 0  # 0: only at the end of training (and on SIGTERM)
     keep: int = 2
     resume: str = "auto"  # auto | never | a path to a checkpoint directory
+    # Start a new run from another run's weights (a checkpoint directory or its parent with
+    # `latest`): weights only, a new optimizer, step 0, data from the start. For deliberate model
+    # changes (a new rope_theta for long-context extension), which resume refuses. Ignored once
+    # this run has checkpoints of its own (they are resumed).
+    init_from: Optional[str] = None
     save_at_end: bool = True
 
 
@@ -171,6 +180,12 @@ class LaunchConfig:
     nproc_per_node: int = 1
     nnodes: int = 1
     master_port: int = 0  # 0: pick a free port for local launches
+    # Local launches: restart all workers this many times after a failure; they resume from the
+    # last checkpoint (checkpoint.resume: auto).
+    max_restarts: int = 0
+    # Seconds the workers get after SIGTERM to finish their step and save before they are killed
+    # (0: the slowest step plus twice the longest save measured in this job, plus 10 s, at least 30 s).
+    sigterm_grace_s: float = 0.0
 
 
 @dataclass
@@ -180,6 +195,9 @@ class RunConfig:
     tensorboard: bool = True
     progress: bool = True
     peak_tflops: float = 0.0  # MFU's peak per device; 0: a known GPU's, none on CPU (MFU not reported)
+    # A collective that does not complete within this many seconds fails its rank; the launcher
+    # then prints every rank's Python stack and ends the job (hang detection).
+    collective_timeout: float = 600.0
 
 
 @dataclass
@@ -432,6 +450,7 @@ def validate_recipe(recipe: Recipe, source: str = "recipe", world_size: int | No
 
     from longtrain.models.sizes import resolve_model_config
 
+    _validate_numbers(recipe, fail)
     try:
         mcfg = resolve_model_config(recipe.model)
     except (KeyError, ValueError) as err:
@@ -504,6 +523,57 @@ def validate_recipe(recipe: Recipe, source: str = "recipe", world_size: int | No
         fail(f"optim.betas: expected two numbers, got {recipe.optim.betas}")
     if recipe.checkpoint.keep < 1:
         fail(f"checkpoint.keep: must be at least 1, got {recipe.checkpoint.keep}")
+    if recipe.checkpoint.init_from and recipe.model.hf_checkpoint:
+        fail("checkpoint.init_from: model.hf_checkpoint gives the initial weights too; set one of them")
+
+
+# Explicit model sizes must be positive; these floats finite and positive.
+_MODEL_COUNTS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len", "d_state",
+                 "d_conv", "expand", "mamba_headdim", "ngroups", "chunk_size")
+_MODEL_POSITIVE = ("norm_eps", "rope_theta", "init_std")
+
+
+def _validate_numbers(recipe: Recipe, fail) -> None:
+    """Counts, intervals and rates that would otherwise divide by zero, loop oddly or train on NaN."""
+    import math
+
+    m = recipe.model
+    for key in _MODEL_COUNTS:
+        value = getattr(m, key)
+        if value is not None and value < 1:
+            fail(f"model.{key}: must be at least 1, got {value}")
+    for key in _MODEL_POSITIVE:
+        value = getattr(m, key)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            fail(f"model.{key}: must be a positive number, got {value}")
+    o, t = recipe.optim, recipe.train
+    for key in ("lr", "min_lr_ratio", "weight_decay", "eps"):
+        value = getattr(o, key)
+        if not math.isfinite(value) or value < 0 or (key in ("lr", "eps") and value == 0):
+            fail(f"optim.{key}: must be a finite {'positive' if key in ('lr', 'eps') else 'non-negative'} "
+                 f"number, got {value}")
+    if not all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) and 0 <= b < 1
+               for b in o.betas):
+        fail(f"optim.betas: expected two numbers in [0, 1), got {o.betas}")
+    if o.warmup_steps < 0:
+        fail(f"optim.warmup_steps: must be at least 0, got {o.warmup_steps}")
+    if not math.isfinite(t.grad_clip) or t.grad_clip < 0:
+        fail(f"train.grad_clip: must be a finite number >= 0 (0: no clipping), got {t.grad_clip}")
+    launch = recipe.run.launch
+    if launch.max_restarts < 0:
+        fail(f"run.launch.max_restarts: must be at least 0, got {launch.max_restarts}")
+    if not math.isfinite(launch.sigterm_grace_s) or launch.sigterm_grace_s < 0:
+        fail(f"run.launch.sigterm_grace_s: must be a number >= 0 (0: measured), got {launch.sigterm_grace_s}")
+    if not math.isfinite(recipe.run.collective_timeout) or recipe.run.collective_timeout <= 0:
+        fail(f"run.collective_timeout: must be a positive number of seconds, got {recipe.run.collective_timeout}")
+    if t.log_every < 1:
+        fail(f"train.log_every: must be at least 1, got {t.log_every}")
+    if t.eval_every < 0:
+        fail(f"train.eval_every: must be at least 0 (0: never), got {t.eval_every}")
+    if recipe.checkpoint.every < 0:
+        fail(f"checkpoint.every: must be at least 0 (0: only at the end), got {recipe.checkpoint.every}")
+    if recipe.data.eval_batches < 0:
+        fail(f"data.eval_batches: must be at least 0, got {recipe.data.eval_batches}")
 
 
 def _validate_offload(o: OptimConfig, fail) -> None:

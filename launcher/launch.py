@@ -3,24 +3,32 @@
 - Under torchrun (RANK and WORLD_SIZE set), this process is one worker: train here.
 - Under srun (SLURM_PROCID / SLURM_NTASKS set, no RANK), map SLURM's variables to torch's
   (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR from the first node of the allocation) and train.
-- Otherwise, with `run.launch.nproc_per_node` > 1, start that many local workers through
-  torch.distributed's elastic launcher (no restarts): the first failing worker ends the job and
-  its error is reported.
+- Otherwise, with `run.launch.nproc_per_node` > 1, start that many local workers
+  (launcher/supervisor.py): the first failing worker ends the job (or, under
+  `run.launch.max_restarts`, restarts it from the last checkpoint) and its error is reported.
 The recipe is validated against the world size before any worker starts.
 """
 from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
-import uuid
 
 from longtrain.launcher.config import Recipe, RecipeError, recipe_from_dict, validate_recipe
 
 
 class LaunchError(RuntimeError):
     """A failed job; str() is the one line to show."""
+
+
+def _expected_failures() -> tuple:
+    """Failures with a message meant for the user (the rest keep their traceback: bugs)."""
+    from longtrain.data.sources import BadRecord
+    from longtrain.launcher.trainer import NonFiniteError
+
+    from longtrain.launcher.run_lock import RunDirLocked
+
+    return (BadRecord, NonFiniteError, RunDirLocked)  # CheckpointError, RecipeError: the CLI shows them (exit 2)
 
 
 class StoppedBySignal(RuntimeError):
@@ -80,9 +88,14 @@ def preflight(recipe: Recipe, source: str, launching: bool = True) -> int:
         raise RecipeError(f"{source}: run.launch.nnodes={recipe.run.launch.nnodes}: a multi-node job starts "
                           f"under torchrun or srun (see README, SLURM)")
     validate_recipe(recipe, source, world_size=world)
+    for key, path in (("run.dir", recipe.run.dir), ("checkpoint.dir", recipe.checkpoint.dir)):
+        if path and Path(path).exists() and not Path(path).is_dir():
+            raise RecipeError(f"{source}: {key}: {path} exists and is not a directory")
     if launching:  # `longtrain config` prints recipes whose data lives on another machine
         check_data(recipe, source)
     find_resume_dir(Path(recipe.checkpoint.dir or Path(recipe.run.dir) / "checkpoints"), recipe.checkpoint.resume)
+    if recipe.checkpoint.init_from:
+        find_resume_dir(".", recipe.checkpoint.init_from, key="checkpoint.init_from")
     return world
 
 
@@ -122,13 +135,8 @@ def worker(recipe_dict: dict) -> dict:
     if dist.is_initialized():  # leave together, with no backend work in flight
         dist.barrier()
         dist.destroy_process_group()
-    return {"last_step": result.last_step, "stopped_by_signal": result.stopped_by_signal}
-
-
-def _recorded_worker(recipe_dict: dict) -> dict:
-    from torch.distributed.elastic.multiprocessing.errors import record
-
-    return record(worker)(recipe_dict)
+    return {"last_step": result.last_step, "stopped_by_signal": result.stopped_by_signal,
+            "stop_checkpoint": result.stop_checkpoint}
 
 
 def launch(recipe: Recipe, source: str = "recipe") -> None:
@@ -136,47 +144,28 @@ def launch(recipe: Recipe, source: str = "recipe") -> None:
     where = environment()
     if where == "slurm":
         join_slurm_job()
-    if where != "local" or world == 1:
-        worker(recipe.to_dict())
+    if where != "local" or (world == 1 and recipe.run.launch.max_restarts == 0):
+        from longtrain.launcher.run_lock import RunDirLocked
+
+        try:
+            worker(recipe.to_dict())
+        except RunDirLocked:
+            raise  # the CLI shows it (exit 2)
+        except _expected_failures() as err:  # bad data, NaN: one line, not a traceback
+            raise LaunchError(f"{type(err).__name__}: {' '.join(str(err).split())}") from None
         return
     _launch_local(recipe, world)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch_local(recipe: Recipe, nproc: int) -> None:
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    """Start `nproc` workers on this node (launcher/supervisor.py), holding the run.dir lock."""
+    from longtrain.launcher.run_lock import RunLock
+    from longtrain.launcher.supervisor import JobFailed, JobStopped, Supervisor
 
-    port = recipe.run.launch.master_port or _free_port()
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex[:8],
-                          rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{port}", max_restarts=0,
-                          monitor_interval=0.2, start_method="spawn")
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    try:
-        elastic_launch(config, _recorded_worker)(recipe.to_dict())
-    except ChildFailedError as err:
-        rank, failure = err.get_first_failure()
-        raise LaunchError(f"worker rank {rank} failed: {_first_line(failure.message)}") from None
-    except SignalException as err:
-        # The job was signalled (SLURM preemption, Ctrl-C on the launcher): the workers got the
-        # signal too, finished their step and saved a checkpoint before exiting.
-        raise StoppedBySignal(f"stopped by signal {err.sigval.name}; workers saved a checkpoint "
-                              f"in {recipe.checkpoint.dir or recipe.run.dir + '/checkpoints'}") from None
-
-
-def _first_line(message) -> str:
-    if isinstance(message, dict):
-        message = message.get("message", message)
-    text = str(message).strip()
-    lines = [line for line in text.splitlines() if line.strip()]
-    # Prefer the final "Type: message" line of a traceback.
-    for line in reversed(lines):
-        if re.match(r"^[A-Za-z_.]+(Error|Exception|Exit)\b.*:", line.strip()):
-            return line.strip()
-    return lines[-1].strip() if lines else "(no message; see the worker's output above)"
+    with RunLock(recipe.run.dir):
+        try:
+            Supervisor(recipe.to_dict(), nproc).run()
+        except JobFailed as err:
+            raise LaunchError(str(err)) from None
+        except JobStopped as err:
+            raise StoppedBySignal(str(err)) from None

@@ -53,6 +53,7 @@ class MetricsLogger:
         if not is_writer:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        _drop_records_after(run_dir / "metrics.jsonl", start_step)
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -102,6 +103,29 @@ class MetricsLogger:
             self.jsonl.close()
 
 
+def _drop_records_after(path: Path, step: int) -> None:
+    """A resumed run replays the steps after its checkpoint: their earlier records go, so that
+    every step appears once in metrics.jsonl."""
+    if not path.is_file():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            later = int(json.loads(line).get("step", 0)) > step
+        except (ValueError, AttributeError, TypeError):
+            # a torn last line of a killed run
+            dropped += 1
+            continue
+        if later:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+
+
 def format_line(r: dict) -> str:
     if "eval_loss" in r:
         return f"step {r['step']:>6}  eval_loss {r['eval_loss']:.4f}"
@@ -110,4 +134,5 @@ def format_line(r: dict) -> str:
             f"MFU {'-' if r['mfu'] is None else format(100 * r['mfu'], '.1f') + '%'}  "
             f"mem {r['peak_memory_gb']:.2f} GiB"
             + (f"  update {r['offload_update_s']:.3f}s (predicted {r['offload_update_s_predicted']:.3f}s)"
-               if "offload_update_s" in r else ""))
+               if "offload_update_s" in r else "")
+            + (f"  skipped records {r['skipped_records']}" if r.get("skipped_records") else ""))

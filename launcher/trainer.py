@@ -26,6 +26,7 @@ from longtrain.data.loader import build_loader
 from longtrain.launcher.checkpoint import CheckpointManager, check_residual_architecture, find_resume_dir, read_meta
 from longtrain.launcher.config import Recipe, pp_microbatches, resolve_degrees
 from longtrain.launcher.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
+from longtrain.launcher.supervisor import report_timing
 from longtrain.models.sizes import describe_model, resolve_model_config
 from longtrain.models.registry import build_model
 from longtrain.parallel.context.layout import shard_batch
@@ -43,6 +44,18 @@ logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERR
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
 
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or gradient norm (train.on_nonfinite: stop); str() is one line."""
+
+
+class _NonFiniteStep(Exception):
+    """Raised by train_step before the optimizer step; the weights and optimizer are untouched."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float):
+        super().__init__(f"step {step}: loss {loss}, grad norm {grad_norm}")
+        self.step, self.loss, self.grad_norm = step, loss, grad_norm
+
+
 @dataclass
 class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)  # step -> global mean token loss
@@ -50,6 +63,8 @@ class TrainResult:
     last_step: int = 0
     stopped_by_signal: bool = False
     run_dir: str = ""
+    nonfinite: list = field(default_factory=list)  # (step, action) for every non-finite step met
+    stop_checkpoint: str = ""  # the checkpoint saved when stopped by a signal
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,7 +81,7 @@ def pick_device(recipe: Recipe) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device: torch.device) -> None:
+def init_distributed(device: torch.device, timeout_s: float = 600.0) -> None:
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:  # a plain one-process run
@@ -74,7 +89,11 @@ def init_distributed(device: torch.device) -> None:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    from datetime import timedelta
+
+    # run.collective_timeout: a collective stuck longer fails (and the launcher prints all stacks)
+    dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None,
+                            timeout=timedelta(seconds=timeout_s))
 
 
 def _free_port() -> int:
@@ -167,7 +186,7 @@ class Trainer:
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
         self.device = pick_device(recipe)
-        init_distributed(self.device)
+        init_distributed(self.device, recipe.run.collective_timeout)
         self.rank = dist.get_rank()
         degrees = resolve_degrees(recipe.parallel, dist.get_world_size())
         self.dims = ParallelDims(**degrees)
@@ -195,6 +214,8 @@ class Trainer:
         self.step = 0
         self.tokens_in_step = 1.0  # global token count of the current step, set before each step
         self.stop_requested = False
+        self._skip_batches: set[int] = set()  # steps whose original batch is skipped after a rollback
+        self._rollbacks: dict[int, int] = {}
 
     # -- model ------------------------------------------------------------------------------
     def _init_on_meta(self) -> bool:
@@ -273,10 +294,9 @@ class Trainer:
         for part, opt in zip(self.parts, self.optimizers):
             model_sd.update(get_model_state_dict(part, options=opts))
             optim_sd.update(get_optimizer_state_dict(part, opt, options=opts))
-        return {"model": model_sd, "optim": optim_sd,
-                "train": {"step": self.step, "data": self.loader.state_dict()}}
+        return {"model": model_sd, "optim": optim_sd}  # the trainer state goes to meta.json (JSON)
 
-    def load_checkpoint_state(self, state: dict) -> None:
+    def load_checkpoint_state(self, state: dict, meta: dict) -> None:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
@@ -287,24 +307,62 @@ class Trainer:
         for part, opt in zip(self.parts, self.optimizers):
             set_model_state_dict(part, state["model"], options=opts)
             set_optimizer_state_dict(part, opt, state["optim"], options=opts)
-        self.step = int(state["train"]["step"])
-        self.loader.load_state_dict(state["train"]["data"])
+        self.step = int(meta["train"]["step"])
+        self.loader.load_state_dict(meta["train"]["data"])
 
     def maybe_resume(self, logger) -> None:
+        """Resume this run (the same model, refused otherwise), or else start from another run's
+        weights when checkpoint.init_from is set (new optimizer, step 0, the data from the start)."""
         ckpt = find_resume_dir(self.ckpt_root, self.recipe.checkpoint.resume)
         if ckpt is None:
+            if self.recipe.checkpoint.init_from:
+                self._init_from(logger)
             return
         check_residual_architecture(read_meta(ckpt), self.model_cfg, ckpt)
         state = self.state_dict_for_checkpoint()
-        meta = CheckpointManager.load(ckpt, state)
-        self.load_checkpoint_state(state)
+        meta = CheckpointManager.load(ckpt, state, model=self._model_fields())
+        self.load_checkpoint_state(state, meta)
         logger.write(f"resumed from {ckpt} at step {self.step} (saved as {meta.get('layout', '?')})")
+
+    def _model_fields(self) -> dict:
+        from longtrain.launcher.checkpoint import model_fields
+
+        return model_fields(self.recipe.model.kind, self.model_cfg)
+
+    def _init_from(self, logger) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            set_model_state_dict,
+        )
+
+        source = find_resume_dir(".", self.recipe.checkpoint.init_from, key="checkpoint.init_from")
+        state = {"model": {}}
+        for part in self.parts:
+            state["model"].update(get_model_state_dict(part))
+        from longtrain.launcher.checkpoint import CheckpointError, read_dcp_metadata
+
+        saved_keys = {k for k in read_dcp_metadata(source / ".metadata").state_dict_metadata if k.startswith("model.")}
+        unused = sorted(saved_keys - {f"model.{k}" for k in state["model"]})
+        if unused:
+            raise CheckpointError(f"checkpoint.init_from: {source} holds weights this model has no place for "
+                                  f"({unused[0]}{f' and {len(unused) - 1} more' if len(unused) > 1 else ''})")
+        meta = CheckpointManager.load(source, state, restore_rng=False)
+        for part in self.parts:
+            set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
+        saved, here = meta.get("model", {}), self._model_fields()
+        changed = [f"{k} {saved.get(k)!r} -> {here.get(k)!r}" for k in sorted(here) if saved.get(k) != here.get(k)]
+        logger.write(f"initialized the weights from {source} (step {meta.get('step')}); new optimizer, step 0"
+                     + (f"; model changes: {', '.join(changed)}" if changed else ""))
 
     def save_checkpoint(self) -> Path:
         manager = CheckpointManager(self.ckpt_root, self.recipe.checkpoint.keep)
-        meta = {"layout": self.dims.describe(), "degrees": vars(self.dims), "model": self.model_cfg.__dict__ | {
-            "rope_scaling": vars(self.model_cfg.rope_scaling)}}
-        return manager.save(self.step, self.state_dict_for_checkpoint(), meta)
+        meta = {"layout": self.dims.describe(), "degrees": vars(self.dims), "model": self._model_fields(),
+                "train": {"step": self.step, "data": self.loader.state_dict()}}
+        started = time.perf_counter()
+        path = manager.save(self.step, self.state_dict_for_checkpoint(), meta)
+        report_timing("save", time.perf_counter() - started)  # sizes the launcher's SIGTERM grace
+        return path
 
     # -- one step -----------------------------------------------------------------------------
     def _global_token_count(self, labels: torch.Tensor) -> float:
@@ -364,11 +422,55 @@ class Trainer:
                                                  self.parallel.pp_group, self.device)
         else:
             grad_norm = clip_grad_norm(self.parts, self.recipe.train.grad_clip, self.parallel.pp_group)
+        loss = self._reduce_loss(local if holds_loss else None)
+        # Checked before the optimizer step (and so before any save): a non-finite step changes nothing.
+        bad = torch.tensor(0.0 if math.isfinite(loss) and math.isfinite(grad_norm) else 1.0, device=self.device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+            raise _NonFiniteStep(self.step + 1, loss, grad_norm)
         for opt in self.optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
         self.step += 1
-        return self._reduce_loss(local if holds_loss else None), grad_norm
+        return loss, grad_norm
+
+    def _on_nonfinite(self, bad: _NonFiniteStep, result: TrainResult, logger) -> None:
+        """train.on_nonfinite: stop (raise), skip_step (the step counts, its batch is dropped,
+        no update) or rollback (reload the last checkpoint, drop the offending batch)."""
+        action = self.recipe.train.on_nonfinite
+        what = f"non-finite {'loss' if not math.isfinite(bad.loss) else 'gradient norm'} at step {bad.step} " \
+               f"(loss {bad.loss}, grad norm {bad.grad_norm})"
+        result.nonfinite.append((bad.step, action))
+        if action == "skip_step":
+            self.step += 1
+            logger.write(f"{what}: step skipped, no update (train.on_nonfinite: skip_step)")
+            return
+        if action == "rollback":
+            if self._rollbacks.get(bad.step, 0) >= 1:
+                raise NonFiniteError(f"{what} again after rolling back and skipping its batch; stopping "
+                                     f"(the last checkpoint in {self.ckpt_root} is unchanged)")
+            ckpt = find_resume_dir(self.ckpt_root, "auto")
+            if ckpt is None:
+                raise NonFiniteError(f"{what}; train.on_nonfinite: rollback found no checkpoint in {self.ckpt_root} "
+                                     "to roll back to (set checkpoint.every)")
+            self._rollbacks[bad.step] = self._rollbacks.get(bad.step, 0) + 1
+            state = self.state_dict_for_checkpoint()
+            meta = CheckpointManager.load(ckpt, state)
+            self.load_checkpoint_state(state, meta)
+            self._skip_batches.add(bad.step)
+            logger.write(f"{what}: rolled back to {ckpt} (step {self.step}); step {bad.step}'s batch will be skipped")
+            return
+        raise NonFiniteError(f"{what}; nothing of this step was applied or saved (the last checkpoint in "
+                             f"{self.ckpt_root} is unchanged); train.on_nonfinite: skip_step or rollback go past it")
+
+    def _next_batch(self) -> dict:
+        batch = next(self.loader)
+        if self.step + 1 in self._skip_batches:  # this step's batch made the loss or gradients non-finite
+            self._skip_batches.discard(self.step + 1)
+            batch = next(self.loader)
+        return batch
 
     def _reduce_loss(self, local: torch.Tensor | None) -> float:
         """Global mean token loss: each data/cp rank's share is counted once (one tp rank, the
@@ -406,6 +508,31 @@ class Trainer:
         (checkpoint, then return), for time-boxed jobs and tests of resume."""
         recipe, result = self.recipe, TrainResult(run_dir=str(self.run_dir))
         is_writer = self.rank == 0
+        lock = self._lock_run_dir()
+        try:
+            return self._run(recipe, result, is_writer, stop_after)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _lock_run_dir(self):
+        """Rank 0 holds the run.dir lock (unless the local launcher holds it for the job); every
+        rank fails together, in one line naming the holder, when another run has it."""
+        from longtrain.launcher.run_lock import HELD_ENV, RunDirLocked, RunLock
+
+        lock, message = None, ""
+        if self.rank == 0 and not os.environ.get(HELD_ENV):
+            try:
+                lock = RunLock(self.run_dir).acquire()
+            except RunDirLocked as err:
+                message = str(err)
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        if box[0]:
+            raise RunDirLocked(box[0])
+        return lock
+
+    def _run(self, recipe: Recipe, result: TrainResult, is_writer: bool, stop_after: int | None) -> TrainResult:
         if is_writer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "recipe.yaml").write_text(recipe.to_yaml())
@@ -422,23 +549,36 @@ class Trainer:
         window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0
         try:
             while self.step < recipe.train.steps:
-                loss, grad_norm = self.train_step(next(self.loader))
-                window_steps += 1
-                window_tokens += self.tokens_in_step  # trained tokens of the whole step (all data ranks)
-                result.losses[self.step] = loss
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss} at step {self.step}")
+                step_started = time.perf_counter()
+                try:
+                    loss, grad_norm = self.train_step(self._next_batch())
+                    report_timing("step", time.perf_counter() - step_started)
+                except _NonFiniteStep as bad:
+                    before = self.step
+                    self._on_nonfinite(bad, result, logger)
+                    if self.step <= before:  # rolled back: continue from the checkpoint's step
+                        window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0
+                        continue
+                    loss = None
+                if loss is not None:
+                    window_steps += 1
+                    window_tokens += self.tokens_in_step  # trained tokens of the whole step (all data ranks)
+                    result.losses[self.step] = loss
                 logger.advance(self.step, loss)
-                if self.step % recipe.train.log_every == 0 or self.step == recipe.train.steps:
+                if loss is not None and (self.step % recipe.train.log_every == 0 or self.step == recipe.train.steps):
                     if self.device.type == "cuda":
                         torch.cuda.synchronize()
                     elapsed = time.perf_counter() - window_start
                     tps = window_tokens / elapsed
                     tflops = tps * flops_per_token / dist.get_world_size() / 1e12
-                    logger.log({"step": self.step, "loss": loss, "lr": lr_at(self.step, recipe),
-                                "grad_norm": grad_norm, "tokens_per_second": tps, "tflops_per_device": tflops,
-                                "mfu": tflops / peak if peak else None,
-                                "peak_memory_gb": peak_memory_gb(self.device), **self._offload_metrics()})
+                    record = {"step": self.step, "loss": loss, "lr": lr_at(self.step, recipe),
+                              "grad_norm": grad_norm, "tokens_per_second": tps, "tflops_per_device": tflops,
+                              "mfu": tflops / peak if peak else None, "peak_memory_gb": peak_memory_gb(self.device),
+                              **self._offload_metrics()}
+                    skipped = self._skipped_records()
+                    if skipped is not None:
+                        record["skipped_records"] = skipped
+                    logger.log(record)
                     window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0
                 if recipe.train.eval_every and self.step % recipe.train.eval_every == 0:
                     eval_loss = self.evaluate()
@@ -456,7 +596,13 @@ class Trainer:
                     logger.write(f"stopping: saving a checkpoint at step {self.step} and exiting")
                     break
             if recipe.checkpoint.save_at_end or result.stopped_by_signal:
-                logger.write(f"checkpoint saved: {self.save_checkpoint()}")
+                saved = self.save_checkpoint()
+                logger.write(f"checkpoint saved: {saved}")
+                if result.stopped_by_signal:
+                    result.stop_checkpoint = str(saved)
+            skipped = self._skipped_records()
+            if skipped:
+                logger.write(f"skipped {skipped} bad records in all (data.skip_bad_records)")
         finally:
             logger.close()
             if hasattr(self.loader, "close"):
@@ -473,6 +619,16 @@ class Trainer:
         from longtrain.parallel.offload import offload_metrics
 
         return offload_metrics(self.optimizers)
+
+    def _skipped_records(self) -> int | None:
+        """Bad records skipped so far by all data ranks (None unless data.skip_bad_records)."""
+        if not self.recipe.data.skip_bad_records:
+            return None
+        stats = getattr(self.loader, "stats", {})
+        first_of_data_rank = all(self.mesh.local_rank(axis) == 0 for axis in ("tp", "cp", "pp"))
+        count = torch.tensor(float(stats.get("skipped_records", 0)) if first_of_data_rank else 0.0, device=self.device)
+        dist.all_reduce(count)
+        return int(count.item())
 
     def _on_sigterm(self, signum, frame):
         self.stop_requested = True
