@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+IGNORE_INDEX = -100  # the label of tokens outside the loss (padding, document boundaries)
+
 
 def _compute_dtype(h: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(h.device.type):
@@ -73,7 +75,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                                 chunk_tokens: int, ignore_index: int = -100) -> torch.Tensor:
+                                 chunk_tokens: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Summed cross-entropy (fp32 scalar) of `hidden @ weight.T` against `labels`, skipping
     `ignore_index`; hidden (..., dim), labels (...), weight (vocab, dim). Equal to
     F.cross_entropy(F.linear(hidden, weight).float(), labels, reduction="sum") up to summation

@@ -159,6 +159,11 @@ class TrainConfig:
     # saved): stop the run, skip_step (count the step, drop its batch, no update), or rollback
     # (reload the last checkpoint and skip the offending batch; a second failure there stops).
     on_nonfinite: Literal["stop", "skip_step", "rollback"] = "stop"
+    # The loss in chunks of this many tokens (kernels/chunked_loss.py): the output head and the
+    # cross-entropy run chunk by chunk and the full (tokens x vocab) fp32 logits never exist;
+    # 0: the full logits. 1024 keeps one chunk's fp32 logits at 512 MiB for a 128K vocabulary
+    # while each chunk's matmul stays large. Applies without tp and pp (the full logits there).
+    loss_chunk_tokens: int = 1024
 
 
 @dataclass
@@ -516,6 +521,8 @@ def validate_recipe(recipe: Recipe, source: str = "recipe", world_size: int | No
         fail(f"data.seq_len: {d.seq_len} exceeds model.max_seq_len={mcfg.max_seq_len}")
     if t.steps < 0:
         fail(f"train.steps: must be at least 0, got {t.steps}")
+    if t.loss_chunk_tokens < 0:
+        fail(f"train.loss_chunk_tokens: must be 0 (full logits) or a positive token count, got {t.loss_chunk_tokens}")
     _validate_offload(recipe.optim, fail)
     if recipe.optim.lr <= 0:
         fail(f"optim.lr: must be positive, got {recipe.optim.lr}")

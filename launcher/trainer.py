@@ -203,6 +203,7 @@ class Trainer:
         model = self._build_model()
         self.parallel = parallelize(model, self.mesh, recipe, self.device, self._loss_fn)
         self.parts = self.parallel.parts
+        self.loss_chunk_tokens, self.loss_path = self._pick_loss_path()
         if self._init_on_meta():
             self._materialize()
             if recipe.model.hf_checkpoint:
@@ -280,6 +281,28 @@ class Trainer:
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1), ignore_index=IGNORE_INDEX,
                                reduction="sum")
         return loss / self.tokens_in_step
+
+    def _pick_loss_path(self) -> tuple[int, str]:
+        """train.loss_chunk_tokens, or 0 (the full logits) with the reason: under tp the head's
+        vocabulary is sharded and gathered to replicated logits (a vocabulary-parallel chunked loss
+        needs cross-rank reductions per chunk, not built yet); under pp the schedule calls the
+        last stage without the labels."""
+        chunk = self.recipe.train.loss_chunk_tokens
+        if chunk == 0:
+            return 0, "full logits (train.loss_chunk_tokens: 0)"
+        if self.dims.tp > 1:
+            return 0, "full logits: train.loss_chunk_tokens is not applied with parallel.tp > 1 (vocabulary-sharded head)"
+        if self.dims.pp > 1:
+            return 0, "full logits: train.loss_chunk_tokens is not applied with parallel.pp > 1"
+        return chunk, f"chunked loss, {chunk} tokens a chunk (no full fp32 logits)"
+
+    def _model_loss(self, model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor, meta: tuple) -> torch.Tensor:
+        """This micro-batch's share of the step loss: the model computes the summed cross-entropy
+        chunk by chunk, or returns the full logits for _loss_fn."""
+        if self.loss_chunk_tokens:
+            summed = model(tokens, *meta, labels=labels, loss_chunk_tokens=self.loss_chunk_tokens)
+            return summed / self.tokens_in_step
+        return self._loss_fn(model(tokens, *meta), labels)
 
     # -- state ------------------------------------------------------------------------------
     def state_dict_for_checkpoint(self) -> dict:
@@ -410,7 +433,7 @@ class Trainer:
             for i, (tok, lab, *micro_meta) in enumerate(micro):
                 self.parallel.set_gradient_sync(i == accum - 1)
                 with self.parallel.autocast():
-                    loss = self._loss_fn(model(tok, *micro_meta), lab)
+                    loss = self._model_loss(model, tok, lab, tuple(micro_meta))
                 loss.backward()
                 local += loss.detach()
             holds_loss = True
@@ -496,7 +519,7 @@ class Trainer:
                 local = self.parallel.pipeline.forward_only(tokens, labels, meta)
             else:
                 with self.parallel.autocast():
-                    local = self._loss_fn(self.parts[0](tokens, *meta), labels)
+                    local = self._model_loss(self.parts[0], tokens, labels, meta)
             total += self._reduce_loss(local)
         for part in self.parts:
             part.train()
@@ -543,6 +566,7 @@ class Trainer:
                      f"{self.dims.describe()} on {dist.get_world_size()} x {self.device.type}, "
                      f"{recipe.train.steps} steps")
         logger.write(f"longtrain: model {describe_model(recipe.model, self.model_cfg)}")
+        logger.write(f"longtrain: loss: {self.loss_path}")
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
         peak = device_peak_tflops(self.device, recipe.run.peak_tflops)
         flops_per_token = self.model_cfg.flops_per_token(recipe.data.seq_len)

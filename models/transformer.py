@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from longtrain.kernels.attention import BlockMask, attention
+from longtrain.kernels.chunked_loss import IGNORE_INDEX, chunked_linear_cross_entropy
 from longtrain.models.ladder import LocalSync, Residual, check_residual, first_ladder_layer, is_ladder, ladder_step
 
 
@@ -285,7 +286,11 @@ class DecoderLM(nn.Module):
                 module.reset_buffers()
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None, pending: torch.Tensor | None = None) -> torch.Tensor:
+                doc_ids: torch.Tensor | None = None, pending: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, loss_chunk_tokens: int = 0) -> torch.Tensor:
+        """With `labels` (and a model that holds the output head): the summed token cross-entropy
+        (fp32 scalar), computed in chunks of `loss_chunk_tokens` tokens without the full logits
+        (kernels/chunked_loss.py), instead of the logits."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if self.ladder_residual:
             for layer in self.layers.values():
@@ -293,11 +298,18 @@ class DecoderLM(nn.Module):
             if self.norm is None:  # a pipeline stage before the last: the stream and the pending output
                 return h, self.residual_sync(pending)
             h = h + self.residual_sync(pending)  # the last two outputs meet before the final norm
-            return self.output(self.norm(h)) if self.output is not None else self.norm(h)
+            return self._head(self.norm(h), labels, loss_chunk_tokens)
         for layer in self.layers.values():
             h = layer(h, positions, doc_ids)
         h = self.norm(h) if self.norm is not None else h
-        return self.output(h) if self.output is not None else h
+        return self._head(h, labels, loss_chunk_tokens)
+
+    def _head(self, h: torch.Tensor, labels: torch.Tensor | None, loss_chunk_tokens: int) -> torch.Tensor:
+        if self.output is None:
+            return h
+        if labels is None:
+            return self.output(h)
+        return chunked_linear_cross_entropy(h, self.output.weight, labels, loss_chunk_tokens, IGNORE_INDEX)
 
 
 class Transformer(DecoderLM):

@@ -67,3 +67,78 @@ def test_bad_chunk_fails():
     h, w, labels = _case()
     with pytest.raises(ValueError, match="chunk_tokens"):
         chunked_linear_cross_entropy(h, w, labels, 0)
+
+
+# -- in the trainer ----------------------------------------------------------------------------
+def chunk_cases(cases: list) -> list[dict]:
+    """Train each case (recipe overrides) in this group; report losses, the loss path taken and
+    how many times the chunked kernel ran."""
+    import torch.distributed as dist
+
+    import longtrain.models.transformer as transformer
+    from cases import TINY
+    from longtrain.launcher.config import load_recipe
+    from longtrain.launcher.trainer import Trainer
+
+    calls = [0]
+    kernel = transformer.chunked_linear_cross_entropy
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return kernel(*args, **kwargs)
+
+    transformer.chunked_linear_cross_entropy = counted
+    out = []
+    for overrides in cases:
+        calls[0] = 0
+        trainer = Trainer(load_recipe(None, TINY + overrides + [f"run.launch.nproc_per_node={dist.get_world_size()}"]))
+        result = trainer.run()
+        out.append({"losses": result.losses, "eval": result.eval_losses, "calls": calls[0],
+                    "chunk": trainer.loss_chunk_tokens, "path": trainer.loss_path})
+        dist.barrier()
+    return out
+
+
+STEPS = ["train.steps=4", "train.eval_every=2", "data.eval_batches=1"]
+
+
+def _pair(results, i):
+    off, on = results[i], results[i + 1]
+    assert off["chunk"] == 0 and off["calls"] == 0
+    assert on["chunk"] == 7 and on["calls"] > 0, on["path"]
+    for step, loss in off["losses"].items():
+        assert abs(on["losses"][step] - loss) <= 1e-6, (step, on["losses"][step], loss)
+    for step, loss in off["eval"].items():
+        assert abs(on["eval"][step] - loss) <= 1e-6
+    assert len(off["losses"]) == 4 and len(off["eval"]) == 2
+
+
+def test_trainer_losses_equal_with_chunking_one_process(tmp_path):
+    from distributed import run_group
+
+    base = STEPS + ["data.batch_size=4", f"run.dir={tmp_path}/r"]
+    cases = [base + ["train.loss_chunk_tokens=0"], base + ["train.loss_chunk_tokens=7"],
+             base + ["model.tie_embeddings=true", "train.loss_chunk_tokens=0"],
+             base + ["model.tie_embeddings=true", "train.loss_chunk_tokens=7"],
+             base + ["train.grad_accum=2", "train.loss_chunk_tokens=0"],
+             base + ["train.grad_accum=2", "train.loss_chunk_tokens=7"]]
+    results = run_group(1, chunk_cases, cases)
+    for i in (0, 2, 4):
+        _pair(results, i)
+
+
+def test_trainer_losses_equal_with_chunking_fsdp_and_tp_fallback(tmp_path):
+    """dp2 (FSDP: the head's weight is gathered inside the model's forward) chunks; tp2 keeps the
+    full logits and says why."""
+    from distributed import run_group
+
+    base = STEPS + ["data.batch_size=2", f"run.dir={tmp_path}/r"]
+    cases = [base + ["parallel.dp_shard=2", "train.loss_chunk_tokens=0"],
+             base + ["parallel.dp_shard=2", "train.loss_chunk_tokens=7"],
+             base + ["parallel.tp=2", "data.batch_size=4", "train.loss_chunk_tokens=7"]]
+    results = run_group(2, chunk_cases, cases)
+    _pair(results, 0)
+    tp = results[2]
+    assert tp["chunk"] == 0 and tp["calls"] == 0 and "parallel.tp" in tp["path"]
+    for step, loss in results[0]["losses"].items():
+        assert abs(tp["losses"][step] - loss) <= 1e-5 * abs(loss)
