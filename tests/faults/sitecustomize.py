@@ -54,6 +54,13 @@ def _patch(trainer_mod):
             return loss * float("nan") if self.step + 1 == FAULT["nan_at_step"] else loss
 
         trainer_mod.Trainer._loss_fn = loss_fn
+        real_model_loss = trainer_mod.Trainer._model_loss  # the chunked loss does not pass through _loss_fn
+
+        def model_loss(self, *args):
+            loss = real_model_loss(self, *args)
+            return loss * float("nan") if self.step + 1 == FAULT["nan_at_step"] else loss
+
+        trainer_mod.Trainer._model_loss = model_loss
     if "stall_save_at" in FAULT:
         from longtrain.launcher import checkpoint
 
