@@ -63,6 +63,20 @@ def test_all_ignored_and_tied_weight():
             torch.testing.assert_close(wt.grad, ref, rtol=0, atol=1e-6)
 
 
+def test_compute_dtype_under_autocast():
+    """Under autocast the head's matmul runs in the autocast dtype (bf16 here), as F.linear does:
+    the chunked loss matches the full path under the same autocast, not the fp32 one."""
+    h, w, labels = _case(tokens=64, dim=32, vocab=300)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = F.cross_entropy(F.linear(h, w).float().flatten(0, 1), labels.flatten(), reduction="sum")
+        chunked = chunked_linear_cross_entropy(h, w.requires_grad_(), labels, 16)
+    fp32 = F.cross_entropy(F.linear(h, w).flatten(0, 1), labels.flatten(), reduction="sum")
+    assert abs(chunked.item() - full.item()) <= 1e-5 * abs(full.item())
+    assert abs(chunked.item() - fp32.item()) > 1e-5 * abs(fp32.item())  # bf16 was used
+    chunked.backward()
+    assert w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
+
+
 def test_bad_chunk_fails():
     h, w, labels = _case()
     with pytest.raises(ValueError, match="chunk_tokens"):
@@ -92,9 +106,13 @@ def chunk_cases(cases: list) -> list[dict]:
     for overrides in cases:
         calls[0] = 0
         trainer = Trainer(load_recipe(None, TINY + overrides + [f"run.launch.nproc_per_node={dist.get_world_size()}"]))
+        head_calls = [0]  # the output head's own forward makes the full logits
+        for part in trainer.parts:
+            if part.output is not None:
+                part.output.register_forward_hook(lambda *_: head_calls.__setitem__(0, head_calls[0] + 1))
         result = trainer.run()
         out.append({"losses": result.losses, "eval": result.eval_losses, "calls": calls[0],
-                    "chunk": trainer.loss_chunk_tokens, "path": trainer.loss_path})
+                    "head_calls": head_calls[0], "chunk": trainer.loss_chunk_tokens, "path": trainer.loss_path})
         dist.barrier()
     return out
 
@@ -105,7 +123,8 @@ STEPS = ["train.steps=4", "train.eval_every=2", "data.eval_batches=1"]
 def _pair(results, i):
     off, on = results[i], results[i + 1]
     assert off["chunk"] == 0 and off["calls"] == 0
-    assert on["chunk"] == 7 and on["calls"] > 0, on["path"]
+    assert on["chunk"] == 7 and on["calls"] > 0 and on["head_calls"] == 0, on["path"]
+    assert off["head_calls"] > 0
     for step, loss in off["losses"].items():
         assert abs(on["losses"][step] - loss) <= 1e-6, (step, on["losses"][step], loss)
     for step, loss in off["eval"].items():
@@ -135,10 +154,11 @@ def test_trainer_losses_equal_with_chunking_fsdp_and_tp_fallback(tmp_path):
     base = STEPS + ["data.batch_size=2", f"run.dir={tmp_path}/r"]
     cases = [base + ["parallel.dp_shard=2", "train.loss_chunk_tokens=0"],
              base + ["parallel.dp_shard=2", "train.loss_chunk_tokens=7"],
-             base + ["parallel.tp=2", "data.batch_size=4", "train.loss_chunk_tokens=7"]]
+             base + ["parallel.tp=2", "data.batch_size=4", "train.loss_chunk_tokens=7"],
+             base + ["parallel.pp=2", "data.batch_size=4", "train.loss_chunk_tokens=7"]]
     results = run_group(2, chunk_cases, cases)
     _pair(results, 0)
-    tp = results[2]
-    assert tp["chunk"] == 0 and tp["calls"] == 0 and "parallel.tp" in tp["path"]
-    for step, loss in results[0]["losses"].items():
-        assert abs(tp["losses"][step] - loss) <= 1e-5 * abs(loss)
+    for fallback, key in ((results[2], "parallel.tp"), (results[3], "parallel.pp")):
+        assert fallback["chunk"] == 0 and fallback["calls"] == 0 and key in fallback["path"]
+        for step, loss in results[0]["losses"].items():
+            assert abs(fallback["losses"][step] - loss) <= 1e-5 * abs(loss), (key, step)
