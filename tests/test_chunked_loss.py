@@ -162,3 +162,11 @@ def test_trainer_losses_equal_with_chunking_fsdp_and_tp_fallback(tmp_path):
         assert fallback["chunk"] == 0 and fallback["calls"] == 0 and key in fallback["path"]
         for step, loss in results[0]["losses"].items():
             assert abs(fallback["losses"][step] - loss) <= 1e-5 * abs(loss), (key, step)
+
+
+def test_negative_chunk_tokens_is_one_line_naming_the_key():
+    from longtrain.launcher.config import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match="train.loss_chunk_tokens: must be 0"):
+        load_recipe(None, ["train.loss_chunk_tokens=-1"])
+    assert load_recipe(None, []).train.loss_chunk_tokens == 1024
