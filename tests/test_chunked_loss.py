@@ -140,24 +140,29 @@ def test_trainer_losses_equal_with_chunking_one_process(tmp_path):
              base + ["model.tie_embeddings=true", "train.loss_chunk_tokens=0"],
              base + ["model.tie_embeddings=true", "train.loss_chunk_tokens=7"],
              base + ["train.grad_accum=2", "train.loss_chunk_tokens=0"],
-             base + ["train.grad_accum=2", "train.loss_chunk_tokens=7"]]
+             base + ["train.grad_accum=2", "train.loss_chunk_tokens=7"],
+             base + ["model.kind=hybrid", "train.loss_chunk_tokens=0"],
+             base + ["model.kind=hybrid", "train.loss_chunk_tokens=7"]]
     results = run_group(1, chunk_cases, cases)
-    for i in (0, 2, 4):
+    for i in (0, 2, 4, 6):
         _pair(results, i)
 
 
-def test_trainer_losses_equal_with_chunking_fsdp_and_tp_fallback(tmp_path):
-    """dp2 (FSDP: the head's weight is gathered inside the model's forward) chunks; tp2 keeps the
-    full logits and says why."""
+def test_trainer_losses_equal_with_chunking_two_ranks(tmp_path):
+    """dp2 (FSDP: the head's weight is gathered inside the model's forward) and cp2 (each rank's
+    sequence shard) chunk; tp2 and pp2 keep the full logits and say why."""
     from distributed import run_group
 
     base = STEPS + ["data.batch_size=2", f"run.dir={tmp_path}/r"]
     cases = [base + ["parallel.dp_shard=2", "train.loss_chunk_tokens=0"],
              base + ["parallel.dp_shard=2", "train.loss_chunk_tokens=7"],
              base + ["parallel.tp=2", "data.batch_size=4", "train.loss_chunk_tokens=7"],
-             base + ["parallel.pp=2", "data.batch_size=4", "train.loss_chunk_tokens=7"]]
+             base + ["parallel.pp=2", "data.batch_size=4", "train.loss_chunk_tokens=7"],
+             base + ["parallel.cp=2", "data.batch_size=4", "train.loss_chunk_tokens=0"],
+             base + ["parallel.cp=2", "data.batch_size=4", "train.loss_chunk_tokens=7"]]
     results = run_group(2, chunk_cases, cases)
     _pair(results, 0)
+    _pair(results, 4)
     for fallback, key in ((results[2], "parallel.tp"), (results[3], "parallel.pp")):
         assert fallback["chunk"] == 0 and fallback["calls"] == 0 and key in fallback["path"]
         for step, loss in results[0]["losses"].items():
