@@ -118,7 +118,7 @@ def test_moe_layers_and_inconsistent_dims_fail_with_one_line(tmp_path):
     cfg = json.loads((tmp_path / "dims" / "config.json").read_text())
     cfg["kv_lora_rank"] = 16
     (tmp_path / "dims" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"self_attn\.kv_a_\w+\.weight: shape .* MLA dims inconsistent"):
+    with pytest.raises(ValueError, match=r"self_attn\.kv_a_\w+\.weight: shape .*MLA dims inconsistent"):
         load_hf_deepseek(tmp_path / "dims")
 
 
