@@ -5,14 +5,19 @@ wq/wk/wv and w1/w3 split by output features (heads), wo and w2 split by input fe
 reduce-scattered back to sequence shards. The embedding is split by rows (vocabulary); the output
 head by columns, gathered to replicated logits so the loss sees every vocabulary entry.
 Without sequence parallel, activations between blocks stay replicated.
+
+An attention that states its own split (`TP_LAYOUT`, e.g. MLA: up-projections colwise by heads,
+latent down-projections and their norms replicated, the shared RoPE key's gradient summed over
+tp) gets that plan instead of the wq/wk/wv/wo one.
 """
 from __future__ import annotations
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
+    ParallelStyle,
     PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
@@ -35,9 +40,13 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
         parallelize_module(model, tp_mesh, top_plan)
 
     for block in model.layers.values():
+        attention_plan = _attention_plan("attention", between)
+        layout = getattr(getattr(block, "attention", None), "TP_LAYOUT", None)
+        if layout is not None:  # an attention that states its own split (models/mla.py)
+            attention_plan = _layout_plan("attention", block.attention, layout, between)
         plan = _hybrid_block_plan(block, tp_mesh, between) if hasattr(block, "kind") else {
             "attention": _mixer_input(between, 3),
-            **_attention_plan("attention", between),
+            **attention_plan,
             "feed_forward": _mixer_input(between, 1),
             **_mlp_plan("feed_forward", between),
         }
@@ -58,6 +67,45 @@ def _mixer_input(between, n_inputs: int) -> PrepareModuleInput:
 def _attention_plan(prefix: str, between) -> dict:
     return {f"{prefix}.wq": ColwiseParallel(), f"{prefix}.wk": ColwiseParallel(), f"{prefix}.wv": ColwiseParallel(),
             f"{prefix}.wo": RowwiseParallel(output_layouts=between)}
+
+
+class _Replicated(ParallelStyle):
+    """Parameters replicated over tp as DTensors (a projection every rank runs whole: MLA's
+    latent down-projections and their norms); inputs arrive as replicated DTensors."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        for name, param in list(module.named_parameters(recurse=False)):
+            module.register_parameter(name, nn.Parameter(distribute_tensor(param.data, device_mesh, [Replicate()])))
+        return module
+
+
+class _SumGradOverTP(ParallelStyle):
+    """The module's (replicated) output goes on as a local tensor whose gradient, partial on each
+    rank (each uses it for its own heads), is summed over tp in backward: MLA's shared RoPE key."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def hook(_module, _inputs, out):
+            if not isinstance(out, DTensor):
+                out = DTensor.from_local(out, device_mesh, [Replicate()], run_check=False)
+            return out.to_local(grad_placements=[Partial()])
+
+        module.register_forward_hook(hook)
+        return module
+
+
+_STYLES = {"colwise": ColwiseParallel, "rowwise": None, "replicate": _Replicated, "sum_grad": _SumGradOverTP}
+
+
+def _layout_plan(prefix: str, attention: nn.Module, layout: dict, between) -> dict:
+    """An attention's TP_LAYOUT (submodule -> colwise | rowwise | replicate | sum_grad) as a plan;
+    submodules the attention does not have (a full-rank query has no wq_a) are skipped."""
+    plan = {}
+    for name, kind in layout.items():
+        if getattr(attention, name, None) is None:
+            continue
+        style = RowwiseParallel(output_layouts=between) if kind == "rowwise" else _STYLES[kind]()
+        plan[f"{prefix}.{name}"] = style
+    return plan
 
 
 def _mlp_plan(prefix: str, between) -> dict:
