@@ -158,9 +158,9 @@ class MLAttention(nn.Module):
         return q.view(*x.shape[:2], -1, self.cfg.qk_head_dim)
 
     def latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(c (B, S, kv_lora_rank) normed, k_rope (B, S, qk_rope_head_dim) before RoPE)."""
+        """(c (B, S, kv_lora_rank) before kv_norm, k_rope (B, S, qk_rope_head_dim) before RoPE)."""
         c, k_rope = torch.split(self.wkv_a(x), [self.rank, self.rope_dim], dim=-1)
-        return self.kv_norm(c), self.rope_key_sync(k_rope)
+        return c, self.rope_key_sync(k_rope)
 
     def expand(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents (B, T, d_c) -> per-head k_nope (B, T, H, nope) and v (B, T, H, v)."""
@@ -177,14 +177,13 @@ class MLAttention(nn.Module):
         q_rope = apply_rope(q_rope, cos, sin)
         c, k_rope = self.latent(x)
         k_rope = apply_rope(k_rope[:, :, None, :], cos, sin)  # (B, S, 1, rope)
-        if self.latent_cache is not None:
-            out = self.latent_cache.attend(self, q_nope, q_rope, c, k_rope, positions)
-        else:
-            k_nope, v = self.expand(c)
-            heads = k_nope.shape[2]
-            q = torch.cat([q_nope, q_rope], dim=-1)
-            k = torch.cat([k_nope, k_rope.expand(-1, -1, heads, -1)], dim=-1)
-            out = self.core_attention(q, k, v, self.scale, positions=positions, doc_ids=doc_ids)
+        if self.latent_cache is not None:  # decoding: the cache attends and applies wo
+            return self.latent_cache.attend(self, q_nope, q_rope, c, k_rope, positions)
+        k_nope, v = self.expand(self.kv_norm(c))
+        heads = k_nope.shape[2]
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(-1, -1, heads, -1)], dim=-1)
+        out = self.core_attention(q, k, v, self.scale, positions=positions, doc_ids=doc_ids)
         return self.wo(out.reshape(bsz, seqlen, -1))
 
 
