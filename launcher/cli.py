@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="directory for the .jsonl files")
     export.add_argument("--split", choices=["train", "eval"], default="train")
     export.add_argument("--shards", type=int, default=4)
+    from longtrain.launcher import generate
+
+    generate.add_parser(sub)
     return parser
 
 
@@ -102,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     overrides = list(getattr(args, "overrides", None) or []) + extra
+    if args.command == "generate":
+        from longtrain.launcher import generate
+
+        args.overrides = overrides
+        return generate.run(args)
     if args.command in ("tokenizer", "data"):
         if extra and not (args.command == "data" and args.action == "inspect"):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -1,0 +1,38 @@
+"""`longtrain generate`: a run's checkpoint (or the seeded init) continues prompts of different
+lengths, for a GQA and an MLA transformer; greedy output equals the full forward's argmax; bad
+TPLA settings fail with one line."""
+import torch
+
+from longtrain.launcher.cli import main
+from longtrain.launcher.config import load_recipe
+from longtrain.launcher.generate import load_model
+from longtrain.data.tokenizers import ByteTokenizer
+
+RECIPE = "configs/debug_cpu.yaml"
+
+
+def _greedy(model, text, n):
+    ids = ByteTokenizer().encode(text, True, False)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return text + ByteTokenizer().decode(ids[len(text) + 1:])
+
+
+def test_generate_matches_full_forward_greedy(capsys, tmp_path):
+    for over in (["model.name=tiny"], ["model.name=mla-tiny", "model.attention=mla"]):
+        over = over + [f"run.dir={tmp_path}"]
+        rc = main(["generate", RECIPE, *over, "--prompt", "def f(x):", "--prompt", "import", "--max-new-tokens", "6"])
+        out = capsys.readouterr()
+        assert rc == 0, out.err
+        model = load_model(load_recipe(RECIPE, over), log=lambda m: None)
+        assert out.out.splitlines() == [_greedy(model, "def f(x):", 6), _greedy(model, "import", 6)]
+        assert "seeded init (untrained)" in out.err
+
+
+def test_generate_bad_tpla_settings_fail_with_one_line(capsys, tmp_path):
+    over = ["model.name=mla-tiny", "model.attention=mla", f"run.dir={tmp_path}"]
+    assert main(["generate", RECIPE, *over, "--prompt", "a", "--decode", "tpla", "--tpla-degree", "3"]) == 2
+    assert capsys.readouterr().err.strip().endswith("model.kv_lora_rank: 16 does not divide by the TPLA degree 3")
+    assert main(["generate", RECIPE, f"run.dir={tmp_path}", "model.name=tiny", "--prompt", "a", "--decode", "tpla"]) == 2
+    assert "need an MLA model" in capsys.readouterr().err
