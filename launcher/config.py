@@ -63,6 +63,9 @@ class ModelConfig:
     v_head_dim: Optional[int] = None
     rope_mscale: Optional[float] = None
     rope_mscale_all_dim: Optional[float] = None
+    # attention=mla: TPLA-aware training, the forward computes TPLA over this many latent slices
+    # (models/mla.py; 1 or unset: exact MLA).
+    tpla_degree: Optional[int] = None
     # Import weights from a Hugging Face Llama (or, with attention=mla, DeepSeek-V3) directory (config.json + safetensors) at start.
     hf_checkpoint: Optional[str] = None
 

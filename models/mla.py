@@ -60,6 +60,10 @@ class MLAConfig(TransformerConfig):
     rope_mscale: float = 0.0  # DeepSeek YaRN `mscale` (0: unset)
     rope_mscale_all_dim: float = 0.0  # DeepSeek YaRN `mscale_all_dim` (0: unset)
     latent_norm_eps: float = 1e-6  # eps of q_norm and kv_norm (DeepSeek's default, not norm_eps)
+    # TPLA-aware training: > 1 makes the forward compute TPLA's attention over this many latent
+    # slices (each slice's keys/values from its part of the latent, its own softmax, outputs summed),
+    # so that a model adapts to TPLA decoding; 1 is exact MLA.
+    tpla_degree: int = 1
 
     def __post_init__(self):
         self.n_kv_heads = self.n_heads
@@ -74,6 +78,9 @@ class MLAConfig(TransformerConfig):
             raise ValueError(f"model.q_lora_rank: {self.q_lora_rank} must be 0 (full-rank query) or positive")
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"model.qk_rope_head_dim: {self.qk_rope_head_dim} must be even for RoPE")
+        if self.tpla_degree < 1 or self.kv_lora_rank % self.tpla_degree:
+            raise ValueError(f"model.tpla_degree: {self.tpla_degree} must be at least 1 and divide "
+                             f"model.kv_lora_rank={self.kv_lora_rank}")
 
     @property
     def head_dim(self) -> int:  # the query/key head dim (what the softmax scale is about)
@@ -179,12 +186,25 @@ class MLAttention(nn.Module):
         k_rope = apply_rope(k_rope[:, :, None, :], cos, sin)  # (B, S, 1, rope)
         if self.latent_cache is not None:  # decoding: the cache attends and applies wo
             return self.latent_cache.attend(self, q_nope, q_rope, c, k_rope, positions)
-        k_nope, v = self.expand(self.kv_norm(c))
-        heads = k_nope.shape[2]
         q = torch.cat([q_nope, q_rope], dim=-1)
-        k = torch.cat([k_nope, k_rope.expand(-1, -1, heads, -1)], dim=-1)
-        out = self.core_attention(q, k, v, self.scale, positions=positions, doc_ids=doc_ids)
+        out = None
+        for latent in self.latent_slices(self.kv_norm(c)):
+            k_nope, v = self.expand(latent)
+            k = torch.cat([k_nope, k_rope.expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
+            part = self.core_attention(q, k, v, self.scale, positions=positions, doc_ids=doc_ids)
+            out = part if out is None else out + part
         return self.wo(out.reshape(bsz, seqlen, -1))
+
+    def latent_slices(self, c: torch.Tensor) -> list[torch.Tensor]:
+        """[c] for MLA; for TPLA-aware training (tpla_degree g > 1) g copies of c, each zero outside
+        one contiguous slice: expanding copy i gives slice i's keys/values (W_UK c_i, W_UV c_i)
+        exactly, and attending with each separately is TPLA's per-slice softmax."""
+        g = self.cfg.tpla_degree
+        if g == 1:
+            return [c]
+        width = self.rank // g
+        return [torch.cat([torch.zeros_like(c[..., : i * width]), c[..., i * width:(i + 1) * width],
+                           torch.zeros_like(c[..., (i + 1) * width:])], dim=-1) for i in range(g)]
 
 
 class MLABlock(TransformerBlock):

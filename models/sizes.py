@@ -80,7 +80,7 @@ MLA_SIZES: dict[str, MLAConfig] = {
                                   rope_mscale=1.0, rope_mscale_all_dim=1.0, max_seq_len=163840),
 }
 _MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "rope_mscale",
-               "rope_mscale_all_dim")
+               "rope_mscale_all_dim", "tpla_degree")
 
 _FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "norm_eps", "rope_theta",
            "max_seq_len", "tie_embeddings", "init_std")

@@ -119,3 +119,20 @@ def test_tpla_errors_name_the_key():
         cached_logits(model, tokens(), 9, make_latent_cache=lambda: LatentCache("tpla", 5))
     with pytest.raises(ValueError, match="exceed model.max_seq_len"):
         generate(model, tokens(length=1000), 100)
+
+
+def test_tpla_aware_training_forward_equals_tpla_decoding():
+    """model.tpla_degree=g: the full forward computes, at every position, what TPLA decoding with g
+    slices computes (prefill of one token, then every token decoded), and it trains (gradients)."""
+    model = mla_model()
+    x = tokens()
+    want = cached_logits(model, x, 1, make_latent_cache=lambda: LatentCache("tpla", 2))
+    tpla_model = MLATransformer(dataclasses.replace(model.cfg, tpla_degree=2))
+    tpla_model.load_state_dict(model.state_dict())
+    got = tpla_model(x)
+    assert (got - want).abs().max() <= TOL
+    assert (got - model(x)).abs().max() > 1e-2  # not MLA
+    got.sum().backward()
+    assert tpla_model.layers["0"].attention.wkv_b.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="model.tpla_degree: 3 must be at least 1 and divide model.kv_lora_rank=16"):
+        dataclasses.replace(model.cfg, tpla_degree=3)

@@ -11,11 +11,13 @@ from distributed import run_group
 
 MLA = ["model.attention=mla", "model.name=mla-tiny", "train.steps=5"]
 LOW_RANK_Q = ["model.q_lora_rank=8"]
+TPLA2 = ["model.tpla_degree=2"]  # TPLA-aware training
 
 LAYOUTS = {
     2: {
         "tp2": ["parallel.tp=2", "parallel.dp_shard=1"] + global_batch(1),
         "tp2_low_rank_q": LOW_RANK_Q + ["parallel.tp=2", "parallel.dp_shard=1"] + global_batch(1),
+        "tp2_tpla2": TPLA2 + ["parallel.tp=2", "parallel.dp_shard=1"] + global_batch(1),
         "cp2_ring": ["parallel.cp=2", "parallel.cp_mode=ring", "parallel.dp_shard=1"] + global_batch(1),
         "cp2_ulysses": ["parallel.cp=2", "parallel.cp_mode=ulysses", "parallel.dp_shard=1"] + global_batch(1),
         "dp_shard2": ["parallel.dp_shard=2"] + global_batch(2),
@@ -32,9 +34,8 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def references():
-    cases = [MLA + global_batch(1), MLA + LOW_RANK_Q + global_batch(1)]
-    plain, low_rank = run_group(1, train_cases, cases)
-    return plain, low_rank
+    cases = [MLA + global_batch(1), MLA + LOW_RANK_Q + global_batch(1), MLA + TPLA2 + global_batch(1)]
+    return run_group(1, train_cases, cases)
 
 
 @pytest.mark.parametrize("world_size", sorted(LAYOUTS))
@@ -42,10 +43,11 @@ def test_mla_layouts_match_single_process(world_size, references):
     names = list(LAYOUTS[world_size])
     results = run_group(world_size, train_cases, [MLA + LAYOUTS[world_size][n] for n in names])
     for name, got in zip(names, results):
-        ref = references[1] if "low_rank" in name else references[0]
+        ref = references[1] if "low_rank" in name else references[2] if "tpla" in name else references[0]
         assert any(".attention.wkv_b." in k for k in got["weights"]), name  # an MLA model was trained
         for step, want in ref["losses"].items():
             assert abs(got["losses"][step] - want) <= 1e-4 * abs(want), f"{name}: step {step}: {got['losses']} vs {ref['losses']}"
         for key, w in ref["weights"].items():
             torch.testing.assert_close(got["weights"][key], w, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} {key}: {m}")
     assert references[0]["losses"][5] < references[0]["losses"][1]
+    assert references[2]["losses"][2] != references[0]["losses"][2]  # TPLA-aware training is not MLA
