@@ -36,3 +36,22 @@ def test_generate_bad_tpla_settings_fail_with_one_line(capsys, tmp_path):
     assert capsys.readouterr().err.strip().endswith("model.kv_lora_rank: 16 does not divide by the TPLA degree 3")
     assert main(["generate", RECIPE, f"run.dir={tmp_path}", "model.name=tiny", "--prompt", "a", "--decode", "tpla"]) == 2
     assert "need an MLA model" in capsys.readouterr().err
+
+
+def test_convert_writes_an_exact_rotated_deepseek_checkpoint(capsys, tmp_path):
+    """convert: PCA-reparameterised export; it is the same MLA model (same logits), its latent
+    weights differ, and a standard-attention recipe is refused with one line."""
+    from longtrain.models.hf_deepseek import model_from_hf_deepseek
+
+    over = ["model.name=mla-tiny", "model.attention=mla", f"run.dir={tmp_path / 'run'}", "data.seq_len=32"]
+    assert main(["convert", RECIPE, *over, "--out", str(tmp_path / "pca"), "--calibration-batches", "2"]) == 0
+    original = load_model(load_recipe(RECIPE, over), log=lambda m: None)
+    converted = model_from_hf_deepseek(tmp_path / "pca").eval()
+    x = torch.randint(0, 260, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (converted(x) - original(x)).abs().max() <= 1e-5
+    a, b = (m.layers["0"].attention.wkv_a.weight for m in (original, converted))
+    assert not torch.allclose(a, b)
+    capsys.readouterr()
+    assert main(["convert", RECIPE, "model.name=tiny", f"run.dir={tmp_path / 'run'}", "--out", str(tmp_path / "x")]) == 2
+    assert "model.attention: convert reparameterises MLA models" in capsys.readouterr().err
