@@ -27,7 +27,6 @@ latent RMSNorm exact; plus the logits' max |delta| and the top-1 agreement with 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -95,70 +94,29 @@ def run_decode(args) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 # accuracy: a trained model's perplexity under TPLA
 # ----------------------------------------------------------------------------------------------
-def load_recipe_and_model(args):
+def run_accuracy(args) -> dict:
     from longtrain.launcher.config import load_recipe
+    from longtrain.launcher.evaluate import evaluate
     from longtrain.launcher.generate import load_model
 
-    path = Path(args.run) / "recipe.yaml" if args.run else Path(args.recipe)
-    recipe = load_recipe(path, args.overrides)
-    model = load_model(recipe, log=lambda m: print(m, flush=True))
-    return recipe, model
-
-
-def eval_sequences(recipe, count: int, length: int, split: str) -> torch.Tensor:
-    from longtrain.data.loader import build_loader
-
-    data = dataclasses.replace(recipe.data, seq_len=length, batch_size=1)
-    loader = build_loader(data, dp_rank=0, dp_degree=1, seed=recipe.train.seed, split=split)
-    it = iter(loader)
-    return torch.cat([next(it)["tokens"] for _ in range(count)])
-
-
-def run_accuracy(args) -> dict:
-    from longtrain.models.decode import LatentCache, cached_logits
-    from longtrain.models.tpla import reparameterize
-
     torch.set_num_threads(1)
-    recipe, model = load_recipe_and_model(args)
+    recipe = load_recipe(Path(args.run) / "recipe.yaml" if args.run else Path(args.recipe), args.overrides)
+    model = load_model(recipe, log=lambda m: print(m, flush=True))
+    lengths = [int(x) for x in str(args.retrieval_lengths).split(",")]
+    rows = evaluate(model, recipe, args.degrees, args.rotations, args.eval_seqs, args.eval_len, args.prefill, lengths,
+                    log=lambda m: print("accuracy " + m, flush=True))
+    if args.finetuned_run:  # a TPLA-aware fine-tune of the same model (model.tpla_degree = g in its recipe)
+        tuned_recipe = load_recipe(Path(args.finetuned_run) / "recipe.yaml")
+        tuned = load_model(tuned_recipe, log=lambda m: print(m, flush=True))
+        for row in evaluate(tuned, tuned_recipe, [tuned.cfg.tpla_degree], ["none"], args.eval_seqs, args.eval_len,
+                            args.prefill, lengths, log=lambda m: print("accuracy finetuned " + m, flush=True)):
+            rows.append(dict(row, variant=row["variant"] + "_finetuned"))
     cfg = model.cfg
-    seqs = eval_sequences(recipe, args.eval_seqs, args.eval_len + 1, "eval")
-    inputs, targets = seqs[:, :-1], seqs[:, 1:]
-    calibration = [eval_sequences(recipe, 1, args.eval_len, "train")]
-    pristine = {k: v.clone() for k, v in model.state_dict().items()}
-
-    def score(logits):
-        lp = torch.log_softmax(logits[:, args.prefill:].double(), -1)
-        nll = -lp.gather(-1, targets[:, args.prefill:, None]).mean()
-        return float(nll)
-
-    exact = cached_logits(model, inputs, args.prefill)
-    with torch.no_grad():
-        full = model(inputs)
-    rows = [{"variant": "mla", "g": 1, "rotation": "-", "nll": score(exact), "ppl": math.exp(score(exact)),
-             "max_abs_logit_delta": float((exact - full).abs().max()), "top1_agree": 1.0}]
-    print(f"accuracy mla: ppl {rows[0]['ppl']:.4f} (absorbed vs full forward {rows[0]['max_abs_logit_delta']:.1e})",
-          flush=True)
-    for rotation in args.rotations:
-        model.load_state_dict(pristine)
-        reparameterize(model, rotation, calibration)
-        for g in args.degrees:
-            if cfg.kv_lora_rank % g:
-                continue
-            logits = cached_logits(model, inputs, args.prefill,
-                                   make_latent_cache=lambda: LatentCache("tpla", g, latent_norm="exact"))
-            tail, ref = logits[:, args.prefill:], exact[:, args.prefill:]
-            nll = score(logits)
-            row = {"variant": f"tpla_g{g}", "g": g, "rotation": rotation, "nll": nll, "ppl": math.exp(nll),
-                   "max_abs_logit_delta": float((tail - ref).abs().max()),
-                   "mean_abs_logit_delta": float((tail - ref).abs().mean()),
-                   "top1_agree": float((tail.argmax(-1) == ref.argmax(-1)).double().mean())}
-            rows.append(row)
-            print(f"accuracy tpla g={g} {rotation:8s}: ppl {row['ppl']:.4f}  max|dlogit| {row['max_abs_logit_delta']:.3f}"
-                  f"  top1 agree {row['top1_agree']:.4f}", flush=True)
     return {"model": {k: getattr(cfg, k) for k in ("dim", "n_layers", "n_heads", "kv_lora_rank", "qk_nope_head_dim",
                                                     "qk_rope_head_dim", "v_head_dim")},
-            "params": cfg.num_params(), "source": args.run or args.recipe, "eval_seqs": args.eval_seqs,
-            "eval_len": args.eval_len, "prefill": args.prefill, "rows": rows}
+            "params": cfg.num_params(), "source": args.run or args.recipe, "finetuned": args.finetuned_run,
+            "eval_seqs": args.eval_seqs, "eval_len": args.eval_len, "prefill": args.prefill,
+            "retrieval_lengths": lengths, "rows": rows}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,11 +162,14 @@ def write_report(report: dict, out: Path, plots: bool = True) -> None:
                   f"Model: {acc['model']} ({acc['params'] / 1e6:.2f}M parameters) from `{acc['source']}`; "
                   f"{acc['eval_seqs']} held-out sequences of {acc['eval_len']} tokens, {acc['prefill']} prefilled, the "
                   "rest decoded one token per call through the caches (teacher-forced).", "",
-                  "| variant | rotation | perplexity | max abs logit delta vs MLA | top-1 agreement with MLA |",
-                  "|---|---|---|---|---|"]
+                  "Retrieval: a 6-character key stated at depth 0.1/0.5/0.9 of held-out filler, asked again at the "
+                  "end; share of key tokens predicted (teacher-forced), per context length.", "",
+                  "| variant | rotation | perplexity | max abs logit delta vs MLA | top-1 agreement with MLA | retrieval |",
+                  "|---|---|---|---|---|---|"]
         for r in acc["rows"]:
+            ret = ", ".join(f"{klen(n)}: {v:.2f}" for n, v in r["retrieval"].items())
             lines.append(f"| {r['variant']} | {r['rotation']} | {r['ppl']:.4f} | {r['max_abs_logit_delta']:.3g} | "
-                         f"{r['top1_agree']:.4f} |")
+                         f"{r['top1_agree']:.4f} | {ret} |")
     lines += ["", report.get("notes", "")]
     (out / "tpla.md").write_text("\n".join(lines) + "\n")
     (out / "tpla.json").write_text(json.dumps(report, indent=2))
@@ -258,10 +219,12 @@ def main(argv=None) -> int:
     p.add_argument("--run", default=None, help="a trained longtrain run directory (accuracy part)")
     p.add_argument("--recipe", default=None, help="or a recipe (with overrides) for the accuracy part")
     p.add_argument("overrides", nargs="*")
+    p.add_argument("--finetuned-run", default=None, help="a TPLA-aware fine-tune of --run (model.tpla_degree set)")
     p.add_argument("--rotations", default="none,hadamard,pca")
     p.add_argument("--eval-seqs", type=int, default=4)
     p.add_argument("--eval-len", type=int, default=1024)
     p.add_argument("--prefill", type=int, default=64)
+    p.add_argument("--retrieval-lengths", default="1024")
     p.add_argument("--preset", choices=["tiny"], default=None, help="tiny: a seconds-long smoke run")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--from-json", default=None)
@@ -273,7 +236,7 @@ def main(argv=None) -> int:
         return 0
     if args.preset == "tiny":
         args.lengths, args.shapes, args.repeats = "256,512", "tiny", 2
-        args.eval_seqs, args.eval_len, args.prefill = 1, 48, 16
+        args.eval_seqs, args.eval_len, args.prefill, args.retrieval_lengths = 1, 48, 16, "96"
     args.lengths = [int(x) for x in args.lengths.split(",")]
     args.degrees = [int(x) for x in args.degrees.split(",")]
     args.rotations = args.rotations.split(",")

@@ -57,10 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="directory for the .jsonl files")
     export.add_argument("--split", choices=["train", "eval"], default="train")
     export.add_argument("--shards", type=int, default=4)
-    from longtrain.launcher import convert, generate
+    from longtrain.launcher import convert, evaluate, generate
 
     generate.add_parser(sub)
     convert.add_parser(sub)
+    evaluate.add_parser(sub)
     return parser
 
 
@@ -106,11 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     overrides = list(getattr(args, "overrides", None) or []) + extra
-    if args.command in ("generate", "convert"):
-        from longtrain.launcher import convert, generate
+    if args.command in ("generate", "convert", "eval"):
+        from longtrain.launcher import convert, evaluate, generate
 
         args.overrides = overrides
-        return generate.run(args) if args.command == "generate" else convert.run(args)
+        return {"generate": generate, "convert": convert, "eval": evaluate}[args.command].run(args)
     if args.command in ("tokenizer", "data"):
         if extra and not (args.command == "data" and args.action == "inspect"):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

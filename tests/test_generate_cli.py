@@ -55,3 +55,25 @@ def test_convert_writes_an_exact_rotated_deepseek_checkpoint(capsys, tmp_path):
     capsys.readouterr()
     assert main(["convert", RECIPE, "model.name=tiny", f"run.dir={tmp_path / 'run'}", "--out", str(tmp_path / "x")]) == 2
     assert "model.attention: convert reparameterises MLA models" in capsys.readouterr().err
+
+
+def test_eval_reports_mla_and_tpla_rows_and_retrieval_prompts_hold_the_key(tmp_path, capsys):
+    import json
+
+    from longtrain.launcher.evaluate import retrieval_prompts
+
+    over = ["model.name=mla-tiny", "model.attention=mla", f"run.dir={tmp_path / 'run'}"]
+    out = tmp_path / "rows.json"
+    assert main(["eval", RECIPE, *over, "--eval-seqs", "1", "--eval-len", "40", "--prefill", "8", "--tpla-degrees", "2",
+                 "--rotations", "none,hadamard", "--retrieval-lengths", "96", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["variant"], r["rotation"]) for r in rows] == [("mla", "-"), ("tpla_g2", "none"), ("tpla_g2", "hadamard")]
+    assert all(set(r["retrieval"]) == {"96"} and 0 <= r["retrieval"]["96"] <= 1 for r in rows)
+    assert rows[1]["max_abs_logit_delta"] > 0  # TPLA is not exact
+    tok = ByteTokenizer()
+    for ids, start, count, question in retrieval_prompts(load_recipe(RECIPE, over), tok, 200):
+        text = tok.decode(ids[0].tolist())
+        key = tok.decode(ids[0, start:start + count].tolist())
+        assert ids.shape[1] == 200 and len(key) == 6 and text.endswith("The secret key is " + key)
+        assert text.count(f"The secret key is {key}.") == 1  # stated once in the filler, asked at the end
+        assert tok.decode(ids[0, start - question:start].tolist()) == " The secret key is "
