@@ -28,6 +28,7 @@ LAYOUTS = {
                                  "parallel.activation_checkpoint=full"] + global_batch(1),
         "tp2_cp2_ring": ["parallel.tp=2", "parallel.cp=2", "parallel.cp_mode=ring",
                          "parallel.dp_shard=1"] + global_batch(1),
+        "dp_shard2_tp2_low_rank_q": LOW_RANK_Q + ["parallel.dp_shard=2", "parallel.tp=2"] + global_batch(2),
     },
 }
 
