@@ -302,8 +302,9 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         manager = CheckpointManager(self.ckpt_root, self.recipe.checkpoint.keep)
-        meta = {"layout": self.dims.describe(), "degrees": vars(self.dims), "model": self.model_cfg.__dict__ | {
-            "rope_scaling": vars(self.model_cfg.rope_scaling)}}
+        import dataclasses  # asdict: nested configs too (rope_scaling, a hybrid's MLA attention)
+
+        meta = {"layout": self.dims.describe(), "degrees": vars(self.dims), "model": dataclasses.asdict(self.model_cfg)}
         return manager.save(self.step, self.state_dict_for_checkpoint(), meta)
 
     # -- one step -----------------------------------------------------------------------------

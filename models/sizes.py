@@ -119,6 +119,19 @@ def resolve_hybrid_config(model_section) -> HybridConfig:
     over = {k: v for k, v in over.items() if v is not None}
     if model_section.rope_scaling is not None:
         over["rope_scaling"] = dataclasses.replace(model_section.rope_scaling)
+    mla_over = {k: getattr(model_section, k, None) for k in _MLA_FIELDS}
+    mla_over = {k: v for k, v in mla_over.items() if v is not None}
+    if getattr(model_section, "attention", "standard") == "mla":
+        if model_section.n_kv_heads is not None:
+            raise ValueError("model.n_kv_heads: MLA has one key/value head per query head; leave n_kv_heads unset")
+        over["n_kv_heads"] = over.get("n_heads", base.n_heads)  # the heads the cp strategies see
+        probe = dataclasses.replace(base, **over)
+        over["mla"] = MLAConfig(dim=probe.dim, n_heads=probe.n_heads, n_layers=probe.n_layers, norm_eps=probe.norm_eps,
+                                rope_theta=probe.rope_theta, rope_scaling=probe.rope_scaling,
+                                max_seq_len=probe.max_seq_len, **mla_over)
+    elif mla_over:
+        raise ValueError(f"model.{next(iter(mla_over))}: an MLA key, but model.attention is standard; "
+                         "set model.attention=mla")
     cfg = dataclasses.replace(base, **over)  # validates (ValueError naming model.<key>)
     if model_section.n_layers is not None and model_section.n_layers != cfg.n_layers:
         raise ValueError(f"model.n_layers: {model_section.n_layers} does not match the {cfg.n_layers} layers of "
@@ -131,8 +144,6 @@ def resolve_model_config(model_section) -> TransformerConfig | HybridConfig:
     HybridConfig when model.kind is hybrid. A named size gives the defaults; explicit fields
     override. Raises ValueError naming the key."""
     if model_section.kind == "hybrid":
-        if getattr(model_section, "attention", "standard") != "standard":
-            raise ValueError("model.attention: mla is for transformers; hybrid stacks use standard attention")
         return resolve_hybrid_config(model_section)
     if getattr(model_section, "attention", "standard") == "mla":
         return resolve_mla_config(model_section)

@@ -119,7 +119,10 @@ def _hybrid_block_plan(block: nn.Module, tp_mesh: DeviceMesh, between) -> dict:
     projection by input features; the per-channel conv, per-head dt_bias/A_log/D and the gated
     norm's weight sharded alike, so each rank runs whole heads and whole norm groups)."""
     if block.kind == "*":
-        return {"mixer": _mixer_input(between, 3), **_attention_plan("mixer", between)}
+        layout = getattr(block.mixer, "TP_LAYOUT", None)  # MLA states its own split
+        plan = _attention_plan("mixer", between) if layout is None else _layout_plan("mixer", block.mixer, layout,
+                                                                                      between)
+        return {"mixer": _mixer_input(between, 3), **plan}
     if block.kind == "-":
         return {"mixer": _mixer_input(between, 1), **_mlp_plan("mixer", between)}
     mixer = block.mixer

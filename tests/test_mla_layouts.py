@@ -12,11 +12,16 @@ from distributed import run_group
 MLA = ["model.attention=mla", "model.name=mla-tiny", "train.steps=5"]
 LOW_RANK_Q = ["model.q_lora_rank=8"]
 TPLA2 = ["model.tpla_degree=2"]  # TPLA-aware training
+# A hybrid Mamba/attention stack whose attention layers are MLA (kind=hybrid overrides the name)
+HYBRID = ["model.kind=hybrid", "model.name=hybrid-tiny", "model.kv_lora_rank=16", "model.qk_nope_head_dim=8",
+          "model.qk_rope_head_dim=4", "model.v_head_dim=8"]
 
 LAYOUTS = {
     2: {
         "tp2": ["parallel.tp=2", "parallel.dp_shard=1"] + global_batch(1),
         "tp2_low_rank_q": LOW_RANK_Q + ["parallel.tp=2", "parallel.dp_shard=1"] + global_batch(1),
+        "hybrid_tp2": HYBRID + ["parallel.tp=2", "parallel.dp_shard=1"] + global_batch(1),
+        "hybrid_cp2": HYBRID + ["parallel.cp=2", "parallel.dp_shard=1"] + global_batch(1),
         "tp2_tpla2": TPLA2 + ["parallel.tp=2", "parallel.dp_shard=1"] + global_batch(1),
         "cp2_ring": ["parallel.cp=2", "parallel.cp_mode=ring", "parallel.dp_shard=1"] + global_batch(1),
         "cp2_ulysses": ["parallel.cp=2", "parallel.cp_mode=ulysses", "parallel.dp_shard=1"] + global_batch(1),
@@ -35,7 +40,8 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def references():
-    cases = [MLA + global_batch(1), MLA + LOW_RANK_Q + global_batch(1), MLA + TPLA2 + global_batch(1)]
+    cases = [MLA + global_batch(1), MLA + LOW_RANK_Q + global_batch(1), MLA + TPLA2 + global_batch(1),
+             MLA + HYBRID + global_batch(1)]
     return run_group(1, train_cases, cases)
 
 
@@ -44,8 +50,9 @@ def test_mla_layouts_match_single_process(world_size, references):
     names = list(LAYOUTS[world_size])
     results = run_group(world_size, train_cases, [MLA + LAYOUTS[world_size][n] for n in names])
     for name, got in zip(names, results):
-        ref = references[1] if "low_rank" in name else references[2] if "tpla" in name else references[0]
-        assert any(".attention.wkv_b." in k for k in got["weights"]), name  # an MLA model was trained
+        kind = next((i for i, k in enumerate(("low_rank", "tpla", "hybrid"), 1) if k in name), 0)
+        ref = references[kind]
+        assert any(".wkv_b." in k for k in got["weights"]), name  # an MLA model was trained
         for step, want in ref["losses"].items():
             assert abs(got["losses"][step] - want) <= 1e-4 * abs(want), f"{name}: step {step}: {got['losses']} vs {ref['losses']}"
         for key, w in ref["weights"].items():
