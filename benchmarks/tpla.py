@@ -229,6 +229,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--from-json", default=None)
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--note", default="", help="a line about the model's training, for the report")
     args = p.parse_args(argv)
     if args.from_json:
         report = json.loads(Path(args.from_json).read_text())
@@ -251,7 +252,7 @@ def main(argv=None) -> int:
         report["accuracy"] = run_accuracy(args)
     report["elapsed_s"] = time.time() - started
     report["other_processes_cpu_share"] = load.other_share()
-    report["notes"] = NOTES
+    report["notes"] = (args.note + "\n\n" if args.note else "") + NOTES
     write_report(report, Path(args.out), plots=not args.no_plots)
     print(f"wrote {Path(args.out) / 'tpla.json'}", flush=True)
     return 0
