@@ -47,7 +47,6 @@ def test_standard_transformer_kv_cache_decode_equals_full_forward():
     with torch.no_grad():  # greedy: each new token is the argmax of the full forward at its position
         again = model(out)
     assert torch.equal(out[:, 10:], again[:, 9:-1].argmax(-1))
-    assert isinstance(model.layers["0"].attention.core_attention, type(model.layers["1"].attention.core_attention))
     assert type(model.layers["0"].attention.core_attention).__name__ == "PlainAttention"  # caches removed
 
 
