@@ -79,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--split", choices=["train", "eval"], default="train")
     export.add_argument("--shards", type=int, default=4)
     _add_plan_parser(sub)
+    from longtrain.launcher import convert, evaluate, generate
+
+    generate.add_parser(sub)
+    convert.add_parser(sub)
+    evaluate.add_parser(sub)
     return parser
 
 
@@ -166,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         except (RecipeError, ValueError) as err:
             print(f"longtrain: error: {err}", file=sys.stderr)
             return 2
+    if args.command in ("generate", "convert", "eval"):
+        from longtrain.launcher import convert, evaluate, generate
+
+        args.overrides = overrides
+        return {"generate": generate, "convert": convert, "eval": evaluate}[args.command].run(args)
     if args.command in ("tokenizer", "data"):
         if extra and not (args.command == "data" and args.action == "inspect"):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

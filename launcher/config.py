@@ -28,7 +28,10 @@ class RecipeError(ValueError):
 class ModelConfig:
     # A named size (models/sizes.py); explicit fields below override it when set.
     name: Optional[str] = "debug"
-    kind: Literal["transformer", "mla", "hybrid"] = "transformer"
+    kind: Literal["transformer", "hybrid"] = "transformer"
+    # Attention of a transformer's layers: standard (MHA/GQA) or mla (multi-head latent attention,
+    # models/mla.py; sized by the MLA keys below, which a named MLA size sets).
+    attention: Literal["standard", "mla"] = "standard"
     vocab_size: Optional[int] = None
     dim: Optional[int] = None
     n_layers: Optional[int] = None
@@ -58,7 +61,20 @@ class ModelConfig:
     # ladder layers (unset: all; 0: the standard model). Checkpoints of one do not load into the other.
     residual: Optional[Literal["standard", "ladder"]] = None
     ladder_layers: Optional[int] = None
-    # Import weights from a Hugging Face Llama directory (config.json + safetensors) at start.
+    # attention=mla: low-rank query (0: full rank), the cached latent, the per-head query/key parts
+    # without and with position (the RoPE key is shared by the heads), the value head dim, and
+    # DeepSeek's two YaRN magnitude knobs (mscale, mscale_all_dim; 0 = unset).
+    q_lora_rank: Optional[int] = None
+    kv_lora_rank: Optional[int] = None
+    qk_nope_head_dim: Optional[int] = None
+    qk_rope_head_dim: Optional[int] = None
+    v_head_dim: Optional[int] = None
+    rope_mscale: Optional[float] = None
+    rope_mscale_all_dim: Optional[float] = None
+    # attention=mla: TPLA-aware training, the forward computes TPLA over this many latent slices
+    # (models/mla.py; 1 or unset: exact MLA).
+    tpla_degree: Optional[int] = None
+    # Import weights from a Hugging Face Llama (or, with attention=mla, DeepSeek-V3) directory (config.json + safetensors) at start.
     hf_checkpoint: Optional[str] = None
 
 

@@ -239,6 +239,10 @@ class Trainer:
 
                 _, state = load_hf_mamba2(self.recipe.model.hf_checkpoint)
                 model.load_state_dict(state, strict=True)
+            elif self.recipe.model.attention == "mla":
+                from longtrain.models.hf_deepseek import load_into_mla_model
+
+                load_into_mla_model(model, self.recipe.model.hf_checkpoint)
             else:
                 from longtrain.models.hf import load_into_model
 
@@ -253,7 +257,12 @@ class Trainer:
         from longtrain.models.hf import check_same_architecture, load_hf_checkpoint
 
         state = {}
-        if self.rank == 0:
+        if self.rank == 0 and self.recipe.model.attention == "mla":
+            from longtrain.models import hf_deepseek
+
+            hf_cfg, state = hf_deepseek.load_hf_deepseek(path)
+            hf_deepseek.check_same_architecture(self.model_cfg, hf_cfg, path)
+        elif self.rank == 0:
             hf_cfg, state = load_hf_checkpoint(path)
             check_same_architecture(self.model_cfg, hf_cfg, path)
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
