@@ -5,6 +5,7 @@
     longtrain tokenizer train --source S --vocab-size N --out F   train a sentencepiece model
     longtrain data inspect RECIPE [key=value ...]         document lengths, tokens, packing efficiency
     longtrain data export --out DIR                       the built-in corpus as jsonl shards
+    longtrain probe [--out FILE]                          measure attention FLOP/s and P2P bandwidth -> preset
 
 Bad input ends with one line on stderr naming the key, file or rank, and exit code 2 (1 for a
 worker that failed while running).
@@ -57,7 +58,25 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="directory for the .jsonl files")
     export.add_argument("--split", choices=["train", "eval"], default="train")
     export.add_argument("--shards", type=int, default=4)
+    probe = sub.add_parser("probe", help="measure attention FLOP/s by length and local P2P bandwidth; write a "
+                                         "cluster preset (parallel/balance/probe.py)")
+    probe.add_argument("--out", default=None, help="preset file (default configs/clusters/local.yaml)")
+    probe.add_argument("--lengths", default="256,512,1024,2048,4096", help="comma-separated sequence lengths")
+    probe.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    probe.add_argument("--gpus-per-node", type=int, default=0)
     return parser
+
+
+def _probe_command(args) -> int:
+    from longtrain.parallel.balance.cost import LOCAL_PRESET
+    from longtrain.parallel.balance.probe import probe
+
+    lengths = tuple(int(x) for x in args.lengths.split(",") if x)
+    spec = probe(args.out or LOCAL_PRESET, lengths, args.gpus_per_node, args.device)
+    table = ", ".join(f"{length}: {tflops * 1e3:.1f}" for length, tflops in spec.attention_tflops)
+    print(f"attention GFLOP/s by length: {table}; linear {spec.linear_tflops * 1e3:.1f} GFLOP/s; "
+          f"P2P {spec.intra_gbs:.2f} GB/s, latency {spec.latency_us:.0f} us -> {args.out or LOCAL_PRESET}")
+    return 0
 
 
 def _tokenizer_train(args) -> int:
@@ -102,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     overrides = list(getattr(args, "overrides", None) or []) + extra
+    if args.command == "probe":
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return _probe_command(args)
     if args.command in ("tokenizer", "data"):
         if extra and not (args.command == "data" and args.action == "inspect"):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
