@@ -86,6 +86,9 @@ class ParallelConfig:
     # data.packing is varlen and cp > 1, else none (the loader's per-data-rank bins as they come).
     balance: Literal["auto", "none", "zeppelin", "tokens", "even_cp", "hybrid_dp"] = "auto"
     balance_remap: bool = True  # zeppelin: equal tokens per rank outside core attention (remap.py)
+    # Varlen bins of data.token_budget the balancing group shares per step (0: one per data rank).
+    # Fixed, it keeps the global batch (and exact resume) the same at any group size.
+    balance_bins: int = 0
 
 
 @dataclass
@@ -506,6 +509,8 @@ def _validate_balance(recipe: Recipe, degrees: dict, hybrid: bool, fail) -> None
     p = recipe.parallel
     if recipe.data.packing != "varlen":
         fail(f"parallel.balance: {p.balance} balances varlen batches; set data.packing: varlen or balance: none")
+    if p.balance_bins < 0:
+        fail(f"parallel.balance_bins: {p.balance_bins} must be >= 0 (0: one bin per data rank)")
     if hybrid:
         fail("parallel.balance: hybrid Mamba stacks are not balanced yet (their scans need contiguous groups); "
              "set parallel.balance: none and data.packing: whole")

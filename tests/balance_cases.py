@@ -55,3 +55,36 @@ def engine_errors(cases: list[dict]) -> list[dict]:
                         "remap": int(calls[2]), "tokens": int(calls[3]),
                         "groups": sorted({len(g) for g, _ in plan.groups.values()})})
     return results
+
+
+# A tiny model on varlen bins of 384 tokens, documents of up to 160: under cp4 a rank holds 1.5 x 96
+# tokens, so long documents ring and short ones stay local.
+VARLEN = ["model.name=tiny", "data.seq_len=64", "data.packing=varlen", "data.token_budget=384",
+          "data.max_doc_len=160", "data.num_workers=0", "train.log_every=1", "run.progress=false",
+          "run.tensorboard=false", "checkpoint.save_at_end=false", "optim.warmup_steps=2", "optim.lr=3e-3",
+          "train.steps=5", "cluster.preset=local"]
+
+
+def train_balanced(cases: list) -> list[dict]:
+    """Train each case (recipe overrides, or {"overrides", "stop_after", "resume_dir"}) in this group;
+    per case the losses, the engine's calls summed over ranks and the last step's plan summary."""
+    from longtrain.launcher.config import load_recipe
+    from longtrain.launcher.trainer import Trainer
+
+    out = []
+    for case in cases:
+        if not isinstance(case, dict):
+            case = {"overrides": case}
+        overrides = VARLEN + list(case["overrides"]) + [f"run.launch.nproc_per_node={dist.get_world_size()}"]
+        trainer = Trainer(load_recipe(None, overrides))
+        result = trainer.run(stop_after=case.get("stop_after"))
+        engine = trainer.parallel.balance_engine
+        calls = torch.tensor([engine.calls[k] for k in ("local", "ring", "remap")] if engine else [0, 0, 0])
+        dist.all_reduce(calls)
+        plan = getattr(trainer.loader, "last_plan", None)
+        out.append({"losses": result.losses, "calls": dict(zip(("local", "ring", "remap"), calls.tolist())),
+                    "groups": sorted({len(g) for g, _ in plan.groups.values()}) if plan else [],
+                    "levels": sorted({lvl for _, lvl in plan.groups.values()}) if plan else [],
+                    "cursor": trainer.loader.state_dict()["cursor"]})
+        dist.barrier()
+    return out
