@@ -11,7 +11,7 @@ from longtrain.parallel.balance.cost import (PRESETS, ClusterError, ClusterSpec,
 
 GQA = ModelShape(n_layers=2, n_heads=32, n_kv_heads=8, head_dim=128, linear_params_per_layer=200_000_000)
 FLAT = ClusterSpec("flat", gpus_per_node=8, nics_per_node=8, nic_gbps=400.0, intra_gbs=450.0,
-                   attention_tflops=((1, 600.0),), linear_tflops=600.0)
+                   attention_tflops=((1, 600.0),), linear_tflops=600.0, latency_us=0.0)
 
 
 def test_formulas_plainly():
@@ -29,6 +29,12 @@ def test_formulas_plainly():
     full = ModelShape(1, 32, 8, 128, 1, causal=False)
     assert hiding_length("intra", full, FLAT) == pytest.approx(333.3, rel=0.01)
     assert hiding_length("inter", full, FLAT) == pytest.approx(3000, rel=0.01)
+    # with a message latency alpha, per-step compute equals bytes/BW + alpha at L/g = tau
+    slow = ClusterSpec("slow", 8, 8, 400.0, 450.0, ((1, 600.0),), 600.0, latency_us=20.0)
+    tau_lat = hiding_length("intra", GQA, slow)
+    assert tau_lat > tau
+    L = tau_lat * g
+    assert attention_flops(L, GQA) / g ** 2 / 600e12 == pytest.approx(ring_step_bytes(L, g, GQA, 2) / 450e9 + 20e-6)
     # attention FLOPs equal linear FLOPs at the crossing length
     x = attention_linear_crossing(GQA)
     assert attention_flops(x, GQA) == pytest.approx(linear_flops(x, GQA))
@@ -61,8 +67,7 @@ def test_cost_model_seconds():
     cm = CostModel(GQA, FLAT)
     assert cm.attention_seconds(2000) == pytest.approx(3.5 * attention_flops(2000, GQA) / 600e12 * 2)
     assert cm.linear_seconds(2000) == pytest.approx(3 * linear_flops(2000, GQA) / 600e12 * 2)
-    assert cm.ring_transfer_seconds(2000, 2, "intra") == pytest.approx(
-        ring_step_bytes(2000, 2, GQA, 2) / 450e9 + 10e-6)
+    assert cm.ring_transfer_seconds(2000, 2, "intra") == pytest.approx(ring_step_bytes(2000, 2, GQA, 2) / 450e9)
 
 
 def test_preset_file_round_trip_and_errors(tmp_path):

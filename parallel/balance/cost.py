@@ -208,9 +208,17 @@ def ring_step_bytes(length: float, group: int, m: ModelShape, bytes_per_element:
 
 
 def hiding_length(level: str, m: ModelShape, c: ClusterSpec, length_hint: int = 16384) -> float:
-    """tau_level: the shortest per-rank chunk whose ring step computes at least as long as it sends."""
+    """tau_level: the shortest per-rank chunk whose ring step computes at least as long as it sends.
+
+    Per step a member computes 4 c x^2 h_q d FLOPs on chunks of x = L/g tokens and sends
+    2 x h_kv d b bytes plus one message latency alpha:  4 c h_q d x^2 / F >= 2 h_kv d b x / BW + alpha.
+    With alpha = 0 this is x >= (h_kv/h_q) b F / (2 c BW) (techniques.md 1.3); with latency the
+    positive root of the quadratic."""
     flops = c.attention_flops_per_s(length_hint)
-    return (m.n_kv_heads / m.n_heads) * c.bytes_per_element * flops / (2.0 * m.mask_factor * c.bandwidth(level))
+    a = 4.0 * m.mask_factor * m.n_heads * m.head_dim / flops
+    b = 2.0 * m.n_kv_heads * m.head_dim * c.bytes_per_element / c.bandwidth(level)
+    alpha = c.latency_us * 1e-6
+    return (b + math.sqrt(b * b + 4.0 * a * alpha)) / (2.0 * a)
 
 
 def attention_linear_crossing(m: ModelShape) -> float:

@@ -1,0 +1,134 @@
+"""Simulated step time of a balance plan, from the cost model (cost.py), event by event.
+
+One layer is simulated (forward then backward) and multiplied by the model's layers. Each rank keeps
+a clock:
+
+1. linear work before attention (QKV projections: a third of the layer's linear FLOPs forward) on the
+   tokens the rank holds outside attention (the linear layout with remapping, else the attention layout);
+2. with remapping, the all_to_all into the attention layout: a collective, so every clock moves to the
+   slowest rank's arrival plus the largest per-rank transfer (bytes at the intra- or inter-node
+   bandwidth of the peers it sends to);
+3. core attention, slot by slot in the engine's order (inter-node rings, intra-node rings, local): a
+   local slot advances its rank's clock by its compute; a ring of g members starts when its last
+   member arrives and runs g steps, each as long as the slowest member's compute for that step or
+   the K/V block's transfer, whichever is longer (the next block is in flight while one computes);
+4. the remap back and the linear work after attention (output projection and MLP) as in 1-2.
+
+Backward repeats the same with 2x the linear and 2.5x the attention compute, and K/V plus their
+gradients travelling round each ring (2x the bytes). Gradient reduction is the same for every
+strategy and is left out. Routing (multi-NIC proxies) is not modelled.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from longtrain.parallel.balance.cost import CostModel, attention_flops, ring_step_bytes
+from longtrain.parallel.balance.planner import Plan
+from longtrain.parallel.balance.remap import linear_layout, token_ids
+
+
+@dataclass
+class StepSimulation:
+    strategy: str
+    step_seconds: float
+    busy: np.ndarray  # per rank: compute seconds
+    idle: np.ndarray  # per rank: step_seconds - busy
+    bytes_sent: np.ndarray  # per rank: ring + remap bytes of the step (all layers)
+    events: list = field(default_factory=list)  # (rank, start, stop, kind) of one layer, forward
+
+
+def _piece_pairs(start: int, stop: int) -> float:
+    return (stop * (stop + 1) - start * (start + 1)) / 2.0
+
+
+def simulate(plan: Plan, cm: CostModel, remap: bool = True, compute_scale: float = 1.0) -> StepSimulation:
+    """`compute_scale`: compute seconds are multiplied by it (ranks sharing a CPU core: ranks / cores)."""
+    P, m, c = plan.world, cm.model, cm.cluster
+    G = plan.gpus_per_node
+    attention = token_ids(plan)
+    linear = linear_layout(attention, G) if remap else attention
+    lin_tokens = np.array([len(x) for x in linear], dtype=float)
+    per_token_linear = cm.linear_seconds(1.0) / m.n_layers / 3.0 * compute_scale  # forward, one layer, one token
+    bytes_per_token = (m.n_heads + 2 * m.n_kv_heads) * m.head_dim * c.bytes_per_element
+    out_bytes_per_token = m.n_heads * m.head_dim * c.bytes_per_element
+
+    # remap transfer per rank (forward into attention layout, and back), seconds and bytes
+    remap_in = np.zeros(P)
+    remap_out = np.zeros(P)
+    remap_bytes = np.zeros(P)
+    if remap:
+        owner = np.empty(sum(len(x) for x in attention), np.int64)
+        for r, ids in enumerate(attention):
+            owner[ids] = r
+        for r, ids in enumerate(linear):
+            dest = owner[ids]
+            for d in np.unique(dest):
+                if d == r:
+                    continue
+                n = int((dest == d).sum())
+                level = "intra" if d // G == r // G else "inter"
+                remap_in[r] += n * bytes_per_token / c.bandwidth(level)
+                remap_out[d] += n * out_bytes_per_token / c.bandwidth(level)
+                remap_bytes[r] += n * bytes_per_token
+                remap_bytes[d] += n * out_bytes_per_token
+
+    # slots in engine order, with each member's forward attention seconds per ring step
+    slots: dict = {}
+    for r, pieces in enumerate(plan.pieces):
+        for p in pieces:
+            slot = slots.setdefault(p.group, {"level": p.level, "work": {}, "tokens": {}})
+            flops = 4.0 * m.mask_factor * 2 * _piece_pairs(p.start, p.stop) * m.n_heads * m.head_dim
+            L = plan.lengths[p.seq]
+            rate = c.attention_flops_per_s(max(1, L // len(p.group)))
+            slot["work"][r] = slot["work"].get(r, 0.0) + flops / rate * compute_scale
+            slot["tokens"][r] = slot["tokens"].get(r, 0) + (p.stop - p.start)
+    order = sorted(slots, key=lambda g: ({"inter": 0, "intra": 1, "local": 2}[slots[g]["level"]], len(g) == 1, g))
+    ring_bytes = np.zeros(P)
+    events = []
+
+    def attention_pass(clock, compute_factor, byte_factor, busy, record):
+        for group in order:
+            slot = slots[group]
+            if len(group) == 1:
+                r = group[0]
+                t = slot["work"].get(r, 0.0) * compute_factor
+                if record:
+                    events.append((r, clock[r], clock[r] + t, "local"))
+                clock[r] += t
+                busy[r] += t
+                continue
+            g = len(group)
+            start = max(clock[r] for r in group)
+            block = max(slot["tokens"].values())
+            nbytes = 2.0 * block * m.n_kv_heads * m.head_dim * c.bytes_per_element * byte_factor
+            transfer = nbytes / c.bandwidth(slot["level"]) + c.latency_us * 1e-6
+            step_compute = max(slot["work"].get(r, 0.0) for r in group) * compute_factor / g
+            duration = step_compute + (g - 1) * max(step_compute, transfer)
+            for r in group:
+                busy[r] += slot["work"].get(r, 0.0) * compute_factor
+                ring_bytes[r] += nbytes * (g - 1)
+                if record:
+                    events.append((r, start, start + duration, slot["level"]))
+                clock[r] = start + duration
+
+    busy = np.zeros(P)
+    clock = np.zeros(P)
+    for phase, (lin_factor, att_factor, byte_factor) in enumerate(((1.0, 1.0, 1.0), (2.0, 2.5, 2.0))):
+        pre = lin_tokens * per_token_linear * lin_factor / 3.0
+        post = lin_tokens * per_token_linear * lin_factor * 2.0 / 3.0
+        clock += pre
+        busy += pre
+        if remap:
+            clock[:] = clock.max() + (remap_in if phase == 0 else remap_out).max() * (1 if phase == 0 else 1)
+        attention_pass(clock, att_factor, byte_factor, busy, record=phase == 0)
+        if remap:
+            clock[:] = clock.max() + (remap_out if phase == 0 else remap_in).max()
+        clock += post
+        busy += post
+    layer = float(clock.max())
+    step = layer * m.n_layers
+    busy_step = busy * m.n_layers
+    return StepSimulation(plan.strategy, step, busy_step, step - busy_step,
+                          (ring_bytes + 2 * remap_bytes) * m.n_layers, events)
