@@ -30,28 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import CommCounter, MachineLoad, install_comm_counter, machine_info  # noqa: E402
 
 STRATEGIES = ("even_cp", "tokens", "hybrid_dp", "zeppelin")
-# Named length mixes (the paper's distributions are not public; these are stand-ins): log-normal
-# bodies with long tails, capped at `cap` tokens.
-MIXES = {
-    "long-tailed": dict(mu=6.0, sigma=1.2, tail=0.02, tail_lo=16384, tail_hi=32768, cap=32768),
-    "arxiv": dict(mu=9.0, sigma=0.8, tail=0.0, tail_lo=0, tail_hi=0, cap=65536),
-    "github": dict(mu=7.0, sigma=1.8, tail=0.0, tail_lo=0, tail_hi=0, cap=65536),
-    "prolong64k": dict(mu=7.5, sigma=1.5, tail=0.3, tail_lo=32768, tail_hi=65536, cap=65536),
-}
-
-
-def sample_lengths(rng, budget: int, mix: dict, scale: float = 1.0) -> list[int]:
-    """Sequences of a mix (lengths x scale) until `budget` tokens."""
-    out = []
-    while True:
-        if mix["tail"] and rng.random() < mix["tail"]:
-            length = rng.integers(mix["tail_lo"], mix["tail_hi"] + 1)
-        else:
-            length = min(mix["cap"], rng.lognormal(mix["mu"], mix["sigma"]) + 1)
-        length = max(1, int(length * scale))
-        if sum(out) + length > budget:
-            return out or [budget]
-        out.append(length)
+from longtrain.parallel.balance.simulator import MIXES, sample_lengths  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
     longtrain data inspect RECIPE [key=value ...]         document lengths, tokens, packing efficiency
     longtrain data export --out DIR                       the built-in corpus as jsonl shards
     longtrain probe [--out FILE]                          measure attention FLOP/s and P2P bandwidth -> preset
+    longtrain plan balance RECIPE [key=value ...] [--mix NAME]   simulated step time per balance strategy
 
 Bad input ends with one line on stderr naming the key, file or rank, and exit code 2 (1 for a
 worker that failed while running).
@@ -64,7 +65,78 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("--lengths", default="256,512,1024,2048,4096", help="comma-separated sequence lengths")
     probe.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     probe.add_argument("--gpus-per-node", type=int, default=0)
+    plan = sub.add_parser("plan", help="plan without running")
+    plan_sub = plan.add_subparsers(dest="action", required=True)
+    balance = plan_sub.add_parser("balance", help="simulate one step per balance strategy (parallel/balance/simulator.py)")
+    balance.add_argument("recipe")
+    balance.add_argument("overrides", nargs="*")
+    balance.add_argument("--mix", default=None, help="a named length mix (long-tailed, arxiv, github, prolong64k) "
+                                                    "instead of the recipe's data")
+    balance.add_argument("--out", default=None, help="timeline PNG (default <run.dir>/balance_plan.png)")
+    balance.add_argument("--nproc", type=int, default=None, help="ranks per node (run.launch.nproc_per_node)")
     return parser
+
+
+def _plan_balance(args, overrides) -> int:
+    import numpy as np
+
+    from longtrain.launcher.config import resolve_degrees
+    from longtrain.models.sizes import resolve_model_config
+    from longtrain.parallel.balance.cost import CostModel, ModelShape, resolve_cluster
+    from longtrain.parallel.balance.simulator import MIXES, compare_strategies, sample_lengths, timeline_png
+
+    if args.nproc is not None:
+        overrides = overrides + [f"run.launch.nproc_per_node={args.nproc}"]
+    recipe = load_recipe(args.recipe, overrides)
+    p = recipe.parallel
+    world = recipe.run.launch.nproc_per_node * recipe.run.launch.nnodes
+    degrees = resolve_degrees(p, world)
+    dp, cp = degrees["dp_replicate"] * degrees["dp_shard"], degrees["cp"]
+    group = dp * cp
+    cm = CostModel(ModelShape.of(resolve_model_config(recipe.model), degrees["tp"]),
+                   resolve_cluster(recipe.cluster.preset, recipe.cluster.gpus_per_node, world=group))
+    budget = recipe.data.token_budget or recipe.data.batch_size * recipe.data.seq_len
+    bins_n = p.balance_bins or dp
+    if args.mix is not None:
+        if args.mix not in MIXES:
+            raise ValueError(f"--mix: unknown mix {args.mix!r}; known: {', '.join(MIXES)}")
+        rng = np.random.default_rng(recipe.train.seed)
+        lengths, bins = [], []
+        for b in range(bins_n):
+            part = sample_lengths(rng, budget, MIXES[args.mix])
+            lengths, bins = lengths + part, bins + [b % dp] * len(part)
+        source = f"mix {args.mix}"
+    else:
+        if recipe.data.packing != "varlen":
+            raise ValueError("data.packing: plan balance reads varlen bins from the recipe's data; set "
+                             "data.packing=varlen or pass --mix")
+        from longtrain.data.loader import PackedLoader
+        from longtrain.data.pipeline import DataSettings
+
+        settings = DataSettings.from_config(recipe.data, recipe.train.seed, "train")
+        settings.num_workers, settings.lanes = 0, settings.lanes or bins_n
+        loader = PackedLoader(settings, dp_rank=0, dp_degree=1)
+        lengths, bins = [], []
+        for b in range(bins_n):
+            cu = next(loader)["cu_seqlens"].tolist()
+            lengths += [cu[i + 1] - cu[i] for i in range(len(cu) - 1)]
+            bins += [b % dp] * (len(cu) - 1)
+        source = f"the recipe's data ({len(lengths)} sequences)"
+    sims = compare_strategies(lengths, bins, group, cp, cm, capacity=-(-3 * bins_n * budget // (2 * group)))
+    print(f"one step of {sum(lengths)} tokens ({source}) on {group} ranks ({dp} data x {cp} cp), cluster "
+          f"{cm.cluster.name}, {cm.cluster.gpus_per_node} per node")
+    best = min(s.step_seconds for s in sims.values())
+    for name, sim in sims.items():
+        print(f"  {name:10s} step {sim.step_seconds:10.4g} s  ({sim.step_seconds / best:5.2f}x the best)  busy "
+              f"max {sim.busy.max():.3g} s mean {sim.busy.mean():.3g} s  idle mean {sim.idle.mean():.3g} s  "
+              f"sent max {sim.bytes_sent.max() / 2 ** 20:.1f} MiB")
+    out = args.out or f"{recipe.run.dir}/balance_plan.png"
+    from pathlib import Path
+
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    timeline_png(sims, out)
+    print(f"timeline: {out}")
+    return 0
 
 
 def _probe_command(args) -> int:
@@ -121,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     overrides = list(getattr(args, "overrides", None) or []) + extra
+    if args.command == "plan":
+        try:
+            return _plan_balance(args, overrides)
+        except (RecipeError, ValueError) as err:
+            print(f"longtrain: error: {err}", file=sys.stderr)
+            return 2
     if args.command == "probe":
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

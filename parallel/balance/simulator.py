@@ -132,3 +132,64 @@ def simulate(plan: Plan, cm: CostModel, remap: bool = True, compute_scale: float
     busy_step = busy * m.n_layers
     return StepSimulation(plan.strategy, step, busy_step, step - busy_step,
                           (ring_bytes + 2 * remap_bytes) * m.n_layers, events)
+
+
+# ----------------------------------------------------------------------------------------------
+# Length mixes and the `longtrain plan balance` report
+# ----------------------------------------------------------------------------------------------
+# Named synthetic length mixes (the paper's distributions are not public; these are stand-ins):
+# log-normal bodies (mu, sigma of ln tokens) with an optional uniform tail, capped at `cap` tokens.
+MIXES = {
+    "long-tailed": dict(mu=6.0, sigma=1.2, tail=0.02, tail_lo=16384, tail_hi=32768, cap=32768),
+    "arxiv": dict(mu=9.0, sigma=0.8, tail=0.0, tail_lo=0, tail_hi=0, cap=65536),
+    "github": dict(mu=7.0, sigma=1.8, tail=0.0, tail_lo=0, tail_hi=0, cap=65536),
+    "prolong64k": dict(mu=7.5, sigma=1.5, tail=0.3, tail_lo=32768, tail_hi=65536, cap=65536),
+}
+
+
+def sample_lengths(rng, budget: int, mix: dict, scale: float = 1.0) -> list[int]:
+    """Sequences of a mix (lengths x scale) until `budget` tokens."""
+    out = []
+    while True:
+        if mix["tail"] and rng.random() < mix["tail"]:
+            length = rng.integers(mix["tail_lo"], mix["tail_hi"] + 1)
+        else:
+            length = min(mix["cap"], rng.lognormal(mix["mu"], mix["sigma"]) + 1)
+        length = max(1, int(length * scale))
+        if sum(out) + length > budget:
+            return out or [budget]
+        out.append(length)
+
+
+def compare_strategies(lengths: list[int], bins: list[int], world: int, cp: int, cm: CostModel, capacity: int,
+                       strategies=("even_cp", "tokens", "hybrid_dp", "zeppelin")) -> dict:
+    """{strategy: StepSimulation} for one step (zeppelin with remapping)."""
+    from longtrain.parallel.balance.planner import plan_step
+
+    out = {}
+    for strategy in strategies:
+        plan = plan_step(lengths, world, strategy, capacity=capacity + len(lengths), cp=cp, bins=bins,
+                         gpus_per_node=cm.cluster.gpus_per_node, cost=cm.cost, tau_intra=cm.tau("intra"),
+                         tau_inter=cm.tau("inter"))
+        out[strategy] = simulate(plan, cm, remap=strategy == "zeppelin")
+    return out
+
+
+def timeline_png(sims: dict, path) -> None:
+    """One row per rank, one panel per strategy: the forward attention events of one layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"local": "tab:green", "intra": "tab:blue", "inter": "tab:red"}
+    fig, axes = plt.subplots(len(sims), 1, figsize=(10, 1.2 + 0.9 * len(sims)), squeeze=False)
+    for ax, (name, sim) in zip(axes[:, 0], sims.items()):
+        for rank, start, stop, kind in sim.events:
+            ax.barh(rank, stop - start, left=start, color=colors[kind], height=0.8)
+        ax.set_title(f"{name}: step {sim.step_seconds:.3g} s", fontsize=9)
+        ax.set_ylabel("rank")
+    axes[-1, 0].set_xlabel("seconds (one layer's forward attention; green local, blue intra, red inter)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
