@@ -109,3 +109,19 @@ def test_probe_writes_a_loadable_preset(tmp_path):
     assert [row[0] for row in spec.attention_tflops] == [64, 128]
     assert all(tflops > 0 for _, tflops in spec.attention_tflops)
     assert spec.intra_gbs > 0 and spec.latency_us > 0 and spec.linear_tflops > 0
+
+
+def test_plan_balance_command(tmp_path, capsys):
+    """`longtrain plan balance` simulates every strategy on a named mix and writes a timeline; a bad mix
+    name is one line."""
+    from longtrain.launcher.cli import main
+
+    args = ["plan", "balance", "configs/debug_cpu.yaml", "--nproc", "16", "parallel.tp=1", "parallel.cp=8",
+            "data.packing=varlen", "data.token_budget=32768", "model.max_seq_len=65536", "cluster.preset=C"]
+    assert main(args + ["--mix", "arxiv", "--out", str(tmp_path / "t.png")]) == 0
+    out = capsys.readouterr().out
+    for strategy in ("even_cp", "tokens", "hybrid_dp", "zeppelin"):
+        assert f"  {strategy}" in out
+    assert (tmp_path / "t.png").stat().st_size > 1000
+    assert main(args + ["--mix", "nope"]) == 2
+    assert "--mix: unknown mix 'nope'" in capsys.readouterr().err
