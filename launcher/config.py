@@ -125,6 +125,9 @@ class ClusterConfig:
     # Zeppelin paper's clusters), h100x8, local (written by `longtrain probe`) or a preset .yaml file.
     preset: str = "local"
     gpus_per_node: int = 0  # 0: the preset's; on CPU a smaller value simulates several nodes
+    # Balance routing layer (parallel/balance/routing.py): a ring's inter-node hop split over proxy
+    # ranks, one per NIC. auto: on when the preset has more than one NIC per node and several nodes.
+    routing: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass

@@ -77,9 +77,14 @@ def parallelize(model: nn.Module, mesh: Mesh, recipe: Recipe, device: torch.devi
 
         from longtrain.parallel.balance.engine import BalancedAttention
 
+        from longtrain.parallel.balance.cost import routing_enabled
+
         group = mesh["loss"].get_group()
+        routing = routing_enabled(recipe.cluster.routing, recipe.cluster.preset, recipe.cluster.gpus_per_node,
+                                  dims.dp * dims.cp)
         attention = balance_engine = BalancedAttention(group, dist.get_process_group_ranks(group),
-                                                       backend=p.attention_backend, kv_chunks=p.cp_kv_chunks)
+                                                       backend=p.attention_backend, kv_chunks=p.cp_kv_chunks,
+                                                       routing=routing)
     elif dims.cp > 1:
         hybrid = hasattr(cfg, "pattern")
         attention = build_strategy(mesh, p.cp_mode, cfg.n_heads // dims.tp, cfg.n_kv_heads // dims.tp,

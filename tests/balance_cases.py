@@ -38,7 +38,7 @@ def engine_errors(cases: list[dict]) -> list[dict]:
         plan = plan_step(lengths, world, case["strategy"], capacity=case["capacity"], cp=cp, bins=bins,
                          gpus_per_node=case.get("gpus_per_node", 0), tau_intra=case.get("tau", 0))
         layout = StepLayout.build(plan, rank, case.get("remap", True))
-        engine = BalancedAttention(group, list(range(world)), backend="reference")
+        engine = BalancedAttention(group, list(range(world)), backend="reference", routing=case.get("routing", False))
         engine.set_step(layout)
         ids = torch.from_numpy(layout.linear_ids)
         mine = [t[:, ids].clone().requires_grad_() for t in (q, k, v)]
@@ -48,11 +48,12 @@ def engine_errors(cases: list[dict]) -> list[dict]:
                               + [(m.grad - r.grad[:, ids]).abs().max().item() if len(ids) else 0.0
                                  for m, r in zip(mine, ref_in)])
         dist.all_reduce(errors, op=dist.ReduceOp.MAX)
-        calls = torch.tensor([engine.calls["local"], engine.calls["ring"], engine.calls["remap"], len(ids)])
+        calls = torch.tensor([engine.calls["local"], engine.calls["ring"], engine.calls["remap"], len(ids),
+                              engine.calls["routed"]])
         dist.all_reduce(calls)
         results.append({"out": errors[0].item(), "dq": errors[1].item(), "dk": errors[2].item(),
                         "dv": errors[3].item(), "local": int(calls[0]), "ring": int(calls[1]),
-                        "remap": int(calls[2]), "tokens": int(calls[3]),
+                        "remap": int(calls[2]), "tokens": int(calls[3]), "routed": int(calls[4]),
                         "groups": sorted({len(g) for g, _ in plan.groups.values()})})
     return results
 
@@ -62,7 +63,7 @@ def engine_errors(cases: list[dict]) -> list[dict]:
 VARLEN = ["model.name=tiny", "data.seq_len=64", "data.packing=varlen", "data.token_budget=384",
           "data.max_doc_len=160", "data.num_workers=0", "train.log_every=1", "run.progress=false",
           "run.tensorboard=false", "checkpoint.save_at_end=false", "optim.warmup_steps=2", "optim.lr=3e-3",
-          "train.steps=5", "cluster.preset=local"]
+          "train.steps=5", "cluster.preset=local", "checkpoint.resume=never"]
 
 
 def train_balanced(cases: list) -> list[dict]:
@@ -79,10 +80,10 @@ def train_balanced(cases: list) -> list[dict]:
         trainer = Trainer(load_recipe(None, overrides))
         result = trainer.run(stop_after=case.get("stop_after"))
         engine = trainer.parallel.balance_engine
-        calls = torch.tensor([engine.calls[k] for k in ("local", "ring", "remap")] if engine else [0, 0, 0])
+        calls = torch.tensor([engine.calls[k] for k in ("local", "ring", "remap", "routed")] if engine else [0] * 4)
         dist.all_reduce(calls)
         plan = getattr(trainer.loader, "last_plan", None)
-        out.append({"losses": result.losses, "calls": dict(zip(("local", "ring", "remap"), calls.tolist())),
+        out.append({"losses": result.losses, "calls": dict(zip(("local", "ring", "remap", "routed"), calls.tolist())),
                     "groups": sorted({len(g) for g, _ in plan.groups.values()}) if plan else [],
                     "levels": sorted({lvl for _, lvl in plan.groups.values()}) if plan else [],
                     "cursor": trainer.loader.state_dict()["cursor"]})

@@ -1,7 +1,8 @@
 """The balance attention engine equals single-device attention per document: out, dq, dk, dv within
 1e-5 (fp32) at 2 and 4 ranks, for one step mixing lengths 1, 7, 100, 3000 and
 one sequence longer than a rank's capacity, under every strategy, with and without remapping; and
-it ran what the plan says (local and ring calls, remap exchanges)."""
+it ran what the plan says (local and ring calls, remap exchanges); with the routing layer on over two
+simulated nodes of two ranks, inter-node hops go through proxies and stay exact."""
 import pytest
 
 from balance_cases import engine_errors
@@ -19,6 +20,11 @@ def _cases(world):
             cases.append({"lengths": LENGTHS, "strategy": strategy, "remap": remap, "cp": cp,
                           "capacity": 2600 if world == 2 else 1500, "tau": 16,
                           "name": f"{strategy} remap={remap} cp{cp}"})
+    if world == 4:  # two simulated nodes of two ranks; the routing layer on (inter-node hops via proxies)
+        cases.append({"lengths": [3000, 700, 5, 64], "strategy": "even_cp", "capacity": 1500, "gpus_per_node": 2,
+                      "routing": True, "remap": False, "name": "even_cp routed"})
+        cases.append({"lengths": LENGTHS, "strategy": "zeppelin", "capacity": 1500, "tau": 16, "gpus_per_node": 2,
+                      "routing": True, "name": "zeppelin routed"})
     cases.append({"lengths": LENGTHS, "strategy": "zeppelin", "capacity": 1500, "tau": 16, "gpus_per_node": 2,
                   "heads": 4, "kv_heads": 1, "name": "zeppelin two nodes gqa 4:1"} if world == 4 else
                  {"lengths": [1, 2, 3], "strategy": "even_cp", "capacity": 8, "name": "even_cp shorter than the ring"})
@@ -36,3 +42,4 @@ def test_engine_matches_single_device(world):
         if case["strategy"] in ("zeppelin", "tokens", "hybrid_dp"):
             assert res["local"] > 0, f"{case['name']}: nothing ran locally {res}"
         assert (res["remap"] > 0) == case.get("remap", True), res
+        assert (res["routed"] > 0) == case.get("routing", False), res  # routed hops ran (only) when asked

@@ -1,7 +1,7 @@
 """Training under parallel.balance gives the losses of one process on the same sequences: a tiny
 model, 5 steps of varlen bins, at cp4 and dp2 x cp2 (two simulated nodes of two ranks) under
-zeppelin, tokens, even_cp and hybrid_dp, zeppelin with remapping off; resume mid-run and at another
-group size."""
+zeppelin, tokens, even_cp and hybrid_dp, zeppelin with remapping off, even_cp at cp4 over two simulated
+nodes with the routing layer on (its ring spans both nodes), and zeppelin at tp2 x cp2."""
 import pytest
 
 from balance_cases import train_balanced
@@ -27,10 +27,15 @@ def test_balanced_training_matches_one_process():
     cases = [CP4 + [f"parallel.balance={s}"] for s in ("zeppelin", "tokens", "even_cp", "hybrid_dp")]
     cases += [CP4 + ["parallel.balance=zeppelin", "parallel.balance_remap=false"]]
     cases += [DP2CP2 + [f"parallel.balance={s}"] for s in ("zeppelin", "even_cp")]
+    cases += [CP4 + ["cluster.gpus_per_node=2", "parallel.balance=even_cp", "cluster.routing=on"]]
+    # tp peers follow their balancing rank (tp2 x cp2: a group of 2; no sequence parallel under varlen)
+    cases += [["parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=false", "parallel.balance=zeppelin"]]
     results = run_group(4, train_balanced, cases)
     for case, res in zip(cases, results):
         ref = reference[2] if "parallel.dp_shard=2" in case else reference[0]
         _close(res["losses"], ref["losses"])
-        assert res["calls"]["ring"] > 0, (case, res)  # sequences did ring
+        if "parallel.tp=2" not in case:
+            assert res["calls"]["ring"] > 0, (case, res)  # sequences did ring
         assert (res["calls"]["remap"] > 0) == ("parallel.balance=zeppelin" in case
                                               and "parallel.balance_remap=false" not in case), (case, res)
+        assert (res["calls"]["routed"] > 0) == ("cluster.routing=on" in case), (case, res)

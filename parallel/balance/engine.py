@@ -12,7 +12,8 @@ Sequences that share a ring group run as one packed block (one ring pass). A mem
 padded to the longest member's (padding: sequence id -1, attends nothing, is dropped after).
 Groups run in one global order every rank follows (inter-node rings, then intra-node, then local),
 so rings never wait on each other in a cycle: the slowest transfers start first and local work
-comes last. With remapping the tensors arrive in the linear layout and one all_to_all_single
+comes last. With `routing`, a ring that spans nodes sends its inter-node hops through proxy ranks
+(routing.py). With remapping the tensors arrive in the linear layout and one all_to_all_single
 moves q, k, v (concatenated on the head axis) into the attention layout; one moves the output back.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from longtrain.parallel.balance.planner import Plan, slot_key
+from longtrain.parallel.balance.routing import Router
 from longtrain.parallel.balance.remap import Route, TokenExchange, invert, linear_layout, plan_route, token_ids
 from longtrain.parallel.context.comm import SubRing
 from longtrain.parallel.context.ring import LocalBlocksAttention, RingAttention, TokenInfo
@@ -38,6 +40,7 @@ class Slot:
     padded: int  # the block length every member runs with
     pos: torch.Tensor  # (1, padded) position in the sequence
     doc: torch.Tensor  # (1, padded) sequence id, -1 for padding
+    nodes: tuple = ()  # node of each ring member
 
 
 @dataclass
@@ -80,7 +83,8 @@ class StepLayout:
                 doc[at:at + p.stop - p.start] = p.seq
                 at += p.stop - p.start
             slots.append(Slot(group, level, group.index(rank), offset, real, padded,
-                              torch.from_numpy(pos)[None], torch.from_numpy(doc)[None]))
+                              torch.from_numpy(pos)[None], torch.from_numpy(doc)[None],
+                              tuple(r // plan.gpus_per_node for r in group)))
             offset += real
         layout = cls(rank, slots, linear[rank], attention[rank])
         if remap:
@@ -99,11 +103,11 @@ class BalancedAttention:
     rank of balancing rank i."""
 
     def __init__(self, group, global_ranks: list[int], backend: str = "auto", causal: bool = True,
-                 kv_chunks: int = 1):
-        self.group, self.global_ranks = group, list(global_ranks)
+                 kv_chunks: int = 1, routing: bool = False):
+        self.group, self.global_ranks, self.routing = group, list(global_ranks), routing
         self.backend, self.causal, self.kv_chunks = backend, causal, kv_chunks
         self.layout: StepLayout | None = None
-        self.calls = {"local": 0, "ring": 0, "remap": 0}  # what ran (tests assert on it)
+        self.calls = {"local": 0, "ring": 0, "remap": 0, "routed": 0}  # what ran (tests assert on it)
 
     def set_step(self, layout: StepLayout) -> None:
         self.layout = layout
@@ -129,7 +133,12 @@ class BalancedAttention:
                 out = LocalBlocksAttention.apply(*block, info, info, scale, self.causal, self.backend)
                 self.calls["local"] += 1
             else:
-                ring = SubRing(self.group, tuple(self.global_ranks[r] for r in slot.ranks))
+                ranks = tuple(self.global_ranks[r] for r in slot.ranks)
+                router = None
+                if self.routing and len(set(slot.nodes)) > 1:
+                    router = Router(self.group, ranks, slot.nodes)
+                    self.calls["routed"] += bool(router.hops())
+                ring = SubRing(self.group, ranks, router)
                 out = RingAttention.apply(*block, info, None, slot.member, scale, self.causal, self.backend, ring,
                                           self.kv_chunks)
                 self.calls["ring"] += 1

@@ -16,7 +16,8 @@ a clock:
 
 Backward repeats the same with 2x the linear and 2.5x the attention compute, and K/V plus their
 gradients travelling round each ring (2x the bytes). Gradient reduction is the same for every
-strategy and is left out. Routing (multi-NIC proxies) is not modelled.
+strategy and is left out. With `routing`, the inter-node hop of a whole-node ring uses all its
+members' NICs (see `simulate`).
 """
 from __future__ import annotations
 
@@ -43,8 +44,11 @@ def _piece_pairs(start: int, stop: int) -> float:
     return (stop * (stop + 1) - start * (start + 1)) / 2.0
 
 
-def simulate(plan: Plan, cm: CostModel, remap: bool = True, compute_scale: float = 1.0) -> StepSimulation:
-    """`compute_scale`: compute seconds are multiplied by it (ranks sharing a CPU core: ranks / cores)."""
+def simulate(plan: Plan, cm: CostModel, remap: bool = True, compute_scale: float = 1.0,
+             routing: bool = False) -> StepSimulation:
+    """`compute_scale`: compute seconds are multiplied by it (ranks sharing a CPU core: ranks / cores).
+    `routing`: a ring's inter-node hop is split over the k members of its node (routing.py), pipelined:
+    max(M / (k B_nic), M / (k B_intra)) plus three latencies, instead of M / B_nic."""
     P, m, c = plan.world, cm.model, cm.cluster
     G = plan.gpus_per_node
     attention = token_ids(plan)
@@ -104,6 +108,11 @@ def simulate(plan: Plan, cm: CostModel, remap: bool = True, compute_scale: float
             block = max(slot["tokens"].values())
             nbytes = 2.0 * block * m.n_kv_heads * m.head_dim * c.bytes_per_element * byte_factor
             transfer = nbytes / c.bandwidth(slot["level"]) + c.latency_us * 1e-6
+            nodes = [r // G for r in group]
+            k = nodes.count(nodes[0])
+            if routing and len(set(nodes)) > 1 and all(nodes.count(n) == k for n in set(nodes)) and k > 1:
+                transfer = max(nbytes / (k * c.bandwidth("inter")), nbytes / (k * c.bandwidth("intra"))) \
+                    + 3 * c.latency_us * 1e-6
             step_compute = max(slot["work"].get(r, 0.0) for r in group) * compute_factor / g
             duration = step_compute + (g - 1) * max(step_compute, transfer)
             for r in group:

@@ -93,6 +93,7 @@ class SubRing:
     that group: per-sequence ring groups of the balance engine need no communicator of their own."""
     group: object
     ranks: tuple
+    router: object = None  # parallel/balance/routing.Router: inter-node hops split over proxy ranks
 
 
 class RingExchange:
@@ -101,8 +102,11 @@ class RingExchange:
     process group (its ranks form the ring) or a SubRing."""
 
     def __init__(self, group, reverse: bool = False):
+        self.router = None
         if isinstance(group, SubRing):
-            self.group, self.ranks = group.group, list(group.ranks)
+            self.group, self.ranks, self.router = group.group, list(group.ranks), group.router
+            if self.router is not None and reverse:
+                raise ValueError("RingExchange: a routed ring runs forward only")
         else:
             self.group, self.ranks = group, dist.get_process_group_ranks(group)
         me = self.ranks.index(dist.get_rank())
@@ -115,6 +119,8 @@ class RingExchange:
         """Tags keep two exchanges in flight apart (K/V for the next step, gradients). The
         returned handle owns the sent tensors until finish(): a buffer freed while the backend
         still reads it would be a use-after-free."""
+        if self.router is not None:
+            return self.router.start(tensors, tag)
         sent = [t.contiguous() for t in tensors]
         received = [torch.empty_like(t) for t in sent]
         ops = []
@@ -126,6 +132,8 @@ class RingExchange:
 
     @staticmethod
     def finish(pending) -> list[torch.Tensor]:
+        if callable(pending):  # a routed exchange finishes its own phases
+            return pending()
         works, received, _sent = pending
         for w in works:
             w.wait()
