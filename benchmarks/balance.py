@@ -283,12 +283,20 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--quick", action="store_true", help="small steps (smoke test)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--from-json", default=None, help="reuse the measurements of an earlier balance.json; "
+                                                          "recompute the simulations and the report")
     args = parser.parse_args(argv)
     from longtrain.launcher.local_group import run_group
 
     start, load = time.time(), MachineLoad()
     layouts, dims = measured_setup(args.quick)
-    measured = run_group(4, _measure, layouts, dims, 1 if args.quick else args.repeats)
+    if args.from_json:
+        old = json.loads(Path(args.from_json).read_text())
+        measured, layouts, dims = old["measured"], old["config"]["layouts"], old["config"]["model"]
+        start, previous_elapsed, other = time.time(), old["elapsed_s"], old["other_processes_cpu_share"]
+    else:
+        measured = run_group(4, _measure, layouts, dims, 1 if args.quick else args.repeats)
+        previous_elapsed, other = 0.0, None
     simulated = simulate_measured(layouts, dims)
     speedup = {}
     for layout in layouts:
@@ -300,7 +308,8 @@ def main(argv=None) -> int:
               "summary": {"measured_speedup": speedup,
                           "sim_over_measured": {k: float(np.mean(simulated[k]["step_s"]) / np.mean(v["step_s"]))
                                                 for k, v in measured.items()}},
-              "elapsed_s": time.time() - start, "other_processes_cpu_share": load.other_share() or 0.0}
+              "elapsed_s": previous_elapsed + time.time() - start,
+              "other_processes_cpu_share": other if other is not None else (load.other_share() or 0.0)}
     write_report(report, Path(args.out))
     print((Path(args.out) / "balance.md").read_text())
     return 0

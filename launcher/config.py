@@ -126,8 +126,9 @@ class ClusterConfig:
     preset: str = "local"
     gpus_per_node: int = 0  # 0: the preset's; on CPU a smaller value simulates several nodes
     # Balance routing layer (parallel/balance/routing.py): a ring's inter-node hop split over proxy
-    # ranks, one per NIC. auto: on when the preset has more than one NIC per node and several nodes.
-    routing: Literal["auto", "on", "off"] = "auto"
+    # ranks, one per NIC. null (auto): on when the preset has several NICs per node and the group
+    # spans nodes (never for `local`); true or false to choose.
+    routing: Optional[bool] = None
 
 
 @dataclass

@@ -27,7 +27,7 @@ def test_balanced_training_matches_one_process():
     cases = [CP4 + [f"parallel.balance={s}"] for s in ("zeppelin", "tokens", "even_cp", "hybrid_dp")]
     cases += [CP4 + ["parallel.balance=zeppelin", "parallel.balance_remap=false"]]
     cases += [DP2CP2 + [f"parallel.balance={s}"] for s in ("zeppelin", "even_cp")]
-    cases += [CP4 + ["cluster.gpus_per_node=2", "parallel.balance=even_cp", "cluster.routing=on"]]
+    cases += [CP4 + ["cluster.gpus_per_node=2", "parallel.balance=even_cp", "cluster.routing=true"]]
     # tp peers follow their balancing rank (tp2 x cp2: a group of 2; no sequence parallel under varlen)
     cases += [["parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=false", "parallel.balance=zeppelin"]]
     results = run_group(4, train_balanced, cases)
@@ -38,4 +38,4 @@ def test_balanced_training_matches_one_process():
             assert res["calls"]["ring"] > 0, (case, res)  # sequences did ring
         assert (res["calls"]["remap"] > 0) == ("parallel.balance=zeppelin" in case
                                               and "parallel.balance_remap=false" not in case), (case, res)
-        assert (res["calls"]["routed"] > 0) == ("cluster.routing=on" in case), (case, res)
+        assert (res["calls"]["routed"] > 0) == ("cluster.routing=true" in case), (case, res)

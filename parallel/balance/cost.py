@@ -159,11 +159,11 @@ def resolve_cluster(preset: str, gpus_per_node: int = 0, world: int | None = Non
     return spec
 
 
-def routing_enabled(setting: str, preset: str, gpus_per_node: int, world: int) -> bool:
-    """cluster.routing: on, off, or auto (on for a preset with several NICs per node when the
-    balancing group spans nodes; off for `local`, whose "NICs" are one machine's memory)."""
-    if setting in ("on", "off"):
-        return setting == "on"
+def routing_enabled(setting, preset: str, gpus_per_node: int, world: int) -> bool:
+    """cluster.routing: true, false, or None = auto (on for a preset with several NICs per node when
+    the balancing group spans nodes; off for `local`, whose "NICs" are one machine's memory)."""
+    if setting is not None:
+        return bool(setting)
     if preset == "local":
         return False
     spec = resolve_cluster(preset, gpus_per_node, world)
