@@ -34,8 +34,9 @@ def test_balanced_training_matches_one_process():
     for case, res in zip(cases, results):
         ref = reference[2] if "parallel.dp_shard=2" in case else reference[0]
         _close(res["losses"], ref["losses"])
-        if "parallel.tp=2" not in case:
-            assert res["calls"]["ring"] > 0, (case, res)  # sequences did ring
+        if "parallel.cp=4" in case or "parallel.balance=even_cp" in case:
+            # documents of up to 160 tokens exceed a cp4 rank's capacity (1.5 x 96): they must ring
+            assert res["calls"]["ring"] > 0, (case, res)
         assert (res["calls"]["remap"] > 0) == ("parallel.balance=zeppelin" in case
                                               and "parallel.balance_remap=false" not in case), (case, res)
         assert (res["calls"]["routed"] > 0) == ("cluster.routing=true" in case), (case, res)
