@@ -98,6 +98,12 @@ def test_recipe_errors_name_the_key():
         load_recipe(None, base + ["cluster.gpus_per_node=3"])
     with pytest.raises(RecipeError, match="data.packing: varlen bins"):
         load_recipe(None, base + ["parallel.balance=none"])
+    with pytest.raises(RecipeError, match="parallel.balance: hybrid Mamba stacks are not balanced yet"):
+        load_recipe(None, base + ["model.kind=hybrid", "model.name=hybrid-tiny"])
+    with pytest.raises(RecipeError, match="parallel.balance: zeppelin balances varlen batches"):
+        load_recipe(None, ["parallel.balance=zeppelin", "model.name=tiny"])
+    with pytest.raises(RecipeError, match="parallel.balance_bins: -1 must be >= 0"):
+        load_recipe(None, base + ["parallel.balance_bins=-1"])
 
 
 def test_probe_writes_a_loadable_preset(tmp_path):
