@@ -109,6 +109,13 @@ class ParallelConfig:
     mixed_precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     compile: bool = False
     attention_backend: Literal["auto", "torch", "flash_attn", "reference"] = "auto"
+    # Varlen batches over the data x context ranks (parallel/balance/): auto = zeppelin when
+    # data.packing is varlen and cp > 1, else none (the loader's per-data-rank bins as they come).
+    balance: Literal["auto", "none", "zeppelin", "tokens", "even_cp", "hybrid_dp"] = "auto"
+    balance_remap: bool = True  # zeppelin: equal tokens per rank outside core attention (remap.py)
+    # Varlen bins of data.token_budget the balancing group shares per step (0: one per data rank).
+    # Fixed, it keeps the global batch (and exact resume) the same at any group size.
+    balance_bins: int = 0
 
 
 @dataclass
@@ -137,6 +144,18 @@ class DataConfig:
     num_workers: int = 1  # background processes per rank that read, tokenize and pack (0: inline)
     prefetch: int = 2  # steps each worker produces ahead
     skip_bad_records: bool = False  # skip and count malformed records instead of failing on them
+
+
+@dataclass
+class ClusterConfig:
+    # The machines the balance planner and simulator model (parallel/balance/cost.py): A, B, C (the
+    # Zeppelin paper's clusters), h100x8, local (written by `longtrain probe`) or a preset .yaml file.
+    preset: str = "local"
+    gpus_per_node: int = 0  # 0: the preset's; on CPU a smaller value simulates several nodes
+    # Balance routing layer (parallel/balance/routing.py): a ring's inter-node hop split over proxy
+    # ranks, one per NIC. null (auto): on when the preset has several NICs per node and the group
+    # spans nodes (never for `local`); true or false to choose.
+    routing: Optional[bool] = None
 
 
 @dataclass
@@ -221,6 +240,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -462,7 +482,7 @@ def validate_recipe(recipe: Recipe, source: str = "recipe", world_size: int | No
         fail("run.launch.nproc_per_node and run.launch.nnodes must be at least 1")
     if world_size is None:
         world_size = launch.nproc_per_node * launch.nnodes
-    resolve_degrees(p, world_size, source)
+    degrees = resolve_degrees(p, world_size, source)
 
     from longtrain.models.sizes import resolve_model_config
 
@@ -513,10 +533,14 @@ def validate_recipe(recipe: Recipe, source: str = "recipe", world_size: int | No
     if d.seq_len < 1 or d.batch_size < 1:
         fail("data.seq_len and data.batch_size must be at least 1")
     _validate_data(d, mcfg, fail)
-    if d.packing == "varlen" and (p.pp > 1 or p.cp > 1 or recipe.train.grad_accum > 1
+    balance = resolve_balance(recipe)
+    if d.packing == "varlen" and (p.pp > 1 or (p.cp > 1 and balance == "none") or recipe.train.grad_accum > 1
                                   or (p.tp > 1 and p.sequence_parallel)):
-        fail("data.packing: varlen bins (one unpadded row of varying length per step) need pp=1, cp=1, "
-             "train.grad_accum=1 and no sequence parallel until the trainer balances them; use concat or whole")
+        fail("data.packing: varlen bins (one unpadded row of varying length per step) need pp=1, "
+             "train.grad_accum=1, no sequence parallel, and cp=1 unless parallel.balance balances them; "
+             "use concat or whole")
+    if balance != "none":
+        _validate_balance(recipe, degrees, hybrid, fail)
     t = recipe.train
     if t.grad_accum < 1 or d.batch_size % t.grad_accum:
         fail(f"train.grad_accum: {t.grad_accum} must divide data.batch_size={d.batch_size}")
@@ -640,6 +664,34 @@ def _validate_data(d: DataConfig, mcfg, fail) -> None:
         if longest > mcfg.max_seq_len:
             key = "data.max_doc_len" if d.max_doc_len else "data.token_budget"
             fail(f"{key}: varlen documents of up to {longest} tokens exceed model.max_seq_len={mcfg.max_seq_len}")
+
+
+def resolve_balance(recipe: Recipe) -> str:
+    """parallel.balance with auto resolved: zeppelin for varlen batches under cp > 1, else none."""
+    b = recipe.parallel.balance
+    if b == "auto":
+        return "zeppelin" if recipe.data.packing == "varlen" and recipe.parallel.cp > 1 else "none"
+    return b
+
+
+def _validate_balance(recipe: Recipe, degrees: dict, hybrid: bool, fail) -> None:
+    p = recipe.parallel
+    if recipe.data.packing != "varlen":
+        fail(f"parallel.balance: {p.balance} balances varlen batches; set data.packing: varlen or balance: none")
+    if p.balance_bins < 0:
+        fail(f"parallel.balance_bins: {p.balance_bins} must be >= 0 (0: one bin per data rank)")
+    if hybrid:
+        fail("parallel.balance: hybrid Mamba stacks are not balanced yet (their scans need contiguous groups); "
+             "set parallel.balance: none and data.packing: whole")
+    if p.pp > 1:
+        fail("parallel.balance: pipeline parallelism (parallel.pp > 1) is not supported with balancing; set pp: 1")
+    from longtrain.parallel.balance.cost import ClusterError, resolve_cluster
+
+    group = degrees["dp_replicate"] * degrees["dp_shard"] * degrees["cp"]
+    try:
+        resolve_cluster(recipe.cluster.preset, recipe.cluster.gpus_per_node, world=group)
+    except ClusterError as err:
+        fail(str(err))
 
 
 def pp_microbatches(p: ParallelConfig) -> int:
