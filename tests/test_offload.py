@@ -371,3 +371,22 @@ def test_offload_exact_under_2d_layouts(tmp_path, monkeypatch):
         _assert_placed(f"{name}/stride2" if name == "hsdp" else f"{name}_tp2/stride2", got)
         _assert_losses_close(name, got["losses"], ref["losses"])
         _assert_weights_close(name, got["weights"], ref["weights"])
+
+
+def test_offload_under_bf16_mixed_precision(tmp_path, monkeypatch):
+    """parallel.mixed_precision=bf16 (on CPU: FSDP2's bf16 compute over fp32 sharded weights, fp32
+    gradient reduction) under dp_shard2: interleaved stride 2 and plain CPU offload train as AdamW
+    does with the state on the device, the fp32 master and m, v on the host."""
+    monkeypatch.setenv("LONGTRAIN_CACHE", str(tmp_path / "cache"))
+    layout = LAYOUTS["dp_shard2"] + ["parallel.mixed_precision=bf16", "train.steps=5"]
+    cases = [{"overrides": layout + REFERENCE}, {"overrides": layout + OFFLOAD + MODES["stride2"]},
+             {"overrides": layout + OFFLOAD + MODES["cpu"]}]
+    ref, *runs = run_group(2, offload_cases, cases)
+    for name, got in zip(("dp_shard2_bf16/stride2", "dp_shard2_bf16/cpu"), runs):
+        assert got["compute_dtype"] == "torch.bfloat16" and got["fsdp_param_dtypes"] == ["torch.bfloat16"], name
+        assert got["weight_dtypes"] == ["torch.float32"] and got["master_dtypes"] == ["torch.float32"], name
+        _assert_placed(name, got, steps=5)
+        # bf16 only in the compute: the same bf16 forward and backward on the same fp32 weights,
+        # so the update is as exact as in fp32 (1e-6, far inside a bf16 tolerance of ~4e-3).
+        _assert_losses_close(name, got["losses"], ref["losses"], rel=1e-6)
+        _assert_weights_close(name, got["weights"], ref["weights"], rel=1e-6)
