@@ -255,7 +255,13 @@ def test_auto_subgroup_size_in_the_optimizer(tmp_path, monkeypatch):
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()
-    assert offload.offload_metrics([opt])["offload_subgroup_size"] == opt.subgroup_size
+    metrics = offload.offload_metrics([opt])
+    assert metrics["offload_subgroup_size"] == opt.subgroup_size
+    from longtrain.launcher.metrics import format_line
+
+    line = format_line({"step": 1, "loss": 1.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_second": 1.0,
+                        "tflops_per_device": 0.0, "mfu": None, "peak_memory_gb": 0.0, **metrics})
+    assert line.endswith(f", subgroups of {opt.subgroup_size:,})"), line
     opt.close()
     with pytest.raises(ValueError, match=r"^optim.offload_subgroup_size: must be auto or an integer >= 1, got 'big'$"):
         offload.OffloadAdamW([{"params": params, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.95), eps=1e-8,
