@@ -25,9 +25,9 @@ w = bytes per parameter of the training dtype:
 The stride picked is the k in 1..n+1 (n+1: every subgroup on the host) with the least T_update
 whose device buffer set (16 bytes x the largest subgroup) fits the device memory budget.
 
-Subgroup size `auto`: the same prediction for every candidate size S (powers of 4 from 64K
-parameters up to, and including, the largest weight-decay group of the shard: one subgroup per
-group) jointly with every stride; the (S, k) with the least T_update whose buffer set fits the
+Subgroup size `auto`: the same prediction for every candidate size S (64K x 4^i parameters that
+cut the shard into at most 512 subgroups, and the largest weight-decay group of the shard: one
+subgroup per group) jointly with every stride; the (S, k) with the least T_update whose buffer set fits the
 budget wins. Small subgroups balance host and device finely but pay c more often; large ones pay c
 rarely but split the work coarsely (and need a larger buffer set). Throughputs depend on the call
 size (caches), so the probe is taken at two sizes, the smallest and the largest candidate (capped
@@ -115,6 +115,7 @@ def pick_stride(probe: Probe, sizes: list[int], host_impl: str, weight_bytes: in
 
 SMALLEST_AUTO_SUBGROUP = 1 << 16  # below this a subgroup is all call overhead
 AUTO_SUBGROUP_FACTOR = 4
+MAX_AUTO_SUBGROUPS = 512
 
 
 def subgroup_sizes(group_numels: list[int], size: int) -> list[int]:
@@ -125,12 +126,15 @@ def subgroup_sizes(group_numels: list[int], size: int) -> list[int]:
 
 
 def candidate_subgroup_sizes(group_numels: list[int]) -> list[int]:
-    """Sizes `auto` considers: SMALLEST_AUTO_SUBGROUP x 4^i below the largest group, and the
-    largest group itself (one subgroup per group)."""
+    """Sizes `auto` considers: SMALLEST_AUTO_SUBGROUP x 4^i below the largest group that cut the
+    shard into at most MAX_AUTO_SUBGROUPS subgroups (more only adds per-subgroup costs, and the
+    search over strides grows with the square of the count), and the largest group itself (one
+    subgroup per group)."""
     largest = max(group_numels, default=0) or 1
     out, size = [], SMALLEST_AUTO_SUBGROUP
     while size < largest:
-        out.append(size)
+        if sum(-(-n // size) for n in group_numels) <= MAX_AUTO_SUBGROUPS:
+            out.append(size)
         size *= AUTO_SUBGROUP_FACTOR
     return out + [largest]
 

@@ -184,6 +184,10 @@ def test_model_picks_predicted_fastest_subgroup_size_and_stride():
     candidates = candidate_subgroup_sizes(groups)
     assert candidates == [1 << 16, 1 << 18, 1 << 20, 1 << 22, 12_000_000]
     assert subgroup_sizes(groups, 5_000_000) == [5_000_000, 5_000_000, 2_000_000, 30_000]
+    # An 8B-parameter shard: no candidate cuts it into more than 512 subgroups (the search stays short).
+    big = candidate_subgroup_sizes([8_000_000_000, 1_000_000])
+    assert big[0] == 1 << 24 and big[-1] == 8_000_000_000
+    assert all(len(subgroup_sizes([8_000_000_000, 1_000_000], s)) <= 512 for s in big)
 
     def gpu(overhead_s, small_sizes_faster=1.0):
         big = Probe({"torch": 1e9, "deepspeed": 0.8e9}, 50e9, 25e9, 25e9, False, overhead_s)
