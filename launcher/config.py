@@ -173,7 +173,9 @@ class OptimConfig:
     # shard in host memory, every subgroup updated by the CPU); interleaved (every stride-th
     # subgroup prefetched and updated on the device while the CPU updates the others).
     offload: Literal["none", "cpu", "interleaved"] = "none"
-    offload_subgroup_size: int = 10_000_000  # parameters per subgroup (per rank's shard)
+    # Parameters per subgroup of each rank's shard; auto: the performance model picks the size
+    # (jointly with the stride) within the device memory budget.
+    offload_subgroup_size: str = "auto"
     offload_stride: str = "auto"  # interleaved: auto (the performance model picks) or k >= 1
     offload_host_adam: Literal["auto", "deepspeed", "torch"] = "auto"  # auto: the faster, measured
     offload_device_memory_gb: float = 0.0  # device buffer budget for interleaved; 0: what is free
@@ -619,14 +621,17 @@ def _validate_numbers(recipe: Recipe, fail) -> None:
 def _validate_offload(o: OptimConfig, fail) -> None:
     if o.offload == "none":
         return
-    if o.offload_subgroup_size < 1:
-        fail(f"optim.offload_subgroup_size: must be at least 1, got {o.offload_subgroup_size}")
+    size = str(o.offload_subgroup_size)
+    if size != "auto" and not (size.isdigit() and int(size) >= 1):
+        fail(f"optim.offload_subgroup_size: must be auto or an integer >= 1, got {o.offload_subgroup_size!r}")
     stride = str(o.offload_stride)
     if stride != "auto" and not (stride.isdigit() and int(stride) >= 1):
         fail(f"optim.offload_stride: must be auto or an integer >= 1, got {o.offload_stride!r}")
     if o.offload_device_memory_gb < 0:
         fail(f"optim.offload_device_memory_gb: must be >= 0, got {o.offload_device_memory_gb}")
-    buffer_gb = 16 * o.offload_subgroup_size / 2**30  # fp32 master, m, v, gradient per element
+    if size == "auto":
+        return  # the model keeps to the budget (a size that fits, or all on the host)
+    buffer_gb = 16 * int(size) / 2**30  # fp32 master, m, v, gradient per element
     if o.offload == "interleaved" and 0 < o.offload_device_memory_gb < buffer_gb:
         fail(f"optim.offload_device_memory_gb: {o.offload_device_memory_gb} GiB cannot hold one subgroup's "
              f"device buffers ({buffer_gb:.3g} GiB for optim.offload_subgroup_size={o.offload_subgroup_size})")
