@@ -102,10 +102,10 @@ def _fold_kv_grad(g: torch.Tensor, n_kv: int) -> torch.Tensor:
     return g if h == n_kv else g.view(b, s, n_kv, h // n_kv, d).sum(3)
 
 
-def _empty(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _empty(q: torch.Tensor, v_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     b, s, h, _ = q.shape
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return torch.zeros_like(q), torch.full((b, h, s), -math.inf, dtype=lse_dtype, device=q.device)
+    return q.new_zeros(b, s, h, v_dim), torch.full((b, h, s), -math.inf, dtype=lse_dtype, device=q.device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,7 +474,7 @@ def accumulate_forward(q, k, v, pieces, *, scale: float, backend: str, out=None,
     if out is None:
         b, s, h, _ = q.shape
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        out = torch.zeros(q.shape, dtype=acc, device=q.device)
+        out = torch.zeros(b, s, h, v.shape[-1], dtype=acc, device=q.device)
         lse = torch.full((b, h, s), -math.inf, dtype=acc, device=q.device)
     for rows, qs, ks, piece in pieces:
         o, l = attention_forward(q[rows, qs], k[rows, ks], v[rows, ks], scale=scale, mask=piece, backend=backend)
@@ -605,8 +605,12 @@ def attention_forward(q, k, v, *, scale: float, mask: BlockMask, backend: str = 
     """(out, lse) of queries q against keys k, v under `mask`. No autograd: see attention()."""
     kind = mask.kind(q.shape[1], k.shape[1])
     if kind == "empty":
-        return _empty(q)
+        return _empty(q, v.shape[-1])
     chosen = resolve_backend(backend, q.device, q.dtype, kind)
+    if chosen != "reference" and q.shape[-1] != v.shape[-1]:
+        v_dim = v.shape[-1]
+        out, lse = attention_forward(*_pad_head_dims(q, k, v), scale=scale, mask=mask, backend=backend)
+        return out[..., :v_dim], lse
     if chosen != "reference" and _cut_into_pieces(mask, kind, q.shape[0], q.shape[1], k.shape[1]):
         return _forward_in_pieces(q, k, v, scale, mask, backend)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -619,10 +623,29 @@ def attention_backward(dout, q, k, v, out, lse, *, scale: float, mask: BlockMask
     if kind == "empty":
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     chosen = resolve_backend(backend, q.device, q.dtype, kind)
+    if chosen != "reference" and q.shape[-1] != v.shape[-1]:
+        qk_dim, v_dim = q.shape[-1], v.shape[-1]
+        q, k, v = _pad_head_dims(q, k, v)
+        dout, out = (_pad_last(t, v.shape[-1]) for t in (dout, out))
+        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, scale=scale, mask=mask, backend=backend)
+        return dq[..., :qk_dim], dk[..., :qk_dim], dv[..., :v_dim]
     if chosen != "reference" and _cut_into_pieces(mask, kind, q.shape[0], q.shape[1], k.shape[1]):
         return _backward_in_pieces(dout, q, k, v, out, lse, scale, mask, backend)
     q, k, v, dout, out = (t.contiguous() for t in (q, k, v, dout, out))
     return _dispatch_backward(chosen, dout, q, k, v, out, lse, scale, mask, kind)
+
+
+def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
+    return t if t.shape[-1] == size else torch.nn.functional.pad(t, (0, size - t.shape[-1]))
+
+
+def _pad_head_dims(q, k, v):
+    """Fused kernels need one head dim for q, k and v; MLA has a query/key head dim (nope + rope)
+    different from the value head dim. Zero columns change nothing: zeros appended to v give
+    zero output columns (sliced off), zeros appended to q and k add nothing to the scores, and
+    the log-sum-exp is unchanged; the gradients of the padding are sliced off."""
+    size = max(q.shape[-1], v.shape[-1])
+    return _pad_last(q, size), _pad_last(k, size), _pad_last(v, size)
 
 
 def merge_partials(out: torch.Tensor | None, lse: torch.Tensor | None, block_out: torch.Tensor,

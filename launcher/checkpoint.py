@@ -129,8 +129,7 @@ NOT_THE_MODEL = ("init_std", "dt_min", "dt_max", "dt_init_floor", "chunk_size")
 
 def model_fields(kind: str, cfg) -> dict:
     """The model config as meta.json stores it (JSON types), with its kind."""
-    fields = {k: (vars(v) if dataclasses.is_dataclass(v) else v) for k, v in vars(cfg).items()}
-    return json.loads(json.dumps({"kind": kind, **fields}))
+    return json.loads(json.dumps({"kind": kind, **dataclasses.asdict(cfg)}))  # nested configs too (MLA's)
 
 
 def check_same_model(ckpt_dir: Path, meta: dict, current: dict) -> None:

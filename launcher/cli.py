@@ -8,6 +8,8 @@
     longtrain data inspect RECIPE [key=value ...]         document lengths, tokens, packing efficiency
     longtrain data export --out DIR                       the built-in corpus as jsonl shards
     longtrain plan RECIPE [--cluster h100] [--nodes N]    per-rank memory, step time, MFU; layouts that fit
+    longtrain probe [--out FILE]                          measure attention FLOP/s and P2P bandwidth -> preset
+    longtrain plan balance RECIPE [key=value ...] [--mix NAME]   simulated step time per balance strategy
 
 Bad input ends with one line on stderr naming the key, file or rank, and exit code 2 (1 for a
 worker that failed while running).
@@ -79,17 +81,34 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--split", choices=["train", "eval"], default="train")
     export.add_argument("--shards", type=int, default=4)
     _add_plan_parser(sub)
+    from longtrain.launcher import convert, evaluate, generate
+
+    generate.add_parser(sub)
+    convert.add_parser(sub)
+    evaluate.add_parser(sub)
+    probe = sub.add_parser("probe", help="measure attention FLOP/s by length and local P2P bandwidth; write a "
+                                         "cluster preset (parallel/balance/probe.py)")
+    probe.add_argument("--out", default=None, help="preset file (default configs/clusters/local.yaml)")
+    probe.add_argument("--lengths", default="256,512,1024,2048,4096", help="comma-separated sequence lengths")
+    probe.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    probe.add_argument("--gpus-per-node", type=int, default=0)
     return parser
 
 
 def _add_plan_parser(sub) -> None:
-    plan = sub.add_parser("plan", help="per-rank memory, predicted step time and MFU; the layouts that fit")
+    plan = sub.add_parser("plan", help="per-rank memory, predicted step time and MFU; the layouts that fit "
+                                       "(`plan balance RECIPE`: simulated step time per balance strategy)")
     plan.add_argument("recipe")
     plan.add_argument("overrides", nargs="*")
     plan.add_argument("--cluster", default="h100", help="accelerator preset (launcher/plan.py CLUSTERS)")
     plan.add_argument("--nodes", type=int, default=None, help="nodes (default: run.launch.nnodes)")
     plan.add_argument("--top", type=int, default=8, help="ranked layouts to show")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    # `longtrain plan balance RECIPE`: the recipe is then the first of `overrides`.
+    plan.add_argument("--mix", default=None, help="plan balance: a named length mix (long-tailed, arxiv, github, "
+                                                 "prolong64k) instead of the recipe's data")
+    plan.add_argument("--out", default=None, help="plan balance: timeline PNG (default <run.dir>/balance_plan.png)")
+    plan.add_argument("--nproc", type=int, default=None, help="plan balance: ranks per node (run.launch.nproc_per_node)")
 
 
 def _plan_command(args, overrides) -> int:
@@ -99,6 +118,80 @@ def _plan_command(args, overrides) -> int:
 
     result = plan(load_recipe(args.recipe, overrides), cluster=args.cluster, nodes=args.nodes, top=args.top)
     print(json.dumps(result, indent=1) if args.json else format_plan(result))
+    return 0
+
+
+def _plan_balance(args, overrides) -> int:
+    import numpy as np
+
+    from longtrain.launcher.config import resolve_degrees
+    from longtrain.models.sizes import resolve_model_config
+    from longtrain.parallel.balance.cost import CostModel, ModelShape, resolve_cluster
+    from longtrain.parallel.balance.simulator import MIXES, compare_strategies, sample_lengths, timeline_png
+
+    if args.nproc is not None:
+        overrides = overrides + [f"run.launch.nproc_per_node={args.nproc}"]
+    recipe = load_recipe(args.recipe, overrides)
+    p = recipe.parallel
+    world = recipe.run.launch.nproc_per_node * recipe.run.launch.nnodes
+    degrees = resolve_degrees(p, world)
+    dp, cp = degrees["dp_replicate"] * degrees["dp_shard"], degrees["cp"]
+    group = dp * cp
+    cm = CostModel(ModelShape.of(resolve_model_config(recipe.model), degrees["tp"]),
+                   resolve_cluster(recipe.cluster.preset, recipe.cluster.gpus_per_node, world=group))
+    budget = recipe.data.token_budget or recipe.data.batch_size * recipe.data.seq_len
+    bins_n = p.balance_bins or dp
+    if args.mix is not None:
+        if args.mix not in MIXES:
+            raise ValueError(f"--mix: unknown mix {args.mix!r}; known: {', '.join(MIXES)}")
+        rng = np.random.default_rng(recipe.train.seed)
+        lengths, bins = [], []
+        for b in range(bins_n):
+            part = sample_lengths(rng, budget, MIXES[args.mix])
+            lengths, bins = lengths + part, bins + [b % dp] * len(part)
+        source = f"mix {args.mix}"
+    else:
+        if recipe.data.packing != "varlen":
+            raise ValueError("data.packing: plan balance reads varlen bins from the recipe's data; set "
+                             "data.packing=varlen or pass --mix")
+        from longtrain.data.loader import PackedLoader
+        from longtrain.data.pipeline import DataSettings
+
+        settings = DataSettings.from_config(recipe.data, recipe.train.seed, "train")
+        settings.num_workers, settings.lanes = 0, settings.lanes or bins_n
+        loader = PackedLoader(settings, dp_rank=0, dp_degree=1)
+        lengths, bins = [], []
+        for b in range(bins_n):
+            cu = next(loader)["cu_seqlens"].tolist()
+            lengths += [cu[i + 1] - cu[i] for i in range(len(cu) - 1)]
+            bins += [b % dp] * (len(cu) - 1)
+        source = f"the recipe's data ({len(lengths)} sequences)"
+    sims = compare_strategies(lengths, bins, group, cp, cm, capacity=-(-3 * bins_n * budget // (2 * group)))
+    print(f"one step of {sum(lengths)} tokens ({source}) on {group} ranks ({dp} data x {cp} cp), cluster "
+          f"{cm.cluster.name}, {cm.cluster.gpus_per_node} per node")
+    best = min(s.step_seconds for s in sims.values())
+    for name, sim in sims.items():
+        print(f"  {name:10s} step {sim.step_seconds:10.4g} s  ({sim.step_seconds / best:5.2f}x the best)  busy "
+              f"max {sim.busy.max():.3g} s mean {sim.busy.mean():.3g} s  idle mean {sim.idle.mean():.3g} s  "
+              f"sent max {sim.bytes_sent.max() / 2 ** 20:.1f} MiB")
+    out = args.out or f"{recipe.run.dir}/balance_plan.png"
+    from pathlib import Path
+
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    timeline_png(sims, out)
+    print(f"timeline: {out}")
+    return 0
+
+
+def _probe_command(args) -> int:
+    from longtrain.parallel.balance.cost import LOCAL_PRESET
+    from longtrain.parallel.balance.probe import probe
+
+    lengths = tuple(int(x) for x in args.lengths.split(",") if x)
+    spec = probe(args.out or LOCAL_PRESET, lengths, args.gpus_per_node, args.device)
+    table = ", ".join(f"{length}: {tflops * 1e3:.1f}" for length, tflops in spec.attention_tflops)
+    print(f"attention GFLOP/s by length: {table}; linear {spec.linear_tflops * 1e3:.1f} GFLOP/s; "
+          f"P2P {spec.intra_gbs:.2f} GB/s, latency {spec.latency_us:.0f} us -> {args.out or LOCAL_PRESET}")
     return 0
 
 
@@ -162,10 +255,26 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(getattr(args, "overrides", None) or []) + extra
     if args.command in ("plan", "slurm"):
         try:
-            return _plan_command(args, overrides) if args.command == "plan" else _slurm_command(args, overrides)
+            if args.command == "slurm":
+                return _slurm_command(args, overrides)
+            if args.recipe == "balance":  # longtrain plan balance RECIPE [overrides]
+                if not overrides:
+                    parser.error("plan balance: give a recipe")
+                args.recipe, overrides = overrides[0], overrides[1:]
+                return _plan_balance(args, overrides)
+            return _plan_command(args, overrides)
         except (RecipeError, ValueError) as err:
             print(f"longtrain: error: {err}", file=sys.stderr)
             return 2
+    if args.command == "probe":
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return _probe_command(args)
+    if args.command in ("generate", "convert", "eval"):
+        from longtrain.launcher import convert, evaluate, generate
+
+        args.overrides = overrides
+        return {"generate": generate, "convert": convert, "eval": evaluate}[args.command].run(args)
     if args.command in ("tokenizer", "data"):
         if extra and not (args.command == "data" and args.action == "inspect"):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -28,7 +28,10 @@ class RecipeError(ValueError):
 class ModelConfig:
     # A named size (models/sizes.py); explicit fields below override it when set.
     name: Optional[str] = "debug"
-    kind: Literal["transformer", "mla", "hybrid"] = "transformer"
+    kind: Literal["transformer", "hybrid"] = "transformer"
+    # Attention of a transformer's layers: standard (MHA/GQA) or mla (multi-head latent attention,
+    # models/mla.py; sized by the MLA keys below, which a named MLA size sets).
+    attention: Literal["standard", "mla"] = "standard"
     vocab_size: Optional[int] = None
     dim: Optional[int] = None
     n_layers: Optional[int] = None
@@ -58,7 +61,20 @@ class ModelConfig:
     # ladder layers (unset: all; 0: the standard model). Checkpoints of one do not load into the other.
     residual: Optional[Literal["standard", "ladder"]] = None
     ladder_layers: Optional[int] = None
-    # Import weights from a Hugging Face Llama directory (config.json + safetensors) at start.
+    # attention=mla: low-rank query (0: full rank), the cached latent, the per-head query/key parts
+    # without and with position (the RoPE key is shared by the heads), the value head dim, and
+    # DeepSeek's two YaRN magnitude knobs (mscale, mscale_all_dim; 0 = unset).
+    q_lora_rank: Optional[int] = None
+    kv_lora_rank: Optional[int] = None
+    qk_nope_head_dim: Optional[int] = None
+    qk_rope_head_dim: Optional[int] = None
+    v_head_dim: Optional[int] = None
+    rope_mscale: Optional[float] = None
+    rope_mscale_all_dim: Optional[float] = None
+    # attention=mla: TPLA-aware training, the forward computes TPLA over this many latent slices
+    # (models/mla.py; 1 or unset: exact MLA).
+    tpla_degree: Optional[int] = None
+    # Import weights from a Hugging Face Llama (or, with attention=mla, DeepSeek-V3) directory (config.json + safetensors) at start.
     hf_checkpoint: Optional[str] = None
 
 
@@ -93,6 +109,13 @@ class ParallelConfig:
     mixed_precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     compile: bool = False
     attention_backend: Literal["auto", "torch", "flash_attn", "reference"] = "auto"
+    # Varlen batches over the data x context ranks (parallel/balance/): auto = zeppelin when
+    # data.packing is varlen and cp > 1, else none (the loader's per-data-rank bins as they come).
+    balance: Literal["auto", "none", "zeppelin", "tokens", "even_cp", "hybrid_dp"] = "auto"
+    balance_remap: bool = True  # zeppelin: equal tokens per rank outside core attention (remap.py)
+    # Varlen bins of data.token_budget the balancing group shares per step (0: one per data rank).
+    # Fixed, it keeps the global batch (and exact resume) the same at any group size.
+    balance_bins: int = 0
 
 
 @dataclass
@@ -124,6 +147,18 @@ class DataConfig:
 
 
 @dataclass
+class ClusterConfig:
+    # The machines the balance planner and simulator model (parallel/balance/cost.py): A, B, C (the
+    # Zeppelin paper's clusters), h100x8, local (written by `longtrain probe`) or a preset .yaml file.
+    preset: str = "local"
+    gpus_per_node: int = 0  # 0: the preset's; on CPU a smaller value simulates several nodes
+    # Balance routing layer (parallel/balance/routing.py): a ring's inter-node hop split over proxy
+    # ranks, one per NIC. null (auto): on when the preset has several NICs per node and the group
+    # spans nodes (never for `local`); true or false to choose.
+    routing: Optional[bool] = None
+
+
+@dataclass
 class OptimConfig:
     name: Literal["adamw"] = "adamw"
     lr: float = 1e-3
@@ -138,7 +173,9 @@ class OptimConfig:
     # shard in host memory, every subgroup updated by the CPU); interleaved (every stride-th
     # subgroup prefetched and updated on the device while the CPU updates the others).
     offload: Literal["none", "cpu", "interleaved"] = "none"
-    offload_subgroup_size: int = 10_000_000  # parameters per subgroup (per rank's shard)
+    # Parameters per subgroup of each rank's shard; auto: the performance model picks the size
+    # (jointly with the stride) within the device memory budget.
+    offload_subgroup_size: str = "auto"
     offload_stride: str = "auto"  # interleaved: auto (the performance model picks) or k >= 1
     offload_host_adam: Literal["auto", "deepspeed", "torch"] = "auto"  # auto: the faster, measured
     offload_device_memory_gb: float = 0.0  # device buffer budget for interleaved; 0: what is free
@@ -210,6 +247,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -451,7 +489,7 @@ def validate_recipe(recipe: Recipe, source: str = "recipe", world_size: int | No
         fail("run.launch.nproc_per_node and run.launch.nnodes must be at least 1")
     if world_size is None:
         world_size = launch.nproc_per_node * launch.nnodes
-    resolve_degrees(p, world_size, source)
+    degrees = resolve_degrees(p, world_size, source)
 
     from longtrain.models.sizes import resolve_model_config
 
@@ -502,10 +540,14 @@ def validate_recipe(recipe: Recipe, source: str = "recipe", world_size: int | No
     if d.seq_len < 1 or d.batch_size < 1:
         fail("data.seq_len and data.batch_size must be at least 1")
     _validate_data(d, mcfg, fail)
-    if d.packing == "varlen" and (p.pp > 1 or p.cp > 1 or recipe.train.grad_accum > 1
+    balance = resolve_balance(recipe)
+    if d.packing == "varlen" and (p.pp > 1 or (p.cp > 1 and balance == "none") or recipe.train.grad_accum > 1
                                   or (p.tp > 1 and p.sequence_parallel)):
-        fail("data.packing: varlen bins (one unpadded row of varying length per step) need pp=1, cp=1, "
-             "train.grad_accum=1 and no sequence parallel until the trainer balances them; use concat or whole")
+        fail("data.packing: varlen bins (one unpadded row of varying length per step) need pp=1, "
+             "train.grad_accum=1, no sequence parallel, and cp=1 unless parallel.balance balances them; "
+             "use concat or whole")
+    if balance != "none":
+        _validate_balance(recipe, degrees, hybrid, fail)
     t = recipe.train
     if t.grad_accum < 1 or d.batch_size % t.grad_accum:
         fail(f"train.grad_accum: {t.grad_accum} must divide data.batch_size={d.batch_size}")
@@ -586,14 +628,17 @@ def _validate_numbers(recipe: Recipe, fail) -> None:
 def _validate_offload(o: OptimConfig, fail) -> None:
     if o.offload == "none":
         return
-    if o.offload_subgroup_size < 1:
-        fail(f"optim.offload_subgroup_size: must be at least 1, got {o.offload_subgroup_size}")
+    size = str(o.offload_subgroup_size)
+    if size != "auto" and not (size.isdigit() and int(size) >= 1):
+        fail(f"optim.offload_subgroup_size: must be auto or an integer >= 1, got {o.offload_subgroup_size!r}")
     stride = str(o.offload_stride)
     if stride != "auto" and not (stride.isdigit() and int(stride) >= 1):
         fail(f"optim.offload_stride: must be auto or an integer >= 1, got {o.offload_stride!r}")
     if o.offload_device_memory_gb < 0:
         fail(f"optim.offload_device_memory_gb: must be >= 0, got {o.offload_device_memory_gb}")
-    buffer_gb = 16 * o.offload_subgroup_size / 2**30  # fp32 master, m, v, gradient per element
+    if size == "auto":
+        return  # the model keeps to the budget (a size that fits, or all on the host)
+    buffer_gb = 16 * int(size) / 2**30  # fp32 master, m, v, gradient per element
     if o.offload == "interleaved" and 0 < o.offload_device_memory_gb < buffer_gb:
         fail(f"optim.offload_device_memory_gb: {o.offload_device_memory_gb} GiB cannot hold one subgroup's "
              f"device buffers ({buffer_gb:.3g} GiB for optim.offload_subgroup_size={o.offload_subgroup_size})")
@@ -631,6 +676,34 @@ def _validate_data(d: DataConfig, mcfg, fail) -> None:
         if longest > mcfg.max_seq_len:
             key = "data.max_doc_len" if d.max_doc_len else "data.token_budget"
             fail(f"{key}: varlen documents of up to {longest} tokens exceed model.max_seq_len={mcfg.max_seq_len}")
+
+
+def resolve_balance(recipe: Recipe) -> str:
+    """parallel.balance with auto resolved: zeppelin for varlen batches under cp > 1, else none."""
+    b = recipe.parallel.balance
+    if b == "auto":
+        return "zeppelin" if recipe.data.packing == "varlen" and recipe.parallel.cp > 1 else "none"
+    return b
+
+
+def _validate_balance(recipe: Recipe, degrees: dict, hybrid: bool, fail) -> None:
+    p = recipe.parallel
+    if recipe.data.packing != "varlen":
+        fail(f"parallel.balance: {p.balance} balances varlen batches; set data.packing: varlen or balance: none")
+    if p.balance_bins < 0:
+        fail(f"parallel.balance_bins: {p.balance_bins} must be >= 0 (0: one bin per data rank)")
+    if hybrid:
+        fail("parallel.balance: hybrid Mamba stacks are not balanced yet (their scans need contiguous groups); "
+             "set parallel.balance: none and data.packing: whole")
+    if p.pp > 1:
+        fail("parallel.balance: pipeline parallelism (parallel.pp > 1) is not supported with balancing; set pp: 1")
+    from longtrain.parallel.balance.cost import ClusterError, resolve_cluster
+
+    group = degrees["dp_replicate"] * degrees["dp_shard"] * degrees["cp"]
+    try:
+        resolve_cluster(recipe.cluster.preset, recipe.cluster.gpus_per_node, world=group)
+    except ClusterError as err:
+        fail(str(err))
 
 
 def pp_microbatches(p: ParallelConfig) -> int:

@@ -133,6 +133,7 @@ def format_line(r: dict) -> str:
             f"tok/s {r['tokens_per_second']:,.0f}  TFLOP/s/dev {r['tflops_per_device']:.3f}  "
             f"MFU {'-' if r['mfu'] is None else format(100 * r['mfu'], '.1f') + '%'}  "
             f"mem {r['peak_memory_gb']:.2f} GiB"
-            + (f"  update {r['offload_update_s']:.3f}s (predicted {r['offload_update_s_predicted']:.3f}s)"
+            + (f"  update {r['offload_update_s']:.3f}s (predicted {r['offload_update_s_predicted']:.3f}s"
+               f", subgroups of {r['offload_subgroup_size']:,})"
                if "offload_update_s" in r else "")
             + (f"  skipped records {r['skipped_records']}" if r.get("skipped_records") else ""))

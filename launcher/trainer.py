@@ -210,13 +210,26 @@ class Trainer:
                 self._load_hf_sharded(recipe.model.hf_checkpoint)
         self.optimizers = build_optimizers(self.parts, recipe, self.device)
 
-        dp_rank, dp = self.mesh.dp_rank, self.dims.dp
-        self.loader = build_loader(recipe.data, dp_rank=dp_rank, dp_degree=dp, seed=recipe.train.seed)
+        self.loader = self._build_loader("train")
         self.step = 0
         self.tokens_in_step = 1.0  # global token count of the current step, set before each step
         self.stop_requested = False
         self._skip_batches: set[int] = set()  # steps whose original batch is skipped after a rollback
         self._rollbacks: dict[int, int] = {}
+
+    def _build_loader(self, split: str):
+        """This rank's batches: its data rank's, or under parallel.balance its share of the balancing
+        group's step (launcher/balanced_batches.py)."""
+        recipe = self.recipe
+        engine = self.parallel.balance_engine
+        if engine is None:
+            return build_loader(recipe.data, dp_rank=self.mesh.dp_rank, dp_degree=self.dims.dp,
+                                seed=recipe.train.seed, split=split)
+        from longtrain.launcher.balanced_batches import BalancedBatches
+        from longtrain.launcher.config import resolve_balance
+
+        return BalancedBatches(recipe, resolve_balance(recipe), engine, self.mesh.local_rank("loss"),
+                               self.dims.dp * self.dims.cp, self.dims.dp, self.model_cfg, self.dims.tp, split)
 
     # -- model ------------------------------------------------------------------------------
     def _init_on_meta(self) -> bool:
@@ -240,6 +253,10 @@ class Trainer:
 
                 _, state = load_hf_mamba2(self.recipe.model.hf_checkpoint)
                 model.load_state_dict(state, strict=True)
+            elif self.recipe.model.attention == "mla":
+                from longtrain.models.hf_deepseek import load_into_mla_model
+
+                load_into_mla_model(model, self.recipe.model.hf_checkpoint)
             else:
                 from longtrain.models.hf import load_into_model
 
@@ -254,7 +271,12 @@ class Trainer:
         from longtrain.models.hf import check_same_architecture, load_hf_checkpoint
 
         state = {}
-        if self.rank == 0:
+        if self.rank == 0 and self.recipe.model.attention == "mla":
+            from longtrain.models import hf_deepseek
+
+            hf_cfg, state = hf_deepseek.load_hf_deepseek(path)
+            hf_deepseek.check_same_architecture(self.model_cfg, hf_cfg, path)
+        elif self.rank == 0:
             hf_cfg, state = load_hf_checkpoint(path)
             check_same_architecture(self.model_cfg, hf_cfg, path)
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
@@ -506,8 +528,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        loader = build_loader(self.recipe.data, dp_rank=self.mesh.dp_rank, dp_degree=self.dims.dp,
-                              seed=self.recipe.train.seed, split="eval")
+        loader = self._build_loader("eval")
         total = 0.0
         for part in self.parts:
             part.eval()

@@ -568,13 +568,20 @@ def save_hf_checkpoint(state_dict: Mapping[str, torch.Tensor], cfg: TransformerC
         raise FileExistsError(f"{dest}: exists and is not empty; pass overwrite=True to replace it")
     tensors = _hf_tensors(state_dict, cfg, dtype)  # validates before anything touches the disk
     out_dtype = dtype or tensors["model.embed_tokens.weight"].dtype
+    return write_hf_directory(tensors, config_to_hf(cfg, out_dtype), dest, max_shard_bytes, overwrite)
 
+
+def write_hf_directory(tensors: dict[str, torch.Tensor], config: dict, dest: Path, max_shard_bytes: int,
+                       overwrite: bool) -> Path:
+    """config.json and the safetensors file(s) of `tensors` (Hugging Face names) into `dest`,
+    atomically: written to a temporary sibling directory, then renamed into place (a previous
+    export moves aside and comes back on failure)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = dest.parent / f".{dest.name}.tmp-{tag}"
     tmp.mkdir()
     try:
-        _write_json(tmp / CONFIG_NAME, config_to_hf(cfg, out_dtype))
+        _write_json(tmp / CONFIG_NAME, config)
         shards = _shard(tensors, max_shard_bytes)
         metadata = {"format": "pt"}
         if len(shards) == 1:

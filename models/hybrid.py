@@ -20,6 +20,7 @@ from torch import nn
 
 from longtrain.models.ladder import LocalSync, Residual, check_residual, first_ladder_layer, is_ladder, ladder_step
 from longtrain.models.mamba import MambaConfig, Mamba2Mixer, init_ssm_param
+from longtrain.models.mla import MLAConfig, MLAttention
 from longtrain.models.transformer import (Attention, DecoderLM, FeedForward, RMSNorm, RopeScaling,
                                           seeded_normal_)
 
@@ -84,6 +85,9 @@ class HybridConfig:
     # blocks (None: all) read the stream without the preceding block's output.
     residual: Residual = "standard"
     ladder_layers: int | None = None
+    # model.attention=mla: the '*' layers are multi-head latent attention of these sizes (its dim,
+    # heads and RoPE are this config's; models/mla.py); None: standard GQA attention.
+    mla: MLAConfig | None = None
 
     def __post_init__(self):
         self.validate()
@@ -159,6 +163,8 @@ class HybridConfig:
             conv = conv_dim * self.d_conv + (conv_dim if self.conv_bias else 0)
             return d + in_proj + conv + 3 * h + di + di * d
         if kind == "*":
+            if self.mla is not None:
+                return d + self.mla.attention_params()
             return d + d * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
         if kind == "-":
             return d + 3 * d * self.ffn_dim
@@ -198,7 +204,7 @@ class HybridBlock(nn.Module):
         if kind == "M":
             self.mixer = Mamba2Mixer(cfg.mamba_config())
         elif kind == "*":
-            self.mixer = Attention(cfg)
+            self.mixer = Attention(cfg) if cfg.mla is None else MLAttention(cfg.mla)
         elif kind == "-":
             self.mixer = FeedForward(cfg)
         else:

@@ -6,6 +6,7 @@ import dataclasses
 
 from longtrain.models.hybrid import HybridConfig
 from longtrain.models.ladder import check_residual
+from longtrain.models.mla import MLAConfig
 from longtrain.models.transformer import RopeScaling, TransformerConfig
 
 _LLAMA3_ROPE = RopeScaling(type="llama3", factor=8.0, original_max_position=8192,
@@ -53,6 +54,34 @@ HYBRID_SIZES: dict[str, HybridConfig] = {
                               mamba_headdim=64, ngroups=8, chunk_size=128, max_seq_len=8192,
                               rope_theta=500000.0),
 }
+
+# Transformers with multi-head latent attention (models/mla.py), selected with model.attention=mla.
+# DeepSeek's YaRN: factor 40 over an original 4K context, with its mscale knobs.
+_DEEPSEEK_YARN = RopeScaling(type="yarn", factor=40.0, original_max_position=4096, beta_fast=32.0, beta_slow=1.0)
+MLA_SIZES: dict[str, MLAConfig] = {
+    # For tests: 4 heads (tp=2 splits whole heads), a 16-value latent plus a 4-value RoPE key.
+    "mla-tiny": MLAConfig(vocab_size=260, dim=32, n_layers=4, n_heads=4, ffn_dim=64, kv_lora_rank=16,
+                          qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, max_seq_len=1024),
+    # The CPU debug job: about 3.1M parameters; latent 64 + RoPE key 16 cached per token and layer
+    # (80 values, against 2 x 4 x 32 = 256 for the GQA debug size).
+    "mla-debug": MLAConfig(vocab_size=260, dim=256, n_layers=4, n_heads=8, ffn_dim=688, kv_lora_rank=64,
+                           qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, max_seq_len=4096),
+    # DeepSeek-V2-Lite's attention and sizes (27 layers, d_model 2048, 16 heads, full-rank query,
+    # latent 512 + RoPE 64, YaRN x40 with mscale 0.707), every layer with its dense FFN of 10944 in
+    # place of the MoE (so about 2.6B parameters, not V2-Lite's 15.7B total / 2.4B active).
+    "deepseek-v2-lite-dense": MLAConfig(vocab_size=102400, dim=2048, n_layers=27, n_heads=16, ffn_dim=10944,
+                                        norm_eps=1e-6, q_lora_rank=0, kv_lora_rank=512, qk_nope_head_dim=128,
+                                        qk_rope_head_dim=64, v_head_dim=128, rope_scaling=_DEEPSEEK_YARN,
+                                        rope_mscale=0.707, rope_mscale_all_dim=0.707, max_seq_len=163840),
+    # DeepSeek-V3's attention shapes (d_model 7168, 128 heads, low-rank query 1536, latent 512 +
+    # RoPE 64, YaRN x40 with mscale 1): 61 layers with V3's dense FFN (18432), about 37B parameters.
+    "deepseek-v3-attn": MLAConfig(vocab_size=129280, dim=7168, n_layers=61, n_heads=128, ffn_dim=18432,
+                                  norm_eps=1e-6, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+                                  qk_rope_head_dim=64, v_head_dim=128, rope_scaling=_DEEPSEEK_YARN,
+                                  rope_mscale=1.0, rope_mscale_all_dim=1.0, max_seq_len=163840),
+}
+_MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "rope_mscale",
+               "rope_mscale_all_dim", "tpla_degree")
 
 _FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "norm_eps", "rope_theta",
            "max_seq_len", "tie_embeddings", "init_std", "residual", "ladder_layers")
@@ -117,6 +146,19 @@ def resolve_hybrid_config(model_section) -> HybridConfig:
         over["ffn_dim"] = ffn
     if model_section.rope_scaling is not None:
         over["rope_scaling"] = dataclasses.replace(model_section.rope_scaling)
+    mla_over = {k: getattr(model_section, k, None) for k in _MLA_FIELDS}
+    mla_over = {k: v for k, v in mla_over.items() if v is not None}
+    if getattr(model_section, "attention", "standard") == "mla":
+        if model_section.n_kv_heads is not None:
+            raise ValueError("model.n_kv_heads: MLA has one key/value head per query head; leave n_kv_heads unset")
+        over["n_kv_heads"] = over.get("n_heads", base.n_heads)  # the heads the cp strategies see
+        probe = dataclasses.replace(base, **over)
+        over["mla"] = MLAConfig(dim=probe.dim, n_heads=probe.n_heads, n_layers=probe.n_layers, norm_eps=probe.norm_eps,
+                                rope_theta=probe.rope_theta, rope_scaling=probe.rope_scaling,
+                                max_seq_len=probe.max_seq_len, **mla_over)
+    elif mla_over:
+        raise ValueError(f"model.{next(iter(mla_over))}: an MLA key, but model.attention is standard; "
+                         "set model.attention=mla")
     cfg = dataclasses.replace(base, **over)  # validates (ValueError naming model.<key>)
     if model_section.n_layers is not None and model_section.n_layers != cfg.n_layers:
         raise ValueError(f"model.n_layers: {model_section.n_layers} does not match the {cfg.n_layers} layers of "
@@ -130,6 +172,13 @@ def resolve_model_config(model_section) -> TransformerConfig | HybridConfig:
     override. Raises ValueError naming the key."""
     if model_section.kind == "hybrid":
         return resolve_hybrid_config(model_section)
+    if getattr(model_section, "attention", "standard") == "mla":
+        return resolve_mla_config(model_section)
+    if model_section.name in MLA_SIZES:
+        raise ValueError(f"model.attention: {model_section.name!r} is an MLA size; set model.attention=mla")
+    mla_keys = [k for k in _MLA_FIELDS if getattr(model_section, k, None) is not None]
+    if mla_keys:
+        raise ValueError(f"model.{mla_keys[0]}: an MLA key, but model.attention is standard; set model.attention=mla")
     if model_section.name in HYBRID_SIZES:
         raise ValueError(f"model.kind: {model_section.name!r} is a hybrid size; set model.kind=hybrid")
     if model_section.kind != "transformer":
@@ -175,3 +224,28 @@ def describe_model(model_section, cfg) -> str:
     if getattr(cfg, "pattern", None):
         shape += f", pattern {cfg.pattern}"
     return f"{origin}: {shape}, {cfg.num_params() / 1e6:,.2f}M parameters"
+
+
+def resolve_mla_config(model_section) -> MLAConfig:
+    """model.attention=mla: a named MLA size (MLA_SIZES; "tiny" and "debug" mean mla-tiny and
+    mla-debug) or the MLAConfig defaults, with the explicit fields on top. n_kv_heads does not apply."""
+    name = model_section.name
+    if name in ("tiny", "debug"):
+        name = f"mla-{name}"
+    if name is not None:
+        if name in SIZES or name in HYBRID_SIZES:
+            raise ValueError(f"model.name: {name!r} is not an MLA size; with model.attention=mla use one of "
+                             f"{', '.join(MLA_SIZES)} (or model.name=null and explicit fields)")
+        if name not in MLA_SIZES:
+            raise _unknown_size(name, MLA_SIZES)
+        base = MLA_SIZES[name]
+    else:
+        base = MLAConfig()
+    if model_section.n_kv_heads is not None:
+        raise ValueError("model.n_kv_heads: MLA has one key/value head per query head (expanded from the latent); "
+                         "leave n_kv_heads unset")
+    over = {k: getattr(model_section, k) for k in _FIELDS + _MLA_FIELDS if k != "n_kv_heads"}
+    over = {k: v for k, v in over.items() if v is not None}
+    if model_section.rope_scaling is not None:
+        over["rope_scaling"] = dataclasses.replace(model_section.rope_scaling)
+    return dataclasses.replace(base, **over)  # validates (ValueError naming model.<key>)

@@ -226,11 +226,13 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
+    attention_class = Attention  # models/mla.py's MLABlock sets MLAttention
+
     def __init__(self, cfg: TransformerConfig, layer_id: int):
         super().__init__()
         self.layer_id = layer_id
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg)
+        self.attention = self.attention_class(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
         # Ladder models run every block in carry form (models/ladder.py); `ladder` marks this one's

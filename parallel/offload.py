@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 import warnings
@@ -51,11 +52,14 @@ from torch.distributed.tensor import DTensor
 
 from longtrain.parallel.offload_model import (
     DEVICE_BUFFER_BYTES,
+    PROBE_NUMEL,
     Prediction,
     cached_probe,
-    pick_stride,
+    candidate_subgroup_sizes,
+    pick_layout,
     predict,
     roles_for_stride,
+    subgroup_sizes,
 )
 
 log = logging.getLogger(__name__)
@@ -189,7 +193,7 @@ class Subgroup:
 @dataclass
 class OffloadSettings:
     mode: str = "interleaved"           # cpu | interleaved
-    subgroup_size: int = 10_000_000
+    subgroup_size: str | int = "auto"   # auto (the performance model picks) | parameters per subgroup
     stride: str | int = "auto"          # auto | k
     host_adam: str = "auto"             # auto | deepspeed | torch
     device_memory_gb: float = 0.0       # budget for the device buffer set; 0: what the device has free
@@ -212,8 +216,9 @@ class OffloadAdamW(torch.optim.Optimizer):
         self.train_dtype = self.params[0].dtype if self.params else torch.float32
         self.counters = {"async_grad_copies": 0, "sync_grad_copies": 0, "host_updates": 0,
                          "device_updates": 0, "device_grads_freed": 0, "steps": 0}
+        self.group_numels = [sum(local(p).numel() for p in g["params"]) for g in self.param_groups]
+        self._choose_layout()
         self._build_flat()
-        self._choose_host_adam_and_stride()
         self._assign_roles()
         self._init_state()
         self._streams = {name: _Stream(device) for name in ("grad_d2h", "h2d", "d2h", "weights")}
@@ -230,9 +235,7 @@ class OffloadAdamW(torch.optim.Optimizer):
 
     # -- layout -------------------------------------------------------------------------------
     def _build_flat(self) -> None:
-        size = self.settings.subgroup_size
-        if size < 1:
-            raise ValueError(f"optim.offload_subgroup_size: must be at least 1, got {size}")
+        size = self.subgroup_size
         self.offsets, offset = [], 0
         self.subgroups: list[Subgroup] = []
         for gi, group in enumerate(self.param_groups):
@@ -263,22 +266,46 @@ class OffloadAdamW(torch.optim.Optimizer):
     def _flat(self, buf: torch.Tensor, pi: int) -> torch.Tensor:
         return buf[self.offsets[pi]: self.offsets[pi] + local(self.params[pi]).numel()]
 
-    def _choose_host_adam_and_stride(self) -> None:
+    def _choose_layout(self) -> None:
+        """Subgroup size, stride and host Adam: as set, or the performance model's predicted-fastest
+        (parallel/offload_model.py) from a probe measured once per machine and size (cached)."""
         s = self.settings
         self.host_adams = host_adams(s.host_adam)
-        sizes = [sg.numel for sg in self.subgroups]
         weight_bytes = torch.empty((), dtype=self.train_dtype).element_size()
         self.budget_bytes = self._device_budget_bytes()
-        # Measured once per machine (cached): picks the host Adam and the stride, predicts the update.
-        self.probe = cached_probe(self.device, self.host_adams, max(sizes, default=1))
-        self.host_adam = self.host_adams[self.probe.best_host_adam()]
-        if s.mode == "cpu":
-            self.stride = ALL_HOST
-        elif s.stride == "auto":
-            self.stride, self.predictions = pick_stride(self.probe, sizes, self.host_adam.name, weight_bytes,
-                                                        self.budget_bytes)
+        size_setting = str(s.subgroup_size)
+        if size_setting == "auto":
+            candidates = candidate_subgroup_sizes(self.group_numels)
+            # Probes at two sizes (the smallest and largest candidate); each candidate uses the nearer.
+            refs = sorted({min(candidates[0], PROBE_NUMEL), min(candidates[-1], PROBE_NUMEL)})
+        elif size_setting.isdigit() and int(size_setting) >= 1:
+            candidates = [int(size_setting)]
+            refs = [min(max(subgroup_sizes(self.group_numels, candidates[0]), default=1), PROBE_NUMEL)]
         else:
-            self.stride = int(s.stride)
+            raise ValueError(f"optim.offload_subgroup_size: must be auto or an integer >= 1, got {s.subgroup_size!r}")
+        probes = {r: cached_probe(self.device, self.host_adams, r) for r in refs}
+
+        def probe_for(size: int):
+            return probes[min(refs, key=lambda r: abs(math.log(r) - math.log(max(1, min(size, PROBE_NUMEL)))))]
+
+        if s.mode == "cpu":
+            stride = ALL_HOST
+        elif str(s.stride) == "auto":
+            stride = None
+        else:
+            stride = int(s.stride)
+        try:
+            size, k, self.predictions = pick_layout(probe_for, self.group_numels, candidates, weight_bytes,
+                                                    self.budget_bytes, stride)
+        except ValueError:
+            if len(candidates) > 1:
+                raise
+            size, k = candidates[0], stride  # one size that does not fit: the error below names it
+        self.subgroup_size = size
+        self.probe = probe_for(size)
+        self.host_adam = self.host_adams[self.probe.best_host_adam()]
+        self.stride = stride if stride is not None else k
+        sizes = subgroup_sizes(self.group_numels, size)
         roles = roles_for_stride(len(sizes), self.stride)
         largest = max((n for n, r in zip(sizes, roles) if r == "device"), default=0)
         if DEVICE_BUFFER_BYTES * largest > self.budget_bytes:
@@ -312,7 +339,7 @@ class OffloadAdamW(torch.optim.Optimizer):
 
     def placement_summary(self) -> dict:
         """Which subgroups are where (for logs and tests)."""
-        return {"stride": self.stride, "subgroups": len(self.subgroups),
+        return {"stride": self.stride, "subgroup_size": self.subgroup_size, "subgroups": len(self.subgroups),
                 "host": [sg.index for sg in self.subgroups if sg.role == "host"],
                 "device": [sg.index for sg in self.subgroups if sg.role == "device"],
                 "host_adam": self.host_adam.name, "predicted_update_s": self.prediction.update_s}
@@ -620,4 +647,5 @@ def offload_metrics(optimizers) -> dict:
     if not offloaded:
         return {}
     return {"offload_update_s": max(o.last_update_s for o in offloaded),
-            "offload_update_s_predicted": max(o.prediction.update_s for o in offloaded)}
+            "offload_update_s_predicted": max(o.prediction.update_s for o in offloaded),
+            "offload_subgroup_size": max(o.subgroup_size for o in offloaded)}

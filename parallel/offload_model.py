@@ -24,6 +24,14 @@ w = bytes per parameter of the training dtype:
                (CPU-only machines: both threads share the same cores and memory bandwidth)
 The stride picked is the k in 1..n+1 (n+1: every subgroup on the host) with the least T_update
 whose device buffer set (16 bytes x the largest subgroup) fits the device memory budget.
+
+Subgroup size `auto`: the same prediction for every candidate size S (64K x 4^i parameters that
+cut the shard into at most 512 subgroups, and the largest weight-decay group of the shard: one
+subgroup per group) jointly with every stride; the (S, k) with the least T_update whose buffer set fits the
+budget wins. Small subgroups balance host and device finely but pay c more often; large ones pay c
+rarely but split the work coarsely (and need a larger buffer set). Throughputs depend on the call
+size (caches), so the probe is taken at two sizes, the smallest and the largest candidate (capped
+at PROBE_NUMEL), and each candidate uses the probe nearest to it in log size.
 """
 from __future__ import annotations
 
@@ -103,6 +111,63 @@ def pick_stride(probe: Probe, sizes: list[int], host_impl: str, weight_bytes: in
         predictions[k] = predict(probe, sizes, roles, host_impl, weight_bytes, k)
     best = min(predictions, key=lambda k: (predictions[k].update_s, -k))
     return best, predictions
+
+
+SMALLEST_AUTO_SUBGROUP = 1 << 16  # below this a subgroup is all call overhead
+AUTO_SUBGROUP_FACTOR = 4
+MAX_AUTO_SUBGROUPS = 512
+
+
+def subgroup_sizes(group_numels: list[int], size: int) -> list[int]:
+    """The subgroups' sizes when each weight-decay group's flat range is cut every `size` elements."""
+    if size < 1:
+        raise ValueError(f"optim.offload_subgroup_size: must be at least 1, got {size}")
+    return [min(size, n - a) for n in group_numels for a in range(0, n, size)]
+
+
+def candidate_subgroup_sizes(group_numels: list[int]) -> list[int]:
+    """Sizes `auto` considers: SMALLEST_AUTO_SUBGROUP x 4^i below the largest group that cut the
+    shard into at most MAX_AUTO_SUBGROUPS subgroups (more only adds per-subgroup costs, and the
+    search over strides grows with the square of the count), and the largest group itself (one
+    subgroup per group)."""
+    largest = max(group_numels, default=0) or 1
+    out, size = [], SMALLEST_AUTO_SUBGROUP
+    while size < largest:
+        if sum(-(-n // size) for n in group_numels) <= MAX_AUTO_SUBGROUPS:
+            out.append(size)
+        size *= AUTO_SUBGROUP_FACTOR
+    return out + [largest]
+
+
+def pick_layout(probe_for, group_numels: list[int], candidates: list[int], weight_bytes: int,
+                device_budget_bytes: float, stride: int | None = None
+                ) -> tuple[int, int, dict[tuple[int, int], Prediction]]:
+    """The predicted-fastest (subgroup size, stride) over `candidates` (and every stride 1..n+1,
+    or only `stride` when given; a stride above n is all-host) whose device buffer set fits the
+    budget. `probe_for(size)` is the Probe to predict subgroups of `size` with (its fastest host
+    Adam). Returns (size, stride, {(size, stride): Prediction}); ValueError when nothing fits."""
+    predictions: dict[tuple[int, int], Prediction] = {}
+    for size in candidates:
+        sizes = subgroup_sizes(group_numels, size)
+        probe = probe_for(size)
+        host_impl = probe.best_host_adam()
+        n = len(sizes)
+        if stride is None:
+            _, per_stride = pick_stride(probe, sizes, host_impl, weight_bytes, device_budget_bytes)
+        else:
+            k = min(stride, n + 1)
+            roles = roles_for_stride(n, k)
+            largest = max((s for s, r in zip(sizes, roles) if r == "device"), default=0)
+            fits = DEVICE_BUFFER_BYTES * largest <= device_budget_bytes
+            per_stride = {k: predict(probe, sizes, roles, host_impl, weight_bytes, k)} if fits else {}
+        for k, pred in per_stride.items():
+            predictions[(size, k)] = pred
+    if not predictions:
+        raise ValueError(f"optim.offload_subgroup_size: no subgroup size of {candidates} fits the device budget of "
+                         f"{device_budget_bytes / 2**30:.3g} GiB (optim.offload_device_memory_gb) at stride {stride}")
+    # Ties: the larger subgroup (fewer calls), then the larger stride (less device work).
+    size, k = min(predictions, key=lambda sk: (predictions[sk].update_s, -sk[0], -sk[1]))
+    return size, k, predictions
 
 
 # ----------------------------------------------------------------------------------------------

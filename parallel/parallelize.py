@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from longtrain.launcher.config import Recipe, pp_microbatches
+from longtrain.launcher.config import Recipe, pp_microbatches, resolve_balance
 from longtrain.models.transformer import PlainAttention
 from longtrain.parallel.activation_checkpoint import apply_activation_checkpoint
 from longtrain.parallel.context.ssm import build_ssm_core
@@ -36,6 +36,7 @@ class ParallelModel:
     param_dtype: torch.dtype
     use_autocast: bool
     device: torch.device
+    balance_engine: object = None  # parallel.balance: the attention engine the trainer hands each step's layout
 
     def set_gradient_sync(self, enabled: bool) -> None:
         """Skip FSDP's reduce-scatter on all but the last gradient-accumulation micro-batch."""
@@ -70,7 +71,21 @@ def parallelize(model: nn.Module, mesh: Mesh, recipe: Recipe, device: torch.devi
     param_dtype = precision(recipe, device)
     cfg = model.cfg
     ssm = None
-    if dims.cp > 1:
+    balance_engine = None
+    if resolve_balance(recipe) != "none":  # varlen sequences balanced over the data x context ranks
+        import torch.distributed as dist
+
+        from longtrain.parallel.balance.engine import BalancedAttention
+
+        from longtrain.parallel.balance.cost import routing_enabled
+
+        group = mesh["loss"].get_group()
+        routing = routing_enabled(recipe.cluster.routing, recipe.cluster.preset, recipe.cluster.gpus_per_node,
+                                  dims.dp * dims.cp)
+        attention = balance_engine = BalancedAttention(group, dist.get_process_group_ranks(group),
+                                                       backend=p.attention_backend, kv_chunks=p.cp_kv_chunks,
+                                                       routing=routing)
+    elif dims.cp > 1:
         hybrid = hasattr(cfg, "pattern")
         attention = build_strategy(mesh, p.cp_mode, cfg.n_heads // dims.tp, cfg.n_kv_heads // dims.tp,
                                    p.cp_ulysses_degree, p.attention_backend, tp=dims.tp,
@@ -113,5 +128,6 @@ def parallelize(model: nn.Module, mesh: Mesh, recipe: Recipe, device: torch.devi
                             loss_fn)
     use_autocast = param_dtype != torch.float32 and not sharded
     return ParallelModel(parts=parts, pipeline=pipeline, pp_group=mesh["pp"].get_group(),
-                         cp_strategy=attention if dims.cp > 1 else None,
+                         cp_strategy=attention if dims.cp > 1 and balance_engine is None else None,
+                         balance_engine=balance_engine,
                          param_dtype=param_dtype, use_autocast=use_autocast, device=device)

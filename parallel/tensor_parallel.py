@@ -5,6 +5,10 @@ wq/wk/wv and w1/w3 split by output features (heads), wo and w2 split by input fe
 reduce-scattered back to sequence shards. The embedding is split by rows (vocabulary); the output
 head by columns, gathered to replicated logits so the loss sees every vocabulary entry.
 Without sequence parallel, activations between blocks stay replicated.
+
+An attention that states its own split (`TP_LAYOUT`, e.g. MLA: up-projections colwise by heads,
+latent down-projections and their norms replicated, the shared RoPE key's gradient summed over
+tp) gets that plan instead of the wq/wk/wv/wo one.
 """
 from __future__ import annotations
 
@@ -12,9 +16,10 @@ from functools import partial
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
+    ParallelStyle,
     PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
@@ -49,9 +54,13 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
 
     for key, block in model.layers.items():
         row_in = lambda name, key=key: row(f"layers.{key}.{name}")  # noqa: E731
+        attention_plan = _attention_plan("attention", row_in)
+        layout = getattr(getattr(block, "attention", None), "TP_LAYOUT", None)
+        if layout is not None:  # an attention that states its own split (models/mla.py)
+            attention_plan = _layout_plan("attention", block.attention, layout, row_in)
         plan = _hybrid_block_plan(block, tp_mesh, between, row_in) if hasattr(block, "kind") else {
             "attention": _mixer_input(between, 3),
-            **_attention_plan("attention", row_in),
+            **attention_plan,
             "feed_forward": _mixer_input(between, 1),
             **_mlp_plan("feed_forward", row_in),
         }
@@ -74,6 +83,45 @@ def _attention_plan(prefix: str, row) -> dict:
             f"{prefix}.wo": row(f"{prefix}.wo")}
 
 
+class _Replicated(ParallelStyle):
+    """Parameters replicated over tp as DTensors (a projection every rank runs whole: MLA's
+    latent down-projections and their norms); inputs arrive as replicated DTensors."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        for name, param in list(module.named_parameters(recurse=False)):
+            module.register_parameter(name, nn.Parameter(distribute_tensor(param.data, device_mesh, [Replicate()])))
+        return module
+
+
+class _SumGradOverTP(ParallelStyle):
+    """The module's (replicated) output goes on as a local tensor whose gradient, partial on each
+    rank (each uses it for its own heads), is summed over tp in backward: MLA's shared RoPE key."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def hook(_module, _inputs, out):
+            if not isinstance(out, DTensor):
+                out = DTensor.from_local(out, device_mesh, [Replicate()], run_check=False)
+            return out.to_local(grad_placements=[Partial()])
+
+        module.register_forward_hook(hook)
+        return module
+
+
+_STYLES = {"colwise": ColwiseParallel, "replicate": _Replicated, "sum_grad": _SumGradOverTP}
+
+
+def _layout_plan(prefix: str, attention: nn.Module, layout: dict, row) -> dict:
+    """An attention's TP_LAYOUT (submodule -> colwise | rowwise | replicate | sum_grad) as a plan;
+    submodules the attention does not have (a full-rank query has no wq_a) are skipped."""
+    plan = {}
+    for name, kind in layout.items():
+        if getattr(attention, name, None) is None:
+            continue
+        style = row(f"{prefix}.{name}") if kind == "rowwise" else _STYLES[kind]()
+        plan[f"{prefix}.{name}"] = style
+    return plan
+
+
 def _mlp_plan(prefix: str, row) -> dict:
     return {f"{prefix}.w1": ColwiseParallel(), f"{prefix}.w3": ColwiseParallel(), f"{prefix}.w2": row(f"{prefix}.w2")}
 
@@ -84,7 +132,9 @@ def _hybrid_block_plan(block: nn.Module, tp_mesh: DeviceMesh, between, row) -> d
     projection by input features; the per-channel conv, per-head dt_bias/A_log/D and the gated
     norm's weight sharded alike, so each rank runs whole heads and whole norm groups)."""
     if block.kind == "*":
-        return {"mixer": _mixer_input(between, 3), **_attention_plan("mixer", row)}
+        layout = getattr(block.mixer, "TP_LAYOUT", None)  # MLA states its own split
+        plan = _attention_plan("mixer", row) if layout is None else _layout_plan("mixer", block.mixer, layout, row)
+        return {"mixer": _mixer_input(between, 3), **plan}
     if block.kind == "-":
         return {"mixer": _mixer_input(between, 1), **_mlp_plan("mixer", row)}
     mixer = block.mixer

@@ -3,6 +3,7 @@ besides losses and final weights each case reports where its subgroups were upda
 from __future__ import annotations
 
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 from cases import TINY, full_weights
 
@@ -30,7 +31,13 @@ def offload_cases(cases: list) -> list[dict]:
         out.append({"losses": result.losses, "weights": full_weights(trainer),
                     "placements": [o.placement_summary() for o in offloaded],
                     "counters": [dict(o.counters) for o in offloaded],
-                    "state_on_host": all(o.exp_avg.device.type == "cpu" for o in offloaded)})
+                    "state_on_host": all(o.exp_avg.device.type == "cpu" for o in offloaded),
+                    "master_dtypes": sorted({str(o.master.dtype) for o in offloaded}),
+                    "weight_dtypes": sorted({str(p.dtype) for part in trainer.parallel.parts for p in part.parameters()}),
+                    "compute_dtype": str(trainer.parallel.param_dtype),
+                    "fsdp_param_dtypes": sorted({str(m._get_fsdp_state()._mp_policy.param_dtype)
+                                                 for part in trainer.parallel.parts for m in part.modules()
+                                                 if isinstance(m, FSDPModule)})})
         for o in offloaded:
             o.close()
         dist.barrier()

@@ -174,6 +174,105 @@ def test_model_picks_predicted_fastest_stride():
     assert c.update_s == pytest.approx(c.host_s + c.device_s)
 
 
+def test_model_picks_predicted_fastest_subgroup_size_and_stride():
+    """Subgroup size auto: every candidate size is predicted jointly with every stride; the pick is
+    the brute-force argmin over the (size, stride) pairs whose device buffer set fits the budget."""
+    from longtrain.parallel.offload_model import (DEVICE_BUFFER_BYTES, Probe, candidate_subgroup_sizes, pick_layout,
+                                                  predict, roles_for_stride, subgroup_sizes)
+
+    groups = [12_000_000, 30_000]  # a weight-decay group and a small no-decay group
+    candidates = candidate_subgroup_sizes(groups)
+    assert candidates == [1 << 16, 1 << 18, 1 << 20, 1 << 22, 12_000_000]
+    assert subgroup_sizes(groups, 5_000_000) == [5_000_000, 5_000_000, 2_000_000, 30_000]
+    # An 8B-parameter shard: no candidate cuts it into more than 512 subgroups (the search stays short).
+    big = candidate_subgroup_sizes([8_000_000_000, 1_000_000])
+    assert big[0] == 1 << 24 and big[-1] == 8_000_000_000
+    assert all(len(subgroup_sizes([8_000_000_000, 1_000_000], s)) <= 512 for s in big)
+
+    def gpu(overhead_s, small_sizes_faster=1.0):
+        big = Probe({"torch": 1e9, "deepspeed": 0.8e9}, 50e9, 25e9, 25e9, False, overhead_s)
+        small = Probe({"torch": 1e9 * small_sizes_faster, "deepspeed": 0.8e9}, 50e9, 25e9, 25e9, False, overhead_s)
+        return lambda size: small if size < 1 << 20 else big
+
+    def brute_force(probe_for, budget, stride=None):
+        best = None
+        for size in candidates:
+            sizes = subgroup_sizes(groups, size)
+            strides = range(1, len(sizes) + 2) if stride is None else [min(stride, len(sizes) + 1)]
+            for k in strides:
+                roles = roles_for_stride(len(sizes), k)
+                if DEVICE_BUFFER_BYTES * max((n for n, r in zip(sizes, roles) if r == "device"), default=0) > budget:
+                    continue
+                t = predict(probe_for(size), sizes, roles, "torch", 2, k).update_s
+                if best is None or (t, -size, -k) < (best[0], -best[1], -best[2]):  # ties: larger size, stride
+                    best = (t, size, k)
+        return best
+
+    picks = {}
+    for name, probe_for, budget in (("cheap calls", gpu(0.0), 1e12), ("costly calls", gpu(2e-3), 1e12),
+                                    ("tight budget", gpu(0.0), DEVICE_BUFFER_BYTES * 100_000),
+                                    ("small calls faster", gpu(0.0, small_sizes_faster=3.0), 1e12)):
+        size, k, preds = pick_layout(probe_for, groups, candidates, 2, budget)
+        t, want_size, want_k = brute_force(probe_for, budget)
+        assert (size, k) == (want_size, want_k), name
+        assert preds[(size, k)].update_s == pytest.approx(t) == min(p.update_s for p in preds.values()), name
+        for (sz, kk), _ in preds.items():  # nothing over the budget was even considered
+            roles = roles_for_stride(len(subgroup_sizes(groups, sz)), kk)
+            dev = [n for n, r in zip(subgroup_sizes(groups, sz), roles) if r == "device"]
+            assert DEVICE_BUFFER_BYTES * max(dev, default=0) <= budget, name
+        picks[name] = (size, k)
+    # The size matters: per-subgroup costs push toward large subgroups, a budget toward small ones.
+    assert picks["costly calls"][0] > picks["cheap calls"][0]
+    assert picks["tight budget"][0] <= 100_000 and picks["tight budget"] != picks["cheap calls"]
+    assert picks["small calls faster"][0] < 1 << 20  # the probe taken at the small size is used for it
+    # A fixed stride: only the size is chosen; a budget no size fits with that stride fails in one line.
+    size, k, preds = pick_layout(gpu(0.0), groups, candidates, 2, 1e12, stride=3)
+    assert {kk for _, kk in preds} <= {3, 2 + 1} and (size, k)[1:] == brute_force(gpu(0.0), 1e12, 3)[2:]
+    assert size == brute_force(gpu(0.0), 1e12, 3)[1]
+    with pytest.raises(ValueError, match=r"^optim.offload_subgroup_size: no subgroup size of .* fits the device budget"):
+        pick_layout(gpu(0.0), groups, candidates, 2, 1000.0, stride=1)
+
+
+def test_auto_subgroup_size_in_the_optimizer(tmp_path, monkeypatch):
+    """The optimizer takes the model's (size, stride), probes at two sizes, reports the size."""
+    from longtrain.parallel import offload, offload_model
+
+    monkeypatch.setenv("LONGTRAIN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(offload_model, "SMALLEST_AUTO_SUBGROUP", 1024)
+    probed = []
+
+    def fake_probe(device, adams, chunk):  # cheap calls on small subgroups: the model goes fine
+        probed.append(chunk)
+        return offload_model.Probe({"torch": 1e9}, 50e9, 25e9, 25e9, False, 0.0)
+
+    monkeypatch.setattr(offload, "cached_probe", fake_probe)
+    params = [torch.nn.Parameter(torch.randn(100, 100)), torch.nn.Parameter(torch.randn(100))]
+    opt = offload.OffloadAdamW([{"params": params[:1], "weight_decay": 0.1}, {"params": params[1:], "weight_decay": 0.0}],
+                               lr=1e-3, betas=(0.9, 0.95), eps=1e-8, device=torch.device("cpu"),
+                               settings=offload.OffloadSettings("interleaved", "auto", "auto", "torch", 0.0))
+    assert sorted(probed) == [1024, 10_000]
+    want = offload_model.pick_layout(lambda s: fake_probe(None, None, s), [10_000, 100], [1024, 4096, 10_000], 4,
+                                     opt.budget_bytes)
+    assert (opt.subgroup_size, opt.stride) == want[:2]
+    assert opt.placement_summary()["subgroup_size"] == opt.subgroup_size
+    assert [sg.numel for sg in opt.subgroups] == offload_model.subgroup_sizes([10_000, 100], opt.subgroup_size)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    metrics = offload.offload_metrics([opt])
+    assert metrics["offload_subgroup_size"] == opt.subgroup_size
+    from longtrain.launcher.metrics import format_line
+
+    line = format_line({"step": 1, "loss": 1.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_second": 1.0,
+                        "tflops_per_device": 0.0, "mfu": None, "peak_memory_gb": 0.0, **metrics})
+    assert line.endswith(f", subgroups of {opt.subgroup_size:,})"), line
+    opt.close()
+    with pytest.raises(ValueError, match=r"^optim.offload_subgroup_size: must be auto or an integer >= 1, got 'big'$"):
+        offload.OffloadAdamW([{"params": params, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.95), eps=1e-8,
+                             device=torch.device("cpu"),
+                             settings=offload.OffloadSettings("cpu", "big", "auto", "torch", 0.0))
+
+
 def test_model_predicts_this_machine(tmp_path, monkeypatch):
     """The prediction for this machine's update (probe measured here) is within 30% of the
     measured update time, for plain CPU offload and interleaved stride 2. The machine is shared
@@ -211,7 +310,9 @@ def test_model_predicts_this_machine(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, message", [
     (["optim.offload=interleaved", "optim.offload_stride=0"], r"^recipe: optim.offload_stride: must be auto or an integer >= 1, got '0'$"),
-    (["optim.offload=cpu", "optim.offload_subgroup_size=0"], r"^recipe: optim.offload_subgroup_size: must be at least 1, got 0$"),
+    (["optim.offload=cpu", "optim.offload_subgroup_size=0"], r"^recipe: optim.offload_subgroup_size: must be auto or an integer >= 1, got '0'$"),
+    (["optim.offload=cpu", "optim.offload_subgroup_size=-5"], r"^recipe: optim.offload_subgroup_size: must be auto or an integer >= 1, got '-5'$"),
+    (["optim.offload=cpu", "optim.offload_subgroup_size=huge"], r"^recipe: optim.offload_subgroup_size: must be auto or an integer >= 1, got 'huge'$"),
     (["optim.offload=interleaved", "optim.offload_subgroup_size=100000000", "optim.offload_device_memory_gb=1"],
      r"^recipe: optim.offload_device_memory_gb: 1.0 GiB cannot hold one subgroup's device buffers \(1.49 GiB"),
     (["optim.offload=disk"], r"optim.offload: 'disk' is not one of none, cpu, interleaved"),
@@ -280,3 +381,22 @@ def test_offload_exact_under_2d_layouts(tmp_path, monkeypatch):
         _assert_placed(f"{name}/stride2" if name == "hsdp" else f"{name}_tp2/stride2", got)
         _assert_losses_close(name, got["losses"], ref["losses"])
         _assert_weights_close(name, got["weights"], ref["weights"])
+
+
+def test_offload_under_bf16_mixed_precision(tmp_path, monkeypatch):
+    """parallel.mixed_precision=bf16 (on CPU: FSDP2's bf16 compute over fp32 sharded weights, fp32
+    gradient reduction) under dp_shard2: interleaved stride 2 and plain CPU offload train as AdamW
+    does with the state on the device, the fp32 master and m, v on the host."""
+    monkeypatch.setenv("LONGTRAIN_CACHE", str(tmp_path / "cache"))
+    layout = LAYOUTS["dp_shard2"] + ["parallel.mixed_precision=bf16", "train.steps=5"]
+    cases = [{"overrides": layout + REFERENCE}, {"overrides": layout + OFFLOAD + MODES["stride2"]},
+             {"overrides": layout + OFFLOAD + MODES["cpu"]}]
+    ref, *runs = run_group(2, offload_cases, cases)
+    for name, got in zip(("dp_shard2_bf16/stride2", "dp_shard2_bf16/cpu"), runs):
+        assert got["compute_dtype"] == "torch.bfloat16" and got["fsdp_param_dtypes"] == ["torch.bfloat16"], name
+        assert got["weight_dtypes"] == ["torch.float32"] and got["master_dtypes"] == ["torch.float32"], name
+        _assert_placed(name, got, steps=5)
+        # bf16 only in the compute: the same bf16 forward and backward on the same fp32 weights,
+        # so the update is as exact as in fp32 (1e-6, far inside a bf16 tolerance of ~4e-3).
+        _assert_losses_close(name, got["losses"], ref["losses"], rel=1e-6)
+        _assert_weights_close(name, got["weights"], ref["weights"], rel=1e-6)

@@ -3,9 +3,12 @@
 - `SeqToHeads` / `HeadsToSeq`: Ulysses all-to-all between sequence-sharded (B, S/u, H, D) and
   head-sharded (B, S, H/u, D) tensors; each is the other's backward.
 - `GatherSeq`: all-gather along the sequence (backward: reduce-scatter of the gradient).
-- `RingExchange`: send tensors to the next ring rank and receive the previous rank's, async.
+- `RingExchange`: send tensors to the next ring rank and receive the previous rank's, async (over
+  a process group, or a `SubRing` of some of its ranks).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -84,13 +87,28 @@ class GatherSeq(torch.autograd.Function):
         return out, None
 
 
+@dataclass(frozen=True)
+class SubRing:
+    """A ring over some ranks of a process group (global ranks, in ring order), run with P2P ops on
+    that group: per-sequence ring groups of the balance engine need no communicator of their own."""
+    group: object
+    ranks: tuple
+    router: object = None  # parallel/balance/routing.Router: inter-node hops split over proxy ranks
+
+
 class RingExchange:
     """Async send of a list of tensors to the next rank of a ring and receive of the previous
-    rank's (same shapes), so the next block travels while the current one is computed."""
+    rank's (same shapes), so the next block travels while the current one is computed. `group`: a
+    process group (its ranks form the ring) or a SubRing."""
 
     def __init__(self, group, reverse: bool = False):
-        self.group = group
-        self.ranks = dist.get_process_group_ranks(group)
+        self.router = None
+        if isinstance(group, SubRing):
+            self.group, self.ranks, self.router = group.group, list(group.ranks), group.router
+            if self.router is not None and reverse:
+                raise ValueError("RingExchange: a routed ring runs forward only")
+        else:
+            self.group, self.ranks = group, dist.get_process_group_ranks(group)
         me = self.ranks.index(dist.get_rank())
         n = len(self.ranks)
         step = -1 if reverse else 1  # reverse: send to the previous rank, receive from the next
@@ -101,6 +119,8 @@ class RingExchange:
         """Tags keep two exchanges in flight apart (K/V for the next step, gradients). The
         returned handle owns the sent tensors until finish(): a buffer freed while the backend
         still reads it would be a use-after-free."""
+        if self.router is not None:
+            return self.router.start(tensors, tag)
         sent = [t.contiguous() for t in tensors]
         received = [torch.empty_like(t) for t in sent]
         ops = []
@@ -112,6 +132,8 @@ class RingExchange:
 
     @staticmethod
     def finish(pending) -> list[torch.Tensor]:
+        if callable(pending):  # a routed exchange finishes its own phases
+            return pending()
         works, received, _sent = pending
         for w in works:
             w.wait()

@@ -1,0 +1,319 @@
+"""Balance benchmark: even_cp, tokens, hybrid_dp and zeppelin on long-tailed varlen batches.
+
+1. Measured here (gloo, CPU, fp32, one thread per rank): forward + backward of a small transformer on
+   the same steps under each strategy, at cp4 (one bin of 4 x budget tokens) and at dp2 x cp2 with
+   two simulated nodes of two ranks (cluster.gpus_per_node=2; two bins); per rank the attention work
+   (causal query-key pairs) and tokens (max/mean), and the bytes it sends (ring P2P + remap all_to_all).
+2. The simulator's prediction for exactly those runs (parallel/balance/simulator.py with the `local`
+   preset written by `longtrain probe`), next to the measurement.
+3. Simulated at scale: the Zeppelin paper's clusters A, B, C at 16-128 GPUs, LLaMA 3B/7B/13B shapes and
+   ArXiv-, GitHub- and ProLong-like length mixes: zeppelin's speedup over even_cp (every sequence over
+   all ranks), and the ablation (partitioning: zeppelin vs tokens; remapping on/off).
+
+    python benchmarks/balance.py [--out benchmarks/results] [--quick]
+
+Writes balance.json, balance.md and balance.png to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import CommCounter, MachineLoad, install_comm_counter, machine_info  # noqa: E402
+
+STRATEGIES = ("even_cp", "tokens", "hybrid_dp", "zeppelin")
+from longtrain.parallel.balance.simulator import MIXES, sample_lengths  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------
+# Measured: in a process group
+# ----------------------------------------------------------------------------------------------
+def _measure(steps_by_layout: dict, model_dims: dict, repeats: int) -> dict:
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from longtrain.models.registry import build_model
+    from longtrain.models.transformer import TransformerConfig
+    from longtrain.parallel.balance.engine import BalancedAttention, StepLayout
+    from longtrain.parallel.balance.planner import plan_step
+
+    torch.set_num_threads(1)
+    counter = CommCounter()
+    install_comm_counter(counter)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    group = dist.new_group(list(range(world)))
+    cfg = TransformerConfig(**model_dims)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    engine = BalancedAttention(group, list(range(world)), backend="torch")
+    for module in model.modules():
+        if hasattr(module, "core_attention"):
+            module.core_attention = engine
+    out = {}
+    for layout_name, spec in steps_by_layout.items():
+        for strategy in STRATEGIES:
+            for remap in ((True, False) if strategy == "zeppelin" else (False,)):
+                name = f"{layout_name}/{strategy}" + ("" if remap or strategy != "zeppelin" else "-noremap")
+                times, sent, att, tok = [], [], [], []
+                for step in spec["steps"]:
+                    plan = plan_step(step["lengths"], world, strategy, capacity=spec["capacity"] + len(step["lengths"]),
+                                     gpus_per_node=spec["gpus_per_node"], cp=spec["cp"], bins=step["bins"],
+                                     tau_intra=spec["tau_intra"], tau_inter=spec["tau_inter"])
+                    layout = StepLayout.build(plan, rank, remap)
+                    engine.set_step(layout)
+                    n = len(layout.linear_ids)
+                    gen = torch.Generator().manual_seed(step["seed"])
+                    total = sum(step["lengths"])
+                    tokens_all = torch.randint(0, cfg.vocab_size, (total,), generator=gen)
+                    pos_all = torch.from_numpy(np.concatenate([np.arange(L) for L in step["lengths"]]))
+                    ids = torch.from_numpy(layout.linear_ids)
+                    tokens, positions = tokens_all[ids][None], pos_all[ids][None]
+                    labels = tokens_all[(ids + 1) % total][None]
+                    best = float("inf")
+                    for rep in range(repeats + 1):
+                        model.zero_grad(set_to_none=True)
+                        counter.reset()
+                        counter.active = rep == repeats
+                        dist.barrier()
+                        start = time.perf_counter()
+                        logits = model(tokens, positions)
+                        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / total
+                        loss.backward()
+                        t = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+                        counter.active = False  # the timing all_reduce is not the step's traffic
+                        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                        if rep:
+                            best = min(best, float(t))
+                    times.append(best)
+                    bytes_sent = [None] * world
+                    dist.all_gather_object(bytes_sent, counter.totals()["total"])
+                    sent.append(bytes_sent)
+                    work = plan.attention_work()
+                    att.append(float(work.max() / work.mean()))
+                    tok_counts = [None] * world
+                    dist.all_gather_object(tok_counts, n)
+                    tok.append(float(max(tok_counts) / np.mean(tok_counts)))
+                out[name] = {"step_s": times, "bytes_sent_per_rank": sent, "attention_max_over_mean": att,
+                             "tokens_max_over_mean": tok, "strategy": strategy, "remap": remap, "layout": layout_name}
+    return out
+
+
+def measured_setup(quick: bool, seed: int = 0) -> tuple[dict, dict]:
+    """The steps both measurement and simulation use."""
+    rng = np.random.default_rng(seed)
+    budget = 2048 if quick else 6144  # tokens per bin
+    mix = dict(MIXES["long-tailed"])
+    mix.update(tail=0.04, tail_lo=budget // 2, tail_hi=budget, cap=budget)  # a few sequences of budget/2..budget
+    n_steps = 1 if quick else 3
+    dims = dict(vocab_size=260, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=4 * budget)
+    layouts = {}
+    for name, cp, bins, gpn in (("cp4", 4, 1, 4), ("dp2xcp2", 2, 2, 2)):
+        steps = []
+        for s in range(n_steps):
+            lengths, owner = [], []
+            for b in range(bins):
+                part = sample_lengths(rng, budget * 4 // bins, mix)
+                if s == 0 and b == 0:
+                    part = sorted(part)[:-1] + [budget]  # at least one long sequence per run
+                lengths += part
+                owner += [b] * len(part)
+            steps.append({"lengths": lengths, "bins": owner, "seed": 1000 * s + 7})
+        layouts[name] = {"cp": cp, "gpus_per_node": gpn, "capacity": math.ceil(1.5 * budget), "steps": steps}
+    # hiding lengths from this machine's probe (configs/clusters/local.yaml) and this model
+    from longtrain.models.transformer import TransformerConfig
+    from longtrain.parallel.balance.cost import CostModel, ModelShape, resolve_cluster
+
+    for spec in layouts.values():
+        cm = CostModel(ModelShape.of(TransformerConfig(**dims)), resolve_cluster("local", spec["gpus_per_node"], world=4))
+        spec["tau_intra"], spec["tau_inter"] = cm.tau("intra"), cm.tau("inter")
+    return layouts, dims
+
+
+# 4 ranks on this machine's cores: each rank computes at (cores / ranks) of the probed single-process
+# speed (the probe runs one process), never faster than the probe.
+CPU_SHARE = max(1.0, 4 / (os.cpu_count() or 1))
+
+
+def simulate_measured(layouts: dict, dims: dict) -> dict:
+    from longtrain.models.transformer import TransformerConfig
+    from longtrain.parallel.balance.cost import CostModel, ModelShape, resolve_cluster
+    from longtrain.parallel.balance.planner import plan_step
+    from longtrain.parallel.balance.simulator import simulate
+
+    shape = ModelShape.of(TransformerConfig(**dims))
+    out = {}
+    for name, spec in layouts.items():
+        cluster = resolve_cluster("local", spec["gpus_per_node"], world=4)
+        cm = CostModel(shape, cluster)
+        for strategy in STRATEGIES:
+            for remap in ((True, False) if strategy == "zeppelin" else (False,)):
+                key = f"{name}/{strategy}" + ("" if remap or strategy != "zeppelin" else "-noremap")
+                sims = [simulate(plan_step(s["lengths"], 4, strategy, capacity=spec["capacity"] + len(s["lengths"]),
+                                           gpus_per_node=spec["gpus_per_node"], cp=spec["cp"], bins=s["bins"],
+                                           tau_intra=spec["tau_intra"], tau_inter=spec["tau_inter"]),
+                                 cm, remap, compute_scale=CPU_SHARE) for s in spec["steps"]]
+                out[key] = {"step_s": [s.step_seconds for s in sims],
+                            "bytes_sent_per_rank": [s.bytes_sent.tolist() for s in sims]}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Simulated at scale
+# ----------------------------------------------------------------------------------------------
+def at_scale(quick: bool, seed: int = 1) -> dict:
+    from longtrain.parallel.balance.cost import CostModel, ModelShape, resolve_cluster
+    from longtrain.parallel.balance.planner import plan_step
+    from longtrain.parallel.balance.simulator import simulate
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    gpus_list = (16, 64) if quick else (16, 32, 64, 128)
+    models = ("7B",) if quick else ("3B", "7B", "13B")
+    mixes = ("arxiv", "github", "prolong64k")
+    per_gpu = 32768  # tokens per GPU per step
+    for cluster_name in ("A", "B", "C"):
+        for gpus in gpus_list:
+            cluster = resolve_cluster(cluster_name, world=gpus)
+            for model in models:
+                cm = CostModel(ModelShape.llama(model), cluster)
+                for mix in mixes:
+                    lengths = sample_lengths(rng, gpus * per_gpu, MIXES[mix])
+                    cap = math.ceil(1.5 * per_gpu) + len(lengths)
+                    kw = dict(capacity=cap, gpus_per_node=cluster.gpus_per_node, cost=cm.cost,
+                              tau_intra=cm.tau("intra"), tau_inter=cm.tau("inter"))
+                    t = {}
+                    # even_cp: today's CP, a ring over each node's 8 GPUs (cp8), data ranks across nodes,
+                    # each data rank's bin filled with the sequences in order, fewest tokens first
+                    cp = cluster.gpus_per_node
+                    fill = [0] * (gpus // cp)
+                    bins = []
+                    for L in lengths:
+                        d = min(range(len(fill)), key=lambda i: (fill[i], i))
+                        bins.append(d)
+                        fill[d] += L
+                    t["even_cp"] = simulate(plan_step(lengths, gpus, "even_cp", cp=cp, bins=bins,
+                                                      **dict(kw, capacity=max(cap, -(-max(fill) // cp) + len(lengths)))),
+                                            cm, False).step_seconds
+                    zep = plan_step(lengths, gpus, "zeppelin", **kw)
+                    t["zeppelin"] = simulate(zep, cm, True).step_seconds
+                    t["zeppelin_noremap"] = simulate(zep, cm, False).step_seconds
+                    t["zeppelin_routed"] = simulate(zep, cm, True, routing=True).step_seconds
+                    t["even_cp_routed"] = t["even_cp"]  # cp8 rings stay inside a node: nothing to route
+                    t["tokens"] = simulate(plan_step(lengths, gpus, "tokens", **kw), cm, False).step_seconds
+                    t["tokens_remap"] = simulate(plan_step(lengths, gpus, "tokens", **kw), cm, True).step_seconds
+                    rows.append({"cluster": cluster_name, "gpus": gpus, "model": model, "mix": mix,
+                                 "sequences": len(lengths), "step_s": t,
+                                 "speedup_vs_even_cp": t["even_cp"] / t["zeppelin"]})
+    speedups = [r["speedup_vs_even_cp"] for r in rows]
+    return {"rows": rows, "average_speedup": float(np.mean(speedups)), "max_speedup": float(np.max(speedups)),
+            "paper_average_speedup": 2.80, "paper_max_speedup": 6.60}
+
+
+# ----------------------------------------------------------------------------------------------
+def write_report(report: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "balance.json").write_text(json.dumps(report, indent=1))
+    lines = ["# Balance benchmark", "", f"Machine: {report['machine']['cpu']} x {report['machine']['cpu_count']}, "
+             f"other processes used {report['other_processes_cpu_share']:.0%} of it. Elapsed {report['elapsed_s']:.0f} s.",
+             "", "## Measured here vs simulated (forward + backward, slowest rank, mean over steps)", "",
+             "| run | measured s | simulated s | sim/meas | attention max/mean | tokens max/mean | MiB sent max rank |",
+             "|---|---|---|---|---|---|---|"]
+    for name, m in report["measured"].items():
+        s = report["simulated_measured"][name]
+        meas, sim = float(np.mean(m["step_s"])), float(np.mean(s["step_s"]))
+        sent = max(max(x) for x in m["bytes_sent_per_rank"]) / 2 ** 20
+        lines.append(f"| {name} | {meas:.3f} | {sim:.3f} | {sim / meas:.2f} | {np.mean(m['attention_max_over_mean']):.2f}"
+                     f" | {np.mean(m['tokens_max_over_mean']):.2f} | {sent:.2f} |")
+    lines += ["", "Speedup of zeppelin over even_cp, measured: " + ", ".join(
+        f"{k}: {v:.2f}x" for k, v in report["summary"]["measured_speedup"].items()), ""]
+    sc = report["at_scale"]
+    lines += ["## Simulated at scale (zeppelin vs even_cp: cp8 rings inside nodes, data ranks across them)", "",
+              f"Average speedup {sc['average_speedup']:.2f}x (max {sc['max_speedup']:.2f}x); paper: 2.80x (max 6.60x).",
+              "", "Ablation columns: zeppelin without remapping, zeppelin with the routing layer, and `tokens` (no",
+              "cost-aware partitioning: equal tokens, sequences whole).", "",
+              "| cluster | GPUs | model | mix | even_cp s | zeppelin s | no remap s | routed s | tokens s | speedup |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sc["rows"]:
+        t = r["step_s"]
+        lines.append(f"| {r['cluster']} | {r['gpus']} | {r['model']} | {r['mix']} | {t['even_cp']:.2f} | "
+                     f"{t['zeppelin']:.2f} | {t['zeppelin_noremap']:.2f} | {t['zeppelin_routed']:.2f} | {t['tokens']:.2f} | "
+                     f"{r['speedup_vs_even_cp']:.2f}x |")
+    (out / "balance.md").write_text("\n".join(lines) + "\n")
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    names = list(report["measured"])
+    x = np.arange(len(names))
+    axes[0].bar(x - 0.2, [np.mean(report["measured"][n]["step_s"]) for n in names], 0.4, label="measured")
+    axes[0].bar(x + 0.2, [np.mean(report["simulated_measured"][n]["step_s"]) for n in names], 0.4, label="simulated")
+    axes[0].set_xticks(x)
+    axes[0].set_xticklabels(names, rotation=45, ha="right", fontsize=7)
+    axes[0].set_ylabel("step seconds (fwd+bwd)")
+    axes[0].legend()
+    axes[0].set_title("this machine, 4 gloo ranks")
+    for cluster in ("A", "B", "C"):
+        rows = [r for r in sc["rows"] if r["cluster"] == cluster]
+        gpus = sorted({r["gpus"] for r in rows})
+        axes[1].plot(gpus, [np.mean([r["speedup_vs_even_cp"] for r in rows if r["gpus"] == g]) for g in gpus],
+                     marker="o", label=f"cluster {cluster}")
+    axes[1].axhline(2.80, ls="--", color="gray", label="paper average")
+    axes[1].set_xlabel("GPUs")
+    axes[1].set_ylabel("simulated speedup over even_cp")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(out / "balance.png", dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--quick", action="store_true", help="small steps (smoke test)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--from-json", default=None, help="reuse the measurements of an earlier balance.json; "
+                                                          "recompute the simulations and the report")
+    args = parser.parse_args(argv)
+    from longtrain.launcher.local_group import run_group
+
+    start, load = time.time(), MachineLoad()
+    layouts, dims = measured_setup(args.quick)
+    if args.from_json:
+        old = json.loads(Path(args.from_json).read_text())
+        measured, layouts, dims = old["measured"], old["config"]["layouts"], old["config"]["model"]
+        start, previous_elapsed, other = time.time(), old["elapsed_s"], old["other_processes_cpu_share"]
+    else:
+        measured = run_group(4, _measure, layouts, dims, 1 if args.quick else args.repeats)
+        previous_elapsed, other = 0.0, None
+    simulated = simulate_measured(layouts, dims)
+    speedup = {}
+    for layout in layouts:
+        speedup[layout] = float(np.mean(measured[f"{layout}/even_cp"]["step_s"]) /
+                                np.mean(measured[f"{layout}/zeppelin"]["step_s"]))
+    report = {"machine": machine_info(), "config": {"layouts": layouts, "model": dims, "quick": args.quick,
+                                                    "strategies": list(STRATEGIES), "mixes": MIXES},
+              "measured": measured, "simulated_measured": simulated, "at_scale": at_scale(args.quick),
+              "summary": {"measured_speedup": speedup,
+                          "sim_over_measured": {k: float(np.mean(simulated[k]["step_s"]) / np.mean(v["step_s"]))
+                                                for k, v in measured.items()}},
+              "elapsed_s": previous_elapsed + time.time() - start,
+              "other_processes_cpu_share": other if other is not None else (load.other_share() or 0.0)}
+    write_report(report, Path(args.out))
+    print((Path(args.out) / "balance.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

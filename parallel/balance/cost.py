@@ -1,0 +1,276 @@
+"""Cost model for balancing variable-length sequences (Zeppelin, arXiv 2509.21841, section 1.3 of
+shared/research/techniques.md). The paper's constants are not public; these are derived here and
+written down.
+
+Per sequence of length L, per layer (h_q query heads, h_kv kv heads, head dim d, b bytes/element):
+- attention FLOPs, causal, forward: `A(L) = 4 * c * L^2 * h_q * d` with c = 1/2 (causal) or 1 (full);
+  training (forward + backward) = 3.5 x A(L) (backward = 2.5 x forward, the FA2 convention).
+- linear FLOPs, forward: `Lin(L) = 2 * L * P_layer` (P_layer: projections + MLP parameters);
+  training = 3 x Lin(L).
+- ring over g ranks (zigzag chunks: every step has equal work): per step one K/V block of
+  `V = 2 * (L/g) * h_kv * d * b` bytes against `A(L)/g^2` FLOPs of compute.
+- hiding length per level: communication is hidden when `A(L)/(g^2 F) >= V/BW`, i.e. when the
+  per-rank chunk `L/g >= tau = (h_kv/h_q) * b * F / (2 * c * BW)` (F: attention FLOP/s, BW: the
+  per-rank bandwidth of the level: intra-node link, or the rank's share of its node's NICs).
+- regime of a sequence (the crossing points): `inter` when even spread over two nodes its chunks
+  hide inter-node traffic (`L >= 2 * G * tau_inter`), else `intra` when split in two it hides
+  intra-node traffic (`L >= 2 * tau_intra`), else `local`.
+- crossing of attention and linear compute: `A(L) = Lin(L)` at `L* = P_layer / (2 * c * h_q * d)`.
+
+Cluster presets (`cluster.preset`): the paper's clusters A (A800, 8 GPUs and 4 x 200 Gb/s NICs per
+node), B (H800, 8 x 400 Gb/s), C (H200, 8 x 400 Gb/s), a generic 8 x H100 node with 8 NICs, and
+`local` (this machine, written by `longtrain probe`; a preset file path works too). Achieved
+attention FLOP/s for the GPUs comes from this repo's H100 measurement (benchmarks/attention_kernel:
+flash-attn 334-342 TFLOP/s causal bf16); the A800 gets it scaled by peak (312/989) times 1.6 (FA2 reaches
+~55% of peak on Ampere against ~34% on Hopper); the H800 has the H100's compute; linear FLOP/s is 60% of
+the bf16 dense peak; the intra-node link is the unidirectional NVLink bandwidth (A800/H800 are
+export-limited to 400 GB/s bidirectional, i.e. 200 GB/s one way; H100/H200 450 GB/s one way).
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+REGIMES = ("local", "intra", "inter")
+LEVEL_ORDER = {"inter": 0, "intra": 1, "local": 2}  # the attention engine's queue order
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """What the cost model needs to know about the machines."""
+    name: str
+    gpus_per_node: int
+    nics_per_node: int
+    nic_gbps: float  # one NIC, Gbit/s, one direction
+    intra_gbs: float  # one rank's intra-node link, GB/s, one direction
+    attention_tflops: tuple = ((1 << 20, 300.0),)  # (length, achieved attention TFLOP/s) by length, ascending
+    linear_tflops: float = 500.0  # achieved dense matmul TFLOP/s
+    latency_us: float = 10.0  # per message, either level
+    bytes_per_element: int = 2
+
+    @property
+    def inter_gbs(self) -> float:
+        """One rank's share of its node's NICs, GB/s one way."""
+        return self.nics_per_node * self.nic_gbps / 8.0 / self.gpus_per_node
+
+    @property
+    def nics_per_gpu(self) -> float:
+        return self.nics_per_node / self.gpus_per_node
+
+    def attention_flops_per_s(self, length: int) -> float:
+        """Achieved attention FLOP/s at this sequence length: the measured table, interpolated
+        linearly in log(length), clamped at both ends."""
+        table = self.attention_tflops
+        lengths = [row[0] for row in table]
+        i = bisect.bisect_left(lengths, length)
+        if i == 0:
+            return table[0][1] * 1e12
+        if i == len(table):
+            return table[-1][1] * 1e12
+        (l0, f0), (l1, f1) = table[i - 1], table[i]
+        t = (math.log(length) - math.log(l0)) / (math.log(l1) - math.log(l0))
+        return (f0 + t * (f1 - f0)) * 1e12
+
+    def bandwidth(self, level: str) -> float:
+        """Bytes/s of one rank at a level ('intra' or 'inter')."""
+        return (self.intra_gbs if level == "intra" else self.inter_gbs) * 1e9
+
+    def with_gpus_per_node(self, gpus_per_node: int) -> "ClusterSpec":
+        return replace(self, gpus_per_node=gpus_per_node)
+
+
+# The paper's clusters and a generic node (see the module docstring for where the numbers come from).
+_H100_ATTN = ((1024, 180.0), (4096, 300.0), (16384, 335.0), (131072, 340.0))
+
+
+def _scaled(table, factor):
+    return tuple((length, tflops * factor) for length, tflops in table)
+
+
+PRESETS: dict[str, ClusterSpec] = {
+    "A": ClusterSpec("A (A800-80G, 8 GPUs, 4 x 200 Gb/s RoCE)", 8, 4, 200.0, 200.0,
+                     _scaled(_H100_ATTN, 312 / 989 * 1.6), 0.6 * 312, 10.0),
+    "B": ClusterSpec("B (H800, 8 GPUs, 8 x 400 Gb/s RoCE)", 8, 8, 400.0, 200.0, _H100_ATTN, 0.6 * 989, 10.0),
+    "C": ClusterSpec("C (H200, 8 GPUs, 8 x 400 Gb/s CX7)", 8, 8, 400.0, 450.0, _H100_ATTN, 0.6 * 989, 8.0),
+    "h100x8": ClusterSpec("8 x H100, 8 x 400 Gb/s NICs", 8, 8, 400.0, 450.0, _H100_ATTN, 0.6 * 989, 8.0),
+}
+LOCAL_PRESET = Path(__file__).resolve().parents[2] / "configs" / "clusters" / "local.yaml"
+PRESET_NAMES = tuple(PRESETS) + ("local",)
+
+
+class ClusterError(ValueError):
+    """A cluster setting that cannot work; str() is one line naming the key."""
+
+
+def load_preset_file(path: str | Path) -> ClusterSpec:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ClusterError(f"cluster.preset: no preset file {path} (run `longtrain probe` to write one)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        table = tuple((int(row[0]), float(row[1])) for row in raw["attention_tflops"])
+        return ClusterSpec(name=str(raw.get("name", path.stem)), gpus_per_node=int(raw["gpus_per_node"]),
+                           nics_per_node=int(raw["nics_per_node"]), nic_gbps=float(raw["nic_gbps"]),
+                           intra_gbs=float(raw["intra_gbs"]), attention_tflops=table,
+                           linear_tflops=float(raw["linear_tflops"]), latency_us=float(raw.get("latency_us", 10.0)),
+                           bytes_per_element=int(raw.get("bytes_per_element", 2)))
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        raise ClusterError(f"cluster.preset: {path} is not a preset file ({type(err).__name__}: {err})") from None
+
+
+def write_preset_file(spec: ClusterSpec, path: str | Path) -> Path:
+    import yaml
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"name": spec.name, "gpus_per_node": spec.gpus_per_node, "nics_per_node": spec.nics_per_node,
+            "nic_gbps": spec.nic_gbps, "intra_gbs": spec.intra_gbs,
+            "attention_tflops": [[int(a), float(b)] for a, b in spec.attention_tflops],
+            "linear_tflops": spec.linear_tflops, "latency_us": spec.latency_us,
+            "bytes_per_element": spec.bytes_per_element}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def resolve_cluster(preset: str, gpus_per_node: int = 0, world: int | None = None) -> ClusterSpec:
+    """A preset by name (A, B, C, h100x8, local) or preset file path; `gpus_per_node` > 0 overrides
+    the preset's (a simulated node on CPU). Fails with one line when the node size does not divide
+    the balancing group."""
+    if preset in PRESETS:
+        spec = PRESETS[preset]
+    elif preset == "local":
+        spec = load_preset_file(LOCAL_PRESET)
+    elif preset.endswith((".yaml", ".yml")):
+        spec = load_preset_file(preset)
+    else:
+        raise ClusterError(f"cluster.preset: unknown preset {preset!r}; known: {', '.join(PRESET_NAMES)} "
+                           "or a preset .yaml file")
+    if gpus_per_node < 0:
+        raise ClusterError(f"cluster.gpus_per_node: {gpus_per_node} must be >= 0 (0: the preset's)")
+    if gpus_per_node:
+        spec = spec.with_gpus_per_node(gpus_per_node)
+    if world is not None and world > spec.gpus_per_node and world % spec.gpus_per_node:
+        raise ClusterError(f"cluster.gpus_per_node: {spec.gpus_per_node} GPUs per node do not divide the "
+                           f"{world} ranks of the balancing group")
+    return spec
+
+
+def routing_enabled(setting, preset: str, gpus_per_node: int, world: int) -> bool:
+    """cluster.routing: true, false, or None = auto (on for a preset with several NICs per node when
+    the balancing group spans nodes; off for `local`, whose "NICs" are one machine's memory)."""
+    if setting is not None:
+        return bool(setting)
+    if preset == "local":
+        return False
+    spec = resolve_cluster(preset, gpus_per_node, world)
+    return spec.nics_per_node > 1 and world > spec.gpus_per_node
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the cost model needs to know about the model (per tensor-parallel rank)."""
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    linear_params_per_layer: int
+    causal: bool = True
+
+    @classmethod
+    def of(cls, cfg, tp: int = 1) -> "ModelShape":
+        """From a TransformerConfig-like object (dim, n_heads, n_kv_heads, head_dim, ffn_dim, n_layers)."""
+        hd = cfg.head_dim
+        params = cfg.dim * cfg.n_heads * hd * 2 + cfg.dim * cfg.n_kv_heads * hd * 2 + 3 * cfg.dim * cfg.ffn_dim
+        return cls(cfg.n_layers, cfg.n_heads // tp, max(1, cfg.n_kv_heads // tp), hd, params // tp)
+
+    @classmethod
+    def llama(cls, size: str) -> "ModelShape":
+        """LLaMA shapes the paper trains: 3B (26 x 3200, 32 heads), 7B (32 x 4096), 13B (40 x 5120)."""
+        dims = {"3B": (26, 3200, 32, 32, 8640), "7B": (32, 4096, 32, 32, 11008), "13B": (40, 5120, 40, 40, 13824)}
+        layers, dim, heads, kv, ffn = dims[size]
+        hd = dim // heads
+        return cls(layers, heads, kv, hd, dim * heads * hd * 2 + dim * kv * hd * 2 + 3 * dim * ffn)
+
+    @property
+    def mask_factor(self) -> float:
+        return 0.5 if self.causal else 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Formulas (per layer)
+# ----------------------------------------------------------------------------------------------
+def attention_flops(length: float, m: ModelShape) -> float:
+    """Forward attention FLOPs of one sequence: 4 c L^2 h_q d."""
+    return 4.0 * m.mask_factor * length * length * m.n_heads * m.head_dim
+
+
+def linear_flops(length: float, m: ModelShape) -> float:
+    """Forward linear FLOPs of one sequence: 2 L P_layer."""
+    return 2.0 * length * m.linear_params_per_layer
+
+
+def ring_step_bytes(length: float, group: int, m: ModelShape, bytes_per_element: int = 2) -> float:
+    """Bytes one rank sends per ring step (its K and V chunk): 2 (L/g) h_kv d b."""
+    return 2.0 * (length / group) * m.n_kv_heads * m.head_dim * bytes_per_element
+
+
+def hiding_length(level: str, m: ModelShape, c: ClusterSpec, length_hint: int = 16384) -> float:
+    """tau_level: the shortest per-rank chunk whose ring step computes at least as long as it sends.
+
+    Per step a member computes 4 c x^2 h_q d FLOPs on chunks of x = L/g tokens and sends
+    2 x h_kv d b bytes plus one message latency alpha:  4 c h_q d x^2 / F >= 2 h_kv d b x / BW + alpha.
+    With alpha = 0 this is x >= (h_kv/h_q) b F / (2 c BW) (techniques.md 1.3); with latency the
+    positive root of the quadratic."""
+    flops = c.attention_flops_per_s(length_hint)
+    a = 4.0 * m.mask_factor * m.n_heads * m.head_dim / flops
+    b = 2.0 * m.n_kv_heads * m.head_dim * c.bytes_per_element / c.bandwidth(level)
+    alpha = c.latency_us * 1e-6
+    return (b + math.sqrt(b * b + 4.0 * a * alpha)) / (2.0 * a)
+
+
+def attention_linear_crossing(m: ModelShape) -> float:
+    """The length above which a sequence's attention FLOPs exceed its linear FLOPs."""
+    return m.linear_params_per_layer / (2.0 * m.mask_factor * m.n_heads * m.head_dim)
+
+
+def regime(length: int, m: ModelShape, c: ClusterSpec) -> str:
+    """local, intra or inter by the crossing points (module docstring)."""
+    if length >= 2 * c.gpus_per_node * hiding_length("inter", m, c, length):
+        return "inter"
+    if length >= 2 * hiding_length("intra", m, c, length):
+        return "intra"
+    return "local"
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds of one training step's work (forward + backward, all layers) for pieces of sequences."""
+    model: ModelShape
+    cluster: ClusterSpec
+
+    def attention_seconds(self, length: int, share: float = 1.0) -> float:
+        """Training attention time of `share` of a sequence's causal work."""
+        f = self.cluster.attention_flops_per_s(length)
+        return 3.5 * attention_flops(length, self.model) * share / f * self.model.n_layers
+
+    def linear_seconds(self, tokens: float) -> float:
+        return 3.0 * linear_flops(tokens, self.model) / (self.cluster.linear_tflops * 1e12) * self.model.n_layers
+
+    def ring_transfer_seconds(self, length: int, group: int, level: str) -> float:
+        """One ring step's K/V transfer (forward), latency included."""
+        return (ring_step_bytes(length, group, self.model, self.cluster.bytes_per_element)
+                / self.cluster.bandwidth(level) + self.cluster.latency_us * 1e-6)
+
+    def cost(self, length: int) -> float:
+        """The planner's balancing weight: attention time of the whole sequence (seconds)."""
+        return self.attention_seconds(length)
+
+    def tau(self, level: str, length: int = 16384) -> float:
+        return hiding_length(level, self.model, self.cluster, length)
+
+    def regime(self, length: int) -> str:
+        return regime(length, self.model, self.cluster)

@@ -1,0 +1,149 @@
+"""The balance attention engine: the strategy installed into every attention module when
+`parallel.balance` is on. Per step it holds this rank's `StepLayout` (from the planner's plan) and
+runs core attention sequence group by sequence group:
+
+- a sequence placed on this rank alone: local attention (kernels via LocalBlocksAttention);
+- a sequence spread over a ring group: ring attention among that group's members only
+  (parallel/context/ring.py's RingAttention over a `SubRing` of the balancing group's process
+  group: point-to-point ops, no communicator per group), K/V with positions and sequence ids
+  travelling together so that the mask is exact; the next block is in flight while one computes.
+
+Sequences that share a ring group run as one packed block (one ring pass). A member's block is
+padded to the longest member's (padding: sequence id -1, attends nothing, is dropped after).
+Groups run in one global order every rank follows (inter-node rings, then intra-node, then local),
+so rings never wait on each other in a cycle: the slowest transfers start first and local work
+comes last. With `routing`, a ring that spans nodes sends its inter-node hops through proxy ranks
+(routing.py). With remapping the tensors arrive in the linear layout and one all_to_all_single
+moves q, k, v (concatenated on the head axis) into the attention layout; one moves the output back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from longtrain.parallel.balance.planner import Plan, slot_key
+from longtrain.parallel.balance.routing import Router
+from longtrain.parallel.balance.remap import Route, TokenExchange, invert, linear_layout, plan_route, token_ids
+from longtrain.parallel.context.comm import SubRing
+from longtrain.parallel.context.ring import LocalBlocksAttention, RingAttention, TokenInfo
+
+
+@dataclass
+class Slot:
+    ranks: tuple  # balancing-group ranks of the ring (one: local)
+    level: str
+    member: int  # my index in the ring
+    offset: int  # my real tokens are attention-layout [offset, offset + real)
+    real: int
+    padded: int  # the block length every member runs with
+    pos: torch.Tensor  # (1, padded) position in the sequence
+    doc: torch.Tensor  # (1, padded) sequence id, -1 for padding
+    nodes: tuple = ()  # node of each ring member
+
+
+@dataclass
+class StepLayout:
+    """One rank's view of a step's plan: its attention slots, and the routes between its linear and
+    attention layouts (None without remapping). `linear_ids`: the global token ids it holds outside
+    core attention (its input rows)."""
+    rank: int
+    slots: list
+    linear_ids: np.ndarray
+    attention_ids: np.ndarray
+    to_attention: Route | None = None
+    to_linear: Route | None = None
+    stats: dict = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, plan: Plan, rank: int, remap: bool) -> "StepLayout":
+        attention = token_ids(plan)
+        linear = linear_layout(attention, plan.gpus_per_node) if remap else attention
+        # members' token counts per group (pieces of zero tokens are not in the plan)
+        counts: dict = {}
+        for r, pieces in enumerate(plan.pieces):
+            for p in pieces:
+                counts.setdefault(p.group, {}).setdefault(r, 0)
+                counts[p.group][r] += p.stop - p.start
+        mine = {}
+        for seq, (group, level) in plan.groups.items():
+            if rank in group:
+                mine.setdefault(group, (group, level, []))[2].append(seq)
+        slots, offset = [], 0
+        for group, level, _ in sorted(mine.values(), key=slot_key):
+            pieces = [p for p in plan.pieces[rank] if p.group == group]
+            real = sum(p.stop - p.start for p in pieces)
+            padded = max(counts.get(group, {}).values() or [1])
+            pos = np.zeros(padded, np.int64)
+            doc = np.full(padded, -1, np.int64)
+            at = 0
+            for p in pieces:
+                pos[at:at + p.stop - p.start] = np.arange(p.start, p.stop)
+                doc[at:at + p.stop - p.start] = p.seq
+                at += p.stop - p.start
+            slots.append(Slot(group, level, group.index(rank), offset, real, padded,
+                              torch.from_numpy(pos)[None], torch.from_numpy(doc)[None],
+                              tuple(r // plan.gpus_per_node for r in group)))
+            offset += real
+        layout = cls(rank, slots, linear[rank], attention[rank])
+        if remap:
+            layout.to_attention = plan_route(linear, attention, rank)
+            layout.to_linear = invert(layout.to_attention)
+        layout.stats = {"ring_slots": sum(len(s.ranks) > 1 for s in slots),
+                        "local_slots": sum(len(s.ranks) == 1 for s in slots),
+                        "remap_sent": 0 if not remap else int(sum(layout.to_attention.send_counts)
+                                                              - layout.to_attention.send_counts[rank])}
+        return layout
+
+
+class BalancedAttention:
+    """core_attention(q, k, v, scale, positions, doc_ids) for the balanced layout of the current
+    step (`set_step`). `group`: the balancing group's process group; `global_ranks[i]`: the global
+    rank of balancing rank i."""
+
+    def __init__(self, group, global_ranks: list[int], backend: str = "auto", causal: bool = True,
+                 kv_chunks: int = 1, routing: bool = False):
+        self.group, self.global_ranks, self.routing = group, list(global_ranks), routing
+        self.backend, self.causal, self.kv_chunks = backend, causal, kv_chunks
+        self.layout: StepLayout | None = None
+        self.calls = {"local": 0, "ring": 0, "remap": 0, "routed": 0}  # what ran (tests assert on it)
+
+    def set_step(self, layout: StepLayout) -> None:
+        self.layout = layout
+
+    def __call__(self, q, k, v, scale: float, positions=None, doc_ids=None, seq_len=None):
+        layout = self.layout
+        if layout is None:
+            raise RuntimeError("BalancedAttention: no step layout set (the trainer calls set_step before forward)")
+        remap = layout.to_attention is not None
+        if remap:
+            heads = [q.shape[2], k.shape[2], v.shape[2]]
+            qkv = TokenExchange.apply(torch.cat([q, k, v], dim=2), layout.to_attention, layout.to_linear, self.group)
+            q, k, v = qkv.split(heads, dim=2)
+            self.calls["remap"] += 1
+        outs = []
+        for slot in layout.slots:
+            block = [t[:, slot.offset:slot.offset + slot.real] for t in (q, k, v)]
+            if slot.padded > slot.real:
+                block = [torch.cat([t, t.new_zeros((t.shape[0], slot.padded - slot.real) + tuple(t.shape[2:]))], 1)
+                         for t in block]
+            info = TokenInfo(pos=slot.pos.to(q.device), doc=slot.doc.to(q.device))
+            if len(slot.ranks) == 1:
+                out = LocalBlocksAttention.apply(*block, info, info, scale, self.causal, self.backend)
+                self.calls["local"] += 1
+            else:
+                ranks = tuple(self.global_ranks[r] for r in slot.ranks)
+                router = None
+                if self.routing and len(set(slot.nodes)) > 1:
+                    router = Router(self.group, ranks, slot.nodes)
+                    self.calls["routed"] += bool(router.hops())
+                ring = SubRing(self.group, ranks, router)
+                out = RingAttention.apply(*block, info, None, slot.member, scale, self.causal, self.backend, ring,
+                                          self.kv_chunks)
+                self.calls["ring"] += 1
+            outs.append(out[:, :slot.real])
+        out = torch.cat(outs, dim=1) if outs else q.new_zeros(q.shape)
+        if remap:
+            out = TokenExchange.apply(out, layout.to_linear, layout.to_attention, self.group)
+        return out

@@ -1,0 +1,374 @@
+"""The balance planner: one step's whole sequences -> for each rank of the balancing group the
+pieces of sequences it holds for core attention, and the ring group each piece runs in.
+
+A pure, deterministic function of the sequence lengths (and the data-rank bins they came in): every
+rank computes the same plan from the same lengths, nothing is communicated. Ranks are indices of the
+balancing group (the data x context ranks, `dp_replicate x dp_shard x cp` in mesh order); node n
+holds ranks [n*G, (n+1)*G) with G = the cluster's GPUs per node (all of them when the group is smaller).
+
+A sequence runs in one `group` of ranks: one rank (local attention) or a ring of g ranks, each
+holding the zigzag chunks i and 2g-1-i of the sequence (equal causal work per member). Its
+`level` is local, intra (one node) or inter (several nodes).
+
+Strategies (recipe key `parallel.balance`):
+- `even_cp`: today's context parallelism: every sequence of data rank d's bin is split over all cp
+  ranks of d (a ring of cp; local when cp = 1);
+- `tokens`: equal tokens per rank, sequences whole (longest first onto the rank with the fewest
+  tokens); a sequence longer than a rank's capacity rings over the fewest ranks that hold it;
+- `hybrid_dp`: sequences that fit a rank go whole to data ranks by tokens (as `tokens`); longer ones
+  ring over the cp ranks of the data rank with the least attention work;
+- `zeppelin`: hierarchical partitioning (techniques.md 1.4). Longest first on attention cost:
+  a sequence whose cost exceeds a rank's fair share W/P (or whose tokens exceed a rank's capacity)
+  rings over g = ceil(cost / (W/P)) ranks, cut back so that every member's chunk L/g stays at least
+  the hiding length tau_intra (never below what capacity needs); g > G spreads it over whole nodes
+  (k = ceil(g/G) least-loaded nodes, while L/(k G) >= tau_inter), else over the g least-loaded
+  ranks of the least-loaded node with room. Every other sequence is local: onto the least-loaded
+  node with token room, then the least-loaded rank of that node with room (LPT, two levels).
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+STRATEGIES = ("zeppelin", "tokens", "even_cp", "hybrid_dp")
+LEVEL_ORDER = {"inter": 0, "intra": 1, "local": 2}
+
+
+class PlanError(ValueError):
+    """A step that cannot be planned; str() is one line."""
+
+
+class Piece(NamedTuple):
+    seq: int
+    start: int  # tokens [start, stop) of the sequence
+    stop: int
+    group: tuple  # balancing-group ranks of the sequence's ring, in ring order (one rank: local)
+    level: str
+
+
+@dataclass
+class Plan:
+    strategy: str
+    lengths: list
+    world: int
+    gpus_per_node: int
+    capacity: int  # tokens a rank may hold in the attention layout
+    groups: dict = field(default_factory=dict)  # seq -> (group, level)
+    pieces: list = field(default_factory=list)  # per rank: its pieces in attention-layout order
+
+    def tokens_per_rank(self) -> np.ndarray:
+        return np.array([sum(p.stop - p.start for p in rank) for rank in self.pieces])
+
+    def attention_work(self) -> np.ndarray:
+        """Causal attention pairs (query, key) each rank computes: the balance target."""
+        work = np.zeros(self.world)
+        for r, rank in enumerate(self.pieces):
+            for p in rank:
+                work[r] += causal_pairs(p)
+        return work
+
+    def slots(self, rank: int) -> list[tuple[tuple, str, list]]:
+        """This rank's (group, level, pieces), in the global slot order every rank follows."""
+        out: dict = {}
+        for p in self.pieces[rank]:
+            out.setdefault(p.group, (p.group, p.level, []))[2].append(p)
+        return sorted(out.values(), key=slot_key)
+
+
+def slot_key(slot) -> tuple:
+    group, level, _ = slot
+    return (LEVEL_ORDER[level], len(group) == 1, group)
+
+
+def causal_pairs(piece: Piece) -> float:
+    """(query, key) pairs of a piece's queries against the earlier keys of its sequence."""
+    a, b = piece.start, piece.stop
+    return (b * (b + 1) - a * (a + 1)) / 2.0
+
+
+def zigzag_bounds(length: int, g: int) -> list[int]:
+    """Bounds of the 2g near-equal chunks of a sequence (the first chunks take the remainder)."""
+    base, extra = divmod(length, 2 * g)
+    bounds = [0]
+    for c in range(2 * g):
+        bounds.append(bounds[-1] + base + (1 if c < extra else 0))
+    return bounds
+
+
+def _ring_pieces(seq: int, length: int, group: tuple, level: str) -> list[tuple[int, Piece]]:
+    g = len(group)
+    if g == 1:
+        return [(group[0], Piece(seq, 0, length, group, level))]
+    b = zigzag_bounds(length, g)
+    out = []
+    for i, rank in enumerate(group):
+        for c in (i, 2 * g - 1 - i):
+            if b[c + 1] > b[c]:
+                out.append((rank, Piece(seq, b[c], b[c + 1], group, level)))
+    return out
+
+
+def quadratic(length: int) -> float:
+    return float(length) * float(length)
+
+
+def plan_step(lengths: Sequence[int], world: int, strategy: str = "zeppelin", *, capacity: int,
+              gpus_per_node: int = 0, cp: int = 1, bins: Optional[Sequence[int]] = None,
+              cost: Callable[[int], float] = quadratic, tau_intra: float = 0.0, tau_inter: float = 0.0) -> Plan:
+    """Plan one step. `capacity`: tokens one rank may hold; `cp`: ranks per data rank (even_cp,
+    hybrid_dp; ranks d*cp .. d*cp+cp-1 are data rank d's); `bins[i]`: the data rank whose bin
+    sequence i came in (even_cp); `cost`: the balancing weight of a whole sequence (the cost model's
+    attention seconds; L^2 by default); tau_*: hiding lengths in tokens."""
+    lengths = [int(x) for x in lengths]
+    if strategy not in STRATEGIES:
+        raise PlanError(f"parallel.balance: unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+    if world < 1 or capacity < 1 or world % cp:
+        raise PlanError(f"balance plan: {world} ranks, capacity {capacity}, cp {cp} do not fit")
+    G = gpus_per_node if 0 < gpus_per_node < world else world
+    if world % G:
+        raise PlanError(f"cluster.gpus_per_node: {G} GPUs per node do not divide the {world} ranks of the balancing group")
+    total = world * capacity
+    for i, length in enumerate(lengths):
+        if length < 1:
+            raise PlanError(f"balance plan: sequence {i} has length {length}")
+        if length > total:
+            raise PlanError(f"balance plan: sequence {i} of {length} tokens is longer than the whole balancing group "
+                            f"holds ({world} ranks x {capacity} tokens)")
+    if sum(lengths) > total:
+        raise PlanError(f"balance plan: {sum(lengths)} tokens exceed the balancing group's capacity "
+                        f"({world} ranks x {capacity} tokens)")
+    plan = Plan(strategy, lengths, world, G, capacity)
+    groups = {"zeppelin": _zeppelin, "tokens": _tokens, "even_cp": _even_cp, "hybrid_dp": _hybrid_dp}[strategy](
+        lengths, world, G, capacity, cp, bins, cost, tau_intra, tau_inter)
+    plan.groups = groups
+    per_rank: list[list[Piece]] = [[] for _ in range(world)]
+    for seq in sorted(groups):
+        group, level = groups[seq]
+        for rank, piece in _ring_pieces(seq, lengths[seq], group, level):
+            per_rank[rank].append(piece)
+    # attention-layout order: slots in the global order, pieces by sequence inside a slot
+    plan.pieces = [rank if len({p.group for p in rank}) < 2 else
+                   [p for slot in sorted(_by_group(rank), key=slot_key) for p in slot[2]] for rank in per_rank]
+    return plan
+
+
+def _by_group(pieces: list[Piece]) -> list:
+    out: dict = {}
+    for p in pieces:
+        out.setdefault(p.group, (p.group, p.level, []))[2].append(p)
+    return list(out.values())
+
+
+def _level(group: tuple, G: int) -> str:
+    if len(group) == 1:
+        return "local"
+    return "intra" if group[0] // G == group[-1] // G else "inter"
+
+
+def _longest_first(lengths: list[int]) -> list[int]:
+    return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+
+
+# ----------------------------------------------------------------------------------------------
+# Baselines
+# ----------------------------------------------------------------------------------------------
+def _even_cp(lengths, world, G, capacity, cp, bins, cost, tau_intra, tau_inter):
+    dp = world // cp
+    if bins is None:
+        bins = [0] * len(lengths) if dp == 1 else None
+    if bins is None or any(not 0 <= b < dp for b in bins):
+        raise PlanError(f"balance plan: even_cp needs each sequence's data-rank bin in [0, {dp})")
+    out = {}
+    for seq, b in enumerate(bins):
+        group = tuple(range(b * cp, (b + 1) * cp))
+        out[seq] = (group, _level(group, G))
+    return out
+
+
+def _whole_by_tokens(seqs, lengths, world, capacity, tokens, work, G):
+    """Each sequence whole onto the rank with the fewest tokens (ties: lowest rank); one that fits
+    no rank whole rings over the fewest ranks (those with the fewest tokens) that hold it."""
+    heap = [(int(tokens[r]), r) for r in range(world)]
+    heapq.heapify(heap)
+    out = {}
+    for seq in seqs:
+        L = lengths[seq]
+        t, r = heap[0]
+        if t + L <= capacity:
+            heapq.heappop(heap)
+            out[seq] = ((r,), "local")
+            tokens[r] += L
+            work[r] += quadratic(L)
+            heapq.heappush(heap, (int(tokens[r]), r))
+            continue
+        order = sorted(range(world), key=lambda r: (tokens[r], r))
+        for g in range(2, world + 1):
+            if all(tokens[r] + -(-L // g) + 1 <= capacity for r in order[:g]):
+                break
+        else:
+            raise PlanError(f"balance plan: no room for sequence {seq} of {L} tokens (capacity {capacity} per rank)")
+        group = tuple(sorted(order[:g]))
+        out[seq] = (group, _level(group, G))
+        for r in group:
+            tokens[r] += -(-L // g)
+            work[r] += quadratic(L) / g
+        heap = [(int(tokens[r]), r) for r in range(world)]
+        heapq.heapify(heap)
+    return out
+
+
+def _tokens(lengths, world, G, capacity, cp, bins, cost, tau_intra, tau_inter):
+    tokens, work = np.zeros(world, np.int64), np.zeros(world)
+    out, short = {}, []
+    for seq in _longest_first(lengths):
+        L = lengths[seq]
+        if L <= capacity:
+            short.append(seq)
+            continue
+        g = math.ceil(L / capacity)
+        while True:
+            order = np.argsort(tokens, kind="stable")[:g]
+            if all(tokens[order] + -(-L // g) + 1 <= capacity) or g == world:
+                break
+            g += 1
+        group = tuple(sorted(order.tolist()))
+        out[seq] = (group, _level(group, G))
+        tokens[list(group)] += -(-L // g)
+    out.update(_whole_by_tokens(short, lengths, world, capacity, tokens, work, G))
+    return out
+
+
+def _hybrid_dp(lengths, world, G, capacity, cp, bins, cost, tau_intra, tau_inter):
+    dp = world // cp
+    tokens, work = np.zeros(world, np.int64), np.zeros(world)
+    out, short = {}, []
+    for seq in _longest_first(lengths):
+        L = lengths[seq]
+        if L <= capacity or cp == 1:
+            short.append(seq)
+            continue
+        if L > cp * capacity:
+            raise PlanError(f"balance plan: hybrid_dp rings a sequence over cp={cp} ranks, but sequence {seq} of {L} "
+                            f"tokens exceeds {cp} x {capacity}")
+        d = min(range(dp), key=lambda d: (work[d * cp:(d + 1) * cp].sum(), d))
+        group = tuple(range(d * cp, (d + 1) * cp))
+        out[seq] = (group, _level(group, G))
+        tokens[list(group)] += -(-L // cp)
+        work[list(group)] += quadratic(L) / cp
+    out.update(_whole_by_tokens(short, lengths, world, capacity, tokens, work, G))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Zeppelin
+# ----------------------------------------------------------------------------------------------
+def _zeppelin(lengths, world, G, capacity, cp, bins, cost, tau_intra, tau_inter):
+    N = world // G
+    costs = [cost(L) for L in lengths]
+    fair = sum(costs) / world  # a rank's fair share of the attention cost
+    node_fair = fair * G
+    node_load, node_tok = [0.0] * N, [0] * N
+    rank_load, rank_tok = [0.0] * world, [0] * world
+    # lazy heaps: an entry is stale when its load is no longer the rank's (node's) load
+    node_heap = [(0.0, n) for n in range(N)]
+    rank_heaps = [[(0.0, r) for r in range(n * G, (n + 1) * G)] for n in range(N)]
+    out = {}
+
+    def add(group, L, c):
+        g = len(group)
+        for r in group:
+            rank_load[r] += c / g
+            rank_tok[r] += -(-L // g)
+            heapq.heappush(rank_heaps[r // G], (rank_load[r], r))
+        for n in sorted({r // G for r in group}):
+            members = sum(1 for r in group if r // G == n)
+            node_load[n] += c * members / g
+            node_tok[n] += -(-L // g) * members
+            heapq.heappush(node_heap, (node_load[n], n))
+
+    def valid_pop(heap, loads):
+        while heap:
+            load, i = heapq.heappop(heap)
+            if load == loads[i]:
+                return load, i
+        return None
+
+    def best_whole(L):
+        """The least-loaded rank with room for L tokens in the least-loaded node that has one."""
+        nodes_seen, found = [], None
+        while found is None:
+            item = valid_pop(node_heap, node_load)
+            if item is None:
+                break
+            nodes_seen.append(item)
+            n, ranks_seen = item[1], []
+            while True:
+                r_item = valid_pop(rank_heaps[n], rank_load)
+                if r_item is None:
+                    break
+                ranks_seen.append(r_item)
+                if rank_tok[r_item[1]] + L <= capacity:
+                    found = r_item[1]
+                    break
+            for r_item in ranks_seen:
+                heapq.heappush(rank_heaps[n], r_item)
+        for item in nodes_seen:
+            heapq.heappush(node_heap, item)
+        return found
+
+    def intra_ring(L, c, g_lo, g_hi):
+        """(group, its members' largest load) over the least-loaded node with room, or (None, inf)."""
+        with_room = [n for n in range(N) if node_tok[n] + L <= G * capacity]
+        n = min(with_room, key=lambda n: (node_load[n], n)) if with_room else min(range(N), key=lambda n: node_tok[n])
+        by_load = sorted(range(n * G, (n + 1) * G), key=lambda r: (rank_load[r], r))
+        best, best_key = None, (float("inf"), 0)
+        for g in range(g_lo, min(g_hi, G) + 1):
+            share = -(-L // g) + 1  # a member's zigzag chunk pair holds at most this many tokens
+            fits = [r for r in by_load if rank_tok[r] + share <= capacity][:g]
+            if len(fits) == g and (rank_load[fits[-1]] + c / g, g) < best_key:
+                best, best_key = fits, (rank_load[fits[-1]] + c / g, g)
+        return (tuple(sorted(best)) if best else None), best_key[0]
+
+    def inter_ring(L, c, k_hidden, need_mem):
+        """Whole nodes, k of them minimizing the most loaded chosen node (ties: fewer nodes); and
+        the largest load of a member rank after it."""
+        k_lo = max(2, -(-need_mem // G))
+        k_hi = max(k_lo, min(N, k_hidden))
+        order = sorted(range(N), key=lambda n: (node_load[n], n))
+        k = min(range(k_lo, k_hi + 1), key=lambda k: (node_load[order[k - 1]] + c / k, k))
+        group = tuple(n * G + j for n in sorted(order[:k]) for j in range(G))
+        return group, max(rank_load[r] for r in group) + c / len(group)
+
+    for seq in sorted(range(len(lengths)), key=lambda i: (-costs[i], i)):
+        L, c = lengths[seq], costs[seq]
+        need_mem = -(-L // capacity)
+        hidden = int(L // tau_intra) if tau_intra > 0 else world  # most ranks whose chunks stay hidden
+        k_hidden = int(L // (G * tau_inter)) if tau_inter > 0 else N
+        if N > 1 and (need_mem > G or (c > node_fair * (1 + 1e-9) and k_hidden >= 2)):
+            group, _ = inter_ring(L, c, k_hidden, need_mem)
+            out[seq] = (group, "inter")
+            add(group, L, c)
+            continue
+        r = best_whole(L) if need_mem == 1 else None
+        if r is not None and (rank_load[r] + c <= fair * (1 + 1e-9) or hidden < 2):
+            out[seq] = ((r,), "local")
+            add((r,), L, c)
+            continue
+        # whole it would overshoot the fair share (or it does not fit): a ring, if that does better;
+        # across nodes when that evens out the nodes better than any ring inside one
+        group, peak = intra_ring(L, c, max(2, need_mem), max(2, need_mem, hidden))
+        if N > 1 and k_hidden >= 2:
+            wide, wide_peak = inter_ring(L, c, k_hidden, need_mem)
+            if wide_peak < peak * (1 - 1e-9):
+                group, peak = wide, wide_peak
+        if r is not None and (group is None or peak >= rank_load[r] + c):
+            group = (r,)
+        elif group is None:
+            raise PlanError(f"balance plan: no room for sequence {seq} of {L} tokens (capacity {capacity} per rank)")
+        out[seq] = (group, _level(group, G))
+        add(group, L, c)
+    return out

@@ -1,0 +1,116 @@
+"""`longtrain probe`: measure this machine for the balance cost model and write a cluster preset.
+
+- attention FLOP/s by length: the attention kernel (kernels/attention.py, the backend training uses)
+  forward + backward on one causal sequence of each length, FLOPs counted as 3.5 x 4 x (1/2) x L^2 x
+  heads x head_dim (cost.py's convention), best of `repeats`;
+- linear FLOP/s: a (tokens x dim) @ (dim x 4 dim) matmul forward + backward (3 x 2 x M x K x N FLOPs);
+- point-to-point bandwidth and latency between two local ranks (gloo on CPU, nccl on CUDA): a
+  ping-pong of each message size; bandwidth from the largest, latency from the smallest.
+
+The preset it writes puts every rank of this machine in one node and gives its "NICs" the measured
+local bandwidth, so simulated multi-node runs on CPU (cluster.gpus_per_node smaller than the world)
+price inter-node ring steps as what they are here: the same local transport.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from longtrain.parallel.balance.cost import LOCAL_PRESET, ClusterSpec, write_preset_file
+
+DEFAULT_LENGTHS = (256, 512, 1024, 2048, 4096)
+MESSAGE_BYTES = (4 << 10, 1 << 20, 8 << 20)
+CPU_RANKS_PER_NODE = 1024
+
+
+def _best(fn, repeats: int) -> float:
+    fn()  # warm up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def attention_tflops(lengths=DEFAULT_LENGTHS, heads: int = 8, head_dim: int = 64, device="cpu",
+                     dtype=torch.float32, repeats: int = 2, backend: str = "auto") -> list[tuple[int, float]]:
+    from longtrain.kernels.attention import BlockMask, attention
+
+    table = []
+    for length in lengths:
+        q, k, v = (torch.randn(1, length, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
+                   for _ in range(3))
+
+        def run():
+            out = attention(q, k, v, scale=head_dim ** -0.5, mask=BlockMask(causal=True), backend=backend)
+            out.sum().backward()
+            if device != "cpu" and torch.cuda.is_available():
+                torch.cuda.synchronize()
+
+        seconds = _best(run, repeats)
+        flops = 3.5 * 4 * 0.5 * length * length * heads * head_dim
+        table.append((int(length), flops / seconds / 1e12))
+    return table
+
+
+def linear_tflops(tokens: int = 2048, dim: int = 512, device="cpu", dtype=torch.float32, repeats: int = 2) -> float:
+    x = torch.randn(tokens, dim, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(dim, 4 * dim, device=device, dtype=dtype, requires_grad=True)
+
+    def run():
+        (x @ w).sum().backward()
+        if device != "cpu" and torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    return 3 * 2 * tokens * dim * 4 * dim / _best(run, repeats) / 1e12
+
+
+def _ping_pong(sizes, repeats: int) -> dict:
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    device = torch.device("cuda", rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    out = {}
+    for size in sizes:
+        buf = torch.zeros(size // 4, dtype=torch.float32, device=device)
+        times = []
+        for _ in range(repeats + 1):
+            dist.barrier()
+            start = time.perf_counter()
+            if rank == 0:
+                dist.send(buf, 1)
+                dist.recv(buf, 1)
+            else:
+                dist.recv(buf, 0)
+                dist.send(buf, 0)
+            times.append((time.perf_counter() - start) / 2)  # one way
+        out[size] = min(times[1:])
+    return out
+
+
+def p2p_bandwidth(sizes=MESSAGE_BYTES, repeats: int = 3) -> tuple[float, float]:
+    """(GB/s one way, latency in microseconds) between two local ranks."""
+    from longtrain.launcher.local_group import run_group
+
+    times = run_group(2, _ping_pong, list(sizes), repeats)
+    small, large = min(sizes), max(sizes)
+    latency = times[small]
+    bandwidth = (large - small) / max(times[large] - latency, 1e-9)
+    return bandwidth / 1e9, latency * 1e6
+
+
+def probe(out=LOCAL_PRESET, lengths=DEFAULT_LENGTHS, gpus_per_node: int = 0, device: str = "cpu") -> ClusterSpec:
+    # On CPU every local process is a rank of this one "node", however many are started.
+    gpus = gpus_per_node or (torch.cuda.device_count() if device == "cuda" else CPU_RANKS_PER_NODE)
+    table = attention_tflops(lengths, device=device)
+    lin = linear_tflops(device=device)
+    gbs, latency = p2p_bandwidth()
+    spec = ClusterSpec(name=f"local (probed on {os.uname().nodename}, {device})", gpus_per_node=max(1, gpus),
+                       nics_per_node=max(1, gpus), nic_gbps=gbs * 8.0, intra_gbs=gbs,
+                       attention_tflops=tuple(table), linear_tflops=lin, latency_us=latency,
+                       bytes_per_element=4 if device == "cpu" else 2)
+    write_preset_file(spec, out)
+    return spec

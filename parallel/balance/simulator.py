@@ -1,0 +1,204 @@
+"""Simulated step time of a balance plan, from the cost model (cost.py), event by event.
+
+One layer is simulated (forward then backward) and multiplied by the model's layers. Each rank keeps
+a clock:
+
+1. linear work before attention (QKV projections: a third of the layer's linear FLOPs forward) on the
+   tokens the rank holds outside attention (the linear layout with remapping, else the attention layout);
+2. with remapping, the all_to_all into the attention layout: a collective, so every clock moves to the
+   slowest rank's arrival plus the largest per-rank transfer (bytes at the intra- or inter-node
+   bandwidth of the peers it sends to);
+3. core attention, slot by slot in the engine's order (inter-node rings, intra-node rings, local): a
+   local slot advances its rank's clock by its compute; a ring of g members starts when its last
+   member arrives and runs g steps, each as long as the slowest member's compute for that step or
+   the K/V block's transfer, whichever is longer (the next block is in flight while one computes);
+4. the remap back and the linear work after attention (output projection and MLP) as in 1-2.
+
+Backward repeats the same with 2x the linear and 2.5x the attention compute, and K/V plus their
+gradients travelling round each ring (2x the bytes). Gradient reduction is the same for every
+strategy and is left out. With `routing`, the inter-node hop of a whole-node ring uses all its
+members' NICs (see `simulate`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from longtrain.parallel.balance.cost import CostModel, attention_flops, ring_step_bytes
+from longtrain.parallel.balance.planner import Plan
+from longtrain.parallel.balance.remap import linear_layout, token_ids
+
+
+@dataclass
+class StepSimulation:
+    strategy: str
+    step_seconds: float
+    busy: np.ndarray  # per rank: compute seconds
+    idle: np.ndarray  # per rank: step_seconds - busy
+    bytes_sent: np.ndarray  # per rank: ring + remap bytes of the step (all layers)
+    events: list = field(default_factory=list)  # (rank, start, stop, kind) of one layer, forward
+
+
+def _piece_pairs(start: int, stop: int) -> float:
+    return (stop * (stop + 1) - start * (start + 1)) / 2.0
+
+
+def simulate(plan: Plan, cm: CostModel, remap: bool = True, compute_scale: float = 1.0,
+             routing: bool = False) -> StepSimulation:
+    """`compute_scale`: compute seconds are multiplied by it (ranks sharing a CPU core: ranks / cores).
+    `routing`: a ring's inter-node hop is split over the k members of its node (routing.py), pipelined:
+    max(M / (k B_nic), M / (k B_intra)) plus three latencies, instead of M / B_nic."""
+    P, m, c = plan.world, cm.model, cm.cluster
+    G = plan.gpus_per_node
+    attention = token_ids(plan)
+    linear = linear_layout(attention, G) if remap else attention
+    lin_tokens = np.array([len(x) for x in linear], dtype=float)
+    per_token_linear = cm.linear_seconds(1.0) / m.n_layers / 3.0 * compute_scale  # forward, one layer, one token
+    bytes_per_token = (m.n_heads + 2 * m.n_kv_heads) * m.head_dim * c.bytes_per_element
+    out_bytes_per_token = m.n_heads * m.head_dim * c.bytes_per_element
+
+    # remap transfer per rank (forward into attention layout, and back), seconds and bytes
+    remap_in = np.zeros(P)
+    remap_out = np.zeros(P)
+    remap_bytes = np.zeros(P)
+    if remap:
+        owner = np.empty(sum(len(x) for x in attention), np.int64)
+        for r, ids in enumerate(attention):
+            owner[ids] = r
+        for r, ids in enumerate(linear):
+            dest = owner[ids]
+            for d in np.unique(dest):
+                if d == r:
+                    continue
+                n = int((dest == d).sum())
+                level = "intra" if d // G == r // G else "inter"
+                remap_in[r] += n * bytes_per_token / c.bandwidth(level)
+                remap_out[d] += n * out_bytes_per_token / c.bandwidth(level)
+                remap_bytes[r] += n * bytes_per_token
+                remap_bytes[d] += n * out_bytes_per_token
+
+    # slots in engine order, with each member's forward attention seconds per ring step
+    slots: dict = {}
+    for r, pieces in enumerate(plan.pieces):
+        for p in pieces:
+            slot = slots.setdefault(p.group, {"level": p.level, "work": {}, "tokens": {}})
+            flops = 4.0 * m.mask_factor * 2 * _piece_pairs(p.start, p.stop) * m.n_heads * m.head_dim
+            L = plan.lengths[p.seq]
+            rate = c.attention_flops_per_s(max(1, L // len(p.group)))
+            slot["work"][r] = slot["work"].get(r, 0.0) + flops / rate * compute_scale
+            slot["tokens"][r] = slot["tokens"].get(r, 0) + (p.stop - p.start)
+    order = sorted(slots, key=lambda g: ({"inter": 0, "intra": 1, "local": 2}[slots[g]["level"]], len(g) == 1, g))
+    ring_bytes = np.zeros(P)
+    events = []
+
+    def attention_pass(clock, compute_factor, byte_factor, busy, record):
+        for group in order:
+            slot = slots[group]
+            if len(group) == 1:
+                r = group[0]
+                t = slot["work"].get(r, 0.0) * compute_factor
+                if record:
+                    events.append((r, clock[r], clock[r] + t, "local"))
+                clock[r] += t
+                busy[r] += t
+                continue
+            g = len(group)
+            start = max(clock[r] for r in group)
+            block = max(slot["tokens"].values())
+            nbytes = 2.0 * block * m.n_kv_heads * m.head_dim * c.bytes_per_element * byte_factor
+            transfer = nbytes / c.bandwidth(slot["level"]) + c.latency_us * 1e-6
+            nodes = [r // G for r in group]
+            k = nodes.count(nodes[0])
+            if routing and len(set(nodes)) > 1 and all(nodes.count(n) == k for n in set(nodes)) and k > 1:
+                transfer = max(nbytes / (k * c.bandwidth("inter")), nbytes / (k * c.bandwidth("intra"))) \
+                    + 3 * c.latency_us * 1e-6
+            step_compute = max(slot["work"].get(r, 0.0) for r in group) * compute_factor / g
+            duration = step_compute + (g - 1) * max(step_compute, transfer)
+            for r in group:
+                busy[r] += slot["work"].get(r, 0.0) * compute_factor
+                ring_bytes[r] += nbytes * (g - 1)
+                if record:
+                    events.append((r, start, start + duration, slot["level"]))
+                clock[r] = start + duration
+
+    busy = np.zeros(P)
+    clock = np.zeros(P)
+    for phase, (lin_factor, att_factor, byte_factor) in enumerate(((1.0, 1.0, 1.0), (2.0, 2.5, 2.0))):
+        pre = lin_tokens * per_token_linear * lin_factor / 3.0
+        post = lin_tokens * per_token_linear * lin_factor * 2.0 / 3.0
+        clock += pre
+        busy += pre
+        if remap:
+            clock[:] = clock.max() + (remap_in if phase == 0 else remap_out).max() * (1 if phase == 0 else 1)
+        attention_pass(clock, att_factor, byte_factor, busy, record=phase == 0)
+        if remap:
+            clock[:] = clock.max() + (remap_out if phase == 0 else remap_in).max()
+        clock += post
+        busy += post
+    layer = float(clock.max())
+    step = layer * m.n_layers
+    busy_step = busy * m.n_layers
+    return StepSimulation(plan.strategy, step, busy_step, step - busy_step,
+                          (ring_bytes + 2 * remap_bytes) * m.n_layers, events)
+
+
+# ----------------------------------------------------------------------------------------------
+# Length mixes and the `longtrain plan balance` report
+# ----------------------------------------------------------------------------------------------
+# Named synthetic length mixes (the paper's distributions are not public; these are stand-ins):
+# log-normal bodies (mu, sigma of ln tokens) with an optional uniform tail, capped at `cap` tokens.
+MIXES = {
+    "long-tailed": dict(mu=6.0, sigma=1.2, tail=0.02, tail_lo=16384, tail_hi=32768, cap=32768),
+    "arxiv": dict(mu=9.0, sigma=0.8, tail=0.0, tail_lo=0, tail_hi=0, cap=65536),
+    "github": dict(mu=7.0, sigma=1.8, tail=0.0, tail_lo=0, tail_hi=0, cap=65536),
+    "prolong64k": dict(mu=7.5, sigma=1.5, tail=0.3, tail_lo=32768, tail_hi=65536, cap=65536),
+}
+
+
+def sample_lengths(rng, budget: int, mix: dict, scale: float = 1.0) -> list[int]:
+    """Sequences of a mix (lengths x scale) until `budget` tokens."""
+    out = []
+    while True:
+        if mix["tail"] and rng.random() < mix["tail"]:
+            length = rng.integers(mix["tail_lo"], mix["tail_hi"] + 1)
+        else:
+            length = min(mix["cap"], rng.lognormal(mix["mu"], mix["sigma"]) + 1)
+        length = max(1, int(length * scale))
+        if sum(out) + length > budget:
+            return out or [budget]
+        out.append(length)
+
+
+def compare_strategies(lengths: list[int], bins: list[int], world: int, cp: int, cm: CostModel, capacity: int,
+                       strategies=("even_cp", "tokens", "hybrid_dp", "zeppelin")) -> dict:
+    """{strategy: StepSimulation} for one step (zeppelin with remapping)."""
+    from longtrain.parallel.balance.planner import plan_step
+
+    out = {}
+    for strategy in strategies:
+        plan = plan_step(lengths, world, strategy, capacity=capacity + len(lengths), cp=cp, bins=bins,
+                         gpus_per_node=cm.cluster.gpus_per_node, cost=cm.cost, tau_intra=cm.tau("intra"),
+                         tau_inter=cm.tau("inter"))
+        out[strategy] = simulate(plan, cm, remap=strategy == "zeppelin")
+    return out
+
+
+def timeline_png(sims: dict, path) -> None:
+    """One row per rank, one panel per strategy: the forward attention events of one layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"local": "tab:green", "intra": "tab:blue", "inter": "tab:red"}
+    fig, axes = plt.subplots(len(sims), 1, figsize=(10, 1.2 + 0.9 * len(sims)), squeeze=False)
+    for ax, (name, sim) in zip(axes[:, 0], sims.items()):
+        for rank, start, stop, kind in sim.events:
+            ax.barh(rank, stop - start, left=start, color=colors[kind], height=0.8)
+        ax.set_title(f"{name}: step {sim.step_seconds:.3g} s", fontsize=9)
+        ax.set_ylabel("rank")
+    axes[-1, 0].set_xlabel("seconds (one layer's forward attention; green local, blue intra, red inter)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

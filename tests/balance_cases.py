@@ -1,0 +1,91 @@
+"""Balance cases that run inside a process group (see distributed.run_group)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def engine_errors(cases: list[dict]) -> list[dict]:
+    """For each case {lengths, strategy, capacity, remap, cp, gpus_per_node, heads, kv_heads}: the
+    balance engine's out, dq, dk, dv against single-device attention of every document (largest
+    error over ranks), and what ran (local/ring calls, summed over ranks)."""
+    from longtrain.kernels.attention import BlockMask, attention
+    from longtrain.parallel.balance.engine import BalancedAttention, StepLayout
+    from longtrain.parallel.balance.planner import plan_step
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    group = dist.new_group(list(range(world)))
+    results = []
+    for case in cases:
+        lengths = case["lengths"]
+        total = sum(lengths)
+        heads, kv_heads, dim = case.get("heads", 2), case.get("kv_heads", 1), 8
+        gen = torch.Generator().manual_seed(7)
+        q, k, v, dout = (torch.randn(1, total, h, dim, generator=gen) for h in (heads, kv_heads, kv_heads, heads))
+        # the reference: plain causal attention of each document on its own, on one device
+        ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref_parts, start = [], 0
+        for L in lengths:
+            part = [t[:, start:start + L] for t in ref_in]
+            ref_parts.append(attention(*part, scale=dim ** -0.5, mask=BlockMask(causal=True), backend="reference"))
+            start += L
+        ref = torch.cat(ref_parts, dim=1)
+        ref.backward(dout)
+
+        cp = case.get("cp", world)
+        dp = world // cp
+        bins = [i % dp for i in range(len(lengths))]
+        plan = plan_step(lengths, world, case["strategy"], capacity=case["capacity"], cp=cp, bins=bins,
+                         gpus_per_node=case.get("gpus_per_node", 0), tau_intra=case.get("tau", 0))
+        layout = StepLayout.build(plan, rank, case.get("remap", True))
+        engine = BalancedAttention(group, list(range(world)), backend="reference", routing=case.get("routing", False))
+        engine.set_step(layout)
+        ids = torch.from_numpy(layout.linear_ids)
+        mine = [t[:, ids].clone().requires_grad_() for t in (q, k, v)]
+        out = engine(*mine, dim ** -0.5)
+        out.backward(dout[:, ids])
+        errors = torch.tensor([(out - ref[:, ids]).abs().max().item() if len(ids) else 0.0]
+                              + [(m.grad - r.grad[:, ids]).abs().max().item() if len(ids) else 0.0
+                                 for m, r in zip(mine, ref_in)])
+        dist.all_reduce(errors, op=dist.ReduceOp.MAX)
+        calls = torch.tensor([engine.calls["local"], engine.calls["ring"], engine.calls["remap"], len(ids),
+                              engine.calls["routed"]])
+        dist.all_reduce(calls)
+        results.append({"out": errors[0].item(), "dq": errors[1].item(), "dk": errors[2].item(),
+                        "dv": errors[3].item(), "local": int(calls[0]), "ring": int(calls[1]),
+                        "remap": int(calls[2]), "tokens": int(calls[3]), "routed": int(calls[4]),
+                        "groups": sorted({len(g) for g, _ in plan.groups.values()})})
+    return results
+
+
+# A tiny model on varlen bins of 384 tokens, documents of up to 160: under cp4 a rank holds 1.5 x 96
+# tokens, so long documents ring and short ones stay local.
+VARLEN = ["model.name=tiny", "data.seq_len=64", "data.packing=varlen", "data.token_budget=384",
+          "data.max_doc_len=160", "data.num_workers=0", "train.log_every=1", "run.progress=false",
+          "run.tensorboard=false", "checkpoint.save_at_end=false", "optim.warmup_steps=2", "optim.lr=3e-3",
+          "train.steps=5", "cluster.preset=local", "checkpoint.resume=never"]
+
+
+def train_balanced(cases: list) -> list[dict]:
+    """Train each case (recipe overrides, or {"overrides", "stop_after", "resume_dir"}) in this group;
+    per case the losses, the engine's calls summed over ranks and the last step's plan summary."""
+    from longtrain.launcher.config import load_recipe
+    from longtrain.launcher.trainer import Trainer
+
+    out = []
+    for case in cases:
+        if not isinstance(case, dict):
+            case = {"overrides": case}
+        overrides = VARLEN + list(case["overrides"]) + [f"run.launch.nproc_per_node={dist.get_world_size()}"]
+        trainer = Trainer(load_recipe(None, overrides))
+        result = trainer.run(stop_after=case.get("stop_after"))
+        engine = trainer.parallel.balance_engine
+        calls = torch.tensor([engine.calls[k] for k in ("local", "ring", "remap", "routed")] if engine else [0] * 4)
+        dist.all_reduce(calls)
+        plan = getattr(trainer.loader, "last_plan", None)
+        out.append({"losses": result.losses, "calls": dict(zip(("local", "ring", "remap", "routed"), calls.tolist())),
+                    "groups": sorted({len(g) for g, _ in plan.groups.values()}) if plan else [],
+                    "levels": sorted({lvl for _, lvl in plan.groups.values()}) if plan else [],
+                    "cursor": trainer.loader.state_dict()["cursor"]})
+        dist.barrier()
+    return out

@@ -1,0 +1,133 @@
+"""Balance cost model: the formulas of techniques.md section 1.3 written out plainly, presets, regimes,
+preset files, and the one-line errors of the `cluster:` section."""
+import math
+
+import pytest
+
+from longtrain.parallel.balance.cost import (PRESETS, ClusterError, ClusterSpec, CostModel, ModelShape,
+                                             attention_flops, attention_linear_crossing, hiding_length,
+                                             linear_flops, load_preset_file, regime, resolve_cluster,
+                                             ring_step_bytes, write_preset_file)
+
+GQA = ModelShape(n_layers=2, n_heads=32, n_kv_heads=8, head_dim=128, linear_params_per_layer=200_000_000)
+FLAT = ClusterSpec("flat", gpus_per_node=8, nics_per_node=8, nic_gbps=400.0, intra_gbs=450.0,
+                   attention_tflops=((1, 600.0),), linear_tflops=600.0, latency_us=0.0)
+
+
+def test_formulas_plainly():
+    L = 1000
+    assert attention_flops(L, GQA) == 4 * 0.5 * L * L * 32 * 128
+    assert linear_flops(L, GQA) == 2 * L * 200_000_000
+    assert ring_step_bytes(L, 4, GQA, 2) == 2 * (L / 4) * 8 * 128 * 2
+    # tau: per-step compute A/(g^2 F) equals per-step bytes V/BW exactly at L/g = tau
+    tau = hiding_length("intra", GQA, FLAT)
+    assert tau == pytest.approx((8 / 32) * 2 * 600e12 / (2 * 0.5 * 450e9))
+    g = 4
+    L = tau * g
+    assert attention_flops(L, GQA) / g ** 2 / 600e12 == pytest.approx(ring_step_bytes(L, g, GQA, 2) / 450e9)
+    # techniques.md's table: NVLink ~330 tokens, a 400 Gb NIC per GPU ~3k tokens (full mask, c = 1)
+    full = ModelShape(1, 32, 8, 128, 1, causal=False)
+    assert hiding_length("intra", full, FLAT) == pytest.approx(333.3, rel=0.01)
+    assert hiding_length("inter", full, FLAT) == pytest.approx(3000, rel=0.01)
+    # with a message latency alpha, per-step compute equals bytes/BW + alpha at L/g = tau
+    slow = ClusterSpec("slow", 8, 8, 400.0, 450.0, ((1, 600.0),), 600.0, latency_us=20.0)
+    tau_lat = hiding_length("intra", GQA, slow)
+    assert tau_lat > tau
+    L = tau_lat * g
+    assert attention_flops(L, GQA) / g ** 2 / 600e12 == pytest.approx(ring_step_bytes(L, g, GQA, 2) / 450e9 + 20e-6)
+    # attention FLOPs equal linear FLOPs at the crossing length
+    x = attention_linear_crossing(GQA)
+    assert attention_flops(x, GQA) == pytest.approx(linear_flops(x, GQA))
+
+
+def test_regimes_from_crossing_points():
+    t_intra, t_inter = hiding_length("intra", GQA, FLAT), hiding_length("inter", GQA, FLAT)
+    assert t_inter > t_intra
+    assert regime(int(2 * t_intra) - 1, GQA, FLAT) == "local"
+    assert regime(int(2 * t_intra) + 1, GQA, FLAT) == "intra"
+    assert regime(int(2 * 8 * t_inter) + 1, GQA, FLAT) == "inter"
+    assert regime(int(2 * 8 * t_inter) - 1, GQA, FLAT) == "intra"
+
+
+def test_presets_and_per_rank_nic_share():
+    a, c = PRESETS["A"], PRESETS["C"]
+    assert a.gpus_per_node == 8 and a.nics_per_node == 4
+    assert a.inter_gbs == pytest.approx(4 * 200 / 8 / 8)  # two GPUs share a 200 Gb/s NIC: 12.5 GB/s
+    assert c.inter_gbs == pytest.approx(50.0)
+    # fewer NICs per GPU: a longer hiding length (the paper's cluster A gains most)
+    m = ModelShape.llama("7B")
+    assert hiding_length("inter", m, a) > hiding_length("inter", m, c)
+    # attention FLOP/s interpolates in log length, clamped at the ends
+    spec = ClusterSpec("t", 8, 8, 400, 450, ((1000, 100.0), (4000, 300.0)))
+    assert spec.attention_flops_per_s(10) == 100e12 and spec.attention_flops_per_s(10 ** 6) == 300e12
+    assert spec.attention_flops_per_s(2000) == pytest.approx(200e12)
+
+
+def test_cost_model_seconds():
+    cm = CostModel(GQA, FLAT)
+    assert cm.attention_seconds(2000) == pytest.approx(3.5 * attention_flops(2000, GQA) / 600e12 * 2)
+    assert cm.linear_seconds(2000) == pytest.approx(3 * linear_flops(2000, GQA) / 600e12 * 2)
+    assert cm.ring_transfer_seconds(2000, 2, "intra") == pytest.approx(ring_step_bytes(2000, 2, GQA, 2) / 450e9)
+
+
+def test_preset_file_round_trip_and_errors(tmp_path):
+    path = write_preset_file(FLAT, tmp_path / "x.yaml")
+    assert load_preset_file(path) == FLAT
+    assert resolve_cluster(str(path)) == FLAT
+    assert resolve_cluster("C", gpus_per_node=2, world=4).gpus_per_node == 2
+    with pytest.raises(ClusterError, match=r"^cluster.preset: unknown preset 'Z'"):
+        resolve_cluster("Z")
+    with pytest.raises(ClusterError, match=r"^cluster.gpus_per_node: 8 GPUs per node do not divide the 12 ranks"):
+        resolve_cluster("C", world=12)
+    (tmp_path / "bad.yaml").write_text("name: x\n")
+    with pytest.raises(ClusterError, match=r"^cluster.preset: .*bad.yaml is not a preset file"):
+        resolve_cluster(str(tmp_path / "bad.yaml"))
+    assert math.isfinite(resolve_cluster("local").attention_flops_per_s(1000))
+
+
+def test_recipe_errors_name_the_key():
+    from longtrain.launcher.config import RecipeError, load_recipe
+
+    base = ["data.packing=varlen", "parallel.cp=2", "run.launch.nproc_per_node=4", "model.name=tiny"]
+    assert load_recipe(None, base).parallel.balance == "auto"
+    with pytest.raises(RecipeError, match="parallel.balance: unknown|parallel.balance: 'nope' is not one of"):
+        load_recipe(None, base + ["parallel.balance=nope"])
+    with pytest.raises(RecipeError, match="cluster.preset: unknown preset 'nope'"):
+        load_recipe(None, base + ["cluster.preset=nope"])
+    with pytest.raises(RecipeError, match="cluster.gpus_per_node: 3 GPUs per node do not divide the 4 ranks"):
+        load_recipe(None, base + ["cluster.gpus_per_node=3"])
+    with pytest.raises(RecipeError, match="data.packing: varlen bins"):
+        load_recipe(None, base + ["parallel.balance=none"])
+    with pytest.raises(RecipeError, match="parallel.balance: hybrid Mamba stacks are not balanced yet"):
+        load_recipe(None, base + ["model.kind=hybrid", "model.name=hybrid-tiny"])
+    with pytest.raises(RecipeError, match="parallel.balance: zeppelin balances varlen batches"):
+        load_recipe(None, ["parallel.balance=zeppelin", "model.name=tiny"])
+    with pytest.raises(RecipeError, match="parallel.balance_bins: -1 must be >= 0"):
+        load_recipe(None, base + ["parallel.balance_bins=-1"])
+
+
+def test_probe_writes_a_loadable_preset(tmp_path):
+    from longtrain.launcher.cli import main
+
+    out = tmp_path / "probed.yaml"
+    assert main(["probe", "--out", str(out), "--lengths", "64,128"]) == 0
+    spec = load_preset_file(out)
+    assert [row[0] for row in spec.attention_tflops] == [64, 128]
+    assert all(tflops > 0 for _, tflops in spec.attention_tflops)
+    assert spec.intra_gbs > 0 and spec.latency_us > 0 and spec.linear_tflops > 0
+
+
+def test_plan_balance_command(tmp_path, capsys):
+    """`longtrain plan balance` simulates every strategy on a named mix and writes a timeline; a bad mix
+    name is one line."""
+    from longtrain.launcher.cli import main
+
+    args = ["plan", "balance", "configs/debug_cpu.yaml", "--nproc", "16", "parallel.tp=1", "parallel.cp=8",
+            "data.packing=varlen", "data.token_budget=32768", "model.max_seq_len=65536", "cluster.preset=C"]
+    assert main(args + ["--mix", "arxiv", "--out", str(tmp_path / "t.png")]) == 0
+    out = capsys.readouterr().out
+    for strategy in ("even_cp", "tokens", "hybrid_dp", "zeppelin"):
+        assert f"  {strategy}" in out
+    assert (tmp_path / "t.png").stat().st_size > 1000
+    assert main(args + ["--mix", "nope"]) == 2
+    assert "--mix: unknown mix 'nope'" in capsys.readouterr().err
