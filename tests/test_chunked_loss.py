@@ -142,9 +142,11 @@ def test_trainer_losses_equal_with_chunking_one_process(tmp_path):
              base + ["train.grad_accum=2", "train.loss_chunk_tokens=0"],
              base + ["train.grad_accum=2", "train.loss_chunk_tokens=7"],
              base + ["model.kind=hybrid", "train.loss_chunk_tokens=0"],
-             base + ["model.kind=hybrid", "train.loss_chunk_tokens=7"]]
+             base + ["model.kind=hybrid", "train.loss_chunk_tokens=7"],
+             base + ["model.attention=mla", "model.name=mla-tiny", "train.loss_chunk_tokens=0"],
+             base + ["model.attention=mla", "model.name=mla-tiny", "train.loss_chunk_tokens=7"]]
     results = run_group(1, chunk_cases, cases)
-    for i in (0, 2, 4, 6):
+    for i in (0, 2, 4, 6, 8):
         _pair(results, i)
 
 
