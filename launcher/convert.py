@@ -7,9 +7,8 @@ model (transformers loads it with the same logits); decoding it with TPLA uses t
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from longtrain.launcher.config import RecipeError, load_recipe
+from longtrain.launcher.config import RecipeError
 
 
 def add_parser(sub) -> None:
@@ -23,16 +22,12 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from longtrain.launcher.generate import calibration_batches, load_model
+    from longtrain.launcher.generate import calibration_batches, load_model, recipe_of_run
     from longtrain.models.mla import MLATransformer
     from longtrain.models.tpla import reparameterize
 
-    path = Path(args.recipe)
-    recipe_path = path / "recipe.yaml" if path.is_dir() else path
     try:
-        if not recipe_path.is_file():
-            raise RecipeError(f"{recipe_path}: no such recipe (give a run directory or a YAML recipe)")
-        recipe = load_recipe(recipe_path, args.overrides)
+        recipe = recipe_of_run(args.recipe, args.overrides)
         if recipe.model.attention != "mla":
             raise RecipeError("model.attention: convert reparameterises MLA models; this recipe's attention is "
                               f"{recipe.model.attention}")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from longtrain.launcher.config import RecipeError, load_recipe
+from longtrain.launcher.config import RecipeError
 
 NEEDLE = "The secret key is {key}."
 DEPTHS = (0.1, 0.5, 0.9)
@@ -141,14 +141,10 @@ def _row_line(r: dict) -> str:
 
 
 def run(args) -> int:
-    from longtrain.launcher.generate import load_model
+    from longtrain.launcher.generate import load_model, recipe_of_run
 
-    path = Path(args.recipe)
-    recipe_path = path / "recipe.yaml" if path.is_dir() else path
     try:
-        if not recipe_path.is_file():
-            raise RecipeError(f"{recipe_path}: no such recipe (give a run directory or a YAML recipe)")
-        recipe = load_recipe(recipe_path, args.overrides)
+        recipe = recipe_of_run(args.recipe, args.overrides)
         torch.manual_seed(0)
         model = load_model(recipe, log=lambda m: print(m, file=sys.stderr))
         rows = evaluate(model, recipe, [int(x) for x in args.tpla_degrees.split(",")], args.rotations.split(","),

@@ -76,17 +76,22 @@ def calibration_batches(recipe, count: int):
     return [next(it)["tokens"] for _ in range(count)]
 
 
+def recipe_of_run(recipe_or_run_dir: str, overrides: list[str]):
+    """The recipe of a run directory (its recipe.yaml) or a YAML recipe, with overrides."""
+    path = Path(recipe_or_run_dir)
+    recipe_path = path / "recipe.yaml" if path.is_dir() else path
+    if not recipe_path.is_file():
+        raise RecipeError(f"{recipe_path}: no such recipe (give a run directory or a YAML recipe)")
+    return load_recipe(recipe_path, overrides)
+
+
 def run(args) -> int:
     from longtrain.data.tokenizers import build_tokenizer
     from longtrain.models.decode import LatentCache, generate
     from longtrain.models.mla import MLAttention
 
-    path = Path(args.recipe)
-    recipe_path = path / "recipe.yaml" if path.is_dir() else path
     try:
-        if not recipe_path.is_file():
-            raise RecipeError(f"{recipe_path}: no such recipe (give a run directory or a YAML recipe)")
-        recipe = load_recipe(recipe_path, args.overrides)
+        recipe = recipe_of_run(args.recipe, args.overrides)
         if args.max_new_tokens < 0:
             raise RecipeError(f"--max-new-tokens: {args.max_new_tokens} must be at least 0")
         model = load_model(recipe, log=lambda m: print(m, file=sys.stderr))
