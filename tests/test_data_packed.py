@@ -517,7 +517,7 @@ def test_varlen_recipe_limits():
                                 "data.batch_size=4", "data.seq_len=256"])
     assert recipe.data.packing == "varlen"
     for extra in (["train.grad_accum=2"], ["parallel.pp=2", "run.launch.nproc_per_node=2"]):
-        with pytest.raises(RecipeError, match=r"data.packing: varlen bins .* need pp=1, cp=1"):
+        with pytest.raises(RecipeError, match=r"data.packing: varlen bins .* need pp=1, train.grad_accum=1, no sequence parallel, and cp=1 unless"):
             load_recipe(None, ["data.packing=varlen", "model.name=tiny", "data.batch_size=4", "data.seq_len=32"]
                         + extra)
     with pytest.raises(RecipeError, match=r"data.max_doc_len: varlen documents of up to 2048 tokens exceed "
