@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's parent: `import longtrain`
 
-from longtrain.benchmarks.measure import machine_info, mib  # noqa: E402
+from longtrain.benchmarks.measure import machine_info, mib, profiler_peak_bytes  # noqa: E402
 from longtrain.kernels.chunked_loss import chunked_linear_cross_entropy  # noqa: E402
 
 PRESETS = {"tiny": {"tokens": 512, "dim": 32, "vocab": 8192, "chunks": "64,128"}}
@@ -34,13 +34,7 @@ def profiled_peak_bytes(fn) -> tuple[int, object]:
     """Peak of the running sum of allocations and frees (bytes) while fn() runs, and its result."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
-    events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e[0])
-    live = peak = 0
-    for _, n in events:
-        live += n
-        peak = max(peak, live)
-    return peak, result
+    return profiler_peak_bytes(prof), result
 
 
 def inputs(tokens: int, dim: int, vocab: int):

@@ -68,7 +68,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from measure import (CommCounter, MachineLoad, RssPeak, all_ranks, install_comm_counter, klen,  # noqa: E402
-                     length_axis, machine_info, mib, nbytes, record_timed_pass, save_figure)
+                     length_axis, machine_info, mib, nbytes, profiler_peak_bytes, record_timed_pass, save_figure)
 
 CP_MODES = ("ring", "zigzag", "ulysses", "hybrid", "allgather")
 # A ring mode may carry "-kvN": its K/V goes round the ring in N pieces (parallel.cp_kv_chunks).
@@ -104,17 +104,6 @@ def quiet_stderr_fd():
     finally:
         os.dup2(saved, 2)
         os.close(saved)
-
-
-def profiler_peak_bytes(prof) -> int:
-    """Peak of the running sum of the CPU allocator's allocations and frees seen by the profiler."""
-    events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e[0])
-    live = peak = 0
-    for _, n in events:
-        live += n
-        peak = max(peak, live)
-    return peak
 
 
 # ----------------------------------------------------------------------------------------------

@@ -239,6 +239,17 @@ def _rss_now_bytes() -> int:
 # ----------------------------------------------------------------------------------------------
 # The machine, and how much of it others used
 # ----------------------------------------------------------------------------------------------
+def profiler_peak_bytes(prof) -> int:
+    """Peak of the running sum of the CPU allocator's allocations and frees seen by the profiler."""
+    events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e[0])
+    live = peak = 0
+    for _, n in events:
+        live += n
+        peak = max(peak, live)
+    return peak
+
+
 def machine_info() -> dict:
     import torch
 
