@@ -352,6 +352,18 @@ def read_hf_config(root: Path) -> tuple[Path, dict]:
     return config_path, hf_config
 
 
+def complete_state(state: dict[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], tie_embeddings: bool,
+                   missing_message) -> dict[str, torch.Tensor]:
+    """The imported tensors in `shapes`' order, the output head taken from the embedding when tied;
+    raises ValueError(missing_message(sorted missing names)) when any expected tensor is absent."""
+    if tie_embeddings and "tok_embeddings.weight" in state:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    missing = sorted(set(shapes) - set(state))
+    if missing:
+        raise ValueError(missing_message(missing))
+    return {name: state[name] for name in shapes}
+
+
 def load_hf_checkpoint(path: str | os.PathLike) -> tuple[TransformerConfig, dict[str, torch.Tensor]]:
     """Read a Hugging Face Llama checkpoint directory -> (config, state dict in our names).
 

@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from longtrain.models.hf import (CONFIG_NAME, DEFAULT_MAX_SHARD_BYTES, _DTYPE_NAMES, _full_cpu, _is_nonempty_dir,
-                                 _weight_files, read_hf_config, write_hf_directory)
+                                 _weight_files, complete_state, read_hf_config, write_hf_directory)
 from longtrain.models.mla import MLAConfig, MLATransformer, yarn_mscale
 from longtrain.models.transformer import RopeScaling
 
@@ -239,12 +239,8 @@ def load_hf_deepseek(path: str | os.PathLike) -> tuple[MLAConfig, dict[str, torc
     if unexpected:
         raise ValueError(f"{listing}: unexpected tensors: {', '.join(sorted(unexpected)[:4])}"
                          + (f" and {len(unexpected) - 4} more" if len(unexpected) > 4 else ""))
-    if cfg.tie_embeddings and "tok_embeddings.weight" in state:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    missing = sorted(set(shapes) - set(state))
-    if missing:
-        raise ValueError(f"{listing}: missing tensors: {', '.join(ours_to_hf_name(m) or m for m in missing)}")
-    return cfg, {name: state[name] for name in shapes}
+    return cfg, complete_state(state, shapes, cfg.tie_embeddings, lambda missing: (
+        f"{listing}: missing tensors: {', '.join(ours_to_hf_name(m) or m for m in missing)}"))
 
 
 def check_same_architecture(model_cfg: MLAConfig, cfg: MLAConfig, source: str) -> None:

@@ -31,7 +31,7 @@ from typing import Any, Mapping
 import torch
 from safetensors import SafetensorError, safe_open
 
-from longtrain.models.hf import CONFIG_NAME, _weight_files, read_hf_config
+from longtrain.models.hf import CONFIG_NAME, _weight_files, complete_state, read_hf_config
 from longtrain.models.hybrid import HybridConfig, HybridModel
 
 # Mamba2Config defaults for keys a config.json may leave out.
@@ -196,12 +196,8 @@ def load_hf_mamba2(path: str | os.PathLike) -> tuple[HybridConfig, dict[str, tor
     if unexpected:
         raise ValueError(f"{listing}: unexpected tensors for a {cfg.n_layers}-layer Mamba-2 model: "
                          f"{', '.join(sorted(unexpected))}")
-    if cfg.tie_embeddings and "tok_embeddings.weight" in state:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    missing = sorted(set(shapes) - set(state))
-    if missing:
-        raise ValueError(f"{listing}: missing tensors (our names): {', '.join(missing)}")
-    return cfg, {name: state[name] for name in shapes}
+    return cfg, complete_state(state, shapes, cfg.tie_embeddings,
+                               lambda missing: f"{listing}: missing tensors (our names): {', '.join(missing)}")
 
 
 def model_from_hf_mamba2(path: str | os.PathLike, device: torch.device | str | None = None,
