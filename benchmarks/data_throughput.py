@@ -33,7 +33,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 HERE = Path(__file__).resolve().parent
 H100_PEAK = 989e12
@@ -114,6 +113,8 @@ def main() -> int:
     export_builtin(str(work / "jsonl"))
     train_sentencepiece(iter_texts([str(work / "jsonl")]), 4096, str(work / "spm.model"))
 
+    from longtrain.data.config import DataConfig
+
     base = dict(sources=[], text_field="text", seq_len=args.seq_len, batch_size=args.batch_size,
                 packing="concat", lanes=0)
     corpora = {
@@ -126,7 +127,7 @@ def main() -> int:
     for name, corpus in corpora.items():
         results["loader"][name] = {}
         for label, workers in (("inline (one worker's work)", 0), ("workers=1 (default)", 1), ("workers=2", 2)):
-            cfg = SimpleNamespace(**base, **corpus, num_workers=workers, prefetch=4)
+            cfg = DataConfig(**base, **corpus, num_workers=workers, prefetch=4)
             results["loader"][name][label] = measure_loader(cfg, args.seconds)
             print(f"{name:24s} {label:28s} {results['loader'][name][label]['tokens_per_second']:>14,.0f} tokens/s",
                   flush=True)

@@ -76,12 +76,13 @@ import time
 import warnings
 from pathlib import Path
 
+from longtrain.parallel.context.ssm import SSM_MODES
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from measure import (CommCounter, MachineLoad, RssPeak, all_ranks, install_comm_counter, kib, klen,  # noqa: E402
                      length_axis, machine_info, mib, nbytes, record_timed_pass, save_figure)
 
-SSM_MODES = ("state_passing", "all_to_all")
 PARTS = ("mixer", "stack")
 TOLERANCE = 1e-5  # the correctness guard: max |cp - cp 1| of the output (fp32)
 BYTES = 4  # fp32

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from .builtin import BuiltinCorpus
+from .config import DataConfig
 from .tokenizers import build_tokenizer
 
 KNOWN_SOURCES = ("builtin",)
@@ -353,14 +354,12 @@ class PackedLoader:
             pass
 
 
-def build_loader(data_cfg, *, dp_rank: int, dp_degree: int, seed: int, split: str = "train"):
+def build_loader(data_cfg: DataConfig, *, dp_rank: int, dp_degree: int, seed: int, split: str = "train"):
     """The loader for a recipe's `data` section."""
     from .pipeline import DataSettings
 
-    packing = getattr(data_cfg, "packing", "none")
-    if packing == "none":
-        specs = getattr(data_cfg, "sources", None) or []
-        if specs or data_cfg.source != "builtin":
+    if data_cfg.packing == "none":
+        if data_cfg.sources or data_cfg.source != "builtin":
             raise ValueError(f"data.packing: none (fixed windows of the built-in stream) reads only source: builtin; "
                              f"set data.packing: concat (or whole, varlen) for {data_cfg.source!r}")
         tokenizer = build_tokenizer(data_cfg.tokenizer)

@@ -30,18 +30,21 @@ tokens/s: ~30 s). Sequential (datasets-streamed) sources are re-read from their 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
+import typing
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 
+from .config import DataConfig, Packing
 from .packing import ConcatPacker, Doc, FirstFitPacker, materialize, piece_records
 from .sources import EVAL_EVERY, BadRecord, BadRecords, MegatronSource, in_split, open_source, parse_source_specs
 
-PACKING_MODES = ("none", "concat", "whole", "varlen")
+PACKING_MODES = typing.get_args(Packing)
 BLEND_BLOCK = 1000  # documents per blending block (exact proportions per block)
 
 
@@ -61,7 +64,7 @@ class DataSettings:
     tokenizer: str = "bytes"
     seq_len: int = 256
     batch_size: int = 4
-    packing: str = "none"
+    packing: Packing = "none"
     add_bos: bool = True
     add_eos: bool = True
     max_doc_len: int = 0
@@ -75,16 +78,11 @@ class DataSettings:
     split: str = "train"
 
     @classmethod
-    def from_config(cls, data_cfg, seed: int, split: str) -> "DataSettings":
-        get = lambda key, default: getattr(data_cfg, key, default)  # noqa: E731 (tests pass namespaces)
-        return cls(sources=parse_source_specs(data_cfg), tokenizer=get("tokenizer", "bytes"),
-                   seq_len=int(get("seq_len", 256)), batch_size=int(get("batch_size", 4)),
-                   packing=get("packing", "none"), add_bos=bool(get("add_bos", True)),
-                   add_eos=bool(get("add_eos", True)), max_doc_len=int(get("max_doc_len", 0)),
-                   token_budget=int(get("token_budget", 0)), pack_window=int(get("pack_window", 64)),
-                   lanes=int(get("lanes", 0)), num_workers=int(get("num_workers", 1)),
-                   prefetch=int(get("prefetch", 2)), skip_bad_records=bool(get("skip_bad_records", False)),
-                   seed=int(seed), split=split)
+    def from_config(cls, data_cfg: DataConfig, seed: int, split: str) -> "DataSettings":
+        """The section's fields of the same name, its sources parsed, and the run's seed and split."""
+        shared = {f.name for f in dataclasses.fields(cls)} & {f.name for f in dataclasses.fields(DataConfig)}
+        given = {name: getattr(data_cfg, name) for name in shared - {"sources"}}
+        return cls(sources=parse_source_specs(data_cfg), seed=int(seed), split=split, **given)
 
     @property
     def rows_per_step(self) -> int:

@@ -44,6 +44,8 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from .config import DataConfig
+
 EVAL_EVERY = 50
 FORMATS = ("auto", "builtin", "jsonl", "text", "json", "parquet", "hub", "megatron", "hf_jsonl", "hf_text")
 _EXTENSIONS = {"jsonl": (".jsonl",), "text": (".txt",), "json": (".json",), "parquet": (".parquet",),
@@ -65,14 +67,14 @@ class SourceSpec:
     key: str = "data.source"  # where it came from, for messages
 
 
-def parse_source_specs(data_cfg) -> list[SourceSpec]:
+def parse_source_specs(data_cfg: DataConfig) -> list[SourceSpec]:
     """data.sources (a non-empty list) or else data.source -> SourceSpecs; ValueError naming the key."""
-    items = getattr(data_cfg, "sources", None) or []
-    default_field = getattr(data_cfg, "text_field", "text")
+    items = data_cfg.sources or []
+    default_field = data_cfg.text_field
     if not isinstance(items, (list, tuple)):
         raise ValueError(f"data.sources: expected a list of paths or mappings, got {type(items).__name__}")
     if not items:
-        source = getattr(data_cfg, "source", "builtin")
+        source = data_cfg.source
         if not isinstance(source, str) or not source.strip():
             raise ValueError("data.source: expected a path, a glob, hf:<dataset> or builtin")
         items, keys = [source], ["data.source"]

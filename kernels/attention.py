@@ -38,11 +38,14 @@ otherwise one fused call per piece. Memory stays linear in the sequence.
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-BACKENDS = ("auto", "torch", "flash_attn", "reference")
+AttentionBackend = Literal["auto", "torch", "flash_attn", "reference"]
+BACKENDS = typing.get_args(AttentionBackend)
 
 
 @dataclass

@@ -1,6 +1,10 @@
 """Recipes: YAML with `base:` inheritance and dotted command-line overrides, into typed dataclasses.
 
-Every problem is a `RecipeError` whose message is one line naming the file and the dotted key.
+Each section lives with its owner: `model` in models/config.py, `parallel` and `cluster` in
+parallel/config.py, `data` in data/config.py; `optim`, `train`, `checkpoint` and `run` here. This
+module loads YAML, applies `base:` and overrides, coerces values to the fields' types and runs the
+checks that span sections. Every problem is a `RecipeError` whose message is one line naming the
+file and the dotted key.
 """
 from __future__ import annotations
 
@@ -14,7 +18,20 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from longtrain.data.config import DataConfig
+from longtrain.models.config import ModelConfig
 from longtrain.models.transformer import RopeScaling
+from longtrain.parallel.config import (
+    ClusterConfig,
+    DegreesError,
+    ParallelConfig,
+    pp_microbatches,
+    resolve_balance,
+)
+from longtrain.parallel.config import resolve_degrees as _resolve_degrees
+
+__all__ = ["ClusterConfig", "DataConfig", "ModelConfig", "ParallelConfig", "Recipe", "RecipeError", "load_recipe",
+           "pp_microbatches", "resolve_balance", "resolve_degrees", "validate_recipe"]
 
 
 class RecipeError(ValueError):
@@ -24,140 +41,6 @@ class RecipeError(ValueError):
 # ----------------------------------------------------------------------------------------------
 # Sections
 # ----------------------------------------------------------------------------------------------
-@dataclass
-class ModelConfig:
-    # A named size (models/sizes.py); explicit fields below override it when set.
-    name: Optional[str] = "debug"
-    kind: Literal["transformer", "hybrid"] = "transformer"
-    # Attention of a transformer's layers: standard (MHA/GQA) or mla (multi-head latent attention,
-    # models/mla.py; sized by the MLA keys below, which a named MLA size sets).
-    attention: Literal["standard", "mla"] = "standard"
-    vocab_size: Optional[int] = None
-    dim: Optional[int] = None
-    n_layers: Optional[int] = None
-    n_heads: Optional[int] = None
-    n_kv_heads: Optional[int] = None
-    ffn_dim: Optional[int] = None
-    norm_eps: Optional[float] = None
-    rope_theta: Optional[float] = None
-    rope_scaling: Optional[RopeScaling] = None
-    max_seq_len: Optional[int] = None
-    tie_embeddings: Optional[bool] = None
-    init_std: Optional[float] = None
-    # The FFN size from dim, as Llama does, when ffn_dim is not given: multiple_of x
-    # ceil(int(ffn_dim_multiplier x int(8 dim / 3)) / multiple_of) (models/sizes.py).
-    multiple_of: Optional[int] = None
-    ffn_dim_multiplier: Optional[float] = None
-    # kind=hybrid (models/hybrid.py): one symbol per layer, M Mamba-2, * attention, - MLP, and | a
-    # pipeline stage boundary (n_layers follows from it); the Mamba-2 layer sizes.
-    pattern: Optional[str] = None
-    d_state: Optional[int] = None
-    d_conv: Optional[int] = None
-    expand: Optional[int] = None
-    mamba_headdim: Optional[int] = None
-    ngroups: Optional[int] = None
-    chunk_size: Optional[int] = None
-    # Ladder Residual (models/ladder.py): standard | ladder; ladder_layers: the last k layers become
-    # ladder layers (unset: all; 0: the standard model). Checkpoints of one do not load into the other.
-    residual: Optional[Literal["standard", "ladder"]] = None
-    ladder_layers: Optional[int] = None
-    # attention=mla: low-rank query (0: full rank), the cached latent, the per-head query/key parts
-    # without and with position (the RoPE key is shared by the heads), the value head dim, and
-    # DeepSeek's two YaRN magnitude knobs (mscale, mscale_all_dim; 0 = unset).
-    q_lora_rank: Optional[int] = None
-    kv_lora_rank: Optional[int] = None
-    qk_nope_head_dim: Optional[int] = None
-    qk_rope_head_dim: Optional[int] = None
-    v_head_dim: Optional[int] = None
-    rope_mscale: Optional[float] = None
-    rope_mscale_all_dim: Optional[float] = None
-    # attention=mla: TPLA-aware training, the forward computes TPLA over this many latent slices
-    # (models/mla.py; 1 or unset: exact MLA).
-    tpla_degree: Optional[int] = None
-    # Import weights from a Hugging Face Llama (or, with attention=mla, DeepSeek-V3) directory (config.json + safetensors) at start.
-    hf_checkpoint: Optional[str] = None
-
-
-@dataclass
-class ParallelConfig:
-    dp_replicate: int = 1
-    dp_shard: int = -1  # -1 fills what the other degrees leave of the world size
-    cp: int = 1
-    tp: int = 1
-    pp: int = 1
-    # Context-parallel attention (parallel/context/strategy.py); auto: ulysses when cp <= 8 and the
-    # heads per tp rank divide by cp, else hybrid.
-    cp_mode: Literal["auto", "ring", "zigzag", "ulysses", "hybrid", "allgather"] = "auto"
-    # Mamba layers of hybrid stacks: state_passing (no head-count limit) or all_to_all.
-    ssm_cp_mode: Literal["state_passing", "all_to_all"] = "state_passing"
-    # ring/zigzag/hybrid: K/V goes round the ring in this many pieces (in-flight buffers shrink by
-    # this factor; more, smaller messages and kernel calls). A memory knob for the longest sequences.
-    cp_kv_chunks: int = 1
-    cp_ulysses_degree: int = 0  # hybrid: ranks per Ulysses group (0: the largest divisor of cp <= 8 that fits the heads)
-    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = "1f1b"
-    pp_microbatches: int = 0  # 0: as many as pipeline stages (pp x pp_stages_per_rank)
-    pp_stages_per_rank: int = 1  # >1 for the interleaved and zero-bubble schedules
-    sequence_parallel: bool = True  # Megatron-style SP on norms when tp > 1
-    # Ladder models under tp: keep each sublayer's output all-reduce (reduce-scatter with sequence
-    # parallel) in flight while the next sublayer computes (parallel/ladder.py); false waits at once.
-    ladder_overlap: bool = True
-    # FSDP: free gathered parameters after forward (ZeRO-3, least memory) or keep them until
-    # backward (ZeRO-2 style: one all-gather per step instead of two).
-    reshard_after_forward: bool = True
-    activation_checkpoint: Literal["none", "full", "every_k"] = "none"
-    activation_checkpoint_every: int = 2
-    mixed_precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    compile: bool = False
-    attention_backend: Literal["auto", "torch", "flash_attn", "reference"] = "auto"
-    # Varlen batches over the data x context ranks (parallel/balance/): auto = zeppelin when
-    # data.packing is varlen and cp > 1, else none (the loader's per-data-rank bins as they come).
-    balance: Literal["auto", "none", "zeppelin", "tokens", "even_cp", "hybrid_dp"] = "auto"
-    balance_remap: bool = True  # zeppelin: equal tokens per rank outside core attention (remap.py)
-    # Varlen bins of data.token_budget the balancing group shares per step (0: one per data rank).
-    # Fixed, it keeps the global batch (and exact resume) the same at any group size.
-    balance_bins: int = 0
-
-
-@dataclass
-class DataConfig:
-    # One source: builtin, a jsonl/json/parquet/txt file, glob or directory, a megatron .bin/.idx
-    # prefix, or hf:<dataset>. `sources` (a list of paths or {path, weight, text_field, format,
-    # hub_config, hub_split}) blends several with weights and overrides `source` (data/sources.py).
-    source: str = "builtin"
-    sources: list = field(default_factory=list)
-    text_field: str = "text"  # the record field holding the text (per source: sources[i].text_field)
-    tokenizer: str = "bytes"  # bytes, or a sentencepiece .model file (longtrain tokenizer train)
-    add_bos: bool = True  # each document is BOS text EOS; EOS predicts nothing (data/packing.py)
-    add_eos: bool = True
-    seq_len: int = 256
-    batch_size: int = 4  # sequences per data-parallel rank per optimizer step
-    eval_batches: int = 2
-    # none: fixed windows of the builtin stream (attention spans the row); concat: documents end
-    # to end, cut at seq_len, no padding; whole: whole documents per row (split only when longer
-    # than seq_len), padded; varlen: per step one bin of whole documents (up to max_doc_len each)
-    # within token_budget tokens, unpadded.
-    packing: Literal["none", "concat", "whole", "varlen"] = "none"
-    max_doc_len: int = 0  # varlen: longer documents are split into pieces of this length (0: the budget)
-    token_budget: int = 0  # varlen: tokens per data rank per step (0: batch_size x seq_len)
-    pack_window: int = 64  # whole/varlen: documents looked ahead for first-fit packing
-    lanes: int = 0  # independent packing streams (0: dp x batch_size of the first run; then fixed)
-    num_workers: int = 1  # background processes per rank that read, tokenize and pack (0: inline)
-    prefetch: int = 2  # steps each worker produces ahead
-    skip_bad_records: bool = False  # skip and count malformed records instead of failing on them
-
-
-@dataclass
-class ClusterConfig:
-    # The machines the balance planner and simulator model (parallel/balance/cost.py): A, B, C (the
-    # Zeppelin paper's clusters), h100x8, local (written by `longtrain probe`) or a preset .yaml file.
-    preset: str = "local"
-    gpus_per_node: int = 0  # 0: the preset's; on CPU a smaller value simulates several nodes
-    # Balance routing layer (parallel/balance/routing.py): a ring's inter-node hop split over proxy
-    # ranks, one per NIC. null (auto): on when the preset has several NICs per node and the group
-    # spans nodes (never for `local`); true or false to choose.
-    routing: Optional[bool] = None
-
-
 @dataclass
 class OptimConfig:
     name: Literal["adamw"] = "adamw"
@@ -491,6 +374,7 @@ def validate_recipe(recipe: Recipe, source: str = "recipe", world_size: int | No
         world_size = launch.nproc_per_node * launch.nnodes
     degrees = resolve_degrees(p, world_size, source)
 
+    from longtrain.models.registry import kind_of
     from longtrain.models.sizes import resolve_model_config
 
     _validate_numbers(recipe, fail)
@@ -502,13 +386,14 @@ def validate_recipe(recipe: Recipe, source: str = "recipe", world_size: int | No
         fail(f"model.n_heads: {mcfg.n_heads} heads do not divide by parallel.tp={p.tp}")
     if mcfg.n_kv_heads % p.tp:
         fail(f"model.n_kv_heads: {mcfg.n_kv_heads} kv heads do not divide by parallel.tp={p.tp}")
-    hybrid = hasattr(mcfg, "pattern")
+    kind = kind_of(mcfg)
+    hybrid = kind.ssm_layers
     if p.cp > 1:
         from longtrain.parallel.context.strategy import CPConfigError, resolve_mode
 
         try:
             resolve_mode(p.cp_mode, p.cp, mcfg.n_heads // p.tp, mcfg.n_kv_heads // p.tp, p.cp_ulysses_degree, p.tp,
-                         contiguous=hybrid, kv_chunks=p.cp_kv_chunks)
+                         contiguous=kind.contiguous_sequence, kv_chunks=p.cp_kv_chunks)
         except CPConfigError as err:
             fail(str(err))
         if hybrid:
@@ -525,9 +410,6 @@ def validate_recipe(recipe: Recipe, source: str = "recipe", world_size: int | No
         if mcfg.mamba_heads % p.tp or mcfg.ngroups % p.tp:
             fail(f"parallel.tp: {p.tp} must divide the Mamba heads ({mcfg.mamba_heads}) and model.ngroups "
                  f"({mcfg.ngroups})")
-    if hybrid and p.pp > 1 and len(mcfg.stages) > 1 and len(mcfg.stages) != p.pp * p.pp_stages_per_rank:
-        fail(f"model.pattern: its '|' marks make {len(mcfg.stages)} pipeline stages, but parallel.pp x "
-             f"parallel.pp_stages_per_rank = {p.pp * p.pp_stages_per_rank}")
     n_stages = p.pp * p.pp_stages_per_rank
     if p.pp > 1 and mcfg.tie_embeddings:
         fail("model.tie_embeddings: tied input/output embeddings cannot be split across pipeline stages "
@@ -535,12 +417,17 @@ def validate_recipe(recipe: Recipe, source: str = "recipe", world_size: int | No
     if p.pp > 1 and mcfg.n_layers < n_stages:
         fail(f"model.n_layers: {mcfg.n_layers} layers cannot fill {n_stages} pipeline stages "
              f"(parallel.pp={p.pp} x parallel.pp_stages_per_rank={p.pp_stages_per_rank})")
+    if p.pp > 1:
+        try:
+            mcfg.pipeline_stages(n_stages)  # where the model splits (a hybrid's '|' marks must match)
+        except ValueError as err:
+            fail(str(err))
 
     d = recipe.data
     if d.seq_len < 1 or d.batch_size < 1:
         fail("data.seq_len and data.batch_size must be at least 1")
     _validate_data(d, mcfg, fail)
-    balance = resolve_balance(recipe)
+    balance = resolve_balance(recipe.parallel, recipe.data.packing)
     if d.packing == "varlen" and (p.pp > 1 or (p.cp > 1 and balance == "none") or recipe.train.grad_accum > 1
                                   or (p.tp > 1 and p.sequence_parallel)):
         fail("data.packing: varlen bins (one unpadded row of varying length per step) need pp=1, "
@@ -678,14 +565,6 @@ def _validate_data(d: DataConfig, mcfg, fail) -> None:
             fail(f"{key}: varlen documents of up to {longest} tokens exceed model.max_seq_len={mcfg.max_seq_len}")
 
 
-def resolve_balance(recipe: Recipe) -> str:
-    """parallel.balance with auto resolved: zeppelin for varlen batches under cp > 1, else none."""
-    b = recipe.parallel.balance
-    if b == "auto":
-        return "zeppelin" if recipe.data.packing == "varlen" and recipe.parallel.cp > 1 else "none"
-    return b
-
-
 def _validate_balance(recipe: Recipe, degrees: dict, hybrid: bool, fail) -> None:
     p = recipe.parallel
     if recipe.data.packing != "varlen":
@@ -706,25 +585,9 @@ def _validate_balance(recipe: Recipe, degrees: dict, hybrid: bool, fail) -> None
         fail(str(err))
 
 
-def pp_microbatches(p: ParallelConfig) -> int:
-    if p.pp_microbatches:
-        return p.pp_microbatches
-    return p.pp * p.pp_stages_per_rank
-
-
 def resolve_degrees(p: ParallelConfig, world_size: int, source: str = "recipe") -> dict:
-    """Degrees with dp_shard=-1 filled; one line naming the degrees when they do not fit."""
-    others = p.dp_replicate * p.cp * p.tp * p.pp
-    dp_shard = p.dp_shard
-    if dp_shard == -1:
-        if world_size % others:
-            raise RecipeError(
-                f"{source}: parallel degrees dp_replicate={p.dp_replicate} x cp={p.cp} x tp={p.tp} x pp={p.pp} "
-                f"= {others} do not divide the world size {world_size}")
-        dp_shard = world_size // others
-    product = others * dp_shard
-    if product != world_size:
-        raise RecipeError(
-            f"{source}: parallel degrees pp={p.pp} x dp_replicate={p.dp_replicate} x dp_shard={dp_shard} x "
-            f"cp={p.cp} x tp={p.tp} = {product}, but the world size is {world_size}")
-    return dict(pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=dp_shard, cp=p.cp, tp=p.tp)
+    """Degrees with dp_shard=-1 filled (parallel/config.py); RecipeError naming the source when they do not fit."""
+    try:
+        return _resolve_degrees(p, world_size)
+    except DegreesError as err:
+        raise RecipeError(f"{source}: {err}") from None

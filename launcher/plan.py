@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 
 from longtrain.launcher.config import Recipe, RecipeError, resolve_degrees
+from longtrain.models.registry import kind_of
 from longtrain.models.sizes import resolve_model_config
 from longtrain.parallel.memory_model import GiB, Hardware, Layout, Workload, estimate_memory
 from longtrain.parallel.step_time import estimate_step_time
@@ -63,7 +64,7 @@ def layout_of(recipe: Recipe, world: int) -> Layout:
 
         mode, shape = resolve_mode(p.cp_mode, degrees["cp"], cfg.n_heads // degrees["tp"],
                                    cfg.n_kv_heads // degrees["tp"], p.cp_ulysses_degree, degrees["tp"],
-                                   contiguous=hasattr(cfg, "pattern"), kv_chunks=p.cp_kv_chunks)
+                                   contiguous=kind_of(cfg).contiguous_sequence, kv_chunks=p.cp_kv_chunks)
         u = shape.ulysses
     return Layout(tp=degrees["tp"], cp=degrees["cp"], pp=degrees["pp"], dp_shard=degrees["dp_shard"],
                   dp_replicate=degrees["dp_replicate"], sequence_parallel=p.sequence_parallel,
@@ -81,21 +82,29 @@ def workload_of(recipe: Recipe, lay: Layout, device: str) -> Workload:
                     fused_optimizer=fused)
 
 
+def _splits_into(cfg, n_stages: int) -> bool:
+    try:
+        cfg.pipeline_stages(n_stages)
+        return True
+    except ValueError:
+        return False
+
+
 def _candidates(recipe: Recipe, world: int, cfg) -> list[Layout]:
     """Layouts of `world` ranks worth considering: tp within a node (divides the heads), cp, pp
     dividing the layers, the rest FSDP; activation checkpointing none / every 2nd / full."""
     base = layout_of(recipe, world)
     divisors = [d for d in range(1, world + 1) if world % d == 0]
     out = []
-    hybrid = hasattr(cfg, "pattern")
+    kind = kind_of(cfg)
     for tp, cp, pp in itertools.product(divisors, divisors, divisors):
         if world % (tp * cp * pp) or tp > 8 or cfg.n_heads % tp or cfg.n_kv_heads % tp:
             continue
         if recipe.data.seq_len % (cp * 2) and cp > 1 or pp > cfg.n_layers:
             continue
-        if hybrid and pp > 1 and len(cfg.stages) > 1 and len(cfg.stages) != pp:
+        if pp > 1 and not _splits_into(cfg, pp):
             continue
-        if pp > 1 and (recipe.data.batch_size % pp or getattr(cfg, "tie_embeddings", False)):
+        if pp > 1 and (recipe.data.batch_size % pp or cfg.tie_embeddings):
             continue
         mode, u = "ulysses", 1
         if cp > 1:
@@ -103,7 +112,7 @@ def _candidates(recipe: Recipe, world: int, cfg) -> list[Layout]:
 
             try:
                 mode, shape = resolve_mode("auto", cp, cfg.n_heads // tp, cfg.n_kv_heads // tp, 0, tp,
-                                           contiguous=hybrid)
+                                           contiguous=kind.contiguous_sequence)
             except CPConfigError:
                 continue
             u = shape.ulysses

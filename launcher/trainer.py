@@ -24,11 +24,11 @@ from torch.distributed.tensor import DTensor
 
 from longtrain.data.loader import build_loader
 from longtrain.launcher.checkpoint import CheckpointManager, check_residual_architecture, find_resume_dir, read_meta
-from longtrain.launcher.config import Recipe, pp_microbatches, resolve_degrees
+from longtrain.launcher.config import Recipe, resolve_balance, resolve_degrees
 from longtrain.launcher.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 from longtrain.launcher.supervisor import report_timing
 from longtrain.models.sizes import describe_model, resolve_model_config
-from longtrain.models.registry import build_model
+from longtrain.models.registry import build_model, kind_of
 from longtrain.parallel.context.layout import shard_batch
 from longtrain.parallel.mesh import Mesh, ParallelDims
 from longtrain.parallel.parallelize import parallelize
@@ -201,7 +201,10 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         self.model_cfg = resolve_model_config(recipe.model)
         model = self._build_model()
-        self.parallel = parallelize(model, self.mesh, recipe, self.device, self._loss_fn)
+        self.parallel = parallelize(model, self.mesh, recipe.parallel, device=self.device, loss_fn=self._loss_fn,
+                                    balance=resolve_balance(recipe.parallel, recipe.data.packing),
+                                    cluster=recipe.cluster,
+                                    contiguous_sequence=kind_of(self.model_cfg).contiguous_sequence)
         self.parts = self.parallel.parts
         self.loss_chunk_tokens, self.loss_path = self._pick_loss_path()
         if self._init_on_meta():
@@ -226,9 +229,8 @@ class Trainer:
             return build_loader(recipe.data, dp_rank=self.mesh.dp_rank, dp_degree=self.dims.dp,
                                 seed=recipe.train.seed, split=split)
         from longtrain.launcher.balanced_batches import BalancedBatches
-        from longtrain.launcher.config import resolve_balance
 
-        return BalancedBatches(recipe, resolve_balance(recipe), engine, self.mesh.local_rank("loss"),
+        return BalancedBatches(recipe, resolve_balance(recipe.parallel, recipe.data.packing), engine, self.mesh.local_rank("loss"),
                                self.dims.dp * self.dims.cp, self.dims.dp, self.model_cfg, self.dims.tp, split)
 
     # -- model ------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from torch import nn
 from longtrain.models.ladder import LocalSync, Residual, check_residual, first_ladder_layer, is_ladder, ladder_step
 from longtrain.models.mamba import MambaConfig, Mamba2Mixer, init_ssm_param
 from longtrain.models.mla import MLAConfig, MLAttention
+from longtrain.models.parallel_plan import BlockTPPlan, even_layer_split, prefixed
 from longtrain.models.transformer import (Attention, DecoderLM, FeedForward, RMSNorm, RopeScaling,
                                           seeded_normal_)
 
@@ -135,6 +136,16 @@ class HybridConfig:
         cuts = [0, *self.stage_boundaries, self.n_layers]
         return [range(a, b) for a, b in zip(cuts[:-1], cuts[1:])]
 
+    def pipeline_stages(self, n_stages: int) -> list[range]:
+        """The '|' marks when the pattern has them (their count must equal n_stages), else an even split."""
+        marked = self.stages
+        if len(marked) > 1:
+            if len(marked) != n_stages:
+                raise ValueError(f"model.pattern: its '|' marks make {len(marked)} pipeline stages, but parallel.pp x "
+                                 f"parallel.pp_stages_per_rank = {n_stages}")
+            return marked
+        return even_layer_split(self.n_layers, n_stages)
+
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
@@ -222,6 +233,13 @@ class HybridBlock(nn.Module):
         if self.kind == "-":
             return x + self.mixer(self.norm(x))
         return x + self.mixer(self.norm(x), positions, doc_ids)
+
+    def tensor_parallel_plan(self) -> BlockTPPlan:
+        """Attention and MLP as in a transformer block; Mamba-2 with its heads split across tp (see
+        Mamba2Mixer.tp_styles)."""
+        inputs = 1 if self.kind == "-" else 3
+        return BlockTPPlan(styles=prefixed("mixer", self.mixer.tp_styles()), gathered_inputs={"mixer": inputs},
+                           sequence_norms=["norm"])
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}"

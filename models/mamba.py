@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from longtrain.kernels.ssd import causal_conv1d, ssd_scan
+from longtrain.models.parallel_plan import SSMMixer, TPStyle
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -128,7 +129,7 @@ class LocalSSMCore:
         return y
 
 
-class Mamba2Mixer(nn.Module):
+class Mamba2Mixer(SSMMixer):
     def __init__(self, cfg: MambaConfig):
         super().__init__()
         if cfg.d_inner % cfg.headdim:
@@ -159,6 +160,15 @@ class Mamba2Mixer(nn.Module):
 
     # -- initialisation (Mamba-2: S4D-real A in [1, 16], dt log-uniform in [dt_min, dt_max]) ------
     @torch.no_grad()
+    def tp_styles(self) -> dict[str, TPStyle]:
+        """Heads split across tp: the input projections by output features (z, x and dt by heads, B
+        and C by groups), the output projection by input features; the per-channel convs, the
+        per-head dt_bias/A_log/D (this module's own parameters) and the gated norm's weight split
+        alike, so each rank runs whole heads and whole norm groups."""
+        styles: dict[str, TPStyle] = {f"in_proj_{p}": "colwise" for p in ("z", "x", "B", "C", "dt")}
+        return {**styles, "out_proj": "rowwise", "conv_x": "shard_params", "conv_B": "shard_params",
+                "conv_C": "shard_params", "": "shard_params", "norm": "shard_params"}
+
     def reset_ssm_parameters(self, generator: torch.Generator | None = None):
         for name in ("A_log", "dt_bias", "D"):
             init_ssm_param(name, getattr(self, name), self.cfg, generator)

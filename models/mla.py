@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from longtrain.models.parallel_plan import AttentionMixer, TPStyle
 from longtrain.models.transformer import (DecoderLM, PlainAttention, RMSNorm, RotaryEmbedding,
                                           Transformer, TransformerBlock, TransformerConfig, apply_rope)
 
@@ -126,13 +127,7 @@ class MLAConfig(TransformerConfig):
         return float(6 * self.num_params(include_embedding=False) + attention)
 
 
-class MLAttention(nn.Module):
-    # How tensor parallel splits this module (parallel/tensor_parallel.py reads it): heads by the
-    # output features of the up-projections and the input features of wo; the down-projections
-    # and their norms replicated; the shared RoPE key's gradient summed over tp ranks.
-    TP_LAYOUT = {"wq": "colwise", "wq_a": "replicate", "q_norm": "replicate", "wq_b": "colwise",
-                 "wkv_a": "replicate", "kv_norm": "replicate", "wkv_b": "colwise", "wo": "rowwise",
-                 "rope_key_sync": "sum_grad"}
+class MLAttention(AttentionMixer):
 
     def __init__(self, cfg: MLAConfig):
         super().__init__()
@@ -158,6 +153,14 @@ class MLAttention(nn.Module):
         self.rope_key_sync = nn.Identity()
         self.core_attention = PlainAttention()
         self.latent_cache = None
+
+    def tp_styles(self) -> dict[str, TPStyle]:
+        """Heads by the output features of the up-projections and the input features of wo; the
+        down-projections and their norms replicated; the shared RoPE key's gradient summed over tp."""
+        query: dict[str, TPStyle] = ({"wq_a": "replicate", "q_norm": "replicate", "wq_b": "colwise"}
+                                     if self.cfg.q_lora_rank else {"wq": "colwise"})
+        return {**query, "wkv_a": "replicate", "kv_norm": "replicate", "wkv_b": "colwise", "wo": "rowwise",
+                "rope_key_sync": "sum_grad"}
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         """(B, S, local heads, qk head dim), before RoPE."""

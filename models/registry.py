@@ -1,7 +1,11 @@
-"""One entry point from a resolved model config to the model: TransformerConfig -> Transformer,
-HybridConfig -> HybridModel, MLAConfig -> MLATransformer. Build under `torch.device("meta")` to defer allocation; the models
-initialise themselves when built on a real device."""
+"""The model kinds: each resolved config type with its model class and what parallel/ and the
+recipe checks must know of it. Adding a model kind touches models/ and this table only.
+
+Build under `torch.device("meta")` to defer allocation; the models initialise themselves when
+built on a real device."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -10,11 +14,32 @@ from longtrain.models.mla import MLAConfig, MLATransformer
 from longtrain.models.transformer import Transformer, TransformerConfig
 
 
+@dataclass(frozen=True)
+class ModelKind:
+    name: str
+    config_type: type
+    model_type: type
+    # Context-parallel shards must be contiguous pieces of the sequence (Mamba's scans pass their
+    # state from one shard to the next), so zigzag layouts do not apply.
+    contiguous_sequence: bool = False
+    # Has SSM (Mamba-2) layers: parallel.ssm_cp_mode applies and tp must divide their heads and groups.
+    ssm_layers: bool = False
+
+
+KINDS = (
+    ModelKind("transformer", TransformerConfig, Transformer),
+    ModelKind("mla", MLAConfig, MLATransformer),
+    ModelKind("hybrid", HybridConfig, HybridModel, contiguous_sequence=True, ssm_layers=True),
+)
+
+
+def kind_of(cfg) -> ModelKind:
+    """The kind of a resolved model config (by its exact type)."""
+    for kind in KINDS:
+        if type(cfg) is kind.config_type:
+            return kind
+    raise TypeError(f"no model kind for a config of type {type(cfg).__name__}")
+
+
 def build_model(cfg) -> nn.Module:
-    if isinstance(cfg, HybridConfig):
-        return HybridModel(cfg)
-    if isinstance(cfg, MLAConfig):  # before TransformerConfig: an MLAConfig is one
-        return MLATransformer(cfg)
-    if isinstance(cfg, TransformerConfig):
-        return Transformer(cfg)
-    raise TypeError(f"build_model: no model for a config of type {type(cfg).__name__}")
+    return kind_of(cfg).model_type(cfg)

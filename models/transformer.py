@@ -18,6 +18,15 @@ from torch import nn
 
 from longtrain.kernels.attention import BlockMask, attention
 from longtrain.kernels.chunked_loss import IGNORE_INDEX, chunked_linear_cross_entropy
+from longtrain.models.parallel_plan import (
+    AttentionMixer,
+    BlockTPPlan,
+    SSMMixer,
+    TopTPStyle,
+    TPStyle,
+    even_layer_split,
+    prefixed,
+)
 from longtrain.models.ladder import LocalSync, Residual, check_residual, first_ladder_layer, is_ladder, ladder_step
 
 
@@ -52,6 +61,14 @@ class TransformerConfig:
     # stream without the preceding sublayer's output.
     residual: Residual = "standard"
     ladder_layers: int | None = None
+
+    @property
+    def layer_kinds(self) -> list[str]:
+        """One entry per layer: 'T', an attention + MLP block (hybrids: 'M', '*', '-')."""
+        return ["T"] * self.n_layers
+
+    def pipeline_stages(self, n_stages: int) -> list[range]:
+        return even_layer_split(self.n_layers, n_stages)
 
     @property
     def head_dim(self) -> int:
@@ -184,7 +201,7 @@ class PlainAttention:
         return attention(q, k, v, scale=scale, mask=mask, backend=self.backend)
 
 
-class Attention(nn.Module):
+class Attention(AttentionMixer):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.head_dim = cfg.head_dim
@@ -213,6 +230,10 @@ class Attention(nn.Module):
         out = self.core_attention(q, k, v, self.scale, positions=positions, doc_ids=doc_ids)
         return self.wo(out.reshape(bsz, seqlen, -1))
 
+    def tp_styles(self) -> dict[str, TPStyle]:
+        """Heads split across tp ranks: the projections to heads by output features, wo by input features."""
+        return {"wq": "colwise", "wk": "colwise", "wv": "colwise", "wo": "rowwise"}
+
 
 class FeedForward(nn.Module):
     def __init__(self, cfg: TransformerConfig):
@@ -223,6 +244,9 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def tp_styles(self) -> dict[str, TPStyle]:
+        return {"w1": "colwise", "w3": "colwise", "w2": "rowwise"}
 
 
 class TransformerBlock(nn.Module):
@@ -248,6 +272,12 @@ class TransformerBlock(nn.Module):
                                self.residual_sync)
         h = x + self.attention(self.attention_norm(x), positions, doc_ids)
         return h + self.feed_forward(self.ffn_norm(h))
+
+    def tensor_parallel_plan(self) -> BlockTPPlan:
+        return BlockTPPlan(styles={**prefixed("attention", self.attention.tp_styles()),
+                                   **prefixed("feed_forward", self.feed_forward.tp_styles())},
+                           gathered_inputs={"attention": 3, "feed_forward": 1},
+                           sequence_norms=["attention_norm", "ffn_norm"])
 
 
 def seeded_normal_(p: torch.Tensor, std: float, generator: torch.Generator | None) -> None:
@@ -281,6 +311,39 @@ class DecoderLM(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         if not self.output.weight.is_meta:
             self.init_weights()
+
+    # -- what parallel/ asks the model (models/parallel_plan.py) ----------------------------------
+    def tensor_parallel_top_plan(self) -> dict[str, TopTPStyle]:
+        """The embedding, final norm and output head this model (or pipeline stage) holds."""
+        top: dict[str, TopTPStyle] = {"tok_embeddings": "embedding", "norm": "sequence_norm", "output": "head"}
+        return {name: style for name, style in top.items() if getattr(self, name) is not None}
+
+    def block_tp_plans(self) -> dict[str, BlockTPPlan]:
+        """Each layer's plan, keyed by its name in `layers`."""
+        return {key: block.tensor_parallel_plan() for key, block in self.layers.items()}
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """Modules sharded as their own FSDP unit (gathered just before they run); the root takes the rest."""
+        return list(self.layers.values())
+
+    def pipeline_stages(self, n_stages: int) -> list[range]:
+        """Layer ids per pipeline stage (the config decides: an even split, or a hybrid's '|' marks)."""
+        return self.cfg.pipeline_stages(n_stages)
+
+    def set_sequence_cores(self, attention=None, ssm=None) -> None:
+        """Install a sequence strategy (context parallel, balanced varlen, decoding caches) as the
+        attention core of every attention mixer and, when given, the SSM core of every SSM mixer."""
+        for module in self.modules():
+            if attention is not None and isinstance(module, AttentionMixer):
+                module.core_attention = attention
+            if ssm is not None and isinstance(module, SSMMixer):
+                module.ssm_core = ssm
+
+    def set_residual_sync(self, sync) -> None:
+        """Ladder models: how a pending sublayer output is read (parallel/ladder.py waits for its reduction)."""
+        self.residual_sync = sync
+        for block in self.layers.values():
+            block.residual_sync = sync
 
     def reset_rope_buffers(self) -> None:
         for module in self.modules():

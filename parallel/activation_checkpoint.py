@@ -1,8 +1,13 @@
 """Activation checkpointing of transformer blocks: none, every block (full), or every k-th block."""
 from __future__ import annotations
 
+from typing import Literal
+
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+
+ACMode = Literal["none", "full", "every_k"]
 
 
 def apply_activation_checkpoint(model: nn.Module, mode: str, every: int = 2) -> int:

@@ -28,6 +28,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from longtrain.models.parallel_plan import even_layer_split
+
 GiB = 2 ** 30
 
 
@@ -116,8 +118,7 @@ class MemoryEstimate:
 # ----------------------------------------------------------------------------------------------
 def layer_kinds(cfg) -> list[str]:
     """One entry per layer: 'T' (attention + MLP block) or a hybrid symbol 'M', '*', '-'."""
-    kinds = getattr(cfg, "layer_kinds", None)
-    return list(kinds) if kinds is not None else ["T"] * cfg.n_layers
+    return list(cfg.layer_kinds)
 
 
 def _sublayers(kind: str) -> list[str]:
@@ -146,19 +147,13 @@ def _tp_sharded_fraction(cfg, kind: str) -> float:
 
 
 def stage_layers(cfg, n_stages: int) -> list[list[int]]:
-    """Layer ids per pipeline stage, as parallel/pipeline.py splits them."""
-    n = cfg.n_layers
-    marked = getattr(cfg, "stages", None)
-    if marked is not None and len(marked) > 1 and len(marked) == n_stages:
-        return [list(r) for r in marked]
-    base, extra = divmod(n, n_stages)
-    order = sorted(range(n_stages), key=lambda s: (s in (0, n_stages - 1), s))
-    sizes = [base + (1 if s in order[:extra] else 0) for s in range(n_stages)]
-    out, start = [], 0
-    for size in sizes:
-        out.append(list(range(start, start + size)))
-        start += size
-    return out
+    """Layer ids per pipeline stage, as the model splits them (models: `pipeline_stages`); a layout
+    whose stage count a hybrid's '|' marks do not match is modelled with the even split."""
+    try:
+        stages = cfg.pipeline_stages(n_stages)
+    except ValueError:
+        stages = even_layer_split(cfg.n_layers, n_stages)
+    return [list(r) for r in stages]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,7 +251,7 @@ def _layer_backward_transient(cfg, kind: str, tokens: float, lay: Layout, precis
     of width d_inner (fp32 scan) and one of the stream."""
     c, r = _elem(precision)
     stream = tokens * cfg.dim * r
-    mlp = tokens * getattr(cfg, "ffn_dim", 0) / lay.tp * c + 2 * stream
+    mlp = tokens * cfg.ffn_dim / lay.tp * c + 2 * stream
     attn = 2 * tokens * cfg.dim / lay.tp * c + stream
     if kind == "M":
         return 2 * tokens * cfg.d_inner / lay.tp * 4 + stream
@@ -316,7 +311,7 @@ def estimate_memory(cfg, lay: Layout, work: Workload) -> MemoryEstimate:
         layer_params = [_param_count(cfg, kinds[i]) * (1 - _tp_sharded_fraction(cfg, kinds[i]) * (1 - 1 / lay.tp))
                         for i in my_layers]
         emb = cfg.vocab_size * cfg.dim / lay.tp
-        tied = getattr(cfg, "tie_embeddings", False)
+        tied = cfg.tie_embeddings
         top = (emb if first else 0) + (0 if tied else emb if last else 0) + (cfg.dim if last else 0)
         params = sum(layer_params) + top
         parts = {}

@@ -16,8 +16,12 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from longtrain.launcher.config import Recipe, pp_microbatches, resolve_balance
-from longtrain.models.transformer import PlainAttention
+import torch.distributed as dist
+
+from longtrain.models.transformer import DecoderLM, PlainAttention
+from longtrain.parallel.balance.cost import routing_enabled
+from longtrain.parallel.balance.engine import BalancedAttention
+from longtrain.parallel.config import ClusterConfig, ParallelConfig, pp_microbatches
 from longtrain.parallel.activation_checkpoint import apply_activation_checkpoint
 from longtrain.parallel.context.ssm import build_ssm_core
 from longtrain.parallel.context.strategy import build_strategy
@@ -50,16 +54,21 @@ class ParallelModel:
         return contextlib.nullcontext()
 
 
-def precision(recipe: Recipe, device: torch.device) -> torch.dtype:
-    mode = recipe.parallel.mixed_precision
+def precision(parallel: ParallelConfig, device: torch.device) -> torch.dtype:
+    mode = parallel.mixed_precision
     if mode == "bf16" or (mode == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return torch.float32
 
 
-def parallelize(model: nn.Module, mesh: Mesh, recipe: Recipe, device: torch.device,
-                loss_fn: Callable) -> ParallelModel:
-    p = recipe.parallel
+def parallelize(model: DecoderLM, mesh: Mesh, parallel: ParallelConfig, *, device: torch.device, loss_fn: Callable,
+                balance: str = "none", cluster: ClusterConfig | None = None,
+                contiguous_sequence: bool = False) -> ParallelModel:
+    """`model` (one process's, as built) parallelized over `mesh`. `balance`: the resolved
+    parallel.balance strategy (parallel/config.py: resolve_balance); `cluster`: the machines its
+    routing models; `contiguous_sequence`: the model's context-parallel shards must be contiguous
+    (models/registry.py says so of scan-based models)."""
+    p = parallel
     dims = mesh.dims
     if dims.pp > 1:
         n_stages = dims.pp * p.pp_stages_per_rank
@@ -68,30 +77,22 @@ def parallelize(model: nn.Module, mesh: Mesh, recipe: Recipe, device: torch.devi
     else:
         parts, stage_ids, n_stages = [model], [0], 1
 
-    param_dtype = precision(recipe, device)
+    param_dtype = precision(p, device)
     cfg = model.cfg
     ssm = None
     balance_engine = None
-    if resolve_balance(recipe) != "none":  # varlen sequences balanced over the data x context ranks
-        import torch.distributed as dist
-
-        from longtrain.parallel.balance.engine import BalancedAttention
-
-        from longtrain.parallel.balance.cost import routing_enabled
-
+    if balance != "none":  # varlen sequences balanced over the data x context ranks
+        cluster = cluster or ClusterConfig()
         group = mesh["loss"].get_group()
-        routing = routing_enabled(recipe.cluster.routing, recipe.cluster.preset, recipe.cluster.gpus_per_node,
-                                  dims.dp * dims.cp)
+        routing = routing_enabled(cluster.routing, cluster.preset, cluster.gpus_per_node, dims.dp * dims.cp)
         attention = balance_engine = BalancedAttention(group, dist.get_process_group_ranks(group),
                                                        backend=p.attention_backend, kv_chunks=p.cp_kv_chunks,
                                                        routing=routing)
     elif dims.cp > 1:
-        hybrid = hasattr(cfg, "pattern")
         attention = build_strategy(mesh, p.cp_mode, cfg.n_heads // dims.tp, cfg.n_kv_heads // dims.tp,
                                    p.cp_ulysses_degree, p.attention_backend, tp=dims.tp,
-                                   contiguous=hybrid, kv_chunks=p.cp_kv_chunks)
-        if hybrid:
-            ssm = build_ssm_core(p.ssm_cp_mode, mesh)
+                                   contiguous=contiguous_sequence, kv_chunks=p.cp_kv_chunks)
+        ssm = build_ssm_core(p.ssm_cp_mode, mesh)
     else:
         attention = PlainAttention(p.attention_backend)
     sharded = False
@@ -102,24 +103,14 @@ def parallelize(model: nn.Module, mesh: Mesh, recipe: Recipe, device: torch.devi
         if dims.tp > 1:
             apply_tensor_parallel(part, mesh["tp"], sequence_parallel=p.sequence_parallel,
                                   ladder_overlap=p.ladder_overlap)
-        for module in part.modules():  # sequence strategies: plain, or context parallel
-            if hasattr(module, "core_attention"):
-                module.core_attention = attention
-            if ssm is not None and hasattr(module, "ssm_core"):
-                module.ssm_core = ssm
+        part.set_sequence_cores(attention=attention, ssm=ssm)  # plain, context parallel or balanced
         apply_activation_checkpoint(part, p.activation_checkpoint, p.activation_checkpoint_every)
         if p.compile:
             for name, block in part.layers.items():
                 part.layers[name] = torch.compile(block)
         sharded = apply_fsdp(part, mesh, param_dtype=param_dtype, reduce_dtype=torch.float32,
                              reshard_after_forward=p.reshard_after_forward)
-        if sharded:
-            # The loss is already normalized by the global token count: reduce gradients by sum.
-            for module in part.modules():
-                if isinstance(module, FSDPModule):
-                    module.set_gradient_divide_factor(1.0)
-                    module.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
-        elif param_dtype != torch.float32 and device.type != "cuda":
+        if not sharded and param_dtype != torch.float32 and device.type != "cuda":
             raise ValueError("parallel.mixed_precision: bf16 without FSDP is only supported on CUDA (autocast)")
 
     pipeline = None

@@ -1,6 +1,7 @@
 """Pipeline parallel over the `pp` axis with torch.distributed.pipelining.
 
-The model is split into `pp x stages_per_rank` stages by layers. Rank r owns stage r (GPipe,
+The model is split into `pp x stages_per_rank` stages by layers, where the model says
+(`pipeline_stages`: an even split, or a hybrid pattern's '|' marks). Rank r owns stage r (GPipe,
 1F1B) or stages r, r+pp, r+2pp, ... (looped placement, for interleaved 1F1B and the interleaved
 zero-bubble schedule). A stage is the whole model with the other stages' layers deleted: the
 first keeps the embedding, the last the final norm and output head, and parameter names stay
@@ -9,7 +10,8 @@ those of the whole model so checkpoints move between layouts.
 from __future__ import annotations
 
 import copy
-from typing import Callable
+import typing
+from typing import Callable, Literal
 
 import torch
 from torch import nn
@@ -22,47 +24,18 @@ from torch.distributed.pipelining.schedules import (
     ScheduleInterleavedZeroBubble,
 )
 
-SCHEDULES = {
-    "gpipe": ScheduleGPipe,
-    "1f1b": Schedule1F1B,
-    "interleaved_1f1b": ScheduleInterleaved1F1B,
-    "zero_bubble": ScheduleInterleavedZeroBubble,
-}
-
-
-def layer_split(n_layers: int, n_stages: int) -> list[range]:
-    """Contiguous layer ranges per stage, as even as possible; the extra layers go to the middle
-    stages, since the first and last stages also carry the embedding and the output head."""
-    if n_layers < n_stages:
-        raise ValueError(f"model.n_layers: {n_layers} layers cannot fill {n_stages} pipeline stages")
-    base, extra = divmod(n_layers, n_stages)
-    order = sorted(range(n_stages), key=lambda s: (s in (0, n_stages - 1), s))
-    sizes = [base + (1 if s in order[:extra] else 0) for s in range(n_stages)]
-    out, start = [], 0
-    for size in sizes:
-        out.append(range(start, start + size))
-        start += size
-    return out
+PPSchedule = Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"]
+SCHEDULES = dict(zip(typing.get_args(PPSchedule),
+                     (ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble)))
 
 
 def stage_ids_for_rank(pp_rank: int, pp_degree: int, stages_per_rank: int) -> list[int]:
     return [pp_rank + k * pp_degree for k in range(stages_per_rank)]
 
 
-def stage_layers(model: nn.Module, n_stages: int) -> list[range]:
-    """Layers per stage: the `|` marks of a hybrid pattern when it has them, else an even split."""
-    marked = getattr(model.cfg, "stages", None)
-    if marked is not None and len(marked) > 1:
-        if len(marked) != n_stages:
-            raise ValueError(f"model.pattern: its '|' marks make {len(marked)} pipeline stages, but parallel.pp x "
-                             f"parallel.pp_stages_per_rank = {n_stages}")
-        return list(marked)
-    return layer_split(len(model.layers), n_stages)
-
-
 def build_stage_module(model: nn.Module, stage_id: int, n_stages: int) -> nn.Module:
     """A copy of `model` that keeps only what stage `stage_id` runs."""
-    keep = {str(i) for i in stage_layers(model, n_stages)[stage_id]}
+    keep = {str(i) for i in model.pipeline_stages(n_stages)[stage_id]}
     stage = copy.deepcopy(model)
     for name in list(stage.layers.keys()):
         if name not in keep:

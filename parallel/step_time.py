@@ -83,7 +83,7 @@ def estimate_step_time(cfg, lay: Layout, work: Workload, hw: Hardware) -> dict:
     per_rank_layers = [[i for k in range(lay.pp_stages_per_rank) for i in stages[p + k * lay.pp]]
                        for p in range(lay.pp)]
     layers = max(per_rank_layers, key=len)
-    hd = cfg.dim // cfg.n_heads if getattr(cfg, "n_heads", 0) else 0
+    hd = cfg.dim // cfg.n_heads if cfg.n_heads else 0
     recompute = {i: (lay.activation_checkpoint == "full" or
                      (lay.activation_checkpoint == "every_k" and i % lay.activation_checkpoint_every == 0))
                  for i in layers}

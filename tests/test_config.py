@@ -3,7 +3,7 @@ import pytest
 
 from longtrain.launcher.config import RecipeError, load_recipe, resolve_degrees
 from longtrain.launcher.launch import slurm_master_addr
-from longtrain.parallel.pipeline import layer_split
+from longtrain.models.parallel_plan import even_layer_split as layer_split
 
 
 def write(path, text):

@@ -1,12 +1,12 @@
 """The built-in offline data pipeline: byte tokenizer, stdlib corpus, fixed-length loader."""
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from longtrain.data.builtin import BuiltinCorpus, split_of
+from longtrain.data.config import DataConfig
 from longtrain.data.loader import FixedLengthLoader, build_loader
 from longtrain.data.tokenizers import ByteTokenizer, build_tokenizer
 
@@ -31,7 +31,7 @@ def make_loader(corpus, tokenizer, dp_rank=0, dp_degree=1, batch_size=BATCH):
 def data_cfg(**overrides):
     fields = dict(source="builtin", tokenizer="bytes", seq_len=SEQ_LEN, batch_size=BATCH)
     fields.update(overrides)
-    return SimpleNamespace(**fields)
+    return DataConfig(**fields)
 
 
 def spans(batch):

@@ -3,12 +3,12 @@ blending, megatron indexed datasets, Hugging Face streaming, bad input. Ranks ar
 process (the loader takes dp_rank / dp_degree)."""
 import json
 from collections import Counter
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from longtrain.data.config import DataConfig
 from longtrain.data.loader import PackedLoader, build_loader
 from longtrain.data.packing import IGNORE_INDEX, attention_mask_from_doc_ids, cu_seqlens_from_doc_ids
 from longtrain.data.pipeline import BLEND_BLOCK, Blend, DataSettings, DocumentStream
@@ -19,7 +19,7 @@ def cfg(**overrides):
     fields = dict(source="builtin", sources=[], tokenizer="bytes", seq_len=256, batch_size=2, packing="concat",
                   num_workers=0, lanes=0, text_field="text", skip_bad_records=False)
     fields.update(overrides)
-    return SimpleNamespace(**fields)
+    return DataConfig(**fields)
 
 
 def loader(dp_rank=0, dp_degree=1, seed=0, **overrides):

@@ -30,11 +30,13 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Optional, Sequence
+import typing
+from typing import Callable, Literal, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-STRATEGIES = ("zeppelin", "tokens", "even_cp", "hybrid_dp")
+Strategy = Literal["zeppelin", "tokens", "even_cp", "hybrid_dp"]
+STRATEGIES = typing.get_args(Strategy)
 LEVEL_ORDER = {"inter": 0, "intra": 1, "local": 2}
 
 

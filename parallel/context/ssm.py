@@ -28,13 +28,17 @@ document start, also when a document spans ranks.
 """
 from __future__ import annotations
 
+import typing
+from typing import Literal
+
 import torch
 import torch.distributed as dist
 
 from longtrain.kernels.ssd import causal_conv1d, initial_state_contribution, log_decay_to_end, ssd_scan
 from longtrain.parallel.context.comm import GatherSeq, HeadsToSeq, RingExchange, SeqToHeads, gather_seq
 
-SSM_MODES = ("state_passing", "all_to_all")
+SSMCPMode = Literal["state_passing", "all_to_all"]
+SSM_MODES = typing.get_args(SSMCPMode)
 
 
 class _Halo(torch.autograd.Function):

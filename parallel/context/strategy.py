@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import math
 
+import typing
+from typing import Literal
+
 import torch
 import torch.distributed as dist
 
@@ -24,7 +27,8 @@ from longtrain.parallel.context.comm import GatherSeq, HeadsToSeq, SeqToHeads, g
 from longtrain.parallel.context.layout import CPShape, member_segments
 from longtrain.parallel.context.ring import LocalBlocksAttention, RingAttention, TokenInfo
 
-MODES = ("ring", "zigzag", "ulysses", "hybrid", "allgather")
+CPMode = Literal["ring", "zigzag", "ulysses", "hybrid", "allgather"]
+MODES = typing.get_args(CPMode)
 
 
 class CPConfigError(ValueError):
