@@ -286,7 +286,7 @@ def main(argv=None) -> int:
     parser.add_argument("--from-json", default=None, help="reuse the measurements of an earlier balance.json; "
                                                           "recompute the simulations and the report")
     args = parser.parse_args(argv)
-    from longtrain.launcher.local_group import run_group
+    from longtrain.tests.distributed import run_group
 
     start, load = time.time(), MachineLoad()
     layouts, dims = measured_setup(args.quick)

@@ -18,7 +18,7 @@ cp=2 with 2 Ulysses ranks it is Ulysses with the zigzag token layout) and `deeps
 `deepspeed.sequence.layer.DistributedAttention` (its default [s, b, h, d] layout, scatter_idx=2,
 gather_idx=0) around the same local attention function.
 
-Gloo process groups per cp (longtrain.launcher.local_group: one for the check passes, one for the
+Gloo process groups per cp (longtrain.tests.distributed: one for the check passes, one for the
 timed passes), 1 intra-op thread per rank. The machine has 2 cores: cp=2 uses both, cp=4 runs 4
 ranks on 2 cores (oversubscribed 2x), so its wall time cannot beat cp=2; the per-rank CPU seconds
 (`process_time`, all threads of the rank) show the compute share each rank would have on its own
@@ -978,7 +978,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from tqdm import tqdm
 
-    from longtrain.launcher.local_group import run_group
+    from longtrain.tests.distributed import run_group
 
     cfg = {"lengths": lengths, "modes": modes, "cps": cps, "repeats": args.repeats,
            "long_repeats": args.long_repeats, "long_from": args.long_from, "heads": args.heads,

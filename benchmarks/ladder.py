@@ -242,7 +242,7 @@ def main(argv=None) -> int:
         if dist.get_rank() != 0:
             return 0
     else:
-        from longtrain.launcher.local_group import run_group
+        from longtrain.tests.distributed import run_group
 
         results = [run_group(tp, measure, cfg) for tp in args.tp]
         device, stem = "cpu, gloo", "ladder"

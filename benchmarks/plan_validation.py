@@ -111,7 +111,6 @@ def live_tensor_tracker():
 
 def _measure(layouts: list) -> list:
     """Runs inside a gloo group: every layout of this world size; returns rows (rank 0)."""
-    import torch
     import torch.distributed as dist
 
     from longtrain.launcher.config import recipe_from_dict
@@ -163,7 +162,7 @@ def _measure(layouts: list) -> list:
 
 
 def run_layouts(layouts: list) -> list:
-    from longtrain.launcher.local_group import run_group
+    from longtrain.tests.distributed import run_group
 
     rows = []
     for world in sorted({w for _, w, _ in layouts}):

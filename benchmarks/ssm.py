@@ -767,7 +767,7 @@ def to_markdown(report: dict) -> str:
     lines += [f"Output within {g['tolerance']:.0e} everywhere: **{'yes' if g['passed'] else 'NO'}** (worst output "
               f"{g['max_abs_diff_out']:.1e}, worst input gradient {g['max_abs_diff_dx']:.1e}).", "",
               "## Method", "",
-              "- One gloo process group per cp (`longtrain.launcher.local_group.run_group`); the same seeded weights on "
+              "- One gloo process group per cp (`longtrain.tests.distributed.run_group`); the same seeded weights on "
               "every rank; the global input and output gradient seeded per length, each rank its contiguous shard.",
               "- Per (part, mode, length) one check pass (memory, bytes, correctness against the cp 1 output saved by "
               "the cp 1 group), then the timed passes. glibc malloc runs with a fixed 64 KiB mmap threshold during "
@@ -1021,7 +1021,7 @@ def main(argv=None) -> int:
         os.environ[var] = "1"
     from tqdm import tqdm
 
-    from longtrain.launcher.local_group import run_group
+    from longtrain.tests.distributed import run_group
 
     cfg = {"lengths": lengths, "stack_lengths": stack_lengths, "short_lengths": short, "cps": cps, "modes": modes,
            "parts": parts, "repeats": args.repeats, "long_repeats": args.long_repeats, "long_from": args.long_from,

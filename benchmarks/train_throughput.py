@@ -181,7 +181,7 @@ def measure(cfg: dict, phase: dict, run_dir: str, progress) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Processes: one gloo group per phase (longtrain.launcher.local_group), progress streamed back
+# Processes: one gloo group per phase (longtrain.tests.distributed), progress streamed back
 # ----------------------------------------------------------------------------------------------
 def phase_worker(cfg: dict, phase: dict, events) -> dict:
     rank = int(os.environ["RANK"])
@@ -196,7 +196,7 @@ def phase_worker(cfg: dict, phase: dict, events) -> dict:
 
 
 def run_phase(cfg: dict, phase: dict, bar) -> dict:
-    from longtrain.launcher.local_group import run_group
+    from longtrain.tests.distributed import run_group
 
     return run_group(phase["world"], phase_worker, cfg, phase, on_event=bar.update)
 

@@ -45,7 +45,6 @@ from .builtin import BuiltinCorpus
 from .config import DataConfig
 from .tokenizers import build_tokenizer
 
-KNOWN_SOURCES = ("builtin",)
 
 
 class FixedLengthLoader:

@@ -34,7 +34,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from longtrain.kernels.chunked_loss import IGNORE_INDEX  # the label the loss ignores
+
 
 
 class Doc:

@@ -35,7 +35,7 @@ import os
 import platform
 import typing
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np

@@ -14,7 +14,6 @@ fixed, with identical steps).
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np

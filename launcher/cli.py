@@ -184,11 +184,13 @@ def _plan_balance(args, overrides) -> int:
 
 
 def _probe_command(args) -> int:
+    from longtrain.launcher.supervisor import run_two_local_ranks
     from longtrain.parallel.balance.cost import LOCAL_PRESET
-    from longtrain.parallel.balance.probe import probe
+    from longtrain.parallel.balance.probe import ping_pong, probe
 
     lengths = tuple(int(x) for x in args.lengths.split(",") if x)
-    spec = probe(args.out or LOCAL_PRESET, lengths, args.gpus_per_node, args.device)
+    times = run_two_local_ranks(ping_pong, backend="nccl" if args.device == "cuda" else "gloo")
+    spec = probe(times, args.out or LOCAL_PRESET, lengths, args.gpus_per_node, args.device)
     table = ", ".join(f"{length}: {tflops * 1e3:.1f}" for length, tflops in spec.attention_tflops)
     print(f"attention GFLOP/s by length: {table}; linear {spec.linear_tflops * 1e3:.1f} GFLOP/s; "
           f"P2P {spec.intra_gbs:.2f} GB/s, latency {spec.latency_us:.0f} us -> {args.out or LOCAL_PRESET}")

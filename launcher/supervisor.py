@@ -286,3 +286,48 @@ def _read_json(path: Path):
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def _two_rank_worker(rank: int, fn, backend: str, store_file: str, results) -> None:
+    import torch.distributed as dist
+
+    if backend == "nccl":
+        import torch
+
+        torch.cuda.set_device(rank)
+    store = dist.FileStore(store_file, 2)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=2, timeout=timedelta(seconds=120))
+    try:
+        out = fn()
+        if rank == 0:
+            results.put(out)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_two_local_ranks(fn, backend: str = "gloo", timeout_s: float = 300.0):
+    """fn() on two local processes of one group (a measurement between two ranks of this machine,
+    `longtrain probe`); rank 0's result. A rank that fails or hangs past timeout_s raises JobFailed."""
+    import queue
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [ctx.Process(target=_two_rank_worker, args=(rank, fn, backend, os.path.join(tmp, "store"), results))
+                 for rank in range(2)]
+        for proc in procs:
+            proc.start()
+        try:
+            out = results.get(timeout=timeout_s)
+        except queue.Empty:
+            out = None
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+        if out is None:
+            codes = [proc.exitcode for proc in procs]
+            raise JobFailed(f"the two measuring ranks gave no result within {timeout_s:.0f} s (exit codes {codes})")
+        return out

@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from longtrain.data.loader import build_loader
+from longtrain.kernels.chunked_loss import IGNORE_INDEX
 from longtrain.launcher.checkpoint import CheckpointManager, check_residual_architecture, find_resume_dir, read_meta
 from longtrain.launcher.config import Recipe, resolve_balance, resolve_degrees
 from longtrain.launcher.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
@@ -33,7 +33,6 @@ from longtrain.parallel.context.layout import shard_batch
 from longtrain.parallel.mesh import Mesh, ParallelDims
 from longtrain.parallel.parallelize import parallelize
 
-IGNORE_INDEX = -100
 # Besides norms and other vectors: Mamba's per-head dynamics are not decayed (as mamba-ssm does).
 NO_DECAY = ("A_log", "dt_bias", ".D")
 

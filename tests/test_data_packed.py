@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from longtrain.data.config import DataConfig
-from longtrain.data.loader import PackedLoader, build_loader
+from longtrain.data.loader import build_loader
 from longtrain.data.packing import IGNORE_INDEX, attention_mask_from_doc_ids, cu_seqlens_from_doc_ids
 from longtrain.data.pipeline import BLEND_BLOCK, Blend, DataSettings, DocumentStream
 from longtrain.data.tokenizers import ByteTokenizer

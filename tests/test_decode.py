@@ -10,7 +10,7 @@ import torch
 
 from longtrain.models import build_model
 from longtrain.models.decode import LatentCache, cached_logits, generate
-from longtrain.models.mla import MLAConfig, MLATransformer
+from longtrain.models.mla import MLATransformer
 from longtrain.models.sizes import MLA_SIZES, SIZES
 from longtrain.models.tpla import hadamard, latent_second_moments, pca_rotation, reparameterize
 

@@ -68,7 +68,8 @@ def linear_tflops(tokens: int = 2048, dim: int = 512, device="cpu", dtype=torch.
     return 3 * 2 * tokens * dim * 4 * dim / _best(run, repeats) / 1e12
 
 
-def _ping_pong(sizes, repeats: int) -> dict:
+def ping_pong(sizes=MESSAGE_BYTES, repeats: int = 3) -> dict:
+    """Run on two ranks of an initialized group: {message bytes: best one-way seconds}."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
@@ -91,23 +92,23 @@ def _ping_pong(sizes, repeats: int) -> dict:
     return out
 
 
-def p2p_bandwidth(sizes=MESSAGE_BYTES, repeats: int = 3) -> tuple[float, float]:
-    """(GB/s one way, latency in microseconds) between two local ranks."""
-    from longtrain.launcher.local_group import run_group
-
-    times = run_group(2, _ping_pong, list(sizes), repeats)
-    small, large = min(sizes), max(sizes)
+def p2p_bandwidth(times: dict) -> tuple[float, float]:
+    """(GB/s one way, latency in microseconds) from ping_pong's one-way times."""
+    small, large = min(times), max(times)
     latency = times[small]
     bandwidth = (large - small) / max(times[large] - latency, 1e-9)
     return bandwidth / 1e9, latency * 1e6
 
 
-def probe(out=LOCAL_PRESET, lengths=DEFAULT_LENGTHS, gpus_per_node: int = 0, device: str = "cpu") -> ClusterSpec:
+def probe(p2p_times: dict, out=LOCAL_PRESET, lengths=DEFAULT_LENGTHS, gpus_per_node: int = 0,
+          device: str = "cpu") -> ClusterSpec:
+    """Measure attention and linear FLOP/s here; with `p2p_times` (ping_pong on two local ranks,
+    run by the launcher) write the preset."""
     # On CPU every local process is a rank of this one "node", however many are started.
     gpus = gpus_per_node or (torch.cuda.device_count() if device == "cuda" else CPU_RANKS_PER_NODE)
     table = attention_tflops(lengths, device=device)
     lin = linear_tflops(device=device)
-    gbs, latency = p2p_bandwidth()
+    gbs, latency = p2p_bandwidth(p2p_times)
     spec = ClusterSpec(name=f"local (probed on {os.uname().nodename}, {device})", gpus_per_node=max(1, gpus),
                        nics_per_node=max(1, gpus), nic_gbps=gbs * 8.0, intra_gbs=gbs,
                        attention_tflops=tuple(table), linear_tflops=lin, latency_us=latency,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from longtrain.parallel.balance.cost import CostModel, attention_flops, ring_step_bytes
+from longtrain.parallel.balance.cost import CostModel
 from longtrain.parallel.balance.planner import Plan
 from longtrain.parallel.balance.remap import linear_layout, token_ids
 

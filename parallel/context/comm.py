@@ -9,9 +9,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 
 import torch
 import torch.distributed as dist
+
+
+class P2PTag(IntEnum):
+    """The P2P message kinds that may be in flight on one ring at once (each tensor of a message
+    gets tag * 16 + its index)."""
+
+    KV = 1  # ring attention: the next step's key/value block
+    KV_GRAD = 2  # ring attention backward: key/value gradients travelling with their block
+    SSM_STATE = 3  # Mamba state passing: the conv tail / state handed to the next shard
+    SSM_STATE_GRAD = 4  # its gradient, handed back
+    SSM_DOC_IDS = 5  # the document ids of the tail (packed rows)
 
 
 def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
@@ -115,7 +127,7 @@ class RingExchange:
         self.next = self.ranks[(me + step) % n]
         self.prev = self.ranks[(me - step) % n]
 
-    def start(self, tensors: list[torch.Tensor], tag: int = 0):
+    def start(self, tensors: list[torch.Tensor], tag: int = 0):  # tag: a P2PTag
         """Tags keep two exchanges in flight apart (K/V for the next step, gradients). The
         returned handle owns the sent tensors until finish(): a buffer freed while the backend
         still reads it would be a use-after-free."""

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100
+from longtrain.kernels.chunked_loss import IGNORE_INDEX
+
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import torch
 
 from longtrain.kernels.attention import (BlockMask, accumulate_backward, accumulate_forward, attention_backward,
                                          attention_forward, causal_pieces)
-from longtrain.parallel.context.comm import RingExchange
+from longtrain.parallel.context.comm import P2PTag, RingExchange
 
 
 @dataclass
@@ -136,7 +136,7 @@ class RingAttention(torch.autograd.Function):
             cur = [t[:, start:stop] for t in [k, v] + q_info.tensors()]
             for step in range(n):
                 src = (my_member - step) % n
-                pending = ring.start(cur, tag=1) if step < n - 1 else None
+                pending = ring.start(cur, tag=P2PTag.KV) if step < n - 1 else None
                 k_info = (member_infos[src].slice(start, stop) if q_info.segments is not None
                           else q_info.with_tensors(cur[2:]))
                 out, lse = accumulate_forward(q, cur[0], cur[1], block_pairs(q_info, k_info, causal), scale=scale,
@@ -167,7 +167,7 @@ class RingAttention(torch.autograd.Function):
             grads_pending = None
             for step in range(n):
                 src = (my_member - step) % n
-                kv_pending = ring.start(cur, tag=1) if step < n - 1 else None
+                kv_pending = ring.start(cur, tag=P2PTag.KV) if step < n - 1 else None
                 k_info = (member_infos[src].slice(start, stop) if q_info.segments is not None
                           else q_info.with_tensors(cur[2:]))
                 block_dk = torch.zeros(cur[0].shape, dtype=acc, device=k.device)
@@ -183,7 +183,7 @@ class RingAttention(torch.autograd.Function):
                     block_dk += dk_acc
                     block_dv += dv_acc
                     del dk_acc, dv_acc
-                grads_pending = ring.start([block_dk, block_dv], tag=2)  # travels on with its K/V
+                grads_pending = ring.start([block_dk, block_dv], tag=P2PTag.KV_GRAD)  # travels on with its K/V
                 del block_dk, block_dv
                 if kv_pending is not None:
                     cur = RingExchange.finish(kv_pending)

@@ -32,10 +32,9 @@ import typing
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 
 from longtrain.kernels.ssd import causal_conv1d, initial_state_contribution, log_decay_to_end, ssd_scan
-from longtrain.parallel.context.comm import GatherSeq, HeadsToSeq, RingExchange, SeqToHeads, gather_seq
+from longtrain.parallel.context.comm import GatherSeq, HeadsToSeq, P2PTag, RingExchange, SeqToHeads, gather_seq
 
 SSMCPMode = Literal["state_passing", "all_to_all"]
 SSM_MODES = typing.get_args(SSMCPMode)
@@ -48,18 +47,18 @@ class _Halo(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tail, group, is_first):
         ctx.group, ctx.is_first = group, is_first
-        (received,) = RingExchange.finish(RingExchange(group).start([tail], tag=3))
+        (received,) = RingExchange.finish(RingExchange(group).start([tail], tag=P2PTag.SSM_STATE))
         return torch.zeros_like(received) if is_first else received
 
     @staticmethod
     def backward(ctx, grad):
         grad = torch.zeros_like(grad) if ctx.is_first else grad
-        (received,) = RingExchange.finish(RingExchange(ctx.group, reverse=True).start([grad.contiguous()], tag=4))
+        (received,) = RingExchange.finish(RingExchange(ctx.group, reverse=True).start([grad.contiguous()], tag=P2PTag.SSM_STATE_GRAD))
         return received, None, None
 
 
 def _exchange_ids(tail_ids: torch.Tensor, group, is_first: bool) -> torch.Tensor:
-    (received,) = RingExchange.finish(RingExchange(group).start([tail_ids], tag=5))
+    (received,) = RingExchange.finish(RingExchange(group).start([tail_ids], tag=P2PTag.SSM_DOC_IDS))
     return torch.full_like(received, -2) if is_first else received  # -2: no document
 
 

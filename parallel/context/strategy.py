@@ -20,7 +20,6 @@ import math
 import typing
 from typing import Literal
 
-import torch
 import torch.distributed as dist
 
 from longtrain.parallel.context.comm import GatherSeq, HeadsToSeq, SeqToHeads, gather_seq
