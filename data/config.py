@@ -16,14 +16,14 @@ class DataConfig:
     # prefix, or hf:<dataset>. `sources` (a list of paths or {path, weight, text_field, format,
     # hub_config, hub_split}) blends several with weights and overrides `source` (data/sources.py).
     source: str = "builtin"
-    sources: list = field(default_factory=list)
+    sources: list = field(default_factory=list)  # a weighted blend of sources (see source)
     text_field: str = "text"  # the record field holding the text (per source: sources[i].text_field)
     tokenizer: str = "bytes"  # bytes, or a sentencepiece .model file (longtrain tokenizer train)
     add_bos: bool = True  # each document is BOS text EOS; EOS predicts nothing (data/packing.py)
-    add_eos: bool = True
-    seq_len: int = 256
+    add_eos: bool = True  # see add_bos
+    seq_len: int = 256  # tokens per row (the training context)
     batch_size: int = 4  # sequences per data-parallel rank per optimizer step
-    eval_batches: int = 2
+    eval_batches: int = 2  # batches per evaluation
     # none: fixed windows of the builtin stream (attention spans the row); concat: documents end
     # to end, cut at seq_len, no padding; whole: whole documents per row (split only when longer
     # than seq_len), padded; varlen: per step one bin of whole documents (up to max_doc_len each)

@@ -2,6 +2,7 @@
 
     longtrain train  RECIPE [key=value ...] [--nproc N]   train (starting N local workers if asked)
     longtrain config RECIPE [key=value ...]               print the resolved, validated recipe
+    longtrain config --keys [--markdown]                  every recipe key: type, default, meaning
     longtrain slurm  RECIPE [key=value ...] --nodes N [--gpus-per-node G] [--time T] [--partition P] [--submit]
                                                           write (and submit) an sbatch script for the recipe
     longtrain tokenizer train --source S --vocab-size N --out F   train a sentencepiece model
@@ -30,8 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="YAML recipe, e.g. configs/debug_cpu.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2 train.steps=20")
     train.add_argument("--nproc", type=int, default=None, help="local worker processes (run.launch.nproc_per_node)")
-    config = sub.add_parser("config", help="print the resolved recipe")
-    config.add_argument("recipe")
+    config = sub.add_parser("config", help="print the resolved recipe, or every recipe key (--keys)")
+    config.add_argument("recipe", nargs="?")
+    config.add_argument("--keys", action="store_true",
+                        help="list every recipe key with its type, default and meaning (no recipe needed)")
+    config.add_argument("--markdown", action="store_true", help="--keys as the README's markdown table")
     config.add_argument("overrides", nargs="*")
     config.add_argument("--nproc", type=int, default=None)
 
@@ -291,6 +295,14 @@ def main(argv: list[str] | None = None) -> int:
     from longtrain.launcher.launch import LaunchError, StoppedBySignal, launch, preflight
     from longtrain.launcher.run_lock import RunDirLocked
 
+    if args.command == "config" and args.keys:
+        from longtrain.launcher.config_keys import keys_markdown, keys_text
+
+        print(keys_markdown() if args.markdown else keys_text())
+        return 0
+    if args.command == "config" and args.recipe is None:
+        print("longtrain: error: config: give a recipe, or --keys", file=sys.stderr)
+        return 2
     try:
         recipe = load_recipe(args.recipe, overrides)
         if args.command == "config":

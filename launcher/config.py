@@ -43,15 +43,15 @@ class RecipeError(ValueError):
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class OptimConfig:
-    name: Literal["adamw"] = "adamw"
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    betas: list = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    warmup_steps: int = 10
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    fused: Literal["auto", "on", "off"] = "auto"
+    name: Literal["adamw"] = "adamw"  # the optimizer (AdamW; decoupled weight decay on matrices only)
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # the schedule decays to min_lr_ratio x lr at the last step
+    weight_decay: float = 0.1  # AdamW weight decay (matrices; not norms, biases or Mamba dynamics)
+    betas: list = field(default_factory=lambda: [0.9, 0.95])  # AdamW (beta1, beta2)
+    eps: float = 1e-8  # AdamW epsilon
+    warmup_steps: int = 10  # linear warmup steps
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup
+    fused: Literal["auto", "on", "off"] = "auto"  # fused AdamW kernel (auto: on CUDA)
     # Optimizer offloading (parallel/offload.py): none; cpu (fp32 master, m, v of each rank's
     # shard in host memory, every subgroup updated by the CPU); interleaved (every stride-th
     # subgroup prefetched and updated on the device while the CPU updates the others).
@@ -66,15 +66,15 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
-    seed: int = 0
-    grad_clip: float = 1.0
+    steps: int = 100  # optimizer steps to train
+    seed: int = 0  # seed of the initial weights and the data order
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
     grad_accum: int = 1  # micro-batches per optimizer step (batch_size must divide by it)
-    log_every: int = 10
+    log_every: int = 10  # steps between metric lines (and the host reading the loss)
     eval_every: int = 0  # 0: never
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    init_device: Literal["auto", "cpu", "meta"] = "auto"
-    deterministic: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when visible, else CPU
+    init_device: Literal["auto", "cpu", "meta"] = "auto"  # auto: meta (sharded materialization) above 1B parameters
+    deterministic: bool = False  # torch.use_deterministic_algorithms (slower; bitwise repeatable runs)
     # A non-finite loss or gradient norm is caught before the optimizer step (nothing applied or
     # saved): stop the run, skip_step (count the step, drop its batch, no update), or rollback
     # (reload the last checkpoint and skip the offending batch; a second failure there stops).
@@ -90,20 +90,20 @@ class TrainConfig:
 class CheckpointConfig:
     dir: Optional[str] = None  # default: <run.dir>/checkpoints
     every: int = 0  # 0: only at the end of training (and on SIGTERM)
-    keep: int = 2
+    keep: int = 2  # checkpoints kept (older ones deleted after a newer one is complete)
     resume: str = "auto"  # auto | never | a path to a checkpoint directory
     # Start a new run from another run's weights (a checkpoint directory or its parent with
     # `latest`): weights only, a new optimizer, step 0, data from the start. For deliberate model
     # changes (a new rope_theta for long-context extension), which resume refuses. Ignored once
     # this run has checkpoints of its own (they are resumed).
     init_from: Optional[str] = None
-    save_at_end: bool = True
+    save_at_end: bool = True  # save when training finishes
 
 
 @dataclass
 class LaunchConfig:
-    nproc_per_node: int = 1
-    nnodes: int = 1
+    nproc_per_node: int = 1  # worker processes per node (GPUs per node)
+    nnodes: int = 1  # nodes of the job
     master_port: int = 0  # 0: pick a free port for local launches
     # Local launches: restart all workers this many times after a failure; they resume from the
     # last checkpoint (checkpoint.resume: auto).
@@ -115,10 +115,10 @@ class LaunchConfig:
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/debug"
+    dir: str = "runs/debug"  # run directory: recipe.yaml, metrics, checkpoints, the run lock
     launch: LaunchConfig = field(default_factory=LaunchConfig)
-    tensorboard: bool = True
-    progress: bool = True
+    tensorboard: bool = True  # write TensorBoard event files
+    progress: bool = True  # show a progress bar with ETA
     peak_tflops: float = 0.0  # MFU's peak per device; 0: a known GPU's, none on CPU (MFU not reported)
     # A collective that does not complete within this many seconds fails its rank; the launcher
     # then prints every rank's Python stack and ends the job (hang detection).

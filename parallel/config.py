@@ -23,11 +23,11 @@ class DegreesError(ValueError):
 
 @dataclass
 class ParallelConfig:
-    dp_replicate: int = 1
+    dp_replicate: int = 1  # data-parallel replicas (HSDP outer axis)
     dp_shard: int = -1  # -1 fills what the other degrees leave of the world size
-    cp: int = 1
-    tp: int = 1
-    pp: int = 1
+    cp: int = 1  # context-parallel degree (sequence split across ranks)
+    tp: int = 1  # tensor-parallel degree
+    pp: int = 1  # pipeline-parallel degree
     # Context-parallel attention (parallel/context/strategy.py); auto: ulysses when cp <= 8 and the
     # heads per tp rank divide by cp, else hybrid.
     cp_mode: Literal["auto", CPMode] = "auto"
@@ -37,7 +37,7 @@ class ParallelConfig:
     # this factor; more, smaller messages and kernel calls). A memory knob for the longest sequences.
     cp_kv_chunks: int = 1
     cp_ulysses_degree: int = 0  # hybrid: ranks per Ulysses group (0: the largest divisor of cp <= 8 that fits the heads)
-    pp_schedule: PPSchedule = "1f1b"
+    pp_schedule: PPSchedule = "1f1b"  # pipeline schedule
     pp_microbatches: int = 0  # 0: as many as pipeline stages (pp x pp_stages_per_rank)
     pp_stages_per_rank: int = 1  # >1 for the interleaved and zero-bubble schedules
     sequence_parallel: bool = True  # Megatron-style SP on norms when tp > 1
@@ -47,11 +47,11 @@ class ParallelConfig:
     # FSDP: free gathered parameters after forward (ZeRO-3, least memory) or keep them until
     # backward (ZeRO-2 style: one all-gather per step instead of two).
     reshard_after_forward: bool = True
-    activation_checkpoint: ACMode = "none"
-    activation_checkpoint_every: int = 2
+    activation_checkpoint: ACMode = "none"  # recompute activations of no block, every block, or every k-th block
+    activation_checkpoint_every: int = 2  # every_k: k
     mixed_precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    compile: bool = False
-    attention_backend: AttentionBackend = "auto"
+    compile: bool = False  # torch.compile each block
+    attention_backend: AttentionBackend = "auto"  # attention kernel: auto picks flash_attn on CUDA when installed, else torch; reference is the plain PyTorch kernel
     # Varlen batches over the data x context ranks (parallel/balance/): auto = zeppelin when
     # data.packing is varlen and cp > 1, else none (the loader's per-data-rank bins as they come).
     balance: Literal["auto", "none", BalanceStrategy] = "auto"
