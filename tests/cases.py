@@ -259,3 +259,34 @@ def ssm_cp_errors(cases: list[dict]) -> list[dict]:
             errors[key] = float(t)
         results.append(errors)
     return results
+
+
+def applied_features(cases: list) -> list[dict]:
+    """What a layout really applied, measured on one forward of each case's trainer: blocks wrapped
+    for activation checkpointing, whether FSDP left the blocks' parameters gathered after forward
+    (reshard_after_forward: false) or sharded again, and the sequence length the first block's norm
+    ran on (sequence parallel: the tp shard of the sequence)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+    from torch.distributed.tensor import DTensor
+
+    from longtrain.launcher.config import load_recipe
+    from longtrain.launcher.trainer import Trainer
+
+    out = []
+    for overrides in cases:
+        trainer = Trainer(load_recipe(None, TINY + list(overrides) + [f"run.launch.nproc_per_node={dist.get_world_size()}"]))
+        model = trainer.parts[0]
+        wrapped = sum(isinstance(m, CheckpointWrapper) for m in model.modules())
+        first = next(iter(model.layers.values()))
+        norm = next(m for name, m in first.named_modules() if name.endswith("norm") and "mixer" not in name)
+        seen = []
+        handle = norm.register_forward_hook(lambda _m, _i, o: seen.append(
+            (o.to_local() if isinstance(o, DTensor) else o).shape[1]))
+        batch = trainer._local_batch(next(trainer.loader))
+        model(batch["tokens"], *trainer._meta(batch))
+        handle.remove()
+        sharded_after_forward = isinstance(next(first.parameters()), DTensor)
+        out.append({"checkpoint_wrapped": wrapped, "blocks": len(model.layers), "norm_seq_len": seen[0],
+                    "sharded_after_forward": sharded_after_forward})
+        dist.barrier()
+    return out

@@ -143,3 +143,24 @@ def test_hf_weights_load_into_a_sharded_meta_model(single, tmp_path):
              STEPS + global_batch(2) + [hf, "train.init_device=meta", "parallel.dp_shard=2"]]
     for name, got in zip(["tp2", "dp_shard2"], run_group(2, train_cases, cases, False)):
         assert_losses_close(f"meta + hf_checkpoint, {name}", got["losses"], ref["losses"], range(1, 7))
+
+
+def test_features_are_applied_not_only_loss_equal():
+    """Losses are identical whether activation checkpointing, reshard_after_forward or sequence
+    parallel is applied or not, so the layout tests alone cannot see one silently dropped."""
+    from cases import applied_features
+
+    seq = ["data.seq_len=32"]
+    one = run_group(1, applied_features, [seq, seq + ["parallel.activation_checkpoint=full"],
+                                          seq + ["parallel.activation_checkpoint=every_k",
+                                                 "parallel.activation_checkpoint_every=2"]])
+    assert [r["checkpoint_wrapped"] for r in one] == [0, one[0]["blocks"], one[0]["blocks"] // 2]
+    two = run_group(2, applied_features, [
+        seq + ["parallel.dp_shard=2"],
+        seq + ["parallel.dp_shard=2", "parallel.reshard_after_forward=false"],
+        seq + ["parallel.tp=2", "parallel.dp_shard=1"],
+        seq + ["parallel.tp=2", "parallel.dp_shard=1", "parallel.sequence_parallel=false"],
+    ])
+    assert two[0]["sharded_after_forward"] and not two[1]["sharded_after_forward"]
+    assert two[2]["norm_seq_len"] == 16, "sequence parallel: norms run on the tp shard of the sequence"
+    assert two[3]["norm_seq_len"] == 32, "without sequence parallel the norms see the whole sequence"
