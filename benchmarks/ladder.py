@@ -75,7 +75,7 @@ def measure(cfg: dict) -> dict:
             n = cfg["warmup"] + cfg["steps"] * cfg["repeats"]
             batches[name] = [next(trainers[name].loader) for _ in range(n)]
             for i, batch in enumerate(batches[name][:cfg["warmup"]]):
-                loss, _ = trainers[name].train_step(batch)
+                loss, _ = trainers[name].train_step_and_read(batch)
                 first_loss.setdefault(name, loss)
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     windows = {name: [] for name in VARIANTS}

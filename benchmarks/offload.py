@@ -231,7 +231,7 @@ def _train_one(model: str, steps: int, subgroup: int, extra: list[str], device_n
             batch = next(trainer.loader)
             _sync()
             t0 = time.perf_counter()
-            loss, _ = trainer.train_step(batch)
+            loss, _ = trainer.train_step_and_read(batch)
             _sync()
             step_s.append(time.perf_counter() - t0)
             losses.append(loss)

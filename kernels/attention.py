@@ -544,6 +544,10 @@ def _backward_in_pieces(dout, q, k, v, out, lse, scale, mask: BlockMask, backend
 _CHECKED: dict = {}
 
 
+class AttentionBackendError(RuntimeError):
+    """No attention kernel but the reference passed its check on a GPU; str() is one line."""
+
+
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, kind: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"attention backend: unknown {name!r}; known: {', '.join(BACKENDS)}")
@@ -555,12 +559,19 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, kind: s
     if name in ("auto", "flash_attn") and kind != "masked" and dtype in (torch.float16, torch.bfloat16) \
             and device.type == "cuda" and flash_attn_available():
         candidates.insert(0, "flash_attn")
-    for chosen in candidates:  # the first that passes its check; the reference if none does
+    for chosen in candidates:  # the first that passes its check
         key = (chosen, device.type, dtype)
         if key not in _CHECKED:
             _CHECKED[key] = _self_check(chosen, device, dtype)
         if _CHECKED[key]:
             return chosen
+    if device.type == "cuda":
+        # The reference kernel materializes every score in fp32: on a GPU that is a silent 10-100x
+        # slowdown and an out-of-memory at long context, not a fallback anyone wants.
+        raise AttentionBackendError(
+            f"attention backend: no fast kernel passed its check on {device.type}/{dtype} ({', '.join(candidates)} "
+            "failed, see the warnings above); refusing to run the reference kernel on a GPU "
+            "(set parallel.attention_backend: reference to run it deliberately)")
     return "reference"
 
 

@@ -374,6 +374,7 @@ def validate_recipe(recipe: Recipe, source: str = "recipe", world_size: int | No
         world_size = launch.nproc_per_node * launch.nnodes
     degrees = resolve_degrees(p, world_size, source)
 
+    from longtrain.models.hybrid import HybridConfig
     from longtrain.models.registry import kind_of
     from longtrain.models.sizes import resolve_model_config
 
@@ -387,7 +388,7 @@ def validate_recipe(recipe: Recipe, source: str = "recipe", world_size: int | No
     if mcfg.n_kv_heads % p.tp:
         fail(f"model.n_kv_heads: {mcfg.n_kv_heads} kv heads do not divide by parallel.tp={p.tp}")
     kind = kind_of(mcfg)
-    hybrid = kind.ssm_layers
+    hybrid = isinstance(mcfg, HybridConfig)  # Mamba-2 layers: their heads, groups and conv window constrain tp and cp
     if p.cp > 1:
         from longtrain.parallel.context.strategy import CPConfigError, resolve_mode
 
@@ -396,7 +397,7 @@ def validate_recipe(recipe: Recipe, source: str = "recipe", world_size: int | No
                          contiguous=kind.contiguous_sequence, kv_chunks=p.cp_kv_chunks)
         except CPConfigError as err:
             fail(str(err))
-        if hybrid:
+        if isinstance(mcfg, HybridConfig):
             from longtrain.parallel.context.ssm import check_ssm_cp
 
             try:
@@ -406,7 +407,7 @@ def validate_recipe(recipe: Recipe, source: str = "recipe", world_size: int | No
             if recipe.data.seq_len // p.cp < mcfg.d_conv - 1:
                 fail(f"parallel.cp: shards of data.seq_len / cp = {recipe.data.seq_len // p.cp} tokens are shorter "
                      f"than the Mamba conv window d_conv-1 = {mcfg.d_conv - 1}")
-    if hybrid and p.tp > 1:
+    if isinstance(mcfg, HybridConfig) and p.tp > 1:
         if mcfg.mamba_heads % p.tp or mcfg.ngroups % p.tp:
             fail(f"parallel.tp: {p.tp} must divide the Mamba heads ({mcfg.mamba_heads}) and model.ngroups "
                  f"({mcfg.ngroups})")

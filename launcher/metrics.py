@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from longtrain.launcher.log import LOGGER
+
 # Dense bf16 tensor-core peaks, TFLOP/s, by substring of the device name.
 GPU_PEAK_TFLOPS = {
     "H200": 989.0, "H100": 989.0, "H800": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0,
@@ -74,11 +76,7 @@ class MetricsLogger:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(key if "/" in key else f"train/{key}", value, record["step"])
-        line = format_line(record)
-        if self.bar is not None:
-            self.bar.write(line)
-        else:
-            print(line, flush=True)
+        LOGGER.info(format_line(record))
 
     def advance(self, step: int, loss: float | None = None) -> None:
         if self.bar is not None:
@@ -87,12 +85,7 @@ class MetricsLogger:
                 self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
     def write(self, line: str) -> None:
-        if not self.is_writer:
-            return
-        if self.bar is not None:
-            self.bar.write(line)
-        else:
-            print(line, flush=True)
+        LOGGER.info(line)  # rank 0's records only (launcher/log.py)
 
     def close(self) -> None:
         if self.bar is not None:

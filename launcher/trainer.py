@@ -6,12 +6,10 @@ group itself) and returns a TrainResult, so tests run layouts in-process and com
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
 import signal
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from longtrain.data.loader import build_loader
 from longtrain.kernels.chunked_loss import IGNORE_INDEX
 from longtrain.launcher.checkpoint import CheckpointManager, check_residual_architecture, find_resume_dir, read_meta
 from longtrain.launcher.config import Recipe, resolve_balance, resolve_degrees
+from longtrain.launcher.log import LOGGER, setup_logging
 from longtrain.launcher.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 from longtrain.launcher.supervisor import report_timing
 from longtrain.models.sizes import describe_model, resolve_model_config
@@ -36,11 +35,6 @@ from longtrain.parallel.parallelize import parallelize
 # Besides norms and other vectors: Mamba's per-head dynamics are not decayed (as mamba-ssm does).
 NO_DECAY = ("A_log", "dt_bias", ".D")
 
-# DTensor warns once per rank that a 2D (fsdp, tp) gradient norm takes two all-reduces; that is
-# expected for the norm of a 2D-sharded model and not worth a line per rank.
-logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
-# Tensor-parallel outputs (DTensor.to_local) are views; nothing here modifies them in place.
-warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
 
 class NonFiniteError(RuntimeError):
@@ -146,9 +140,10 @@ def lr_at(step: int, recipe: Recipe) -> float:
 
 
 @torch.no_grad()
-def clip_grad_norm(parts: list[nn.Module], max_norm: float, pp_group) -> float:
+def clip_grad_norm(parts: list[nn.Module], max_norm: float, pp_group) -> torch.Tensor:
     """Total gradient norm over every parameter of the model, whatever its layout: DTensor
-    gradients are reduced over their own mesh, pipeline stages over the pp group."""
+    gradients are reduced over their own mesh, pipeline stages over the pp group. A device
+    scalar (the host does not wait for it)."""
     params = [p for part in parts for p in part.parameters() if p.grad is not None]
     grads = [p.grad for p in params]
     by_layout: dict = {}      # layout -> parameters whose gradients share it
@@ -156,14 +151,14 @@ def clip_grad_norm(parts: list[nn.Module], max_norm: float, pp_group) -> float:
         g = p.grad
         key = (g.device_mesh, g.placements) if isinstance(g, DTensor) else None
         by_layout.setdefault(key, []).append(p)
-    total_sq = torch.zeros((), dtype=torch.float32)
+    device = _device_of(grads[0]) if grads else torch.device("cpu")
+    total_sq = torch.zeros((), dtype=torch.float32, device=device)
     for key, group in by_layout.items():
         norm = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type=2.0, foreach=True)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
-        total_sq += norm.float().cpu() ** 2
+        total_sq += norm.float().to(device) ** 2
     if pp_group is not None and dist.get_world_size(pp_group) > 1:
-        total_sq = total_sq.to(grads[0].device if grads and not isinstance(grads[0], DTensor) else total_sq.device)
         dist.all_reduce(total_sq, group=pp_group)
     total = total_sq.sqrt()
     if max_norm > 0:
@@ -171,7 +166,7 @@ def clip_grad_norm(parts: list[nn.Module], max_norm: float, pp_group) -> float:
         # nothing: a gradient's own .grad is None, and every run trained unclipped).
         for key, group in by_layout.items():
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total.to(_device_of(group[0].grad)), foreach=True)
-    return float(total)
+    return total
 
 
 def _device_of(t: torch.Tensor) -> torch.device:
@@ -184,6 +179,7 @@ def _device_of(t: torch.Tensor) -> torch.device:
 class Trainer:
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
+        setup_logging()
         self.device = pick_device(recipe)
         init_distributed(self.device, recipe.run.collective_timeout)
         self.rank = dist.get_rank()
@@ -214,8 +210,11 @@ class Trainer:
 
         self.loader = self._build_loader("train")
         self.step = 0
-        self.tokens_in_step = 1.0  # global token count of the current step, set before each step
-        self.stop_requested = False
+        # Per-step values the host reads only when it logs (one reduction per log window):
+        # (step, this rank's loss share, global token count, grad norm), all device tensors.
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.stop_requested = False  # set by SIGTERM on this rank
+        self._stop_agreed = False  # some rank was asked to stop (agreed with the step's flags)
         self._skip_batches: set[int] = set()  # steps whose original batch is skipped after a rollback
         self._rollbacks: dict[int, int] = {}
 
@@ -298,12 +297,12 @@ class Trainer:
             part.init_weights()
         torch.manual_seed(self.recipe.train.seed)
 
-    def _loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Summed token cross-entropy over the global token count of the step (so that summing
-        over micro-batches and data ranks gives the global mean)."""
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1), ignore_index=IGNORE_INDEX,
+    @staticmethod
+    def _loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed token cross-entropy (divided by the step's global token count by the caller, so
+        that summing over micro-batches and data ranks gives the global mean)."""
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1), ignore_index=IGNORE_INDEX,
                                reduction="sum")
-        return loss / self.tokens_in_step
 
     def _pick_loss_path(self) -> tuple[int, str]:
         """train.loss_chunk_tokens, or 0 (the full logits) with the reason: under tp the head's
@@ -319,13 +318,15 @@ class Trainer:
             return 0, "full logits: train.loss_chunk_tokens is not applied with parallel.pp > 1"
         return chunk, f"chunked loss, {chunk} tokens a chunk (no full fp32 logits)"
 
-    def _model_loss(self, model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor, meta: tuple) -> torch.Tensor:
-        """This micro-batch's share of the step loss: the model computes the summed cross-entropy
-        chunk by chunk, or returns the full logits for _loss_fn."""
+    def _model_loss(self, model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor, meta: tuple,
+                    token_count: torch.Tensor) -> torch.Tensor:
+        """This micro-batch's share of the step loss (its summed cross-entropy over the step's
+        global token count): the model computes it chunk by chunk, or returns the full logits."""
         if self.loss_chunk_tokens:
             summed = model(tokens, *meta, labels=labels, loss_chunk_tokens=self.loss_chunk_tokens)
-            return summed / self.tokens_in_step
-        return self._loss_fn(model(tokens, *meta), labels)
+        else:
+            summed = self._loss_fn(model(tokens, *meta), labels)
+        return summed / token_count
 
     # -- state ------------------------------------------------------------------------------
     def state_dict_for_checkpoint(self) -> dict:
@@ -356,9 +357,11 @@ class Trainer:
         self.step = int(meta["train"]["step"])
         self.loader.load_state_dict(meta["train"]["data"])
 
-    def maybe_resume(self, logger) -> None:
+    def maybe_resume(self, logger=None) -> None:
         """Resume this run (the same model, refused otherwise), or else start from another run's
-        weights when checkpoint.init_from is set (new optimizer, step 0, the data from the start)."""
+        weights when checkpoint.init_from is set (new optimizer, step 0, the data from the start).
+        `logger`: anything with write(line); default the rank-0 log."""
+        logger = logger or _Log()
         ckpt = find_resume_dir(self.ckpt_root, self.recipe.checkpoint.resume)
         if ckpt is None:
             if self.recipe.checkpoint.init_from:
@@ -411,10 +414,11 @@ class Trainer:
         return path
 
     # -- one step -----------------------------------------------------------------------------
-    def _global_token_count(self, labels: torch.Tensor) -> float:
+    def _global_token_count(self, labels: torch.Tensor) -> torch.Tensor:
+        """Tokens in the loss over the whole step (every data and context rank), on the device."""
         count = (labels != IGNORE_INDEX).sum().to(torch.float64)
         dist.all_reduce(count, group=self.mesh["loss"].get_group())
-        return float(count)
+        return count.float()
 
     def _local_batch(self, batch: dict) -> dict:
         """This rank's part of the data rank's batch, on the device: the whole rows, or under
@@ -435,18 +439,21 @@ class Trainer:
         """Per-token inputs every layer needs beside the hidden states."""
         return (local["positions"],) if local["doc_ids"] is None else (local["positions"], local["doc_ids"])
 
-    def train_step(self, batch: dict) -> tuple[float, float]:
+    def train_step(self, batch: dict) -> None:
+        """One optimizer step. The host waits once, for the flag that says whether the step's loss
+        and gradient norm are finite (and whether any rank was asked to stop): the token count,
+        the loss and the norm stay on the device until a log step reads them (_flush_losses)."""
         local_batch = self._local_batch(batch)
         tokens, labels = local_batch["tokens"], local_batch["labels"]
         meta = self._meta(local_batch)
-        self.tokens_in_step = self._global_token_count(labels)
+        token_count = self._global_token_count(labels)
         lr = lr_at(self.step + 1, self.recipe)
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr
 
         if self.parallel.pipeline is not None:
-            local = self.parallel.pipeline.step(tokens, labels, meta)
+            local = self.parallel.pipeline.step(tokens, labels, meta, token_count)
             holds_loss = local is not None
         else:
             model = self.parts[0]
@@ -456,7 +463,7 @@ class Trainer:
             for i, (tok, lab, *micro_meta) in enumerate(micro):
                 self.parallel.set_gradient_sync(i == accum - 1)
                 with self.parallel.autocast():
-                    loss = self._model_loss(model, tok, lab, tuple(micro_meta))
+                    loss = self._model_loss(model, tok, lab, tuple(micro_meta), token_count)
                 loss.backward()
                 local += loss.detach()
             holds_loss = True
@@ -464,22 +471,35 @@ class Trainer:
         if self.recipe.optim.offload != "none":  # gradients of host subgroups live on the host
             from longtrain.parallel.offload import clip_offloaded_grad_norm
 
-            grad_norm = clip_offloaded_grad_norm(self.parts, self.optimizers, self.recipe.train.grad_clip,
-                                                 self.parallel.pp_group, self.device)
+            grad_norm = torch.as_tensor(clip_offloaded_grad_norm(self.parts, self.optimizers,
+                                                                 self.recipe.train.grad_clip,
+                                                                 self.parallel.pp_group, self.device))
         else:
             grad_norm = clip_grad_norm(self.parts, self.recipe.train.grad_clip, self.parallel.pp_group)
-        loss = self._reduce_loss(local if holds_loss else None)
-        # Checked before the optimizer step (and so before any save): a non-finite step changes nothing.
-        bad = torch.tensor(0.0 if math.isfinite(loss) and math.isfinite(grad_norm) else 1.0, device=self.device)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item():
+        share = self._loss_share(local if holds_loss else None)
+        # Checked before the optimizer step (and so before any save): a non-finite step changes
+        # nothing. The one host wait of the step; the stop request rides along.
+        flags = torch.stack([(~torch.isfinite(share) | ~torch.isfinite(grad_norm.to(share.device))).float(),
+                             torch.tensor(float(self.stop_requested), device=share.device)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad, stop = flags.tolist()
+        self._stop_agreed = bool(stop)
+        if bad:
             for opt in self.optimizers:
                 opt.zero_grad(set_to_none=True)
-            raise _NonFiniteStep(self.step + 1, loss, grad_norm)
+            loss_value = self._reduce_shares([share])[0]
+            raise _NonFiniteStep(self.step + 1, loss_value, float(grad_norm))
         for opt in self.optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
         self.step += 1
+        self.last_grad_norm = grad_norm  # the step's (pre-clip) norm, a device scalar
+        self._pending.append((self.step, share, token_count, grad_norm))
+
+    def train_step_and_read(self, batch: dict) -> tuple[float, float]:
+        """train_step, then the host reads the step's loss and gradient norm (benchmarks)."""
+        self.train_step(batch)
+        loss, grad_norm, _ = self._flush_losses(TrainResult())
         return loss, grad_norm
 
     def _on_nonfinite(self, bad: _NonFiniteStep, result: TrainResult, logger) -> None:
@@ -518,14 +538,30 @@ class Trainer:
             batch = next(self.loader)
         return batch
 
-    def _reduce_loss(self, local: torch.Tensor | None) -> float:
-        """Global mean token loss: each data/cp rank's share is counted once (one tp rank, the
-        rank holding the last pipeline stage)."""
+    def _loss_share(self, local: torch.Tensor | None) -> torch.Tensor:
+        """This rank's share of the global mean token loss: each data/cp rank's loss counted once
+        (by one tp rank, the rank holding the last pipeline stage); zero elsewhere. On the device."""
         counts = local is not None and self.tp_rank == 0
-        value = local.detach().float().reshape(()) if counts else torch.zeros((), device=self.device)
-        value = value.to(torch.float64)
+        return local.detach().float().reshape(()) if counts else torch.zeros((), device=self.device)
+
+    def _reduce_shares(self, shares: list[torch.Tensor]) -> list[float]:
+        """Global mean token losses of several steps from every rank's shares: one all-reduce."""
+        value = torch.stack(shares).to(torch.float64)
         dist.all_reduce(value)
-        return float(value)
+        return value.tolist()
+
+    def _flush_losses(self, result: TrainResult) -> tuple[float, float, float]:
+        """Read the pending steps' losses into result.losses (one reduction for all of them);
+        returns (last loss, last grad norm, tokens trained in the window)."""
+        if not self._pending:
+            return float("nan"), float("nan"), 0.0
+        steps, shares, counts, norms = zip(*self._pending)
+        losses = self._reduce_shares(list(shares))
+        result.losses.update(zip(steps, losses))
+        tokens = float(torch.stack(list(counts)).sum())
+        last_norm = float(norms[-1])
+        self._pending.clear()
+        return losses[-1], last_norm, tokens
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -536,13 +572,13 @@ class Trainer:
         for _ in range(self.recipe.data.eval_batches):
             local_batch = self._local_batch(next(loader))
             tokens, labels, meta = local_batch["tokens"], local_batch["labels"], self._meta(local_batch)
-            self.tokens_in_step = self._global_token_count(labels) * self.recipe.data.eval_batches
+            token_count = self._global_token_count(labels) * self.recipe.data.eval_batches
             if self.parallel.pipeline is not None:
-                local = self.parallel.pipeline.forward_only(tokens, labels, meta)
+                local = self.parallel.pipeline.forward_only(tokens, labels, meta, token_count)
             else:
                 with self.parallel.autocast():
-                    local = self._model_loss(self.parts[0], tokens, labels, meta)
-            total += self._reduce_loss(local)
+                    local = self._model_loss(self.parts[0], tokens, labels, meta, token_count)
+            total += self._reduce_shares([self._loss_share(local)])[0]
         for part in self.parts:
             part.train()
         return total
@@ -581,7 +617,7 @@ class Trainer:
         if is_writer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "recipe.yaml").write_text(recipe.to_yaml())
-        self.maybe_resume(_RankZeroWriter(is_writer))
+        self.maybe_resume()
         logger = MetricsLogger(self.run_dir, is_writer=is_writer, total_steps=recipe.train.steps,
                                start_step=self.step, tensorboard=recipe.run.tensorboard, progress=recipe.run.progress)
         logger.write(f"longtrain: {self.model_cfg.num_params() / 1e6:.1f}M parameters, layout "
@@ -592,30 +628,31 @@ class Trainer:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
         peak = device_peak_tflops(self.device, recipe.run.peak_tflops)
         flops_per_token = self.model_cfg.flops_per_token(recipe.data.seq_len)
-        window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0
+        window_start, window_steps = time.perf_counter(), 0
         try:
             while self.step < recipe.train.steps:
                 step_started = time.perf_counter()
                 try:
-                    loss, grad_norm = self.train_step(self._next_batch())
+                    self.train_step(self._next_batch())
                     report_timing("step", time.perf_counter() - step_started)
+                    stepped = True
                 except _NonFiniteStep as bad:
+                    self._flush_losses(result)  # the steps before it keep their losses
                     before = self.step
                     self._on_nonfinite(bad, result, logger)
                     if self.step <= before:  # rolled back: continue from the checkpoint's step
-                        window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0
+                        window_start, window_steps = time.perf_counter(), 0
                         continue
-                    loss = None
-                if loss is not None:
-                    window_steps += 1
-                    window_tokens += self.tokens_in_step  # trained tokens of the whole step (all data ranks)
-                    result.losses[self.step] = loss
-                logger.advance(self.step, loss)
-                if loss is not None and (self.step % recipe.train.log_every == 0 or self.step == recipe.train.steps):
+                    stepped = False
+                window_steps += stepped
+                logger.advance(self.step)
+                if stepped and (self.step % recipe.train.log_every == 0 or self.step == recipe.train.steps):
+                    loss, grad_norm, window_tokens = self._flush_losses(result)  # the host reads the window
+                    logger.advance(self.step, loss)
                     if self.device.type == "cuda":
                         torch.cuda.synchronize()
                     elapsed = time.perf_counter() - window_start
-                    tps = window_tokens / elapsed
+                    tps = window_tokens / elapsed  # trained tokens of the window's steps (all data ranks)
                     tflops = tps * flops_per_token / dist.get_world_size() / 1e12
                     record = {"step": self.step, "loss": loss, "lr": lr_at(self.step, recipe),
                               "grad_norm": grad_norm, "tokens_per_second": tps, "tflops_per_device": tflops,
@@ -625,22 +662,24 @@ class Trainer:
                     if skipped is not None:
                         record["skipped_records"] = skipped
                     logger.log(record)
-                    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0
+                    window_start, window_steps = time.perf_counter(), 0
                 if recipe.train.eval_every and self.step % recipe.train.eval_every == 0:
+                    self._flush_losses(result)
                     eval_loss = self.evaluate()
                     result.eval_losses[self.step] = eval_loss
                     logger.log({"step": self.step, "eval_loss": eval_loss})
-                    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0
+                    window_start, window_steps = time.perf_counter(), 0
                 if recipe.checkpoint.every and self.step % recipe.checkpoint.every == 0 \
                         and self.step < recipe.train.steps:
+                    self._flush_losses(result)
                     logger.write(f"checkpoint saved: {self.save_checkpoint()}")
-                    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0
-                if stop_after is not None and self.step >= stop_after:
-                    self.stop_requested = True
-                if self._agree_to_stop():
+                    window_start, window_steps = time.perf_counter(), 0
+                # A SIGTERM on any rank was agreed in the step's flags; stop_after is the same on every rank.
+                if self._stop_agreed or (stop_after is not None and self.step >= stop_after):
                     result.stopped_by_signal = True
                     logger.write(f"stopping: saving a checkpoint at step {self.step} and exiting")
                     break
+            self._flush_losses(result)
             if recipe.checkpoint.save_at_end or result.stopped_by_signal:
                 saved = self.save_checkpoint()
                 logger.write(f"checkpoint saved: {saved}")
@@ -679,20 +718,12 @@ class Trainer:
     def _on_sigterm(self, signum, frame):
         self.stop_requested = True
 
-    def _agree_to_stop(self) -> bool:
-        """Stop together: a SIGTERM seen by any rank stops every rank after the same step."""
-        flag = torch.tensor(1.0 if self.stop_requested else 0.0, device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
-
-class _RankZeroWriter:
-    def __init__(self, is_writer: bool):
-        self.is_writer = is_writer
+class _Log:
+    """write(line) onto the rank-0 log, for the methods that take a logger."""
 
     def write(self, line: str) -> None:
-        if self.is_writer:
-            print(line, flush=True)
+        LOGGER.info(line)
 
 
 def _main_thread() -> bool:

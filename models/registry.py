@@ -22,14 +22,12 @@ class ModelKind:
     # Context-parallel shards must be contiguous pieces of the sequence (Mamba's scans pass their
     # state from one shard to the next), so zigzag layouts do not apply.
     contiguous_sequence: bool = False
-    # Has SSM (Mamba-2) layers: parallel.ssm_cp_mode applies and tp must divide their heads and groups.
-    ssm_layers: bool = False
 
 
 KINDS = (
     ModelKind("transformer", TransformerConfig, Transformer),
     ModelKind("mla", MLAConfig, MLATransformer),
-    ModelKind("hybrid", HybridConfig, HybridModel, contiguous_sequence=True, ssm_layers=True),
+    ModelKind("hybrid", HybridConfig, HybridModel, contiguous_sequence=True),
 )
 
 

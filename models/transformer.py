@@ -296,6 +296,11 @@ class DecoderLM(nn.Module):
     pipeline stage may set to None. forward(tokens or hidden states, positions, doc_ids) -> logits
     or hidden states. Subclasses build the layers and define init_weights(seed)."""
 
+    layers: nn.ModuleDict
+    tok_embeddings: nn.Embedding | None  # None on pipeline stages after the first
+    norm: RMSNorm | None  # None on pipeline stages before the last
+    output: nn.Linear | None
+
     def __init__(self, cfg, layers: nn.ModuleDict):
         super().__init__()
         self.cfg = cfg

@@ -8,13 +8,13 @@ global token count of the step.
 from __future__ import annotations
 
 import torch
-from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from longtrain.models.transformer import DecoderLM
 from longtrain.parallel.mesh import Mesh
 
 
-def apply_fsdp(model: nn.Module, mesh: Mesh, param_dtype: torch.dtype, reduce_dtype: torch.dtype,
+def apply_fsdp(model: DecoderLM, mesh: Mesh, param_dtype: torch.dtype, reduce_dtype: torch.dtype,
                reshard_after_forward: bool = True) -> bool:
     """Shard `model` in place. Returns False (and does nothing) when there is nothing to shard or
     replicate over, that is when dp_replicate x dp_shard x cp is 1."""

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 import torch.distributed as dist
@@ -33,7 +32,7 @@ from longtrain.parallel.tensor_parallel import apply_tensor_parallel
 
 @dataclass
 class ParallelModel:
-    parts: list[nn.Module]
+    parts: list[DecoderLM]
     pipeline: Pipeline | None
     pp_group: object
     cp_strategy: object
@@ -73,7 +72,7 @@ def parallelize(model: DecoderLM, mesh: Mesh, parallel: ParallelConfig, *, devic
     if dims.pp > 1:
         n_stages = dims.pp * p.pp_stages_per_rank
         stage_ids = stage_ids_for_rank(mesh.pp_rank, dims.pp, p.pp_stages_per_rank)
-        parts = [build_stage_module(model, sid, n_stages) for sid in stage_ids]
+        parts: list[DecoderLM] = [build_stage_module(model, sid, n_stages) for sid in stage_ids]
     else:
         parts, stage_ids, n_stages = [model], [0], 1
 
@@ -81,11 +80,12 @@ def parallelize(model: DecoderLM, mesh: Mesh, parallel: ParallelConfig, *, devic
     cfg = model.cfg
     ssm = None
     balance_engine = None
+    attention: object  # the attention core: plain, context parallel, or balanced
     if balance != "none":  # varlen sequences balanced over the data x context ranks
         cluster = cluster or ClusterConfig()
         group = mesh["loss"].get_group()
         routing = routing_enabled(cluster.routing, cluster.preset, cluster.gpus_per_node, dims.dp * dims.cp)
-        attention = balance_engine = BalancedAttention(group, dist.get_process_group_ranks(group),
+        balance_engine = attention = BalancedAttention(group, dist.get_process_group_ranks(group),
                                                        backend=p.attention_backend, kv_chunks=p.cp_kv_chunks,
                                                        routing=routing)
     elif dims.cp > 1:
@@ -107,7 +107,7 @@ def parallelize(model: DecoderLM, mesh: Mesh, parallel: ParallelConfig, *, devic
         apply_activation_checkpoint(part, p.activation_checkpoint, p.activation_checkpoint_every)
         if p.compile:
             for name, block in part.layers.items():
-                part.layers[name] = torch.compile(block)
+                part.layers[name] = torch.compile(block)  # type: ignore[assignment]  # an OptimizedModule
         sharded = apply_fsdp(part, mesh, param_dtype=param_dtype, reduce_dtype=torch.float32,
                              reshard_after_forward=p.reshard_after_forward)
         if not sharded and param_dtype != torch.float32 and device.type != "cuda":

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import typing
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ def stage_ids_for_rank(pp_rank: int, pp_degree: int, stages_per_rank: int) -> li
     return [pp_rank + k * pp_degree for k in range(stages_per_rank)]
 
 
-def build_stage_module(model: nn.Module, stage_id: int, n_stages: int) -> nn.Module:
+def build_stage_module(model, stage_id: int, n_stages: int):
     """A copy of `model` that keeps only what stage `stage_id` runs."""
     keep = {str(i) for i in model.pipeline_stages(n_stages)[stage_id]}
     stage = copy.deepcopy(model)
@@ -72,31 +72,43 @@ class StageAdapter(nn.Module):
 class Pipeline:
     """This rank's stages and the schedule that runs them for one optimizer step."""
 
-    def __init__(self, stage_modules: list[nn.Module], stage_ids: list[int], n_stages: int, pp_mesh,
+    def __init__(self, stage_modules: Sequence[nn.Module], stage_ids: list[int], n_stages: int, pp_mesh,
                  device: torch.device, schedule: str, n_microbatches: int, loss_fn: Callable):
         group = pp_mesh.get_group()
         self.stage_modules = stage_modules
+        self._loss_fn = loss_fn
+        self._token_count: torch.Tensor | None = None  # the step's global token count (step / forward_only)
         self.stages = [PipelineStage(StageAdapter(m, sid == n_stages - 1), sid, n_stages, device, group=group)
                        for m, sid in zip(stage_modules, stage_ids)]
         self.has_first = 0 in stage_ids
         self.has_last = (n_stages - 1) in stage_ids
         cls = SCHEDULES[schedule]
         if issubclass(cls, PipelineScheduleMulti):
-            self.schedule = cls(self.stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+            self.schedule = cls(self.stages, n_microbatches=n_microbatches, loss_fn=self._scaled_loss, scale_grads=False)
         else:
             if len(self.stages) != 1:
                 raise ValueError(f"parallel.pp_schedule: {schedule} runs exactly one stage per rank")
-            self.schedule = cls(self.stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+            self.schedule = cls(self.stages[0], n_microbatches=n_microbatches, loss_fn=self._scaled_loss,
+                                scale_grads=False)
 
-    def step(self, tokens: torch.Tensor, labels: torch.Tensor, meta: tuple = ()) -> torch.Tensor | None:
+    def _scaled_loss(self, output, target):
+        """A micro-batch's summed loss over the global token count of the step it belongs to."""
+        return self._loss_fn(output, target) / self._token_count
+
+    def step(self, tokens: torch.Tensor, labels: torch.Tensor, meta: tuple, token_count: torch.Tensor
+             ) -> torch.Tensor | None:
         """Forward and backward of one batch (split into micro-batches); `meta` are the
-        per-token tensors every stage needs (positions[, doc_ids]). Returns the summed
-        micro-batch losses on the rank holding the last stage, None elsewhere."""
+        per-token tensors every stage needs (positions[, doc_ids]); `token_count` the global
+        token count the summed loss is divided by. Returns the summed micro-batch losses on the
+        rank holding the last stage, None elsewhere."""
+        self._token_count = token_count
         return self._run(self.schedule.step, tokens, labels, meta)
 
     @torch.no_grad()
-    def forward_only(self, tokens: torch.Tensor, labels: torch.Tensor, meta: tuple = ()) -> torch.Tensor | None:
+    def forward_only(self, tokens: torch.Tensor, labels: torch.Tensor, meta: tuple, token_count: torch.Tensor
+                     ) -> torch.Tensor | None:
         """The same loss without backward (evaluation)."""
+        self._token_count = token_count
         return self._run(self.schedule.eval, tokens, labels, meta)
 
     def _run(self, run, tokens, labels, meta):

@@ -26,10 +26,11 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from longtrain.models.transformer import DecoderLM
 from longtrain.parallel.ladder import LadderRowwiseParallel, SublayerReductions
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = True,
+def apply_tensor_parallel(model: DecoderLM, tp_mesh: DeviceMesh, sequence_parallel: bool = True,
                           ladder_overlap: bool = True) -> None:
     """Shard `model` (a DecoderLM or a pipeline stage of one) in place over `tp_mesh`, as its plan
     says. A ladder model's output projections launch their reductions asynchronously (parallel/ladder.py)."""
@@ -42,15 +43,16 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
     top = {"embedding": lambda: RowwiseParallel(input_layouts=Replicate(), output_layouts=between),
            "sequence_norm": lambda: SequenceParallel() if sequence_parallel else None,
            "head": lambda: ColwiseParallel(input_layouts=between, output_layouts=Replicate(), use_local_output=True)}
-    top_plan = {name: top[style]() for name, style in model.tensor_parallel_top_plan().items()}
-    top_plan = {k: v for k, v in top_plan.items() if v is not None}
+    styled = {name: top[style]() for name, style in model.tensor_parallel_top_plan().items()}
+    top_plan: dict[str, ParallelStyle] = {k: v for k, v in styled.items() if v is not None}
     if top_plan:
         parallelize_module(model, tp_mesh, top_plan)
 
     styles = {"colwise": ColwiseParallel, "replicate": _Replicated, "sum_grad": _SumGradOverTP}
     for key, block_plan in model.block_tp_plans().items():
         block = model.layers[key]
-        plan = {path: _mixer_input(between, n_inputs) for path, n_inputs in block_plan.gathered_inputs.items()}
+        plan: dict[str, ParallelStyle] = {path: _mixer_input(between, n_inputs)
+                                          for path, n_inputs in block_plan.gathered_inputs.items()}
         for path, style in block_plan.styles.items():
             if style == "shard_params":  # the module's own vectors, split like the heads they follow
                 _shard_own_params(block.get_submodule(path), tp_mesh)

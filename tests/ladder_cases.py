@@ -29,8 +29,8 @@ def overlap_trace(overrides: list[str]) -> dict:
             getattr(block, name).register_forward_pre_hook(lambda mod, args, label=label: log.append(("compute", label)))
             mixers.append((label, block.ladder))
     batch = trainer._local_batch(next(iter(trainer.loader)))
-    trainer.tokens_in_step = trainer._global_token_count(batch["labels"])
-    loss = trainer._loss_fn(model(batch["tokens"], *trainer._meta(batch)), batch["labels"])
+    loss = trainer._loss_fn(model(batch["tokens"], *trainer._meta(batch)), batch["labels"]) \
+        / trainer._global_token_count(batch["labels"])
     log.append(("forward_done", ""))
     loss.backward()
     return {"log": log, "counts": dict(reductions.counts), "sublayers": mixers, "in_flight": reductions.in_flight}

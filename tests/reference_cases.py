@@ -59,9 +59,8 @@ def train_on_batches(cases: list[list[str]]) -> list[dict]:
         real_step = trainer.train_step
 
         def train_step(batch, real_step=real_step, norms=norms, trainer=trainer):
-            loss, grad_norm = real_step(batch)
-            norms[trainer.step] = grad_norm
-            return loss, grad_norm
+            real_step(batch)
+            norms[trainer.step] = float(trainer.last_grad_norm)  # read on the host here, for the test
 
         trainer.train_step = train_step
         result = trainer.run()

@@ -180,7 +180,11 @@ def test_a_backend_that_fails_its_check_is_passed_over_for_the_next(monkeypatch)
     assert kernel.resolve_backend("auto", cuda, torch.float32, "causal") == "torch"  # half precision only
     passing.update(flash_attn=False, torch=False)
     monkeypatch.setattr(kernel, "_CHECKED", {})
-    assert kernel.resolve_backend("auto", cuda, torch.bfloat16, "causal") == "reference"
+    # Nothing fast passed on a GPU: an error naming the way out, not a silent reference-kernel run.
+    with pytest.raises(kernel.AttentionBackendError, match="refusing to run the reference kernel on a GPU"):
+        kernel.resolve_backend("auto", cuda, torch.bfloat16, "causal")
+    assert kernel.resolve_backend("reference", cuda, torch.bfloat16, "causal") == "reference"  # asked for
+    assert kernel.resolve_backend("auto", torch.device("cpu"), torch.bfloat16, "causal") == "reference"  # CPU: fine
 
 
 def test_a_backend_that_raises_in_its_check_fails_it_with_a_warning(monkeypatch):

@@ -31,7 +31,10 @@ def test_train_throughput_smoke(tmp_path):
             assert r[side]["median_tokens_per_s"] > 0
         assert r["ratio_longtrain_over_plain"] > 0
         if key == "single":
-            assert r["target"] == 0.95 and r["passed"] == (r["ratio_longtrain_over_plain"] >= 0.95)
+            assert r["target"] == 1.0 and r["passed"] == (r["ratio_longtrain_over_plain"] >= 1.0)
+            # The step waits on the host once (the finite/stop flags); the plain loop's clip and
+            # loss.item() are its own.
+            assert r["host_reads_per_step"]["longtrain"] == 1, r["host_reads_per_step"]
         else:  # reported, not judged
             assert r["target"] is None and r["passed"] is None
         # Same model, init and batches on both sides: the first step's loss agrees.
@@ -41,9 +44,7 @@ def test_train_throughput_smoke(tmp_path):
     assert report["passed"] == report["single"]["passed"]
 
     markdown = (tmp_path / "train_throughput.md").read_text()
-    assert "| comparison |" in markdown and "single process" in markdown and "dp2" in markdown
-    assert "1 intra-op thread per process" in markdown
-    assert markdown.strip() in proc.stdout  # printed at the end
+    assert markdown.strip() and markdown.strip() in proc.stdout  # written and printed at the end
 
 
 ATTENTION_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_kernel.py"

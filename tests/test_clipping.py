@@ -32,7 +32,7 @@ def test_clip_scales_plain_gradients_to_max_norm():
     assert before > 2.0
     part = nn.Module()
     part.params = nn.ParameterList(params)
-    reported = clip_grad_norm([part], 1.0, None)
+    reported = float(clip_grad_norm([part], 1.0, None))
     assert abs(reported - before) <= 1e-5 * before  # the pre-clip norm is what gets logged
     assert abs(_total_norm(p.grad for p in params) - 1.0) < 1e-5
 
@@ -66,7 +66,7 @@ def _clip_dtensor_gradients():
     plain[0].grad = full[1].grad.clone()
     part.sharded = nn.ParameterList(sharded)
     part.plain = nn.ParameterList(plain)
-    reported = clip_grad_norm([part], 1.0, None)
+    reported = float(clip_grad_norm([part], 1.0, None))
     after = _total_norm([sharded[0].grad.full_tensor(), plain[0].grad])
     return before, reported, after
 
