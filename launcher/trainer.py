@@ -628,7 +628,7 @@ class Trainer:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
         peak = device_peak_tflops(self.device, recipe.run.peak_tflops)
         flops_per_token = self.model_cfg.flops_per_token(recipe.data.seq_len)
-        window_start, window_steps = time.perf_counter(), 0
+        window_start = time.perf_counter()
         try:
             while self.step < recipe.train.steps:
                 step_started = time.perf_counter()
@@ -641,10 +641,9 @@ class Trainer:
                     before = self.step
                     self._on_nonfinite(bad, result, logger)
                     if self.step <= before:  # rolled back: continue from the checkpoint's step
-                        window_start, window_steps = time.perf_counter(), 0
+                        window_start = time.perf_counter()
                         continue
                     stepped = False
-                window_steps += stepped
                 logger.advance(self.step)
                 if stepped and (self.step % recipe.train.log_every == 0 or self.step == recipe.train.steps):
                     loss, grad_norm, window_tokens = self._flush_losses(result)  # the host reads the window
@@ -662,18 +661,18 @@ class Trainer:
                     if skipped is not None:
                         record["skipped_records"] = skipped
                     logger.log(record)
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_start = time.perf_counter()
                 if recipe.train.eval_every and self.step % recipe.train.eval_every == 0:
                     self._flush_losses(result)
                     eval_loss = self.evaluate()
                     result.eval_losses[self.step] = eval_loss
                     logger.log({"step": self.step, "eval_loss": eval_loss})
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_start = time.perf_counter()
                 if recipe.checkpoint.every and self.step % recipe.checkpoint.every == 0 \
                         and self.step < recipe.train.steps:
                     self._flush_losses(result)
                     logger.write(f"checkpoint saved: {self.save_checkpoint()}")
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_start = time.perf_counter()
                 # A SIGTERM on any rank was agreed in the step's flags; stop_after is the same on every rank.
                 if self._stop_agreed or (stop_after is not None and self.step >= stop_after):
                     result.stopped_by_signal = True

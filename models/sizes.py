@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from longtrain.models.config import ModelConfig
 from longtrain.models.hybrid import HybridConfig
 from longtrain.models.ladder import check_residual
 from longtrain.models.mla import MLAConfig
@@ -80,16 +81,16 @@ MLA_SIZES: dict[str, MLAConfig] = {
                                   qk_rope_head_dim=64, v_head_dim=128, rope_scaling=_DEEPSEEK_YARN,
                                   rope_mscale=1.0, rope_mscale_all_dim=1.0, max_seq_len=163840),
 }
-_MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "rope_mscale",
-               "rope_mscale_all_dim", "tpla_degree")
+def _shared_fields(config_type) -> tuple[str, ...]:
+    """The recipe's model keys that set a field of `config_type` directly (same name, plain value);
+    rope_scaling is copied apart (a nested dataclass)."""
+    recipe_keys = {f.name for f in dataclasses.fields(ModelConfig)}
+    return tuple(f.name for f in dataclasses.fields(config_type) if f.name in recipe_keys and f.name != "rope_scaling")
 
-_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "norm_eps", "rope_theta",
-           "max_seq_len", "tie_embeddings", "init_std", "residual", "ladder_layers")
 
-
-_HYBRID_FIELDS = ("vocab_size", "dim", "n_heads", "n_kv_heads", "ffn_dim", "norm_eps", "rope_theta", "max_seq_len",
-                  "tie_embeddings", "init_std", "pattern", "d_state", "d_conv", "expand", "mamba_headdim",
-                  "ngroups", "chunk_size", "residual", "ladder_layers")
+_FIELDS = _shared_fields(TransformerConfig)
+_MLA_FIELDS = tuple(k for k in _shared_fields(MLAConfig) if k not in _FIELDS)
+_HYBRID_FIELDS = _shared_fields(HybridConfig)
 
 
 def _unknown_size(name: str, known: dict) -> ValueError:

@@ -3,8 +3,11 @@ model, 5 steps of varlen bins, at cp4 and dp2 x cp2 (two simulated nodes of two 
 zeppelin, tokens, even_cp and hybrid_dp, zeppelin with remapping off, even_cp at cp4 over two simulated
 nodes with the routing layer on (its ring spans both nodes), and zeppelin at tp2 x cp2."""
 
+import pytest
 from balance_cases import train_balanced
 from distributed import run_group
+
+pytestmark = pytest.mark.slow  # the long matrix / end-to-end runs (`-m 'not slow'` skips them)
 
 CP4 = ["parallel.cp=4"]
 DP2CP2 = ["parallel.cp=2", "parallel.dp_shard=2", "cluster.gpus_per_node=2"]

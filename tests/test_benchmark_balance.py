@@ -3,11 +3,14 @@ cp4 and dp2 x cp2, the simulator predicts the same runs, the at-scale simulation
 clusters; JSON, markdown and PNG are written. Timings are not judged (noise at this size); what is
 exact: zeppelin's attention work is balanced (max/mean <= 1.05) where equal-token packing is not,
 only ring strategies send ring bytes, and every run has a simulated twin."""
+import pytest
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+pytestmark = pytest.mark.slow  # the long matrix / end-to-end runs (`-m 'not slow'` skips them)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "balance.py"
 

@@ -1,11 +1,14 @@
 """Smoke test of benchmarks/chunked_loss.py: a tiny run in a subprocess writes the JSON and the
 markdown; the chunked loss's peak memory is at least 3x lower than the full logits' at chunks of
 1/8 and 1/4 of the tokens, with the same loss (1e-6 relative) and gradients."""
+import pytest
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+pytestmark = pytest.mark.slow  # the long matrix / end-to-end runs (`-m 'not slow'` skips them)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "chunked_loss.py"
 

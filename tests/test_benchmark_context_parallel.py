@@ -2,12 +2,15 @@
 subprocess writes the JSON, the markdown and the plots. Timings are not judged (noise at this
 size); what is exact is: every mode matches cp 1, and the bytes each rank sends equal the
 communication formulas (forward and backward, every mode)."""
+import pytest
 import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+pytestmark = pytest.mark.slow  # the long matrix / end-to-end runs (`-m 'not slow'` skips them)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "context_parallel.py"
 CP_MODES = ["ring", "zigzag", "ulysses", "hybrid", "allgather"]

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the long matrix / end-to-end runs (`-m 'not slow'` skips them)
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ladder.py"
 
 

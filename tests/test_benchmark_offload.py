@@ -2,11 +2,14 @@
 offload mode with its prediction, trainer steps per mode) and the GPU script's code path run on CPU
 with a tiny model, DeepSpeed ZeRO-3 offload included; both write JSON, markdown and PNG with every
 expected key."""
+import pytest
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+pytestmark = pytest.mark.slow  # the long matrix / end-to-end runs (`-m 'not slow'` skips them)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "offload.py"
 

@@ -3,11 +3,14 @@ hybrid stack at one) in a subprocess writes the JSON, the markdown and the plots
 judged (noise at this size); what is exact is: both SSM cp modes match cp 1 (the correctness
 guard, 1e-5), and the bytes each rank sends per Mamba layer equal the formulas (flat in the length
 for state passing, linear for all-to-all)."""
+import pytest
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+pytestmark = pytest.mark.slow  # the long matrix / end-to-end runs (`-m 'not slow'` skips them)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ssm.py"
 MODES = ["state_passing", "all_to_all"]

@@ -1,11 +1,14 @@
 """Smoke test of benchmarks/tpla.py (tiny preset, subprocess): JSON, markdown and plots written;
 per-rank cache bytes are (d_c/g + d_r)/(d_c + d_r) of head-split MLA's; the absorbed decode of the
 accuracy part equals the full forward; TPLA g=1 is not run, g=2/4 rows exist for every rotation."""
+import pytest
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+pytestmark = pytest.mark.slow  # the long matrix / end-to-end runs (`-m 'not slow'` skips them)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,11 +1,14 @@
 """Smoke test of benchmarks/train_throughput.py: a tiny run in a subprocess writes the JSON and the
 markdown with every expected key (the numbers themselves are not checked: timing on a shared CPU
 is noise at this size)."""
+import pytest
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+pytestmark = pytest.mark.slow  # the long matrix / end-to-end runs (`-m 'not slow'` skips them)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
 

@@ -9,6 +9,8 @@ from distributed import run_group
 from longtrain.parallel.context.layout import CPShape, attention_work
 from longtrain.parallel.context.strategy import ContextParallelAttention, CPConfigError, resolve_mode
 
+pytestmark = pytest.mark.slow  # the long matrix / end-to-end runs (`-m 'not slow'` skips them)
+
 MODES = ["ring", "zigzag", "ulysses", "hybrid", "allgather"]
 # Row 0: odd lengths, a length-1 document, one spanning several shards, padding at the end.
 # Row 1: tiny documents then a long one; totals not divisible by 2·cp.

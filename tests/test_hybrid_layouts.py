@@ -6,6 +6,8 @@ import pytest
 from cases import global_batch, train_cases
 from distributed import run_group
 
+pytestmark = pytest.mark.slow  # the long matrix / end-to-end runs (`-m 'not slow'` skips them)
+
 HYBRID = ["model.kind=hybrid", "model.name=hybrid-tiny", "train.steps=5"]
 
 LAYOUTS = {

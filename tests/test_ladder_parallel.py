@@ -10,6 +10,8 @@ from distributed import run_group
 from ladder_cases import ladder_group
 from test_layouts import _compare
 
+pytestmark = pytest.mark.slow  # the long matrix / end-to-end runs (`-m 'not slow'` skips them)
+
 STEPS = ["train.steps=5"]
 LADDER = ["model.residual=ladder", "model.ladder_layers=3"]  # 3 of 4 layers: the boundary is exercised too
 HYBRID = ["model.kind=hybrid", "model.residual=ladder", "model.pattern=M*|-M*-", "data.seq_len=32"]

@@ -7,6 +7,8 @@ import torch
 from cases import global_batch, train_cases
 from distributed import run_group
 
+pytestmark = pytest.mark.slow  # the long matrix / end-to-end runs (`-m 'not slow'` skips them)
+
 STEPS = ["train.steps=5"]
 
 LAYOUTS = {

@@ -9,6 +9,8 @@ import torch
 from cases import global_batch, train_cases
 from distributed import run_group
 
+pytestmark = pytest.mark.slow  # the long matrix / end-to-end runs (`-m 'not slow'` skips them)
+
 MLA = ["model.attention=mla", "model.name=mla-tiny", "train.steps=5"]
 LOW_RANK_Q = ["model.q_lora_rank=8"]
 TPLA2 = ["model.tpla_degree=2"]  # TPLA-aware training

@@ -30,7 +30,7 @@ TINY = ["model.name=tiny", "data.seq_len=32", "data.batch_size=2", "run.tensorbo
 CLUSTER = ["run.launch.nnodes=2", "run.launch.nproc_per_node=2"]
 ENV = dict(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ from cases import ssm_cp_errors
 from distributed import run_group
 from longtrain.parallel.context.ssm import check_ssm_cp
 
+pytestmark = pytest.mark.slow  # the long matrix / end-to-end runs (`-m 'not slow'` skips them)
+
 # Documents that cross shard boundaries, a length-1 document, one starting exactly at a shard
 # start (at cp 2 with 24 tokens: position 12), and trailing padding.
 DOCS = [[3, 1, 8, 9, 2], [12, 7, 1, 3]]
