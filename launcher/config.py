@@ -21,6 +21,7 @@ import yaml
 from longtrain.data.config import DataConfig
 from longtrain.models.config import ModelConfig
 from longtrain.models.transformer import RopeScaling
+from longtrain.parallel.offload import HostAdam, OffloadMode
 from longtrain.parallel.config import (
     ClusterConfig,
     DegreesError,
@@ -55,12 +56,12 @@ class OptimConfig:
     # Optimizer offloading (parallel/offload.py): none; cpu (fp32 master, m, v of each rank's
     # shard in host memory, every subgroup updated by the CPU); interleaved (every stride-th
     # subgroup prefetched and updated on the device while the CPU updates the others).
-    offload: Literal["none", "cpu", "interleaved"] = "none"
+    offload: Literal["none", OffloadMode] = "none"
     # Parameters per subgroup of each rank's shard; auto: the performance model picks the size
     # (jointly with the stride) within the device memory budget.
     offload_subgroup_size: str = "auto"
     offload_stride: str = "auto"  # interleaved: auto (the performance model picks) or k >= 1
-    offload_host_adam: Literal["auto", "deepspeed", "torch"] = "auto"  # auto: the faster, measured
+    offload_host_adam: HostAdam = "auto"  # auto: the faster, measured
     offload_device_memory_gb: float = 0.0  # device buffer budget for interleaved; 0: what is free
 
 

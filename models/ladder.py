@@ -24,12 +24,13 @@ under tensor parallelism waits for its reduction to finish.
 """
 from __future__ import annotations
 
+import typing
 from typing import Callable, Literal, Optional
 
 import torch
 
 Residual = Literal["standard", "ladder"]
-RESIDUALS = ("standard", "ladder")
+RESIDUALS = typing.get_args(Residual)
 
 
 def check_residual(residual: str, ladder_layers: Optional[int], n_layers: int) -> None:

@@ -44,6 +44,7 @@ import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -190,12 +191,16 @@ class Subgroup:
         return self.end - self.start
 
 
+OffloadMode = Literal["cpu", "interleaved"]
+HostAdam = Literal["auto", "deepspeed", "torch"]
+
+
 @dataclass
 class OffloadSettings:
-    mode: str = "interleaved"           # cpu | interleaved
+    mode: OffloadMode = "interleaved"
     subgroup_size: str | int = "auto"   # auto (the performance model picks) | parameters per subgroup
     stride: str | int = "auto"          # auto | k
-    host_adam: str = "auto"             # auto | deepspeed | torch
+    host_adam: HostAdam = "auto"
     device_memory_gb: float = 0.0       # budget for the device buffer set; 0: what the device has free
 
 
