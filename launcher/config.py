@@ -52,7 +52,7 @@ class OptimConfig:
     eps: float = 1e-8  # AdamW epsilon
     warmup_steps: int = 10  # linear warmup steps
     schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup
-    fused: Literal["auto", "on", "off"] = "auto"  # fused AdamW kernel (auto: on CUDA)
+    fused: Literal["auto", "on", "off"] = "auto"  # fused AdamW kernel (auto: on, CPU and CUDA; off: foreach)
     # Optimizer offloading (parallel/offload.py): none; cpu (fp32 master, m, v of each rank's
     # shard in host memory, every subgroup updated by the CPU); interleaved (every stride-th
     # subgroup prefetched and updated on the device while the CPU updates the others).
@@ -229,6 +229,8 @@ def _coerce(value, tp, where: str):
         return _coerce(value, inner[0], where)
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if isinstance(value, bool) and {"on", "off"} <= set(allowed):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as true/false
         if value not in allowed:
             close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""

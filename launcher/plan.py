@@ -76,7 +76,7 @@ def layout_of(recipe: Recipe, world: int) -> Layout:
 
 def workload_of(recipe: Recipe, lay: Layout, device: str) -> Workload:
     fsdp = lay.fsdp * lay.dp_replicate > 1
-    fused = recipe.optim.fused == "on" or (recipe.optim.fused == "auto" and device == "cuda")
+    fused = recipe.optim.fused != "off"
     return Workload(seq_len=recipe.data.seq_len, batch_size=recipe.data.batch_size,
                     grad_accum=recipe.train.grad_accum, precision=precision_of(recipe, device, fsdp),
                     fused_optimizer=fused)

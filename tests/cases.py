@@ -290,3 +290,16 @@ def applied_features(cases: list) -> list[dict]:
                     "sharded_after_forward": sharded_after_forward})
         dist.barrier()
     return out
+
+
+def optimizer_settings(cases: list) -> list[dict]:
+    """The AdamW implementation each case's trainer built (fused or foreach)."""
+    from longtrain.launcher.config import load_recipe
+    from longtrain.launcher.trainer import Trainer
+
+    out = []
+    for overrides in cases:
+        trainer = Trainer(load_recipe(None, TINY + list(overrides)))
+        defaults = trainer.optimizers[0].defaults
+        out.append({"fused": bool(defaults.get("fused")), "foreach": bool(defaults.get("foreach"))})
+    return out

@@ -83,3 +83,11 @@ def test_shipped_recipes_validate():
     configs = Path(__file__).resolve().parents[1] / "configs"
     for path in sorted(configs.glob("*.yaml")):
         load_recipe(path)
+
+
+def test_on_off_keys_accept_yaml_booleans(tmp_path):
+    """YAML 1.1 reads a bare `off` as false: `optim.fused: off` must mean off, not fail."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optim:\n  fused: off\n")
+    assert load_recipe(recipe).optim.fused == "off"
+    assert load_recipe(None, ["optim.fused=on"]).optim.fused == "on"

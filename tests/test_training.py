@@ -164,3 +164,14 @@ def test_features_are_applied_not_only_loss_equal():
     assert two[0]["sharded_after_forward"] and not two[1]["sharded_after_forward"]
     assert two[2]["norm_seq_len"] == 16, "sequence parallel: norms run on the tp shard of the sequence"
     assert two[3]["norm_seq_len"] == 32, "without sequence parallel the norms see the whole sequence"
+
+
+def test_fused_adamw_is_used_by_default_and_matches_foreach():
+    """optim.fused: auto builds torch's fused AdamW on CPU too; its losses equal the foreach
+    implementation's within fp32 rounding."""
+    from cases import optimizer_settings
+
+    kinds = run_group(1, optimizer_settings, [[], ["optim.fused=off"]])
+    assert kinds == [{"fused": True, "foreach": False}, {"fused": False, "foreach": True}]
+    fused, foreach = run_group(1, train_cases, [STEPS + global_batch(1), STEPS + global_batch(1) + ["optim.fused=off"]])
+    assert_losses_close("fused vs foreach AdamW", fused["losses"], foreach["losses"], range(1, 7), rel=1e-5)
