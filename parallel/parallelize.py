@@ -20,7 +20,7 @@ import torch.distributed as dist
 from longtrain.models.transformer import DecoderLM, PlainAttention
 from longtrain.parallel.balance.cost import routing_enabled
 from longtrain.parallel.balance.engine import BalancedAttention
-from longtrain.parallel.config import ClusterConfig, ParallelConfig, pp_microbatches
+from longtrain.parallel.config import ClusterConfig, ParallelConfig, compile_blocks, pp_microbatches
 from longtrain.parallel.activation_checkpoint import apply_activation_checkpoint
 from longtrain.parallel.context.ssm import build_ssm_core
 from longtrain.parallel.context.strategy import build_strategy
@@ -105,7 +105,7 @@ def parallelize(model: DecoderLM, mesh: Mesh, parallel: ParallelConfig, *, devic
                                   ladder_overlap=p.ladder_overlap)
         part.set_sequence_cores(attention=attention, ssm=ssm)  # plain, context parallel or balanced
         apply_activation_checkpoint(part, p.activation_checkpoint, p.activation_checkpoint_every)
-        if p.compile:
+        if compile_blocks(p, device.type):
             for name, block in part.layers.items():
                 part.layers[name] = torch.compile(block)  # type: ignore[assignment]  # an OptimizedModule
         sharded = apply_fsdp(part, mesh, param_dtype=param_dtype, reduce_dtype=torch.float32,

@@ -303,3 +303,12 @@ def optimizer_settings(cases: list) -> list[dict]:
         defaults = trainer.optimizers[0].defaults
         out.append({"fused": bool(defaults.get("fused")), "foreach": bool(defaults.get("foreach"))})
     return out
+
+
+def compiled_blocks(overrides: list) -> int:
+    """How many of the trainer's blocks torch.compile wrapped."""
+    from longtrain.launcher.config import load_recipe
+    from longtrain.launcher.trainer import Trainer
+
+    trainer = Trainer(load_recipe(None, TINY + list(overrides)))
+    return sum(type(block).__name__ == "OptimizedModule" for block in trainer.parts[0].layers.values())

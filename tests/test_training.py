@@ -175,3 +175,16 @@ def test_fused_adamw_is_used_by_default_and_matches_foreach():
     assert kinds == [{"fused": True, "foreach": False}, {"fused": False, "foreach": True}]
     fused, foreach = run_group(1, train_cases, [STEPS + global_batch(1), STEPS + global_batch(1) + ["optim.fused=off"]])
     assert_losses_close("fused vs foreach AdamW", fused["losses"], foreach["losses"], range(1, 7), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager():
+    """parallel.compile: on wraps every block in torch.compile and trains to the eager losses within
+    1e-5 (auto is off on CPU: building costs more than a short CPU job saves)."""
+    from cases import compiled_blocks
+
+    assert run_group(1, compiled_blocks, ["parallel.compile=on"]) == 4
+    assert run_group(1, compiled_blocks, []) == 0  # auto on CPU
+    steps = ["train.steps=3"] + global_batch(1)
+    compiled, eager = run_group(1, train_cases, [steps + ["parallel.compile=on"], steps])
+    assert_losses_close("compiled vs eager", compiled["losses"], eager["losses"], range(1, 4), rel=1e-5)
