@@ -6,56 +6,13 @@ give each row's unbatched tokens; top-p keeps exactly the nucleus transformers' 
 keeps; a prompt longer than the context fails with one line."""
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
-from longtrain.models import build_model
+from decode_cases import MODELS, make, prompts
 from longtrain.models.decode import KVCache, LatentCache, MambaState, cached_logits, generate, left_pad, sample_next
-from longtrain.models.hybrid import HybridConfig
-from longtrain.models.sizes import MLA_SIZES, SIZES
 
 TOL = 1e-5
-
-
-def peaked(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Weights away from the init (larger, non-unit norms, SSM parameters spread) so that logits are
-    peaked and every term matters: a wrong cache changes the argmax."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("A_log"):
-                p.copy_(torch.log(torch.rand(p.shape, generator=gen) * 3 + 0.5))
-            elif name.endswith("dt_bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5 - 1.5)
-            elif name.endswith("norm.weight") or name.endswith(".D"):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.25)
-    return model.eval()
-
-
-def hybrid_cfg(**over) -> HybridConfig:
-    base = dict(vocab_size=97, dim=32, pattern="M*M-", n_heads=4, n_kv_heads=2, ffn_dim=64, d_state=16, d_conv=4,
-                expand=2, mamba_headdim=8, ngroups=2, chunk_size=8, max_seq_len=256)
-    base.update(over)
-    return HybridConfig(**base)
-
-
-MODELS = {
-    "standard": lambda: SIZES["tiny"],
-    "ladder": lambda: dataclasses.replace(SIZES["tiny"], residual="ladder"),
-    "ladder_last2": lambda: dataclasses.replace(SIZES["tiny"], residual="ladder", ladder_layers=2),
-    "hybrid": lambda: hybrid_cfg(),
-    "hybrid_ladder": lambda: hybrid_cfg(residual="ladder"),
-    "hybrid_mla": lambda: hybrid_cfg(pattern="M*-M*", mla=dataclasses.replace(
-        MLA_SIZES["mla-tiny"], vocab_size=97, dim=32, n_heads=4, max_seq_len=256)),
-}
-
-
-def make(kind: str, seed: int = 0):
-    return peaked(build_model(MODELS[kind]()), seed)
 
 
 def recompute_greedy(model, prompt: list[int], n: int) -> list[int]:
@@ -65,11 +22,6 @@ def recompute_greedy(model, prompt: list[int], n: int) -> list[int]:
         for _ in range(n):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     return ids[len(prompt):]
-
-
-def prompts(lengths, vocab, seed=1) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
@@ -82,7 +34,7 @@ def test_cached_greedy_equals_recomputation_batched(kind):
         assert out[row, 11:].tolist() == recompute_greedy(model, prompt, 12), f"{kind} row {row}"
     kinds = {type(c) for c in caches}  # the caches were installed (and removed afterwards)
     want = {KVCache} if kind in ("standard", "ladder", "ladder_last2") else \
-        {MambaState, LatentCache} if kind == "hybrid_mla" else {MambaState, KVCache}
+        {LatentCache} if kind == "mla" else {MambaState, LatentCache} if kind == "hybrid_mla" else {MambaState, KVCache}
     assert kinds == want
     assert not any(type(m.ssm_core).__name__ == "MambaState" for m in model.modules() if hasattr(m, "ssm_core"))
     # teacher-forced, every logit (prefill, single steps, several tokens per call) equals the full forward
