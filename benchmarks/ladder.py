@@ -207,7 +207,8 @@ def decode_markdown(report: dict) -> str:
              f"Model dim {cfg['dim']}, {cfg['layers']} layers, {cfg['heads']} heads, ffn {cfg['ffn_dim']}, fp32; greedy, "
              f"{cfg['decode_tokens']} new tokens after a {cfg['decode_prompt']}-token prompt, tokens/s over the decode "
              f"steps (prefill excluded), the fastest of {cfg['repeats']} windows (slowest rank). Machine: "
-             f"{report['machine'].get('cpu')} x {report['machine'].get('cpu_count')}.", "",
+             f"{report['machine'].get('cpu')} x {report['machine'].get('cpu_count')}, shared: other processes used "
+             f"{100 * (report.get('other_processes_cpu_share') or 0):.0f}% of its CPU during the run.", "",
              "| tp | batch | standard tok/s | ladder tok/s | ladder, no overlap tok/s | ladder / standard | "
              "overlap speed-up | reduction wait s/step (no overlap) | exposed with overlap | hidden |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -367,15 +368,17 @@ def main(argv=None) -> int:
            "seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
            "repeats": args.repeats, "sp": args.sequence_parallel, "bf16": args.bf16}
     sys.path.insert(0, str(HERE))
-    from measure import machine_info
+    from measure import MachineLoad, machine_info
 
     if args.decode:
         from longtrain.launcher.local_group import run_group
 
+        load = MachineLoad()
         cfg.update(decode_batches=args.decode_batches, decode_prompt=args.decode_prompt,
                    decode_tokens=args.decode_tokens)
         report = {"config": cfg, "device": "cpu, gloo", "machine": machine_info(),
                   "results": [run_group(tp, measure_decode, cfg) for tp in args.tp]}
+        report["other_processes_cpu_share"] = load.other_share()
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "ladder_decode.json").write_text(json.dumps(report, indent=2))
         text = decode_markdown(report)
