@@ -9,8 +9,9 @@ data loader). Greedy, or sampled with --temperature and --top-p.
 With --nproc N the decode runs tensor-parallel over N local gloo processes (parallel/decode.py):
 this process loads the model once and hands its weights to the N ranks; standard, ladder and
 hybrid models are sharded by heads (a ladder model's all-reduces overlap the next sublayer unless
---no-ladder-overlap), and an MLA model decodes with --decode tpla, each rank holding its 1/N slice
-of the latent cache (the TPLA degree is N)."""
+--no-ladder-overlap); an MLA model is head-split too (exact absorbed decode, the whole latent cache
+on every rank) or, with --decode tpla, replicated with each rank holding its 1/N slice of the
+latent cache (the TPLA degree is N)."""
 from __future__ import annotations
 
 import sys

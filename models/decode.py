@@ -47,7 +47,7 @@ from torch import nn
 
 from longtrain.kernels.attention import BlockMask, attention_forward
 from longtrain.kernels.ssd import causal_conv1d, ssd_reference, ssd_scan
-from longtrain.models.mamba import Mamba2Mixer
+from longtrain.models.mamba import Mamba2Mixer, local
 from longtrain.models.mla import MLAttention
 from longtrain.models.transformer import Attention
 
@@ -176,14 +176,14 @@ class LatentCache:
     def _normed(self, module: MLAttention, c_raw: torch.Tensor) -> torch.Tensor:
         """The latent to cache: all of it (normed exactly), or this shard's slice (exact or local norm)."""
         if self.decode != "tpla" or self.latent_norm == "exact":
-            c = module.kv_norm(c_raw)
+            c = local(module.kv_norm(c_raw))
             return c if self.decode != "tpla" or self.shard is None else c[..., self._slices(c.shape[-1])[0]]
         norm = module.kv_norm
         parts = []
         for sl in self._slices(c_raw.shape[-1]):
-            piece = c_raw[..., sl].float()
+            piece = local(c_raw)[..., sl].float()
             piece = piece * torch.rsqrt(piece.pow(2).mean(-1, keepdim=True) + norm.eps)
-            parts.append((piece * norm.weight[sl].float()).to(c_raw.dtype))
+            parts.append((piece * local(norm.weight)[sl].float()).to(c_raw.dtype))
         return torch.cat(parts, dim=-1)
 
     def attend(self, module: MLAttention, q_nope, q_rope, c_raw, k_rope, positions, doc_ids=None) -> torch.Tensor:
@@ -194,14 +194,14 @@ class LatentCache:
         q_doc, self.docs = _key_docs(self.docs, doc_ids, q_nope.shape[0], q_nope.shape[1], q_nope.device)
         prefill = past == 0
         if prefill and self.decode == "tpla" and self.shard is not None:
-            full = module.kv_norm(c_raw)  # prefill is exact MLA over the whole latent...
+            full = local(module.kv_norm(c_raw))  # prefill is exact MLA over the whole latent...
         c = self._normed(module, c_raw)  # ...and writes only this shard's slice
         k_rope = k_rope[:, :, 0]
         self.c = c if self.c is None else torch.cat([self.c, c], dim=1)
         self.k_rope = k_rope if self.k_rope is None else torch.cat([self.k_rope, k_rope], dim=1)
         bsz, seqlen = q_nope.shape[:2]
         if prefill:
-            latent = full if self.decode == "tpla" and self.shard is not None else module.kv_norm(c_raw)
+            latent = full if self.decode == "tpla" and self.shard is not None else local(module.kv_norm(c_raw))
             k_nope, v = module.expand(latent)
             heads = k_nope.shape[2]
             q = torch.cat([q_nope, q_rope], dim=-1)
@@ -209,7 +209,7 @@ class LatentCache:
             mask = BlockMask(causal=True) if self.docs is None else _padded_mask(0, seqlen, q_doc, self.docs)
             out = attention_forward(q, k, v, scale=module.scale, mask=mask, backend=self.backend)[0]
             return module.wo(out.reshape(bsz, seqlen, -1))
-        w = module.wkv_b.weight.view(-1, module.nope + module.v_dim, module.rank)  # (H, nope + v, d_c)
+        w = local(module.wkv_b.weight).view(-1, module.nope + module.v_dim, module.rank)  # (local H, nope + v, d_c)
         w_uk, w_uv = w[:, : module.nope], w[:, module.nope:]
         mask = (BlockMask(causal=True, q_offset=past, k_offset=0) if self.docs is None
                 else _padded_mask(past, seqlen, q_doc, self.docs))

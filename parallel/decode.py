@@ -8,6 +8,9 @@ rank of a tp group over a model sharded for it.
   launches those all-reduces asynchronously and waits where the model reads the pending output
   (parallel/ladder.py), after the next sublayer has computed: decode overlaps them exactly as the
   training forward does; `ladder_overlap=False` waits at once, to measure it.
+- MLA, exact absorbed decode (`decode="absorbed"`): head-split like training (the attention's
+  TP_LAYOUT: up-projections by heads, latent down-projection replicated), so every rank caches
+  the whole latent of every token (the cache does not shrink with tp: what TPLA is for).
 - MLA with TPLA (`decode="tpla"`): every rank holds the whole model and only its 1/tp slice of
   each token's latent (parallel/tpla.py); one plain-sum all-reduce per layer and step.
 - Every rank samples from identical logits with an identically seeded generator; rank 0's tokens
@@ -33,12 +36,9 @@ def check_tp_decode(cfg, tp: int, decode: str) -> None:
     """One line naming what does not fit `tp` decode ranks."""
     if tp < 1:
         raise ValueError(f"--nproc: {tp} must be at least 1")
-    if has_mla(cfg):
-        if tp > 1 and decode != "tpla":
-            raise ValueError(f"--nproc {tp}: an MLA model decodes over tensor-parallel ranks with --decode tpla "
-                             "(each rank holds its slice of the latent cache)")
+    if has_mla(cfg) and decode == "tpla":
         rank = cfg.mla.kv_lora_rank if getattr(cfg, "mla", None) is not None else cfg.kv_lora_rank
-        if decode == "tpla" and rank % tp:
+        if rank % tp:
             raise ValueError(f"model.kv_lora_rank: {rank} does not divide by the TPLA degree {tp} (--nproc)")
         return
     if tp == 1:
@@ -76,9 +76,7 @@ def shard_for_decode(model: nn.Module, tp_group, *, decode: str = "absorbed", la
     ladder's SublayerReductions, TPLA's all-reduce, or None)."""
     tp = dist.get_world_size(tp_group)
     check_tp_decode(model.cfg, tp, decode)
-    if has_mla(model):
-        if decode != "tpla":
-            return None, None  # one process, absorbed MLA
+    if has_mla(model) and decode == "tpla":
         from longtrain.parallel.tpla import tpla_cache_factory
 
         return tpla_cache_factory(tp, tp_group, latent_norm, backend)

@@ -22,6 +22,8 @@ CASES = {
     "ladder_last2": {"kind": "ladder_last2"},
     "hybrid": {"kind": "hybrid"},
     "hybrid_ladder": {"kind": "hybrid_ladder"},
+    "mla": {"kind": "mla"},
+    "hybrid_mla": {"kind": "hybrid_mla"},
     "mla_tpla": {"kind": "mla", "decode": "tpla"},
     "hybrid_mla_tpla": {"kind": "hybrid_mla", "decode": "tpla"},
     "ladder_sampled": {"kind": "ladder", "temperature": 1.0, "top_p": 0.9},
@@ -62,7 +64,9 @@ def test_tp2_decode_equals_one_process(tp2, name):
         assert got["cache_bytes"] - rest == sum(c.nbytes() for c in mla) * (d_c + d_r) // (2 * d_c + d_r)
     else:
         assert got["sharded"]  # the model really was split over the ranks
-        assert got["cache_bytes"] * 2 == sum(c.nbytes() for c in caches)  # each rank: its heads' caches
+        latent = sum(c.nbytes() for c in caches if isinstance(c, LatentCache))  # head split: MLA's latent on every rank
+        assert got["cache_bytes"] - latent == sum(c.nbytes() for c in caches if not isinstance(c, LatentCache)) // 2
+        assert latent == 0 or "mla" in name  # each rank: its heads' KV and Mamba caches
 
 
 def test_tpla_sharded_is_not_exact_mla():

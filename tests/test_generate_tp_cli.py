@@ -1,6 +1,6 @@
 """`longtrain generate --nproc N`: tensor-parallel decode over local gloo ranks prints what one
 process prints (greedy), for a ladder transformer, a hybrid ladder stack and an MLA model under
-TPLA (one process simulating the slices), prompts of different lengths in one batch; bad
+exact absorbed decode (heads split) and under TPLA (one process simulating the slices), prompts of different lengths in one batch; bad
 settings fail with one line each."""
 import pytest
 import torch
@@ -35,7 +35,8 @@ def _greedy(model, text, n):
 @pytest.mark.parametrize("over,flags", [
     (["model.name=tiny", "model.residual=ladder"], []),
     (["model.kind=hybrid", "model.name=tiny", "model.residual=ladder"], []),
-    (["model.name=mla-tiny", "model.attention=mla"], ["--decode", "tpla"]),
+    (["model.name=mla-tiny", "model.attention=mla"], []),  # head split, exact absorbed decode
+    (["model.name=mla-tiny", "model.attention=mla"], ["--decode", "tpla"]),  # latent split over the ranks
 ])
 def test_generate_nproc2_prints_what_one_process_prints(capsys, tmp_path, over, flags):
     over = over + [f"run.dir={tmp_path}"]
@@ -51,8 +52,6 @@ def test_generate_nproc2_prints_what_one_process_prints(capsys, tmp_path, over, 
     (["model.name=tiny"], ["--max-new-tokens", "1020"], "generate: a prompt of 10 tokens + 1020 new tokens exceed "
                                                          "model.max_seq_len=1024"),
     (["model.name=tiny"], ["--nproc", "3"], "model.n_heads: 4 heads do not divide by --nproc 3"),
-    (["model.name=mla-tiny", "model.attention=mla"], ["--nproc", "2"],
-     "--nproc 2: an MLA model decodes over tensor-parallel ranks with --decode tpla"),
     (["model.name=mla-tiny", "model.attention=mla"], ["--nproc", "2", "--decode", "tpla", "--tpla-degree", "4"],
      "--tpla-degree: 4 is not --nproc 2"),
     (["model.name=tiny"], ["--temperature", "1", "--top-p", "1.5"], "generate: top_p 1.5 must be in (0, 1]"),
