@@ -118,7 +118,7 @@ def _decode_on_rank(cfg, state, prompts, lengths, opts: dict) -> dict:
 
 def run(args) -> int:
     from longtrain.data.tokenizers import build_tokenizer
-    from longtrain.models.decode import LatentCache, check_length, generate, left_pad, sample_next
+    from longtrain.models.decode import LatentCache, check_length, check_sampling, generate, left_pad
     from longtrain.parallel.decode import check_tp_decode, has_mla
 
     try:
@@ -127,7 +127,7 @@ def run(args) -> int:
             raise RecipeError(f"--max-new-tokens: {args.max_new_tokens} must be at least 0")
         if args.nproc < 1:
             raise RecipeError(f"--nproc: {args.nproc} must be at least 1")
-        sample_next(torch.zeros(1, 2), args.temperature, args.top_p)  # bad sampling settings: one line
+        check_sampling(args.temperature, args.top_p)
         model = load_model(recipe, log=lambda m: print(m, file=sys.stderr))
         is_mla = has_mla(model)
         if not is_mla and (args.decode != "absorbed" or args.rotation != "none"):

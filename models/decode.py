@@ -279,6 +279,14 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, t
     return tokens, torch.tensor([len(p) for p in prompts], dtype=torch.long)
 
 
+def check_sampling(temperature: float, top_p: float) -> None:
+    """One line for sampling settings that mean nothing."""
+    if temperature < 0:
+        raise ValueError(f"generate: temperature {temperature} must be at least 0")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"generate: top_p {top_p} must be in (0, 1]")
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) -> next tokens (B, 1). temperature 0: argmax. Otherwise softmax(logits / T)
@@ -286,10 +294,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
     taken in descending order, first reach a total of top_p (the most likely token always stays),
     renormalised, then one draw per row from `generator` (on the CPU, so every process that holds
     the same generator and logits draws the same token)."""
-    if temperature < 0:
-        raise ValueError(f"generate: temperature {temperature} must be at least 0")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"generate: top_p {top_p} must be in (0, 1]")
+    check_sampling(temperature, top_p)
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -332,7 +337,7 @@ def generate(model: nn.Module, prompts: torch.Tensor, max_new_tokens: int, *, te
     if prompt_lengths.shape != (bsz,) or bool((prompt_lengths < 1).any() | (prompt_lengths > length).any()):
         raise ValueError(f"generate: prompt_lengths must be ({bsz},) values in 1..{length}")
     check_length(model, int(prompt_lengths.max()), max_new_tokens)
-    sample_next(prompts.new_zeros(1, 2).float(), temperature, top_p)  # bad settings fail before any work
+    check_sampling(temperature, top_p)
     caches = install_caches(model, make_latent_cache, backend)
     try:
         index = torch.arange(length, device=device)[None]

@@ -24,9 +24,11 @@ from torch import nn
 
 from longtrain.models.decode import generate
 from longtrain.models.mla import MLAttention
+from longtrain.parallel.ladder import SublayerReductions
 
 
 def has_mla(model_or_cfg) -> bool:
+    """Whether a model (or its config) has multi-head latent attention layers."""
     if isinstance(model_or_cfg, nn.Module):
         return any(isinstance(m, MLAttention) for m in model_or_cfg.modules())
     return getattr(model_or_cfg, "mla", None) is not None or hasattr(model_or_cfg, "kv_lora_rank")
@@ -89,8 +91,6 @@ def shard_for_decode(model: nn.Module, tp_group, *, decode: str = "absorbed", la
     device = next(model.parameters()).device
     mesh = DeviceMesh.from_group(tp_group, device.type, mesh_dim_names=("tp",))
     apply_tensor_parallel(model, mesh, sequence_parallel=False, ladder_overlap=ladder_overlap)
-    from longtrain.parallel.ladder import SublayerReductions
-
     sync = model.residual_sync  # a ladder model's reductions (launches, waits, the order of both)
     return None, sync if isinstance(sync, SublayerReductions) else None
 
