@@ -57,6 +57,15 @@ def prompts(lengths, vocab, seed=1) -> list[list[int]]:
     return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
+def recompute_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """The reference: the whole prefix through the model's plain forward at every step."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
 def tp_decode_cases(cases: list[dict]) -> list[dict]:
     """Per case {kind, lengths, new, decode, overlap}: the case's model (identical on every rank),
     left-padded prompts of the given lengths, decoded over the whole world as the tp group.

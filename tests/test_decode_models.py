@@ -9,19 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decode_cases import MODELS, make, prompts
+from decode_cases import MODELS, make, peaked, prompts, recompute_greedy
 from longtrain.models.decode import KVCache, LatentCache, MambaState, cached_logits, generate, left_pad, sample_next
 
 TOL = 1e-5
-
-
-def recompute_greedy(model, prompt: list[int], n: int) -> list[int]:
-    """The reference: the whole prefix through the model's plain forward at every step."""
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
@@ -136,3 +127,60 @@ def test_bad_decode_settings_fail_with_one_line():
         generate(model, torch.zeros(1, 3, dtype=torch.long), 2, temperature=1.0, top_p=0)
     with pytest.raises(ValueError, match="every prompt needs at least one token"):
         left_pad([[1, 2], []])
+
+
+def _hf_greedy(hf, batch: list[list[int]], n: int) -> list[list[int]]:
+    """transformers' own greedy generate with its own cache (KV cache / Mamba2 cache), one prompt at a time."""
+    out = []
+    with torch.no_grad():
+        for prompt in batch:
+            ids = torch.tensor([prompt])
+            got = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None)
+            out.append(got[0, len(prompt):].tolist())
+    return out
+
+
+def test_mamba2_decode_equals_transformers_generate(tmp_path):
+    """Outside reference for the Mamba state: a transformers Mamba2ForCausalLM (torch path) imported
+    into our hybrid model; our cached greedy decode of a left-padded batch gives the tokens of
+    transformers' generate with its own conv/SSM cache."""
+    import importlib.util
+
+    if any(importlib.util.find_spec(m) is not None for m in ("mamba_ssm", "causal_conv1d")):
+        pytest.skip("mamba-ssm/causal-conv1d installed: transformers would not run its torch path")
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    from longtrain.models.hf_mamba import model_from_hf_mamba2
+
+    torch.manual_seed(0)
+    hf = Mamba2ForCausalLM(Mamba2Config(hidden_size=32, num_heads=8, head_dim=8, state_size=16, n_groups=2, expand=2,
+                                        conv_kernel=4, chunk_size=8, num_hidden_layers=2, vocab_size=97,
+                                        tie_word_embeddings=False)).eval()
+    peaked(hf, seed=3)
+    hf.save_pretrained(tmp_path)
+    ours = model_from_hf_mamba2(tmp_path).eval()
+    batch = prompts([9, 2, 13], 97, seed=6)
+    padded, lengths = left_pad(batch)
+    got, _ = generate(ours, padded, 10, prompt_lengths=lengths)
+    assert [row[padded.shape[1]:] for row in got.tolist()] == _hf_greedy(hf, batch, 10)
+
+
+def test_llama_kv_cache_decode_equals_transformers_generate(tmp_path):
+    """Outside reference for the KV cache: transformers' LlamaForCausalLM greedy generate (its KV
+    cache) against our import of the same weights, batched prompts of different lengths."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from longtrain.models.hf import model_from_hf
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      tie_word_embeddings=False)).float().eval()
+    peaked(hf, seed=4)
+    hf.save_pretrained(tmp_path)
+    ours = model_from_hf(tmp_path).eval()
+    batch = prompts([7, 3, 12], 97, seed=8)
+    padded, lengths = left_pad(batch)
+    got, _ = generate(ours, padded, 10, prompt_lengths=lengths)
+    assert [row[padded.shape[1]:] for row in got.tolist()] == _hf_greedy(hf, batch, 10)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decode_cases import make, prompts, tp_decode_cases
+from decode_cases import make, prompts, recompute_greedy, tp_decode_cases
 from distributed import run_group
 from longtrain.models.decode import LatentCache, generate, left_pad
 
@@ -54,6 +54,10 @@ def test_tp2_decode_equals_one_process(tp2, name):
     got = tp2[name]
     want, caches = one_process(CASES[name])
     assert torch.equal(got["tokens"], want), name
+    if CASES[name].get("decode") != "tpla" and not CASES[name].get("temperature"):  # exact greedy decoding
+        model = make(CASES[name]["kind"])
+        for row, prompt in enumerate(prompts(LENGTHS, model.cfg.vocab_size)):  # = recomputing the prefix
+            assert got["tokens"][row, -NEW:].tolist() == recompute_greedy(model, prompt, NEW), (name, row)
     assert got["broadcasts"] == NEW  # every sampled token went through rank 0's broadcast
     if CASES[name].get("decode") == "tpla":
         assert not got["sharded"] and got["comm"]["all_reduce"] > 0
