@@ -14,6 +14,7 @@ on every rank) or, with --decode tpla, replicated with each rank holding its 1/N
 latent cache (the TPLA degree is N)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -164,7 +165,10 @@ def run(args) -> int:
             opts = {"max_new_tokens": args.max_new_tokens, "decode": args.decode, "latent_norm": args.latent_norm,
                     "ladder_overlap": not args.no_ladder_overlap, "temperature": args.temperature,
                     "top_p": args.top_p, "seed": args.seed, "eos_id": eos_id}
-            tokens = run_group(args.nproc, _decode_on_rank, model.cfg, model.state_dict(), prompts, lengths, opts)
+            # no deadline unless one is set: a long generation is not a hang
+            deadline = float(os.environ.get("LONGTRAIN_GROUP_DEADLINE_S", "inf"))
+            tokens = run_group(args.nproc, _decode_on_rank, model.cfg, model.state_dict(), prompts, lengths, opts,
+                               deadline_s=deadline)
     except (RecipeError, ValueError, FileNotFoundError) as err:
         print(f"longtrain: error: {err}", file=sys.stderr)
         return 2
