@@ -18,6 +18,15 @@ What is measured, per tp degree, in one process group, same shapes, fp32 on CPU 
   (tp x peak) in training or weight bytes / HBM bandwidth in decode, communication = ring
   all-reduce 2 (tp-1)/tp x bytes / bus bandwidth + latency; ladder hides min(comm, next compute).
 
+With --decode (written as ladder_decode.*): decode tokens/s of the same three variants, tensor-parallel
+over gloo (parallel/decode.py, as `longtrain generate --nproc N` runs it), at batch 1, 4 and 16
+(--decode-batches): greedy, --decode-tokens new tokens after a --decode-prompt-token prompt; the
+time from the first decode step to the last token (prefill excluded), the fastest of --repeats
+windows rotating the variants' order, the slowest rank's; and the host time blocked in the ladder's
+reduction waits, so hidden = 1 - exposed(overlap) / exposed(no overlap) as in training.
+
+    python benchmarks/ladder.py --decode [--tp 2 4] [--dim 512] [--layers 4] [--decode-batches 1 4 16]
+
 On this shared 2-core CPU, tp ranks oversubscribe the cores and gloo's threads compete with the
 compute they should hide behind, so the hidden share here is a lower bound of what a GPU (NCCL on
 its own stream, CUDA_DEVICE_MAX_CONNECTIONS > 1) shows.
@@ -111,6 +120,131 @@ def measure(cfg: dict) -> dict:
     out["speedup_overlap"] = out["ladder_no_overlap"]["step_s"] / out["ladder"]["step_s"]
     out["losses_match"] = abs(first_loss["ladder"] - first_loss["ladder_no_overlap"]) == 0
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode
+# ----------------------------------------------------------------------------------------------
+DECODE_VARIANTS = {"standard": ("standard", True), "ladder": ("ladder", True), "ladder_no_overlap": ("ladder", False)}
+
+
+def _timed_decode(model, prompts, new_tokens: int, sync) -> tuple[float, object]:
+    """Seconds from the start of the first decode step (the model's second call) to the last token."""
+    import torch
+
+    from longtrain.models.decode import generate
+
+    calls = []
+    handle = model.register_forward_pre_hook(lambda mod, args: calls.append(time.perf_counter()))
+    try:
+        tokens, _ = generate(model, prompts, new_tokens, sync_tokens=sync)
+    finally:
+        handle.remove()
+    return time.perf_counter() - calls[1], tokens
+
+
+def measure_decode(cfg: dict) -> dict:
+    """Runs on every rank of a tp group; returns rank 0's decode report for this tp degree."""
+    import torch
+    import torch.distributed as dist
+
+    from longtrain.models import build_model
+    from longtrain.models.transformer import TransformerConfig
+    from longtrain.parallel.decode import TokenBroadcast, shard_for_decode
+
+    warnings.filterwarnings("ignore")
+    group = dist.group.WORLD
+    world = dist.get_world_size()
+    models, reductions = {}, {}
+    for name, (residual, overlap) in DECODE_VARIANTS.items():
+        mcfg = TransformerConfig(vocab_size=260, dim=cfg["dim"], n_layers=cfg["layers"], n_heads=cfg["heads"],
+                                 n_kv_heads=cfg["heads"], ffn_dim=cfg["ffn_dim"], residual=residual,
+                                 max_seq_len=cfg["decode_prompt"] + cfg["decode_tokens"] + 1)
+        model = build_model(mcfg).eval()
+        model.init_weights(seed=0)
+        _, reductions[name] = shard_for_decode(model, group, ladder_overlap=overlap)
+        models[name] = model
+    sync = TokenBroadcast(group)
+    names = list(DECODE_VARIANTS)
+    rows = []
+    for batch in cfg["decode_batches"]:
+        prompts = torch.randint(0, 260, (batch, cfg["decode_prompt"]), generator=torch.Generator().manual_seed(batch))
+        tokens = {}
+        for name in names:  # warm-up (and the tokens: overlap on and off must agree)
+            tokens[name] = _timed_decode(models[name], prompts, cfg["decode_tokens"], sync)[1]
+        windows = {name: [] for name in names}
+        exposed = {name: [] for name in names}
+        steps = cfg["decode_tokens"] - 1
+        for rep in range(cfg["repeats"]):
+            for name in names[rep % 3:] + names[:rep % 3]:
+                red = reductions[name]
+                waited = 0.0 if red is None else red.wait_seconds
+                dist.barrier()
+                elapsed, _ = _timed_decode(models[name], prompts, cfg["decode_tokens"], sync)
+                elapsed = torch.tensor([elapsed], dtype=torch.float64)
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+                windows[name].append(float(elapsed))
+                exposed[name].append(((0.0 if red is None else red.wait_seconds) - waited) / steps)
+        row = {"tp": world, "batch": batch, "decode_steps": steps,
+               "tokens_match_overlap_on_off": bool(torch.equal(tokens["ladder"], tokens["ladder_no_overlap"]))}
+        for name in names:
+            best = min(windows[name])
+            row[name] = {"tokens_per_s": batch * steps / best, "step_s": best / steps,
+                         "median_tokens_per_s": batch * steps / statistics.median(windows[name]),
+                         "windows_s": windows[name], "exposed_reduction_s_per_step": statistics.median(exposed[name])}
+        comm = row["ladder_no_overlap"]["exposed_reduction_s_per_step"]
+        row["reduction_s_per_step"] = comm
+        row["hidden_share"] = (1 - row["ladder"]["exposed_reduction_s_per_step"] / comm) if comm > 0 else None
+        row["speedup_ladder_over_standard"] = row["ladder"]["tokens_per_s"] / row["standard"]["tokens_per_s"]
+        row["speedup_overlap"] = row["ladder"]["tokens_per_s"] / row["ladder_no_overlap"]["tokens_per_s"]
+        rows.append(row)
+    return {"tp": world, "rows": rows}
+
+
+def decode_markdown(report: dict) -> str:
+    cfg = report["config"]
+    lines = [f"# Ladder Residual decode under tensor parallelism ({report['device']})", "",
+             f"Model dim {cfg['dim']}, {cfg['layers']} layers, {cfg['heads']} heads, ffn {cfg['ffn_dim']}, fp32; greedy, "
+             f"{cfg['decode_tokens']} new tokens after a {cfg['decode_prompt']}-token prompt, tokens/s over the decode "
+             f"steps (prefill excluded), the fastest of {cfg['repeats']} windows (slowest rank). Machine: "
+             f"{report['machine'].get('cpu')} x {report['machine'].get('cpu_count')}, shared: other processes used "
+             f"{100 * (report.get('other_processes_cpu_share') or 0):.0f}% of its CPU during the run.", "",
+             "| tp | batch | standard tok/s | ladder tok/s | ladder, no overlap tok/s | ladder / standard | "
+             "overlap speed-up | reduction wait s/step (no overlap) | exposed with overlap | hidden |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for result in report["results"]:
+        for r in result["rows"]:
+            hidden = "-" if r["hidden_share"] is None else f"{100 * r['hidden_share']:.0f}%"
+            lines.append(f"| {r['tp']} | {r['batch']} | {r['standard']['tokens_per_s']:.1f} | "
+                         f"{r['ladder']['tokens_per_s']:.1f} | {r['ladder_no_overlap']['tokens_per_s']:.1f} | "
+                         f"{r['speedup_ladder_over_standard']:.2f}x | {r['speedup_overlap']:.2f}x | "
+                         f"{r['reduction_s_per_step']:.5f} | {r['ladder']['exposed_reduction_s_per_step']:.5f} | "
+                         f"{hidden} |")
+    lines += ["", "Goal (issue 13): ladder at least 1.2x standard at tp 4, batch 1. Hidden = 1 - (host time blocked "
+              "in the ladder's reduction waits with overlap) / (the same waiting at once)."]
+    return "\n".join(lines) + "\n"
+
+
+def decode_plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for result in report["results"] for r in result["rows"]]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.25
+    for i, name in enumerate(DECODE_VARIANTS):
+        ax.bar([x + (i - 1) * width for x in range(len(rows))], [r[name]["tokens_per_s"] for r in rows], width,
+               label=name)
+    ax.set_xticks(range(len(rows)), [f"tp{r['tp']}\nbatch {r['batch']}" for r in rows])
+    ax.set_yscale("log")
+    ax.set_ylabel("decode tokens / s")
+    ax.set_title(f"Ladder Residual decode ({report['device']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,13 +358,35 @@ def main(argv=None) -> int:
     ap.add_argument("--sequence-parallel", action="store_true")
     ap.add_argument("--bf16", action="store_true", help="bf16 parameters (FSDP mixed precision / autocast on CUDA)")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--decode", action="store_true", help="measure decode tokens/s instead (ladder_decode.*)")
+    ap.add_argument("--decode-batches", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--decode-prompt", type=int, default=32)
+    ap.add_argument("--decode-tokens", type=int, default=33)
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args(argv)
     cfg = {"dim": args.dim, "heads": args.heads, "ffn_dim": args.ffn_dim, "layers": args.layers,
            "seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
            "repeats": args.repeats, "sp": args.sequence_parallel, "bf16": args.bf16}
     sys.path.insert(0, str(HERE))
-    from measure import machine_info
+    from measure import MachineLoad, machine_info
+
+    if args.decode:
+        from longtrain.launcher.local_group import run_group
+
+        load = MachineLoad()
+        cfg.update(decode_batches=args.decode_batches, decode_prompt=args.decode_prompt,
+                   decode_tokens=args.decode_tokens)
+        report = {"config": cfg, "device": "cpu, gloo", "machine": machine_info(),
+                  "results": [run_group(tp, measure_decode, cfg) for tp in args.tp]}
+        report["other_processes_cpu_share"] = load.other_share()
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "ladder_decode.json").write_text(json.dumps(report, indent=2))
+        text = decode_markdown(report)
+        (args.out / "ladder_decode.md").write_text(text)
+        if not args.no_plot:
+            decode_plot(report, args.out / "ladder_decode.png")
+        print(text)
+        return 0
 
     if "RANK" in os.environ:  # under torchrun: one tp degree, the world (GPUs with nccl)
         results = [measure(cfg)]

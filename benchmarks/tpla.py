@@ -17,6 +17,13 @@ split) and the one all-reduce per layer (the same in both) are outside the timed
 listed in the JSON. Per-rank cache bytes are the cache tensors' sizes. `--shapes v3` is
 DeepSeek-V3's attention (128 heads, d_c 512, d_r 64, nope 128, v 128).
 
+Part `gloo` (--gloo): the same decode step run for real over g local processes (gloo, 1 thread
+each), as the ranks of a tp group: each rank runs its share (MLA: H/g heads over the whole cached
+latent; TPLA: all H heads over its 1/g latent slice) and then the one all-reduce per layer of the
+(batch, dim) output that both schemes need; the step time is the slowest rank's, best of
+--repeats. The ranks share this machine's cores (g processes on 2 cores: contention counts).
+The output projection W_O is left out as in part `decode` (TPLA's is not split by heads).
+
 Part `accuracy`: a trained MLA model (`--run`, a longtrain run directory; its newest checkpoint)
 on held-out sequences of the recipe's eval split: the first `--prefill` tokens prefilled (exact),
 every later token decoded one per call through the caches (teacher-forced), negative
@@ -90,6 +97,60 @@ def run_decode(args) -> list[dict]:
     return rows
 
 
+def gloo_rank(shape: dict, lengths: list[int], batch: int, repeats: int, dim: int) -> list[dict]:
+    """One rank of a gloo group of g = world size: per length and scheme, the decode step (this
+    rank's attention share + the all-reduce of the (batch, dim) layer output); rank 0's rows."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    g, rank = dist.get_world_size(), dist.get_rank()
+    h, d_c, d_r, n, v = shape["heads"], shape["d_c"], shape["d_r"], shape["nope"], shape["v"]
+    rows = []
+    for length in lengths:
+        for scheme in ("mla", "tpla"):
+            heads, width = (h // g, d_c) if scheme == "mla" else (h, d_c // g)
+            gen = torch.Generator().manual_seed(rank)
+            cache_c = torch.randn(batch, length, width, generator=gen)
+            cache_r = torch.randn(batch, length, d_r, generator=gen)
+            q_nope, q_rope = torch.randn(batch, heads, n, generator=gen), torch.randn(batch, heads, d_r, generator=gen)
+            w_uk, w_uv = torch.randn(heads, n, width, generator=gen), torch.randn(heads, v, width, generator=gen)
+            out = torch.zeros(batch, dim)
+            scale = (n + d_r) ** -0.5
+            times, reduce_times = [], []
+            for rep in range(repeats + 1):  # the first is a warm-up
+                dist.barrier()
+                start = time.perf_counter()
+                absorbed_step(q_nope, q_rope, cache_c, cache_r, w_uk, w_uv, scale)
+                computed = time.perf_counter()
+                dist.all_reduce(out)
+                elapsed = torch.tensor([time.perf_counter() - start, time.perf_counter() - computed],
+                                       dtype=torch.float64)
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+                if rep:
+                    times.append(float(elapsed[0]))
+                    reduce_times.append(float(elapsed[1]))
+            rows.append({"scheme": scheme, "g": g, "length": length, "best_s": min(times),
+                         "median_s": sorted(times)[len(times) // 2], "all_reduce_s": min(reduce_times),
+                         "cache_bytes_per_rank": cache_c.nbytes + cache_r.nbytes, "heads_per_rank": heads,
+                         "latent_width_per_rank": width})
+            del cache_c, cache_r
+    return rows
+
+
+def run_gloo(args) -> list[dict]:
+    from longtrain.launcher.local_group import run_group
+
+    shape = SHAPES[args.shapes]
+    rows = []
+    for g in args.degrees:
+        got = run_group(g, gloo_rank, shape, args.lengths, args.batch, args.repeats, args.gloo_dim)
+        for row in got:
+            print(f"gloo {row['scheme']:4s} g={g} T={klen(row['length']):>4s}: {row['best_s'] * 1e3:8.2f} ms "
+                  f"(all-reduce {row['all_reduce_s'] * 1e3:.2f} ms)", flush=True)
+        rows += got
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------
 # accuracy: a trained model's perplexity under TPLA
 # ----------------------------------------------------------------------------------------------
@@ -155,6 +216,22 @@ def write_report(report: dict, out: Path, plots: bool = True) -> None:
             cells.append(f"{m['best_s'] * 1e3:.2f} | {t['best_s'] * 1e3:.2f} | {m['best_s'] / t['best_s']:.2f}x | "
                          f"{m['cache_bytes_per_rank'] / 2 ** 20:.2f} / {t['cache_bytes_per_rank'] / 2 ** 20:.2f}")
         lines.append(f"| {klen(length)} | " + " | ".join(cells) + " |")
+    gloo = report.get("gloo")
+    if gloo:
+        gby = {(r["scheme"], r["g"], r["length"]): r for r in gloo}
+        glengths = sorted({r["length"] for r in gloo})
+        lines += ["", "## Real processes (gloo)", "",
+                  f"The decode step over g local processes (1 thread each, sharing this machine's cores): each rank's "
+                  f"attention share, then the all-reduce of the (batch, {report['config'].get('gloo_dim')}) layer "
+                  f"output; slowest rank, best of {report['config']['repeats']}.", "",
+                  "| T | " + " | ".join(f"MLA tp{g} ms | TPLA g{g} ms | speedup" for g in degrees) + " |",
+                  "|---|" + "---|---|---|" * len(degrees)]
+        for length in glengths:
+            cells = []
+            for g in degrees:
+                m, t = gby[("mla", g, length)], gby[("tpla", g, length)]
+                cells.append(f"{m['best_s'] * 1e3:.2f} | {t['best_s'] * 1e3:.2f} | {m['best_s'] / t['best_s']:.2f}x")
+            lines.append(f"| {klen(length)} | " + " | ".join(cells) + " |")
     acc = report.get("accuracy")
     if acc:
         lines += ["", "## Accuracy", "",
@@ -194,6 +271,20 @@ def write_report(report: dict, out: Path, plots: bool = True) -> None:
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
     save_figure(fig, out / "tpla_decode.png", names, 110)
+    if report.get("gloo"):
+        gby = {(r["scheme"], r["g"], r["length"]): r for r in report["gloo"]}
+        glengths = sorted({r["length"] for r in report["gloo"]})
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for g in degrees:
+            for scheme in ("mla", "tpla"):
+                label = f"MLA tp{g} (head split)" if scheme == "mla" else f"TPLA g{g}"
+                ax.plot(glengths, [gby[(scheme, g, x)]["best_s"] * 1e3 for x in glengths],
+                        "-" if scheme == "mla" else "--", marker="o", label=label)
+        length_axis(ax, glengths)
+        ax.set_yscale("log")
+        ax.set_ylabel("decode step over gloo ranks (ms, slowest rank)")
+        ax.legend(fontsize=7)
+        save_figure(fig, out / "tpla_gloo.png", names, 110)
     if acc:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         labels = [f"{r['variant']}\n{r['rotation']}" for r in acc["rows"]]
@@ -225,6 +316,8 @@ def main(argv=None) -> int:
     p.add_argument("--prefill", type=int, default=64)
     p.add_argument("--retrieval-lengths", default="1024")
     p.add_argument("--preset", choices=["tiny"], default=None, help="tiny: a seconds-long smoke run")
+    p.add_argument("--gloo", action="store_true", help="also time the decode step over g real gloo processes")
+    p.add_argument("--gloo-dim", type=int, default=7168, help="--gloo: the model dim of the all-reduced output")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--from-json", default=None)
     p.add_argument("--no-plots", action="store_true")
@@ -235,7 +328,7 @@ def main(argv=None) -> int:
         write_report(report, Path(args.out), plots=not args.no_plots)
         return 0
     if args.preset == "tiny":
-        args.lengths, args.shapes, args.repeats = "256,512", "tiny", 2
+        args.lengths, args.shapes, args.repeats, args.gloo_dim = "256,512", "tiny", 2, 64
         args.eval_seqs, args.eval_len, args.prefill, args.retrieval_lengths = 1, 48, 16, "96"
     args.lengths = [int(x) for x in args.lengths.split(",")]
     args.degrees = [int(x) for x in args.degrees.split(",")]
@@ -244,9 +337,12 @@ def main(argv=None) -> int:
     started = time.time()
     report = {"machine": machine_info(),
               "config": {"lengths": args.lengths, "degrees": args.degrees, "shapes": args.shapes, "batch": args.batch,
-                         "repeats": args.repeats, "precision": "fp32", "threads": 1},
+                         "repeats": args.repeats, "precision": "fp32", "threads": 1, "gloo_dim": args.gloo_dim},
               "decode": run_decode(args)}
     report["summary"] = summarize(report["decode"], args.degrees)
+    if args.gloo:
+        report["gloo"] = run_gloo(args)
+        report["gloo_summary"] = summarize(report["gloo"], args.degrees)
     if args.run or args.recipe:
         report["accuracy"] = run_accuracy(args)
     report["elapsed_s"] = time.time() - started

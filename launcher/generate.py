@@ -1,11 +1,20 @@
-"""`longtrain generate RECIPE_OR_RUN_DIR --prompt TEXT ...`: load a model (the newest checkpoint
-of the run, else model.hf_checkpoint, else the recipe's seeded init, said which) on one process
-and continue the prompts with cached decoding (models/decode.py): KV cache for standard
-attention; for MLA the latent cache with exact prefill and absorbed decode, or TPLA simulated over
-`--tpla-degree` latent slices in this process (with the Hadamard or PCA reparameterisation
-folded in first; PCA calibrates on batches from the recipe's data loader)."""
+"""`longtrain generate RECIPE_OR_RUN_DIR --prompt TEXT ... [--nproc N]`: load a model (the newest
+checkpoint of the run, else model.hf_checkpoint, else the recipe's seeded init, said which) and
+continue the prompts, all in one left-padded batch, with cached decoding (models/decode.py): KV
+cache for standard attention, conv window + SSM state for Mamba-2 layers; for MLA the latent cache
+with exact prefill and absorbed decode, or TPLA over `--tpla-degree` latent slices (with the
+Hadamard or PCA reparameterisation folded in first; PCA calibrates on batches from the recipe's
+data loader). Greedy, or sampled with --temperature and --top-p.
+
+With --nproc N the decode runs tensor-parallel over N local gloo processes (parallel/decode.py):
+this process loads the model once and hands its weights to the N ranks; standard, ladder and
+hybrid models are sharded by heads (a ladder model's all-reduces overlap the next sublayer unless
+--no-ladder-overlap); an MLA model is head-split too (exact absorbed decode, the whole latent cache
+on every rank) or, with --decode tpla, replicated with each rank holding its 1/N slice of the
+latent cache (the TPLA degree is N)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -21,10 +30,16 @@ def add_parser(sub) -> None:
     gen.add_argument("--prompt", action="append", required=True, help="a prompt text (repeatable: a batch)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gen.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set of tokens whose "
+                     "probabilities reach this total (with --temperature > 0)")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--nproc", type=int, default=1, help="tensor-parallel decode over N local processes (gloo)")
+    gen.add_argument("--no-ladder-overlap", action="store_true",
+                     help="ladder models at --nproc > 1: wait for each all-reduce at once (to measure the overlap)")
     gen.add_argument("--decode", choices=["absorbed", "tpla"], default="absorbed",
                      help="MLA only: exact absorbed decode, or TPLA over --tpla-degree latent slices")
-    gen.add_argument("--tpla-degree", type=int, default=2)
+    gen.add_argument("--tpla-degree", type=int, default=None, help="TPLA latent slices (default: --nproc, or 2 "
+                     "on one process); at --nproc N it must be N")
     gen.add_argument("--latent-norm", choices=["exact", "local"], default="exact")
     gen.add_argument("--rotation", choices=["none", "hadamard", "pca"], default="none")
     gen.add_argument("--calibration-batches", type=int, default=4, help="PCA: loader batches to calibrate on")
@@ -85,49 +100,78 @@ def recipe_of_run(recipe_or_run_dir: str, overrides: list[str]):
     return load_recipe(recipe_path, overrides)
 
 
+def _decode_on_rank(cfg, state, prompts, lengths, opts: dict) -> dict:
+    """One rank of `generate --nproc N` (inside launcher.local_group.run_group): the model from the
+    weights the parent loaded, sharded and decoded over the world (parallel/decode.py)."""
+    import torch.distributed as dist
+
+    from longtrain.models import build_model
+    from longtrain.parallel.decode import tp_generate
+
+    model = build_model(cfg)
+    model.load_state_dict(state)
+    result = tp_generate(model.eval(), prompts, opts["max_new_tokens"], dist.group.WORLD, prompt_lengths=lengths,
+                         decode=opts["decode"], latent_norm=opts["latent_norm"], ladder_overlap=opts["ladder_overlap"],
+                         temperature=opts["temperature"], top_p=opts["top_p"], seed=opts["seed"],
+                         eos_id=opts["eos_id"])
+    return result["tokens"]
+
+
 def run(args) -> int:
     from longtrain.data.tokenizers import build_tokenizer
-    from longtrain.models.decode import LatentCache, generate
-    from longtrain.models.mla import MLAttention
+    from longtrain.models.decode import LatentCache, check_length, check_sampling, generate, left_pad
+    from longtrain.parallel.decode import check_tp_decode, has_mla
 
     try:
         recipe = recipe_of_run(args.recipe, args.overrides)
         if args.max_new_tokens < 0:
             raise RecipeError(f"--max-new-tokens: {args.max_new_tokens} must be at least 0")
+        if args.nproc < 1:
+            raise RecipeError(f"--nproc: {args.nproc} must be at least 1")
+        check_sampling(args.temperature, args.top_p)
         model = load_model(recipe, log=lambda m: print(m, file=sys.stderr))
-        is_mla = any(isinstance(m, MLAttention) for m in model.modules())
+        is_mla = has_mla(model)
         if not is_mla and (args.decode != "absorbed" or args.rotation != "none"):
             raise RecipeError("--decode/--rotation: TPLA options need an MLA model (model.attention=mla)")
-        make = None
-        if is_mla:
-            if args.rotation != "none":
-                from longtrain.models.tpla import reparameterize
-
-                batches = calibration_batches(recipe, args.calibration_batches) if args.rotation == "pca" else None
-                reparameterize(model, args.rotation, batches)
-            if args.decode == "tpla":
-                if model.cfg.kv_lora_rank % args.tpla_degree:
-                    raise RecipeError(f"model.kv_lora_rank: {model.cfg.kv_lora_rank} does not divide by the TPLA "
-                                      f"degree {args.tpla_degree}")
-
-                def make():
-                    return LatentCache("tpla", args.tpla_degree, latent_norm=args.latent_norm)
+        degree = args.tpla_degree or (args.nproc if args.nproc > 1 else 2)
+        if args.nproc > 1 and args.decode == "tpla" and degree != args.nproc:
+            raise RecipeError(f"--tpla-degree: {degree} is not --nproc {args.nproc}; TPLA shards the latent over "
+                              "the tensor-parallel ranks (one slice per rank)")
+        rank = getattr(model.cfg, "kv_lora_rank", None) or getattr(getattr(model.cfg, "mla", None), "kv_lora_rank", 0)
+        if is_mla and args.decode == "tpla" and rank % degree:
+            raise RecipeError(f"model.kv_lora_rank: {rank} does not divide by the TPLA degree {degree}")
+        check_tp_decode(model.cfg, args.nproc, args.decode)
         tokenizer = build_tokenizer(recipe.data.tokenizer)
-        gen = torch.Generator().manual_seed(args.seed)
-        by_length: dict[int, list[int]] = {}
         encoded = [tokenizer.encode(p, True, False) for p in args.prompt]
-        for i, ids in enumerate(encoded):
-            by_length.setdefault(len(ids), []).append(i)
-        outputs: dict[int, list[int]] = {}
-        for length, idx in by_length.items():  # one batch per prompt length
-            prompts = torch.tensor([encoded[i] for i in idx])
-            tokens, _ = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, generator=gen,
-                                 make_latent_cache=make, eos_id=getattr(tokenizer, "eos_id", None))
-            for row, i in enumerate(idx):
-                outputs[i] = tokens[row, length:].tolist()
+        check_length(model, max(len(ids) for ids in encoded), args.max_new_tokens)
+        make = None
+        if is_mla and args.rotation != "none":
+            from longtrain.models.tpla import reparameterize
+
+            batches = calibration_batches(recipe, args.calibration_batches) if args.rotation == "pca" else None
+            reparameterize(model, args.rotation, batches)
+        if is_mla and args.decode == "tpla" and args.nproc == 1:
+            def make():
+                return LatentCache("tpla", degree, latent_norm=args.latent_norm)
+        prompts, lengths = left_pad(encoded)
+        eos_id = getattr(tokenizer, "eos_id", None)
+        if args.nproc == 1:
+            tokens, _ = generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                 generator=torch.Generator().manual_seed(args.seed), make_latent_cache=make,
+                                 eos_id=eos_id, prompt_lengths=lengths)
+        else:
+            from longtrain.launcher.local_group import run_group
+
+            opts = {"max_new_tokens": args.max_new_tokens, "decode": args.decode, "latent_norm": args.latent_norm,
+                    "ladder_overlap": not args.no_ladder_overlap, "temperature": args.temperature,
+                    "top_p": args.top_p, "seed": args.seed, "eos_id": eos_id}
+            # no deadline unless one is set: a long generation is not a hang
+            deadline = float(os.environ.get("LONGTRAIN_GROUP_DEADLINE_S", "inf"))
+            tokens = run_group(args.nproc, _decode_on_rank, model.cfg, model.state_dict(), prompts, lengths, opts,
+                               deadline_s=deadline)
     except (RecipeError, ValueError, FileNotFoundError) as err:
         print(f"longtrain: error: {err}", file=sys.stderr)
         return 2
     for i, prompt in enumerate(args.prompt):
-        print(prompt + tokenizer.decode(outputs[i]))
+        print(prompt + tokenizer.decode(tokens[i, prompts.shape[1]:].tolist()))
     return 0

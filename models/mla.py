@@ -188,7 +188,7 @@ class MLAttention(AttentionMixer):
         c, k_rope = self.latent(x)
         k_rope = apply_rope(k_rope[:, :, None, :], cos, sin)  # (B, S, 1, rope)
         if self.latent_cache is not None:  # decoding: the cache attends and applies wo
-            return self.latent_cache.attend(self, q_nope, q_rope, c, k_rope, positions)
+            return self.latent_cache.attend(self, q_nope, q_rope, c, k_rope, positions, doc_ids)
         q = torch.cat([q_nope, q_rope], dim=-1)
         out = None
         for latent in self.latent_slices(self.kv_norm(c)):

@@ -46,3 +46,26 @@ def test_gpu_cost_model_by_hand():
     comm = 2 * 3 / 4 * 1024 * 2 / 100e9 + 10e-6
     assert g["layer_standard_us"] == pytest.approx((attention + mlp + 2 * comm) * 1e6)
     assert g["layer_ladder_us"] == pytest.approx((max(attention, comm) + max(mlp, comm)) * 1e6)
+
+
+def test_ladder_decode_benchmark_smoke(tmp_path):
+    """--decode: tokens/s of the three variants at tp2 for two batch sizes, in the JSON with every key;
+    overlap on and off decode the same tokens; the standard model has no ladder reductions."""
+    cmd = [sys.executable, str(SCRIPT), "--decode", "--tp", "2", "--dim", "32", "--heads", "4", "--ffn-dim", "64",
+           "--layers", "2", "--decode-batches", "1", "4", "--decode-prompt", "4", "--decode-tokens", "4",
+           "--repeats", "2", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "ladder_decode.json").read_text())
+    (result,) = report["results"]
+    assert result["tp"] == 2 and [r["batch"] for r in result["rows"]] == [1, 4]
+    for row in result["rows"]:
+        assert row["decode_steps"] == 3 and row["tokens_match_overlap_on_off"]
+        for name in ("standard", "ladder", "ladder_no_overlap"):
+            assert row[name]["tokens_per_s"] > 0 and len(row[name]["windows_s"]) == 2
+            assert row[name]["tokens_per_s"] == pytest.approx(row["batch"] * 3 / min(row[name]["windows_s"]))
+        assert row["standard"]["exposed_reduction_s_per_step"] == 0
+        assert row["reduction_s_per_step"] > 0 and row["hidden_share"] is not None
+    text = (tmp_path / "ladder_decode.md").read_text()
+    assert "| 2 | 1 |" in text and "| 2 | 4 |" in text
+    assert (tmp_path / "ladder_decode.png").stat().st_size > 0

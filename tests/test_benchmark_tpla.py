@@ -16,12 +16,20 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_tpla_benchmark_smoke(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "tpla.py"), "--preset", "tiny", "--out", str(tmp_path),
            "--recipe", str(ROOT / "configs" / "debug_cpu.yaml"), "model.name=mla-tiny", "model.attention=mla",
-           f"run.dir={tmp_path / 'run'}"]
+           f"run.dir={tmp_path / 'run'}", "--gloo"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "tpla.json").read_text())
     assert {"machine", "config", "decode", "summary", "accuracy", "plots"} <= set(report)
-    assert set(report["plots"]) == {"tpla_decode.png", "tpla_accuracy.png"}
+    assert set(report["plots"]) == {"tpla_decode.png", "tpla_accuracy.png", "tpla_gloo.png"}
+    # --gloo: the step over real processes, per degree, length and scheme, with the same cache bytes
+    gloo = {(r["scheme"], r["g"], r["length"]): r for r in report["gloo"]}
+    assert set(gloo) == {(s, g, n) for s in ("mla", "tpla") for g in (2, 4) for n in (256, 512)}
+    for (scheme, g, n), r in gloo.items():
+        assert r["best_s"] >= r["all_reduce_s"] > 0
+        assert r["cache_bytes_per_rank"] == next(d for d in report["decode"] if (d["scheme"], d["g"], d["length"]) ==
+                                                 (scheme, g, n))["cache_bytes_per_rank"]
+    assert "## Real processes (gloo)" in (tmp_path / "tpla.md").read_text()
     assert (tmp_path / "tpla.md").read_text().startswith("# TPLA vs MLA decode")
     d_c, d_r = 64, 16  # the tiny shapes
     for key, s in report["summary"].items():
