@@ -130,7 +130,6 @@ DECODE_VARIANTS = {"standard": ("standard", True), "ladder": ("ladder", True), "
 
 def _timed_decode(model, prompts, new_tokens: int, sync) -> tuple[float, object]:
     """Seconds from the start of the first decode step (the model's second call) to the last token."""
-    import torch
 
     from longtrain.models.decode import generate
 

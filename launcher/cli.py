@@ -188,12 +188,12 @@ def _plan_balance(args, overrides) -> int:
 
 
 def _probe_command(args) -> int:
-    from longtrain.launcher.supervisor import run_two_local_ranks
+    from longtrain.launcher.supervisor import run_local_ranks
     from longtrain.parallel.balance.cost import LOCAL_PRESET
     from longtrain.parallel.balance.probe import ping_pong, probe
 
     lengths = tuple(int(x) for x in args.lengths.split(",") if x)
-    times = run_two_local_ranks(ping_pong, backend="nccl" if args.device == "cuda" else "gloo")
+    times = run_local_ranks(2, ping_pong, backend="nccl" if args.device == "cuda" else "gloo", timeout_s=300)
     spec = probe(times, args.out or LOCAL_PRESET, lengths, args.gpus_per_node, args.device)
     table = ", ".join(f"{length}: {tflops * 1e3:.1f}" for length, tflops in spec.attention_tflops)
     print(f"attention GFLOP/s by length: {table}; linear {spec.linear_tflops * 1e3:.1f} GFLOP/s; "

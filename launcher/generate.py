@@ -14,13 +14,13 @@ on every rank) or, with --decode tpla, replicated with each rank holding its 1/N
 latent cache (the TPLA degree is N)."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 from longtrain.launcher.config import RecipeError, load_recipe
+from longtrain.launcher.supervisor import JobFailed
 
 
 def add_parser(sub) -> None:
@@ -101,7 +101,7 @@ def recipe_of_run(recipe_or_run_dir: str, overrides: list[str]):
 
 
 def _decode_on_rank(cfg, state, prompts, lengths, opts: dict) -> dict:
-    """One rank of `generate --nproc N` (inside launcher.local_group.run_group): the model from the
+    """One rank of `generate --nproc N` (inside launcher.supervisor.run_local_ranks): the model from the
     weights the parent loaded, sharded and decoded over the world (parallel/decode.py)."""
     import torch.distributed as dist
 
@@ -160,18 +160,20 @@ def run(args) -> int:
                                  generator=torch.Generator().manual_seed(args.seed), make_latent_cache=make,
                                  eos_id=eos_id, prompt_lengths=lengths)
         else:
-            from longtrain.launcher.local_group import run_group
+            from longtrain.launcher.supervisor import run_local_ranks
 
             opts = {"max_new_tokens": args.max_new_tokens, "decode": args.decode, "latent_norm": args.latent_norm,
                     "ladder_overlap": not args.no_ladder_overlap, "temperature": args.temperature,
                     "top_p": args.top_p, "seed": args.seed, "eos_id": eos_id}
-            # no deadline unless one is set: a long generation is not a hang
-            deadline = float(os.environ.get("LONGTRAIN_GROUP_DEADLINE_S", "inf"))
-            tokens = run_group(args.nproc, _decode_on_rank, model.cfg, model.state_dict(), prompts, lengths, opts,
-                               deadline_s=deadline)
+            # no time limit: a long generation is not a hang (a failing rank ends the group at once)
+            tokens = run_local_ranks(args.nproc, _decode_on_rank, model.cfg, model.state_dict(), prompts, lengths,
+                                     opts)
     except (RecipeError, ValueError, FileNotFoundError) as err:
         print(f"longtrain: error: {err}", file=sys.stderr)
         return 2
+    except JobFailed as err:
+        print(f"longtrain: error: generate --nproc {args.nproc}: {err}", file=sys.stderr)
+        return 1
     for i, prompt in enumerate(args.prompt):
         print(prompt + tokenizer.decode(tokens[i, prompts.shape[1]:].tolist()))
     return 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -288,26 +289,35 @@ def _read_json(path: Path):
         return None
 
 
-def _two_rank_worker(rank: int, fn, backend: str, store_file: str, results) -> None:
+def _local_rank_worker(rank: int, world_size: int, fn, args, backend: str, store_file: str, results) -> None:
+    import traceback
+
     import torch.distributed as dist
 
-    if backend == "nccl":
-        import torch
-
-        torch.cuda.set_device(rank)
-    store = dist.FileStore(store_file, 2)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=2, timeout=timedelta(seconds=120))
     try:
-        out = fn()
-        if rank == 0:
-            results.put(out)
-    finally:
-        dist.destroy_process_group()
+        if backend == "nccl":
+            import torch
+
+            torch.cuda.set_device(rank)
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+        store = dist.FileStore(store_file, world_size)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=600))
+        try:
+            out = fn(*args)
+            # by value (plain pickle): a tensor shared by file descriptor would vanish with this process
+            results.put((rank, "ok", pickle.dumps(out) if rank == 0 else None))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - reported to the parent with the rank
+        results.put((rank, "error", traceback.format_exc()))
 
 
-def run_two_local_ranks(fn, backend: str = "gloo", timeout_s: float = 300.0):
-    """fn() on two local processes of one group (a measurement between two ranks of this machine,
-    `longtrain probe`); rank 0's result. A rank that fails or hangs past timeout_s raises JobFailed."""
+def run_local_ranks(world_size: int, fn, *args, backend: str = "gloo", timeout_s: float | None = None):
+    """fn(*args) on `world_size` local processes of one process group (a measurement between local
+    ranks for `longtrain probe`, tensor-parallel decoding for `longtrain generate --nproc`); returns
+    rank 0's result. A rank that fails raises JobFailed naming it, with its traceback; with
+    timeout_s, a group still running then is killed and JobFailed says so."""
     import queue
 
     import torch.multiprocessing as mp
@@ -315,19 +325,33 @@ def run_two_local_ranks(fn, backend: str = "gloo", timeout_s: float = 300.0):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_two_rank_worker, args=(rank, fn, backend, os.path.join(tmp, "store"), results))
-                 for rank in range(2)]
+        store = os.path.join(tmp, "store")
+        procs = [ctx.Process(target=_local_rank_worker, args=(rank, world_size, fn, args, backend, store, results))
+                 for rank in range(world_size)]
         for proc in procs:
             proc.start()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        answer, pending = None, set(range(world_size))
         try:
-            out = results.get(timeout=timeout_s)
-        except queue.Empty:
-            out = None
-        for proc in procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-        if out is None:
-            codes = [proc.exitcode for proc in procs]
-            raise JobFailed(f"the two measuring ranks gave no result within {timeout_s:.0f} s (exit codes {codes})")
-        return out
+            while pending:
+                wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+                try:
+                    rank, status, payload = results.get(timeout=wait)
+                except queue.Empty:
+                    dead = [r for r in pending if not procs[r].is_alive() and procs[r].exitcode not in (0, None)]
+                    if dead:
+                        raise JobFailed(f"local rank {dead[0]} died (exit code {procs[dead[0]].exitcode})") from None
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise JobFailed(f"local ranks {sorted(pending)} still running after {timeout_s:.0f} s") from None
+                    continue
+                if status == "error":
+                    raise JobFailed(f"local rank {rank} failed:\n{payload}")
+                pending.discard(rank)
+                if rank == 0:
+                    answer = pickle.loads(payload)
+        finally:
+            for proc in procs:
+                proc.join(timeout=10)
+                if proc.is_alive():
+                    proc.kill()
+        return answer

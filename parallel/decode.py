@@ -9,7 +9,7 @@ rank of a tp group over a model sharded for it.
   (parallel/ladder.py), after the next sublayer has computed: decode overlaps them exactly as the
   training forward does; `ladder_overlap=False` waits at once, to measure it.
 - MLA, exact absorbed decode (`decode="absorbed"`): head-split like training (the attention's
-  TP_LAYOUT: up-projections by heads, latent down-projection replicated), so every rank caches
+  tp_styles: up-projections by heads, latent down-projection replicated), so every rank caches
   the whole latent of every token (the cache does not shrink with tp: what TPLA is for).
 - MLA with TPLA (`decode="tpla"`): every rank holds the whole model and only its 1/tp slice of
   each token's latent (parallel/tpla.py); one plain-sum all-reduce per layer and step.
@@ -23,7 +23,8 @@ import torch.distributed as dist
 from torch import nn
 
 from longtrain.models.decode import generate
-from longtrain.models.mla import MLAttention
+from longtrain.models.hybrid import HybridConfig
+from longtrain.models.mla import MLAConfig, MLAttention
 from longtrain.parallel.ladder import SublayerReductions
 
 
@@ -31,7 +32,16 @@ def has_mla(model_or_cfg) -> bool:
     """Whether a model (or its config) has multi-head latent attention layers."""
     if isinstance(model_or_cfg, nn.Module):
         return any(isinstance(m, MLAttention) for m in model_or_cfg.modules())
-    return getattr(model_or_cfg, "mla", None) is not None or hasattr(model_or_cfg, "kv_lora_rank")
+    return _mla_config(model_or_cfg) is not None
+
+
+def _mla_config(cfg) -> MLAConfig | None:
+    """The MLA sizes of a model config: its own (an MLA transformer) or its attention layers' (a hybrid)."""
+    if isinstance(cfg, MLAConfig):
+        return cfg
+    if isinstance(cfg, HybridConfig):
+        return cfg.mla
+    return None
 
 
 def check_tp_decode(cfg, tp: int, decode: str) -> None:
@@ -39,13 +49,15 @@ def check_tp_decode(cfg, tp: int, decode: str) -> None:
     if tp < 1:
         raise ValueError(f"--nproc: {tp} must be at least 1")
     if has_mla(cfg) and decode == "tpla":
-        rank = cfg.mla.kv_lora_rank if getattr(cfg, "mla", None) is not None else cfg.kv_lora_rank
+        rank = _mla_config(cfg).kv_lora_rank
         if rank % tp:
             raise ValueError(f"model.kv_lora_rank: {rank} does not divide by the TPLA degree {tp} (--nproc)")
         return
     if tp == 1:
         return
-    kinds = set(getattr(cfg, "layer_kinds", ["*", "-"]))
+    kinds = set(cfg.layer_kinds)
+    if "T" in kinds:  # a transformer block: attention and MLP
+        kinds |= {"*", "-"}
     if "*" in kinds:
         if cfg.n_heads % tp:
             raise ValueError(f"model.n_heads: {cfg.n_heads} heads do not divide by --nproc {tp}")
@@ -53,7 +65,7 @@ def check_tp_decode(cfg, tp: int, decode: str) -> None:
             raise ValueError(f"model.n_kv_heads: {cfg.n_kv_heads} kv heads do not divide by --nproc {tp}")
     if "-" in kinds and cfg.ffn_dim % tp:
         raise ValueError(f"model.ffn_dim: {cfg.ffn_dim} does not divide by --nproc {tp}")
-    if "M" in kinds and (cfg.mamba_heads % tp or cfg.ngroups % tp):
+    if isinstance(cfg, HybridConfig) and "M" in kinds and (cfg.mamba_heads % tp or cfg.ngroups % tp):
         raise ValueError(f"--nproc: {tp} must divide the Mamba heads ({cfg.mamba_heads}) and model.ngroups "
                          f"({cfg.ngroups})")
 
@@ -109,6 +121,6 @@ def tp_generate(model: nn.Module, prompts: torch.Tensor, max_new_tokens: int, tp
                               backend=backend, eos_id=eos_id, prompt_lengths=prompt_lengths, sync_tokens=sync)
     counts = None
     if comm is not None:
-        counts = dict(comm.counts) if hasattr(comm, "counts") else {"all_reduce": comm.calls}
+        counts = dict(comm.counts) if isinstance(comm, SublayerReductions) else {"all_reduce": comm.calls}
     return {"tokens": tokens, "cache_bytes": sum(c.nbytes() for c in caches), "comm": counts,
             "broadcasts": 0 if sync is None else sync.calls}
