@@ -219,6 +219,28 @@ def at_scale(quick: bool, seed: int = 1) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# Planning time: one step of 1,024 sequences for 512 ranks (target: under 10 ms)
+# ----------------------------------------------------------------------------------------------
+def planning_time(repeats: int = 21, seed: int = 2) -> dict:
+    """Median wall time of plan_step (zeppelin) for 1,024 long-tailed sequences on 512 ranks, 8 per
+    node, capacity twice the mean tokens per rank; after one warm-up call."""
+    from longtrain.parallel.balance.planner import plan_step
+
+    rng = np.random.default_rng(seed)
+    lengths = [int(min(32768, rng.lognormal(6.0, 1.2) + 1)) for _ in range(1024)]
+    cap = 2 * -(-sum(lengths) // 512)
+    kw = dict(capacity=cap, gpus_per_node=8, tau_intra=256, tau_inter=2048)
+    plan_step(lengths, 512, **kw)
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        plan_step(lengths, 512, **kw)
+        runs.append((time.perf_counter() - start) * 1e3)
+    return {"sequences": len(lengths), "ranks": 512, "gpus_per_node": 8, "runs_ms": runs,
+            "median_ms": float(np.median(runs)), "target_ms": 10.0}
+
+
+# ----------------------------------------------------------------------------------------------
 def write_report(report: dict, out: Path) -> None:
     import matplotlib
 

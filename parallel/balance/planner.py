@@ -286,8 +286,10 @@ def _zeppelin(lengths, world, G, capacity, cp, bins, cost, tau_intra, tau_inter)
             rank_load[r] += c / g
             rank_tok[r] += -(-L // g)
             heapq.heappush(rank_heaps[r // G], (rank_load[r], r))
-        for n in sorted({r // G for r in group}):
-            members = sum(1 for r in group if r // G == n)
+        members_of: dict = {}
+        for r in group:
+            members_of[r // G] = members_of.get(r // G, 0) + 1
+        for n, members in sorted(members_of.items()):
             node_load[n] += c * members / g
             node_tok[n] += -(-L // g) * members
             heapq.heappush(node_heap, (node_load[n], n))
@@ -324,16 +326,26 @@ def _zeppelin(lengths, world, G, capacity, cp, bins, cost, tau_intra, tau_inter)
 
     def intra_ring(L, c, g_lo, g_hi):
         """(group, its members' largest load) over the least-loaded node with room, or (None, inf)."""
-        with_room = [n for n in range(N) if node_tok[n] + L <= G * capacity]
-        n = min(with_room, key=lambda n: (node_load[n], n)) if with_room else min(range(N), key=lambda n: node_tok[n])
-        by_load = sorted(range(n * G, (n + 1) * G), key=lambda r: (rank_load[r], r))
-        best, best_key = None, (float("inf"), 0)
-        for g in range(g_lo, min(g_hi, G) + 1):
-            share = -(-L // g) + 1  # a member's zigzag chunk pair holds at most this many tokens
-            fits = [r for r in by_load if rank_tok[r] + share <= capacity][:g]
-            if len(fits) == g and (rank_load[fits[-1]] + c / g, g) < best_key:
-                best, best_key = fits, (rank_load[fits[-1]] + c / g, g)
-        return (tuple(sorted(best)) if best else None), best_key[0]
+        # the least-loaded node with token room first; when its ranks' free room is too fragmented
+        # for the ring, the next nodes (by load), so a plan never fails while a node can hold it
+        for n in sorted(range(N), key=lambda n: (node_tok[n] + L > G * capacity, node_load[n], n)):
+            by_load = sorted(range(n * G, (n + 1) * G), key=lambda r: (rank_load[r], r))
+            best, best_key = None, (float("inf"), 0)
+            for g in range(g_lo, min(g_hi, G) + 1):
+                share = -(-L // g) + 1  # a member's zigzag chunk pair holds at most this many tokens
+                fits = [r for r in by_load if rank_tok[r] + share <= capacity][:g]
+                if len(fits) == g and (rank_load[fits[-1]] + c / g, g) < best_key:
+                    best, best_key = fits, (rank_load[fits[-1]] + c / g, g)
+            if best is None:  # wider than the hiding length allows, but it fits: better than no plan
+                for g in range(min(g_hi, G) + 1, G + 1):
+                    share = -(-L // g) + 1
+                    fits = [r for r in by_load if rank_tok[r] + share <= capacity][:g]
+                    if len(fits) == g:
+                        best, best_key = fits, (rank_load[fits[-1]] + c / g, g)
+                        break
+            if best is not None:
+                return tuple(sorted(best)), best_key[0]
+        return None, float("inf")
 
     def inter_ring(L, c, k_hidden, need_mem):
         """Whole nodes, k of them minimizing the most loaded chosen node (ties: fewer nodes); and
@@ -344,6 +356,15 @@ def _zeppelin(lengths, world, G, capacity, cp, bins, cost, tau_intra, tau_inter)
         k = min(range(k_lo, k_hi + 1), key=lambda k: (node_load[order[k - 1]] + c / k, k))
         group = tuple(n * G + j for n in sorted(order[:k]) for j in range(G))
         return group, max(rank_load[r] for r in group) + c / len(group)
+
+    def roomiest_ring(L):
+        """Last resort when no node's free room holds the sequence: the fewest ranks anywhere (those
+        with the most free tokens) whose zigzag shares fit; None if none do."""
+        by_room = sorted(range(world), key=lambda r: (rank_tok[r], r))
+        for g in range(2, world + 1):
+            if all(rank_tok[r] + -(-L // g) + 1 <= capacity for r in by_room[:g]):
+                return tuple(sorted(by_room[:g]))
+        return None
 
     for seq in sorted(range(len(lengths)), key=lambda i: (-costs[i], i)):
         L, c = lengths[seq], costs[seq]
@@ -370,6 +391,8 @@ def _zeppelin(lengths, world, G, capacity, cp, bins, cost, tau_intra, tau_inter)
         if r is not None and (group is None or peak >= rank_load[r] + c):
             group = (r,)
         elif group is None:
+            group = roomiest_ring(L)
+        if group is None:
             raise PlanError(f"balance plan: no room for sequence {seq} of {L} tokens (capacity {capacity} per rank)")
         out[seq] = (group, _level(group, G))
         add(group, L, c)
