@@ -59,6 +59,7 @@ class Plan:
     world: int
     gpus_per_node: int
     capacity: int  # tokens a rank may hold in the attention layout
+    contiguous: bool = False  # ring members hold contiguous chunks (not zigzag pairs)
     groups: dict = field(default_factory=dict)  # seq -> (group, level)
     pieces: list = field(default_factory=list)  # per rank: its pieces in attention-layout order
 
@@ -101,12 +102,27 @@ def zigzag_bounds(length: int, g: int) -> list[int]:
     return bounds
 
 
-def _ring_pieces(seq: int, length: int, group: tuple, level: str) -> list[tuple[int, Piece]]:
+def contiguous_bounds(length: int, g: int) -> list[int]:
+    """Bounds of g near-equal contiguous chunks (scan-based models: member i holds chunk i)."""
+    base, extra = divmod(length, g)
+    bounds = [0]
+    for c in range(g):
+        bounds.append(bounds[-1] + base + (1 if c < extra else 0))
+    return bounds
+
+
+def _ring_pieces(seq: int, length: int, group: tuple, level: str, contiguous: bool = False) -> list[tuple[int, Piece]]:
     g = len(group)
     if g == 1:
         return [(group[0], Piece(seq, 0, length, group, level))]
-    b = zigzag_bounds(length, g)
     out = []
+    if contiguous:
+        b = contiguous_bounds(length, g)
+        for i, rank in enumerate(group):
+            if b[i + 1] > b[i]:
+                out.append((rank, Piece(seq, b[i], b[i + 1], group, level)))
+        return out
+    b = zigzag_bounds(length, g)
     for i, rank in enumerate(group):
         for c in (i, 2 * g - 1 - i):
             if b[c + 1] > b[c]:
@@ -120,11 +136,14 @@ def quadratic(length: int) -> float:
 
 def plan_step(lengths: Sequence[int], world: int, strategy: str = "zeppelin", *, capacity: int,
               gpus_per_node: int = 0, cp: int = 1, bins: Optional[Sequence[int]] = None,
-              cost: Callable[[int], float] = quadratic, tau_intra: float = 0.0, tau_inter: float = 0.0) -> Plan:
+              cost: Callable[[int], float] = quadratic, tau_intra: float = 0.0, tau_inter: float = 0.0,
+              contiguous: bool = False) -> Plan:
     """Plan one step. `capacity`: tokens one rank may hold; `cp`: ranks per data rank (even_cp,
     hybrid_dp; ranks d*cp .. d*cp+cp-1 are data rank d's); `bins[i]`: the data rank whose bin
     sequence i came in (even_cp); `cost`: the balancing weight of a whole sequence (the cost model's
-    attention seconds; L^2 by default); tau_*: hiding lengths in tokens."""
+    attention seconds; L^2 by default); tau_*: hiding lengths in tokens; `contiguous`: a ring member
+    holds one contiguous chunk of its sequence instead of the zigzag pair (scan-based models: hybrid
+    Mamba stacks scan each chunk in order; causal attention work is then uneven inside a ring)."""
     lengths = [int(x) for x in lengths]
     if strategy not in STRATEGIES:
         raise PlanError(f"parallel.balance: unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
@@ -143,14 +162,14 @@ def plan_step(lengths: Sequence[int], world: int, strategy: str = "zeppelin", *,
     if sum(lengths) > total:
         raise PlanError(f"balance plan: {sum(lengths)} tokens exceed the balancing group's capacity "
                         f"({world} ranks x {capacity} tokens)")
-    plan = Plan(strategy, lengths, world, G, capacity)
+    plan = Plan(strategy, lengths, world, G, capacity, contiguous)
     groups = {"zeppelin": _zeppelin, "tokens": _tokens, "even_cp": _even_cp, "hybrid_dp": _hybrid_dp}[strategy](
         lengths, world, G, capacity, cp, bins, cost, tau_intra, tau_inter)
     plan.groups = groups
     per_rank: list[list[Piece]] = [[] for _ in range(world)]
     for seq in sorted(groups):
         group, level = groups[seq]
-        for rank, piece in _ring_pieces(seq, lengths[seq], group, level):
+        for rank, piece in _ring_pieces(seq, lengths[seq], group, level, contiguous):
             per_rank[rank].append(piece)
     # attention-layout order: slots in the global order, pieces by sequence inside a slot
     plan.pieces = [rank if len({p.group for p in rank}) < 2 else
