@@ -21,6 +21,7 @@ import torch
 
 from longtrain.data.loader import PackedLoader
 from longtrain.data.pipeline import DataSettings
+from longtrain.models.registry import kind_of
 from longtrain.parallel.balance.cost import CostModel, ModelShape, resolve_cluster
 from longtrain.parallel.balance.engine import StepLayout
 from longtrain.parallel.balance.planner import plan_step
@@ -46,6 +47,8 @@ class BalancedBatches:
         self.gpus_per_node = cluster.gpus_per_node
         self.cost_model = CostModel(ModelShape.of(model_cfg, tp), cluster)
         self.tau_intra, self.tau_inter = self.cost_model.tau("intra"), self.cost_model.tau("inter")
+        # scan-based models (hybrid Mamba stacks): ring members hold contiguous chunks, no zigzag
+        self.contiguous = kind_of(model_cfg).contiguous_sequence
         self.last_plan = None
         self.last_layout = None
 
@@ -62,7 +65,7 @@ class BalancedBatches:
         capacity = self.capacity + len(lengths)  # zigzag remainders (a token per sequence) under even_cp
         plan = plan_step(lengths, self.world, self.strategy, capacity=capacity, gpus_per_node=self.gpus_per_node,
                          cp=self.cp, bins=bins, cost=self.cost_model.cost, tau_intra=self.tau_intra,
-                         tau_inter=self.tau_inter)
+                         tau_inter=self.tau_inter, contiguous=self.contiguous)
         layout = StepLayout.build(plan, self.rank, self.remap)
         self.engine.set_step(layout)
         self.last_plan, self.last_layout = plan, layout

@@ -573,9 +573,6 @@ def _validate_balance(recipe: Recipe, degrees: dict, hybrid: bool, fail) -> None
         fail(f"parallel.balance: {p.balance} balances varlen batches; set data.packing: varlen or balance: none")
     if p.balance_bins < 0:
         fail(f"parallel.balance_bins: {p.balance_bins} must be >= 0 (0: one bin per data rank)")
-    if hybrid:
-        fail("parallel.balance: hybrid Mamba stacks are not balanced yet (their scans need contiguous groups); "
-             "set parallel.balance: none and data.packing: whole")
     if p.pp > 1:
         fail("parallel.balance: pipeline parallelism (parallel.pp > 1) is not supported with balancing; set pp: 1")
     from longtrain.parallel.balance.cost import ClusterError, resolve_cluster

@@ -82,11 +82,19 @@ def train_balanced(cases: list) -> list[dict]:
         engine = trainer.parallel.balance_engine
         calls = torch.tensor([engine.calls[k] for k in ("local", "ring", "remap", "routed")] if engine else [0] * 4)
         dist.all_reduce(calls)
+        ssm_cores = {id(m.ssm_core): m.ssm_core for part in trainer.parallel.parts for m in part.modules()
+                     if hasattr(m, "ssm_core")}
+        ssm_calls = torch.tensor([sum(c.calls.get(k, 0) for c in ssm_cores.values() if hasattr(c, "calls"))
+                                  for k in ("local", "ring")])
+        dist.all_reduce(ssm_calls)
         plan = getattr(trainer.loader, "last_plan", None)
         out.append({"losses": result.losses, "calls": dict(zip(("local", "ring", "remap", "routed"), calls.tolist())),
                     "groups": sorted({len(g) for g, _ in plan.groups.values()}) if plan else [],
                     "levels": sorted({lvl for _, lvl in plan.groups.values()}) if plan else [],
-                    "cursor": trainer.loader.state_dict()["cursor"]})
+                    "cursor": trainer.loader.state_dict()["cursor"],
+                    "ssm_calls": dict(zip(("local", "ring"), ssm_calls.tolist())),
+                    "ssm_core": sorted({type(c).__name__ for c in ssm_cores.values()}),
+                    "contiguous": bool(plan.contiguous) if plan else None})
         dist.barrier()
     return out
 
