@@ -33,7 +33,7 @@ def test_each_rank_materializes_only_its_tokens():
     # a step holds whole small files and pieces of large ones, each piece a sequence)
     overrides = ["parallel.cp=4", "parallel.balance=zeppelin", "parallel.balance_bins=2", "data.token_budget=16384",
                  "data.max_doc_len=2048", "model.max_seq_len=16384"]
-    unread = 0
+    unread, grand_total = 0, 0
     ever_held: list = [set() for _ in range(4)]
     ranks = [_batches(overrides, r, 4) for r in range(4)]
     plain = PackedLoader(ranks[0].loader.settings, dp_rank=0, dp_degree=1)  # the same stream and lanes
@@ -57,7 +57,7 @@ def test_each_rank_materializes_only_its_tokens():
                 assert (doc._tokens is not None) == (key in ever_held[r]), (step, r, doc)
         assert (seen == 1).all()
         assert all(b.loader.state_dict()["cursor"] == 2 * (step + 1) for b in ranks)
-        grand_total = total + (grand_total if step else 0)
+        grand_total += total
         assert sum(b.tokens_materialized for b in ranks) == grand_total
     print("documents a rank did not read:", unread)
     assert unread > 0  # the test means something: some rank skipped some document of a step
