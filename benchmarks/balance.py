@@ -299,7 +299,8 @@ def write_report(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "balance.json").write_text(json.dumps(report, indent=1))
     lines = ["# Balance benchmark", "", f"Machine: {report['machine']['cpu']} x {report['machine']['cpu_count']}, "
-             f"other processes used {report['other_processes_cpu_share']:.0%} of it. Elapsed {report['elapsed_s']:.0f} s.",
+             f"other processes used {report['other_processes_cpu_share']:.0%} of it. Elapsed {report['elapsed_s']:.0f} s. "
+             f"Measurements: {report.get('measured_from', 'this run')}.",
              "", "## Measured here vs simulated (forward + backward, slowest rank, mean over steps)", "",
              "| run | measured s | simulated s | sim/meas | attention max/mean | tokens max/mean | MiB sent max rank |",
              "|---|---|---|---|---|---|---|"]
@@ -412,6 +413,9 @@ def main(argv=None) -> int:
               "summary": {"measured_speedup": speedup,
                           "sim_over_measured": {k: float(np.mean(simulated[k]["step_s"]) / np.mean(v["step_s"]))
                                                 for k, v in measured.items()}},
+              "measured_from": (f"reused from an earlier run ({Path(args.from_json).name}; the load share is "
+                                f"that run's, elapsed_s adds this one's simulation time)") if args.from_json
+              else "this run",
               "elapsed_s": previous_elapsed + time.time() - start,
               "other_processes_cpu_share": other if other is not None else (load.other_share() or 0.0)}
     write_report(report, Path(args.out))
