@@ -63,6 +63,13 @@ def test_every_token_exactly_once_and_deterministic(strategy):
             check_exactly_once(plan)
             again = plan_step(lengths, world, strategy, **kw)
             assert again.pieces == plan.pieces
+            # scan-based models: the same groups, one contiguous chunk per member, in ring order
+            flat = plan_step(lengths, world, strategy, contiguous=True, **kw)
+            check_exactly_once(flat)
+            assert flat.groups == plan.groups
+            for seq, (group, _) in flat.groups.items():
+                held = [p for r in group for p in flat.pieces[r] if p.seq == seq]
+                assert [p.start for p in held] == sorted(p.start for p in held) and len(held) <= len(group)
 
 
 def sample_batch(rng, budget, longest=32768):
