@@ -359,8 +359,13 @@ class RowProducer:
     my_lanes to its lane; documents of other lanes are not tokenized (random-access sources do
     not read them at all)."""
 
-    def __init__(self, settings: DataSettings, lanes: int, my_lanes: list[int], stream: DocumentStream | None = None):
+    def __init__(self, settings: DataSettings, lanes: int, my_lanes: list[int], stream: DocumentStream | None = None,
+                 lazy_tokens: bool = False):
+        """`lazy_tokens`: documents whose length is known without reading them (builtin + bytes,
+        megatron) are read only when a caller asks for their tokens (balanced batches: every rank
+        packs the whole step from lengths and reads only the documents it holds)."""
         self.settings, self.V = settings, lanes
+        self.lazy_tokens = lazy_tokens
         self.stream = stream or DocumentStream(settings)
         self.my_lanes = sorted(my_lanes)
         self.mine = set(self.my_lanes)
@@ -390,7 +395,7 @@ class RowProducer:
             self.next_doc += 1
             lane = d % self.V
             if lane in self.mine:
-                self.queues[lane].append(self.stream.fetch(d, need_tokens=not self.replaying))
+                self.queues[lane].append(self.stream.fetch(d, need_tokens=not (self.replaying or self.lazy_tokens)))
         return q.popleft()
 
     def row(self, k: int):

@@ -438,7 +438,7 @@ def validate_recipe(recipe: Recipe, source: str = "recipe", world_size: int | No
              "train.grad_accum=1, no sequence parallel, and cp=1 unless parallel.balance balances them; "
              "use concat or whole")
     if balance != "none":
-        _validate_balance(recipe, degrees, hybrid, fail)
+        _validate_balance(recipe, degrees, fail)
     t = recipe.train
     if t.grad_accum < 1 or d.batch_size % t.grad_accum:
         fail(f"train.grad_accum: {t.grad_accum} must divide data.batch_size={d.batch_size}")
@@ -569,15 +569,12 @@ def _validate_data(d: DataConfig, mcfg, fail) -> None:
             fail(f"{key}: varlen documents of up to {longest} tokens exceed model.max_seq_len={mcfg.max_seq_len}")
 
 
-def _validate_balance(recipe: Recipe, degrees: dict, hybrid: bool, fail) -> None:
+def _validate_balance(recipe: Recipe, degrees: dict, fail) -> None:
     p = recipe.parallel
     if recipe.data.packing != "varlen":
         fail(f"parallel.balance: {p.balance} balances varlen batches; set data.packing: varlen or balance: none")
     if p.balance_bins < 0:
         fail(f"parallel.balance_bins: {p.balance_bins} must be >= 0 (0: one bin per data rank)")
-    if hybrid:
-        fail("parallel.balance: hybrid Mamba stacks are not balanced yet (their scans need contiguous groups); "
-             "set parallel.balance: none and data.packing: whole")
     if p.pp > 1:
         fail("parallel.balance: pipeline parallelism (parallel.pp > 1) is not supported with balancing; set pp: 1")
     from longtrain.parallel.balance.cost import ClusterError, resolve_cluster

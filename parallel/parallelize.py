@@ -20,6 +20,7 @@ import torch.distributed as dist
 from longtrain.models.transformer import DecoderLM, PlainAttention
 from longtrain.parallel.balance.cost import routing_enabled
 from longtrain.parallel.balance.engine import BalancedAttention
+from longtrain.parallel.balance.ssm import BalancedSSMCore
 from longtrain.parallel.config import ClusterConfig, ParallelConfig, compile_blocks, pp_microbatches
 from longtrain.parallel.activation_checkpoint import apply_activation_checkpoint
 from longtrain.parallel.context.ssm import build_ssm_core
@@ -88,6 +89,8 @@ def parallelize(model: DecoderLM, mesh: Mesh, parallel: ParallelConfig, *, devic
         balance_engine = attention = BalancedAttention(group, dist.get_process_group_ranks(group),
                                                        backend=p.attention_backend, kv_chunks=p.cp_kv_chunks,
                                                        routing=routing)
+        if contiguous_sequence:  # scan-based layers: each sequence's ring group is its scan group
+            ssm = BalancedSSMCore(balance_engine)
     elif dims.cp > 1:
         attention = build_strategy(mesh, p.cp_mode, cfg.n_heads // dims.tp, cfg.n_kv_heads // dims.tp,
                                    p.cp_ulysses_degree, p.attention_backend, tp=dims.tp,

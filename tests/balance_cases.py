@@ -82,10 +82,76 @@ def train_balanced(cases: list) -> list[dict]:
         engine = trainer.parallel.balance_engine
         calls = torch.tensor([engine.calls[k] for k in ("local", "ring", "remap", "routed")] if engine else [0] * 4)
         dist.all_reduce(calls)
+        ssm_cores = {id(m.ssm_core): m.ssm_core for part in trainer.parallel.parts for m in part.modules()
+                     if hasattr(m, "ssm_core")}
+        ssm_calls = torch.tensor([sum(c.calls.get(k, 0) for c in ssm_cores.values() if hasattr(c, "calls"))
+                                  for k in ("local", "ring")])
+        dist.all_reduce(ssm_calls)
         plan = getattr(trainer.loader, "last_plan", None)
         out.append({"losses": result.losses, "calls": dict(zip(("local", "ring", "remap", "routed"), calls.tolist())),
                     "groups": sorted({len(g) for g, _ in plan.groups.values()}) if plan else [],
                     "levels": sorted({lvl for _, lvl in plan.groups.values()}) if plan else [],
-                    "cursor": trainer.loader.state_dict()["cursor"]})
+                    "cursor": trainer.loader.state_dict()["cursor"],
+                    "ssm_calls": dict(zip(("local", "ring"), ssm_calls.tolist())),
+                    "ssm_core": sorted({type(c).__name__ for c in ssm_cores.values()}),
+                    "contiguous": bool(plan.contiguous) if plan else None})
         dist.barrier()
     return out
+
+
+def ssm_errors(cases: list[dict]) -> list[dict]:
+    """For each case {lengths, strategy, capacity, remap, tau, gpus_per_node, d_conv}: a Mamba-2 mixer
+    under the balance engine's layout (BalancedSSMCore, contiguous chunks) against the same mixer on
+    one device over the packed row (doc ids reset the conv and the scan at each sequence): out, the
+    input gradient (largest error over ranks) and the parameter gradients (summed over ranks; error
+    relative to each gradient's largest entry); and
+    what ran (local / ring slots, summed over ranks)."""
+    from longtrain.models.mamba import Mamba2Mixer, MambaConfig
+    from longtrain.parallel.balance.engine import BalancedAttention, StepLayout
+    from longtrain.parallel.balance.planner import plan_step
+    from longtrain.parallel.balance.ssm import BalancedSSMCore
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    group = dist.new_group(list(range(world)))
+    results = []
+    for case in cases:
+        lengths = case["lengths"]
+        total = sum(lengths)
+        torch.manual_seed(3)
+        mixer = Mamba2Mixer(MambaConfig(dim=16, d_state=8, d_conv=case.get("d_conv", 4), expand=2, headdim=8,
+                                        ngroups=2, chunk_size=16)).double()
+        gen = torch.Generator().manual_seed(7)
+        hidden = torch.randn(1, total, 16, generator=gen, dtype=torch.float64)
+        dout = torch.randn(1, total, 16, generator=gen, dtype=torch.float64)
+        doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+        ref_in = hidden.clone().requires_grad_()
+        ref = mixer(ref_in, doc_ids=doc)
+        ref.backward(dout)
+        ref_grads = [p.grad.clone() for p in mixer.parameters()]
+        mixer.zero_grad()
+
+        plan = plan_step(lengths, world, case["strategy"], capacity=case["capacity"], cp=world,
+                         gpus_per_node=case.get("gpus_per_node", 0), tau_intra=case.get("tau", 0), contiguous=True)
+        layout = StepLayout.build(plan, rank, case.get("remap", True))
+        engine = BalancedAttention(group, list(range(world)), backend="reference")
+        engine.set_step(layout)
+        core = BalancedSSMCore(engine, backend="reference")
+        mixer.ssm_core = core
+        ids = torch.from_numpy(layout.linear_ids)
+        mine = hidden[:, ids].clone().requires_grad_()
+        out = mixer(mine, doc_ids=doc[:, ids])
+        out.backward(dout[:, ids])
+        grads = [p.grad.clone() for p in mixer.parameters()]
+        for gr in grads:
+            dist.all_reduce(gr)
+        errors = torch.tensor([(out - ref[:, ids]).abs().max().item() if len(ids) else 0.0,
+                               (mine.grad - ref_in.grad[:, ids]).abs().max().item() if len(ids) else 0.0,
+                               max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(grads, ref_grads))],
+                              dtype=torch.float64)
+        dist.all_reduce(errors, op=dist.ReduceOp.MAX)
+        calls = torch.tensor([core.calls["local"], core.calls["ring"]])
+        dist.all_reduce(calls)
+        results.append({"out": errors[0].item(), "dx": errors[1].item(), "dparams": errors[2].item(),
+                        "local": int(calls[0]), "ring": int(calls[1]),
+                        "groups": sorted({len(g) for g, _ in plan.groups.values()})})
+    return results

@@ -98,8 +98,11 @@ def test_recipe_errors_name_the_key():
         load_recipe(None, base + ["cluster.gpus_per_node=3"])
     with pytest.raises(RecipeError, match="data.packing: varlen bins"):
         load_recipe(None, base + ["parallel.balance=none"])
-    with pytest.raises(RecipeError, match="parallel.balance: hybrid Mamba stacks are not balanced yet"):
-        load_recipe(None, base + ["model.kind=hybrid", "model.name=hybrid-tiny"])
+    # hybrid Mamba stacks are balanced (contiguous scan groups); pipeline parallelism is refused in one line
+    assert load_recipe(None, base + ["model.kind=hybrid", "model.name=hybrid-tiny"]).parallel.balance == "auto"
+    with pytest.raises(RecipeError, match=r"need pp=1|parallel.balance: pipeline parallelism") as err:
+        load_recipe(None, base + ["parallel.pp=2", "parallel.balance=zeppelin"])
+    assert "\n" not in str(err.value)
     with pytest.raises(RecipeError, match="parallel.balance: zeppelin balances varlen batches"):
         load_recipe(None, ["parallel.balance=zeppelin", "model.name=tiny"])
     with pytest.raises(RecipeError, match="parallel.balance_bins: -1 must be >= 0"):

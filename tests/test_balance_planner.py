@@ -63,31 +63,94 @@ def test_every_token_exactly_once_and_deterministic(strategy):
             check_exactly_once(plan)
             again = plan_step(lengths, world, strategy, **kw)
             assert again.pieces == plan.pieces
+            # scan-based models: the same groups, one contiguous chunk per member, in ring order
+            flat = plan_step(lengths, world, strategy, contiguous=True, **kw)
+            check_exactly_once(flat)
+            assert flat.groups == plan.groups
+            for seq, (group, _) in flat.groups.items():
+                held = [p for r in group for p in flat.pieces[r] if p.seq == seq]
+                assert [p.start for p in held] == sorted(p.start for p in held) and len(held) <= len(group)
 
 
-def test_zeppelin_balances_attention_and_remap_balances_tokens():
-    """Long-tailed batches on 4 to 512 ranks: zeppelin's attention work max/mean <= 1.05 and, after
-    remapping, tokens max/mean <= 1.02; `tokens` (equal tokens) leaves attention far less balanced.
-    Hiding lengths 256 (intra) and 1024 (inter) tokens: with a longer tau_inter a 16K-32K sequence
-    whose cost alone exceeds a node's fair share may not leave its node (8 x tau_inter > its length),
-    and that node's ranks carry more than the mean (by design: exposed inter-node traffic would cost more)."""
+def sample_batch(rng, budget, longest=32768):
+    """`long_tailed`, vectorized: log-normal lengths (median ~400) with 2% of longest/2..longest,
+    the longest prefix that fits `budget` tokens."""
+    n = budget // 200 + 8
+    tail = rng.random(n) < 0.02
+    lengths = np.where(tail, rng.integers(longest // 2, longest + 1, n),
+                       np.minimum(longest, rng.lognormal(6.0, 1.2, n) + 1)).astype(np.int64)
+    keep = max(1, int(np.searchsorted(np.cumsum(lengths), budget, side="right")))
+    return lengths[:keep].tolist()
+
+
+def check_exactly_once_fast(plan):
+    """check_exactly_once on intervals instead of per-token counters (for thousands of sequences):
+    per sequence the pieces, sorted by start, tile [0, L) with no gap and no overlap; every piece's
+    rank is a member of its ring group; no rank above capacity."""
+    rows = [(p.seq, p.start, p.stop) for rank, pieces in enumerate(plan.pieces) for p in pieces]
+    members = {}
+    for rank, pieces in enumerate(plan.pieces):
+        for p in pieces:
+            if rank not in members.setdefault(p.group, frozenset(p.group)):
+                raise AssertionError(f"rank {rank} holds a piece of sequence {p.seq} outside its group")
+    seq, start, stop = (np.array(c, np.int64) for c in zip(*rows))
+    order = np.lexsort((start, seq))
+    seq, start, stop = seq[order], start[order], stop[order]
+    assert (stop > start).all()
+    first = np.r_[True, seq[1:] != seq[:-1]]
+    last = np.r_[seq[1:] != seq[:-1], True]
+    assert np.array_equal(seq[first], np.arange(len(plan.lengths))), "a sequence has no piece"
+    assert (start[first] == 0).all()
+    assert (start[~first] == stop[np.flatnonzero(~first) - 1]).all(), "gap or overlap inside a sequence"
+    assert np.array_equal(stop[last], np.asarray(plan.lengths, np.int64))
+    assert plan.tokens_per_rank().max() <= plan.capacity
+
+
+# (ranks, batches): 10,000 batches in all; fewer at the large rank counts, whose batches hold thousands
+# of sequences (16K tokens per rank: ~6,400 sequences a batch at 512 ranks) and take ~0.1-0.2 s each
+SCALE_BATCHES = ((4, 3300), (8, 3000), (16, 2000), (32, 1000), (64, 500), (128, 150), (256, 40), (512, 10))
+
+
+def test_zeppelin_at_scale_10000_batches():
+    """10,000 long-tailed batches on 4 to 512 ranks (8 per node; 16K tokens per rank per step, capacity
+    1.25x): every token assigned exactly once; zeppelin's attention work max/mean <= 1.05; after the
+    remap solver, tokens max/mean <= 1.02 (and, on every 100th batch, the linear layout is a permutation
+    of the step's tokens); `tokens` (equal tokens, sequences whole) leaves attention far less balanced.
+    Hiding lengths 256 (intra) and 1024 (inter) tokens. With ~2K tokens per rank instead of 16K the
+    hiding lengths bind (a 16K-32K sequence may not be cut below 1K tokens a rank, so its ring's ranks
+    carry more than the mean: by design, exposed communication would cost more): the 16K budget is the
+    regime the 1.05 target is stated for; the benchmark reports the tight regime too."""
+    assert sum(n for _, n in SCALE_BATCHES) == 10_000
     rng = np.random.default_rng(1)
-    worst = {"zeppelin": 0.0, "tokens": 0.0, "remapped": 0.0}
-    for world in (4, 8, 16, 64, 512):
-        for _ in range(40 if world < 512 else 3):
-            cap = 16384
-            lengths = long_tailed(rng, world * cap)
-            for strategy in ("zeppelin", "tokens"):
-                plan = plan_step(lengths, world, strategy, capacity=int(1.5 * cap), gpus_per_node=8,
-                                 tau_intra=256, tau_inter=1024)
-                check_exactly_once(plan)
-                work = plan.attention_work()
-                worst[strategy] = max(worst[strategy], work.max() / work.mean())
-                if strategy == "zeppelin":
-                    lin = linear_layout(token_ids(plan), 8)
-                    counts = np.array([len(x) for x in lin])
-                    worst["remapped"] = max(worst["remapped"], counts.max() / counts.mean())
-                    assert np.array_equal(np.sort(np.concatenate(lin)), np.arange(sum(lengths)))
+    worst = {"zeppelin": 0.0, "remapped": 0.0, "tokens": 0.0}
+    per_rank = 16384
+    checked_perm = 0
+    for world, n_batches in SCALE_BATCHES:
+        for b in range(n_batches):
+            lengths = sample_batch(rng, world * per_rank)
+            kw = dict(capacity=int(1.25 * per_rank), gpus_per_node=8, tau_intra=256, tau_inter=1024)
+            plan = plan_step(lengths, world, "zeppelin", **kw)
+            check_exactly_once_fast(plan)
+            work = plan.attention_work()
+            worst["zeppelin"] = max(worst["zeppelin"], work.max() / work.mean())
+            counts = plan.tokens_per_rank()
+            after = counts.copy()
+            for (src, dst), n in transfers(counts.tolist(), 8).items():
+                after[src] -= n
+                after[dst] += n
+            assert after.sum() == sum(lengths) and after.max() - after.min() <= 1
+            worst["remapped"] = max(worst["remapped"], after.max() / after.mean())
+            if b % 100 == 0 and world <= 64:
+                lin = linear_layout(token_ids(plan), 8)
+                assert np.array_equal(np.sort(np.concatenate(lin)), np.arange(sum(lengths)))
+                assert [len(x) for x in lin] == after.tolist()
+                checked_perm += 1
+            if b % 50 == 0:  # the baseline on a sample
+                tok = plan_step(lengths, world, "tokens", **kw)
+                work = tok.attention_work()
+                worst["tokens"] = max(worst["tokens"], work.max() / work.mean())
+    print("worst max/mean over 10,000 batches:", worst)
+    assert checked_perm >= 90
     assert worst["zeppelin"] <= 1.05, worst
     assert worst["remapped"] <= 1.02, worst
     assert worst["tokens"] > 1.5, worst
@@ -128,15 +191,20 @@ def test_errors_are_one_line():
 
 
 def test_planning_time():
-    """1,024 sequences on 512 ranks. The target is 10 ms; this shared 2-core machine is slower and
-    busier than a training host, so the test allows 100 ms (the measured time is in the benchmark)."""
-    rng = np.random.default_rng(2)
-    lengths = [int(min(32768, rng.lognormal(6.0, 1.2) + 1)) for _ in range(1024)]
-    cap = 2 * -(-sum(lengths) // 512)
-    plan_step(lengths, 512, capacity=cap, gpus_per_node=8, tau_intra=256, tau_inter=2048)
-    best = min(_timed(lambda: plan_step(lengths, 512, capacity=cap, gpus_per_node=8, tau_intra=256,
-                                        tau_inter=2048)) for _ in range(3))
-    assert best < 0.1, best
+    """1,024 sequences on 512 ranks. The target is 10 ms (benchmarks/balance.py measures and records the
+    median: `planning` in balance.json); this shared, loaded 2-core machine is slower and busier than a
+    training host, so the test only bounds the median of 7 runs by 100 ms."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "balance_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "balance.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    timing = bench.planning_time(repeats=7)
+    assert timing["sequences"] == 1024 and timing["ranks"] == 512 and len(timing["runs_ms"]) == 7
+    median_ms = timing["median_ms"]
+    assert 0 < median_ms < 100, median_ms
 
 
 def _timed(fn):

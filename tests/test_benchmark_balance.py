@@ -36,3 +36,13 @@ def test_balance_benchmark_smoke(tmp_path):
     assert max(max(b) for b in measured["cp4/tokens"]["bytes_sent_per_rank"]) == 0  # the 2K sequence fits a rank
     scale = report["at_scale"]
     assert {r["cluster"] for r in scale["rows"]} == {"A", "B", "C"} and scale["average_speedup"] > 0
+    # the ablation: every switch combination per row, the baseline at 1x, every mix and cluster
+    ab = report["ablation"]
+    names = {"te_cp", "routing", "partitioning", "partitioning+routing", "partitioning+remapping", "all"}
+    assert set(ab["mean_speedup"]) == names and ab["mean_speedup"]["te_cp"] == 1.0
+    assert {(r["cluster"], r["mix"]) for r in ab["rows"]} == {(c, m) for c in "ABC"
+                                                               for m in ("arxiv", "github", "prolong64k")}
+    assert all(set(r["step_s"]) == names and min(r["step_s"].values()) > 0 for r in ab["rows"])
+    # the planning time of 1,024 sequences on 512 ranks is measured and recorded (not judged here)
+    assert report["planning"]["ranks"] == 512 and report["planning"]["median_ms"] > 0
+    assert "Planning time" in (tmp_path / "balance.md").read_text()

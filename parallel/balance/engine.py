@@ -41,6 +41,7 @@ class Slot:
     pos: torch.Tensor  # (1, padded) position in the sequence
     doc: torch.Tensor  # (1, padded) sequence id, -1 for padding
     nodes: tuple = ()  # node of each ring member
+    sequences: tuple = ()  # (sequence, length) of every sequence of the group, in slot order
 
 
 @dataclass
@@ -55,6 +56,7 @@ class StepLayout:
     to_attention: Route | None = None
     to_linear: Route | None = None
     stats: dict = field(default_factory=dict)
+    contiguous: bool = False  # the plan's ring members hold contiguous chunks (scan-based models)
 
     @classmethod
     def build(cls, plan: Plan, rank: int, remap: bool) -> "StepLayout":
@@ -71,7 +73,7 @@ class StepLayout:
             if rank in group:
                 mine.setdefault(group, (group, level, []))[2].append(seq)
         slots, offset = [], 0
-        for group, level, _ in sorted(mine.values(), key=slot_key):
+        for group, level, seqs in sorted(mine.values(), key=slot_key):
             pieces = [p for p in plan.pieces[rank] if p.group == group]
             real = sum(p.stop - p.start for p in pieces)
             padded = max(counts.get(group, {}).values() or [1])
@@ -84,9 +86,10 @@ class StepLayout:
                 at += p.stop - p.start
             slots.append(Slot(group, level, group.index(rank), offset, real, padded,
                               torch.from_numpy(pos)[None], torch.from_numpy(doc)[None],
-                              tuple(r // plan.gpus_per_node for r in group)))
+                              tuple(r // plan.gpus_per_node for r in group),
+                              tuple((seq, plan.lengths[seq]) for seq in sorted(seqs))))
             offset += real
-        layout = cls(rank, slots, linear[rank], attention[rank])
+        layout = cls(rank, slots, linear[rank], attention[rank], contiguous=plan.contiguous)
         if remap:
             layout.to_attention = plan_route(linear, attention, rank)
             layout.to_linear = invert(layout.to_attention)

@@ -59,6 +59,7 @@ class Plan:
     world: int
     gpus_per_node: int
     capacity: int  # tokens a rank may hold in the attention layout
+    contiguous: bool = False  # ring members hold contiguous chunks (not zigzag pairs)
     groups: dict = field(default_factory=dict)  # seq -> (group, level)
     pieces: list = field(default_factory=list)  # per rank: its pieces in attention-layout order
 
@@ -101,12 +102,27 @@ def zigzag_bounds(length: int, g: int) -> list[int]:
     return bounds
 
 
-def _ring_pieces(seq: int, length: int, group: tuple, level: str) -> list[tuple[int, Piece]]:
+def contiguous_bounds(length: int, g: int) -> list[int]:
+    """Bounds of g near-equal contiguous chunks (scan-based models: member i holds chunk i)."""
+    base, extra = divmod(length, g)
+    bounds = [0]
+    for c in range(g):
+        bounds.append(bounds[-1] + base + (1 if c < extra else 0))
+    return bounds
+
+
+def _ring_pieces(seq: int, length: int, group: tuple, level: str, contiguous: bool = False) -> list[tuple[int, Piece]]:
     g = len(group)
     if g == 1:
         return [(group[0], Piece(seq, 0, length, group, level))]
-    b = zigzag_bounds(length, g)
     out = []
+    if contiguous:
+        b = contiguous_bounds(length, g)
+        for i, rank in enumerate(group):
+            if b[i + 1] > b[i]:
+                out.append((rank, Piece(seq, b[i], b[i + 1], group, level)))
+        return out
+    b = zigzag_bounds(length, g)
     for i, rank in enumerate(group):
         for c in (i, 2 * g - 1 - i):
             if b[c + 1] > b[c]:
@@ -120,11 +136,14 @@ def quadratic(length: int) -> float:
 
 def plan_step(lengths: Sequence[int], world: int, strategy: str = "zeppelin", *, capacity: int,
               gpus_per_node: int = 0, cp: int = 1, bins: Optional[Sequence[int]] = None,
-              cost: Callable[[int], float] = quadratic, tau_intra: float = 0.0, tau_inter: float = 0.0) -> Plan:
+              cost: Callable[[int], float] = quadratic, tau_intra: float = 0.0, tau_inter: float = 0.0,
+              contiguous: bool = False) -> Plan:
     """Plan one step. `capacity`: tokens one rank may hold; `cp`: ranks per data rank (even_cp,
     hybrid_dp; ranks d*cp .. d*cp+cp-1 are data rank d's); `bins[i]`: the data rank whose bin
     sequence i came in (even_cp); `cost`: the balancing weight of a whole sequence (the cost model's
-    attention seconds; L^2 by default); tau_*: hiding lengths in tokens."""
+    attention seconds; L^2 by default); tau_*: hiding lengths in tokens; `contiguous`: a ring member
+    holds one contiguous chunk of its sequence instead of the zigzag pair (scan-based models: hybrid
+    Mamba stacks scan each chunk in order; causal attention work is then uneven inside a ring)."""
     lengths = [int(x) for x in lengths]
     if strategy not in STRATEGIES:
         raise PlanError(f"parallel.balance: unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
@@ -143,14 +162,14 @@ def plan_step(lengths: Sequence[int], world: int, strategy: str = "zeppelin", *,
     if sum(lengths) > total:
         raise PlanError(f"balance plan: {sum(lengths)} tokens exceed the balancing group's capacity "
                         f"({world} ranks x {capacity} tokens)")
-    plan = Plan(strategy, lengths, world, G, capacity)
+    plan = Plan(strategy, lengths, world, G, capacity, contiguous)
     groups = {"zeppelin": _zeppelin, "tokens": _tokens, "even_cp": _even_cp, "hybrid_dp": _hybrid_dp}[strategy](
         lengths, world, G, capacity, cp, bins, cost, tau_intra, tau_inter)
     plan.groups = groups
     per_rank: list[list[Piece]] = [[] for _ in range(world)]
     for seq in sorted(groups):
         group, level = groups[seq]
-        for rank, piece in _ring_pieces(seq, lengths[seq], group, level):
+        for rank, piece in _ring_pieces(seq, lengths[seq], group, level, contiguous):
             per_rank[rank].append(piece)
     # attention-layout order: slots in the global order, pieces by sequence inside a slot
     plan.pieces = [rank if len({p.group for p in rank}) < 2 else
@@ -286,8 +305,10 @@ def _zeppelin(lengths, world, G, capacity, cp, bins, cost, tau_intra, tau_inter)
             rank_load[r] += c / g
             rank_tok[r] += -(-L // g)
             heapq.heappush(rank_heaps[r // G], (rank_load[r], r))
-        for n in sorted({r // G for r in group}):
-            members = sum(1 for r in group if r // G == n)
+        members_of: dict = {}
+        for r in group:
+            members_of[r // G] = members_of.get(r // G, 0) + 1
+        for n, members in sorted(members_of.items()):
             node_load[n] += c * members / g
             node_tok[n] += -(-L // g) * members
             heapq.heappush(node_heap, (node_load[n], n))
@@ -324,16 +345,26 @@ def _zeppelin(lengths, world, G, capacity, cp, bins, cost, tau_intra, tau_inter)
 
     def intra_ring(L, c, g_lo, g_hi):
         """(group, its members' largest load) over the least-loaded node with room, or (None, inf)."""
-        with_room = [n for n in range(N) if node_tok[n] + L <= G * capacity]
-        n = min(with_room, key=lambda n: (node_load[n], n)) if with_room else min(range(N), key=lambda n: node_tok[n])
-        by_load = sorted(range(n * G, (n + 1) * G), key=lambda r: (rank_load[r], r))
-        best, best_key = None, (float("inf"), 0)
-        for g in range(g_lo, min(g_hi, G) + 1):
-            share = -(-L // g) + 1  # a member's zigzag chunk pair holds at most this many tokens
-            fits = [r for r in by_load if rank_tok[r] + share <= capacity][:g]
-            if len(fits) == g and (rank_load[fits[-1]] + c / g, g) < best_key:
-                best, best_key = fits, (rank_load[fits[-1]] + c / g, g)
-        return (tuple(sorted(best)) if best else None), best_key[0]
+        # the least-loaded node with token room first; when its ranks' free room is too fragmented
+        # for the ring, the next nodes (by load), so a plan never fails while a node can hold it
+        for n in sorted(range(N), key=lambda n: (node_tok[n] + L > G * capacity, node_load[n], n)):
+            by_load = sorted(range(n * G, (n + 1) * G), key=lambda r: (rank_load[r], r))
+            best, best_key = None, (float("inf"), 0)
+            for g in range(g_lo, min(g_hi, G) + 1):
+                share = -(-L // g) + 1  # a member's zigzag chunk pair holds at most this many tokens
+                fits = [r for r in by_load if rank_tok[r] + share <= capacity][:g]
+                if len(fits) == g and (rank_load[fits[-1]] + c / g, g) < best_key:
+                    best, best_key = fits, (rank_load[fits[-1]] + c / g, g)
+            if best is None:  # wider than the hiding length allows, but it fits: better than no plan
+                for g in range(min(g_hi, G) + 1, G + 1):
+                    share = -(-L // g) + 1
+                    fits = [r for r in by_load if rank_tok[r] + share <= capacity][:g]
+                    if len(fits) == g:
+                        best, best_key = fits, (rank_load[fits[-1]] + c / g, g)
+                        break
+            if best is not None:
+                return tuple(sorted(best)), best_key[0]
+        return None, float("inf")
 
     def inter_ring(L, c, k_hidden, need_mem):
         """Whole nodes, k of them minimizing the most loaded chosen node (ties: fewer nodes); and
@@ -344,6 +375,15 @@ def _zeppelin(lengths, world, G, capacity, cp, bins, cost, tau_intra, tau_inter)
         k = min(range(k_lo, k_hi + 1), key=lambda k: (node_load[order[k - 1]] + c / k, k))
         group = tuple(n * G + j for n in sorted(order[:k]) for j in range(G))
         return group, max(rank_load[r] for r in group) + c / len(group)
+
+    def roomiest_ring(L):
+        """Last resort when no node's free room holds the sequence: the fewest ranks anywhere (those
+        with the most free tokens) whose zigzag shares fit; None if none do."""
+        by_room = sorted(range(world), key=lambda r: (rank_tok[r], r))
+        for g in range(2, world + 1):
+            if all(rank_tok[r] + -(-L // g) + 1 <= capacity for r in by_room[:g]):
+                return tuple(sorted(by_room[:g]))
+        return None
 
     for seq in sorted(range(len(lengths)), key=lambda i: (-costs[i], i)):
         L, c = lengths[seq], costs[seq]
@@ -370,6 +410,8 @@ def _zeppelin(lengths, world, G, capacity, cp, bins, cost, tau_intra, tau_inter)
         if r is not None and (group is None or peak >= rank_load[r] + c):
             group = (r,)
         elif group is None:
+            group = roomiest_ring(L)
+        if group is None:
             raise PlanError(f"balance plan: no room for sequence {seq} of {L} tokens (capacity {capacity} per rank)")
         out[seq] = (group, _level(group, G))
         add(group, L, c)
