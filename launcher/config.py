@@ -391,7 +391,6 @@ def validate_recipe(recipe: Recipe, source: str = "recipe", world_size: int | No
     if mcfg.n_kv_heads % p.tp:
         fail(f"model.n_kv_heads: {mcfg.n_kv_heads} kv heads do not divide by parallel.tp={p.tp}")
     kind = kind_of(mcfg)
-    hybrid = isinstance(mcfg, HybridConfig)  # Mamba-2 layers: their heads, groups and conv window constrain tp and cp
     if p.cp > 1:
         from longtrain.parallel.context.strategy import CPConfigError, resolve_mode
 
