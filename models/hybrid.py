@@ -21,7 +21,7 @@ from torch import nn
 from longtrain.models.ladder import LocalSync, Residual, check_residual, first_ladder_layer, is_ladder, ladder_step
 from longtrain.models.mamba import MambaConfig, Mamba2Mixer, init_ssm_param
 from longtrain.models.mla import MLAConfig, MLAttention
-from longtrain.models.parallel_plan import BlockTPPlan, even_layer_split, prefixed
+from longtrain.models.parallel_plan import BlockTPPlan, Sublayer, even_layer_split, prefixed
 from longtrain.models.transformer import (Attention, DecoderLM, FeedForward, RMSNorm, RopeScaling,
                                           seeded_normal_)
 
@@ -238,8 +238,7 @@ class HybridBlock(nn.Module):
         """Attention and MLP as in a transformer block; Mamba-2 with its heads split across tp (see
         Mamba2Mixer.tp_styles)."""
         inputs = 1 if self.kind == "-" else 3
-        return BlockTPPlan(styles=prefixed("mixer", self.mixer.tp_styles()), gathered_inputs={"mixer": inputs},
-                           sequence_norms=["norm"])
+        return BlockTPPlan(styles=prefixed("mixer", self.mixer.tp_styles()), sublayers=[Sublayer("norm", "mixer", inputs)])
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}"

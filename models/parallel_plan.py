@@ -26,10 +26,20 @@ TopTPStyle = Literal["embedding", "sequence_norm", "head"]
 
 
 @dataclass
+class Sublayer:
+    """One pre-norm sublayer of a block: the norm (run on sequence shards under sequence parallel)
+    and the mixer after it (its hidden-state input gathered from sequence shards; its other
+    inputs, positions and document ids, pass as they are)."""
+
+    norm: str
+    mixer: str
+    n_inputs: int
+
+
+@dataclass
 class BlockTPPlan:
     styles: dict[str, TPStyle] = field(default_factory=dict)  # submodule path in the block -> split
-    gathered_inputs: dict[str, int] = field(default_factory=dict)  # mixer path -> its number of inputs
-    sequence_norms: list[str] = field(default_factory=list)  # norms on sequence shards under sequence parallel
+    sublayers: list[Sublayer] = field(default_factory=list)  # in the order they run
 
 
 class AttentionMixer(nn.Module):

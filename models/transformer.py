@@ -22,6 +22,7 @@ from longtrain.models.parallel_plan import (
     AttentionMixer,
     BlockTPPlan,
     SSMMixer,
+    Sublayer,
     TopTPStyle,
     TPStyle,
     even_layer_split,
@@ -276,8 +277,8 @@ class TransformerBlock(nn.Module):
     def tensor_parallel_plan(self) -> BlockTPPlan:
         return BlockTPPlan(styles={**prefixed("attention", self.attention.tp_styles()),
                                    **prefixed("feed_forward", self.feed_forward.tp_styles())},
-                           gathered_inputs={"attention": 3, "feed_forward": 1},
-                           sequence_norms=["attention_norm", "ffn_norm"])
+                           sublayers=[Sublayer("attention_norm", "attention", 3),
+                                      Sublayer("ffn_norm", "feed_forward", 1)])
 
 
 def seeded_normal_(p: torch.Tensor, std: float, generator: torch.Generator | None) -> None:

@@ -51,8 +51,8 @@ def apply_tensor_parallel(model: DecoderLM, tp_mesh: DeviceMesh, sequence_parall
     styles = {"colwise": ColwiseParallel, "replicate": _Replicated, "sum_grad": _SumGradOverTP}
     for key, block_plan in model.block_tp_plans().items():
         block = model.layers[key]
-        plan: dict[str, ParallelStyle] = {path: _mixer_input(between, n_inputs)
-                                          for path, n_inputs in block_plan.gathered_inputs.items()}
+        plan: dict[str, ParallelStyle] = {sub.mixer: _mixer_input(between, sub.n_inputs)
+                                          for sub in block_plan.sublayers}
         for path, style in block_plan.styles.items():
             if style == "shard_params":  # the module's own vectors, split like the heads they follow
                 _shard_own_params(block.get_submodule(path), tp_mesh)
@@ -61,7 +61,7 @@ def apply_tensor_parallel(model: DecoderLM, tp_mesh: DeviceMesh, sequence_parall
             else:
                 plan[path] = styles[style]()
         if sequence_parallel:
-            plan.update({norm: SequenceParallel() for norm in block_plan.sequence_norms})
+            plan.update({sub.norm: SequenceParallel() for sub in block_plan.sublayers})
         parallelize_module(block, tp_mesh, plan)
 
 
