@@ -26,7 +26,8 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from longtrain.parallel.ladder import LadderRowwiseParallel, SublayerReductions
+from longtrain.parallel.ladder import (LadderMixerInput, LadderRowwiseParallel, LadderSublayerInput,
+                                       SublayerReductions)
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = True,
@@ -35,6 +36,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
     model's output projections launch their reductions asynchronously (parallel/ladder.py)."""
     between = Shard(1) if sequence_parallel else Replicate()
     row = lambda name: RowwiseParallel(output_layouts=between)  # noqa: E731
+    reductions = None
     if model.ladder_residual:
         reductions = SublayerReductions(tp_mesh.get_group(), sequence_parallel, ladder_overlap)
         row = partial(LadderRowwiseParallel, reductions)
@@ -64,7 +66,12 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
             "feed_forward": _mixer_input(between, 1),
             **_mlp_plan("feed_forward", row_in),
         }
-        if sequence_parallel:
+        if reductions is not None:  # ladder: input gradients reduced late (parallel/ladder.py)
+            for norm, mixer in (("attention_norm", "attention"), ("ffn_norm", "feed_forward"), ("norm", "mixer")):
+                if isinstance(getattr(block, norm, None), nn.Module):
+                    plan[norm] = LadderSublayerInput(reductions, f"layers.{key}.{mixer}")
+                    plan[mixer] = LadderMixerInput()
+        elif sequence_parallel:
             for norm in ("attention_norm", "ffn_norm", "norm"):
                 if isinstance(getattr(block, norm, None), nn.Module):
                     plan[norm] = SequenceParallel()

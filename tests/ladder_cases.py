@@ -1,6 +1,8 @@
 """Ladder Residual cases that run inside a process group (see distributed.run_group)."""
 from __future__ import annotations
 
+from functools import partial
+
 import torch.distributed as dist
 
 from cases import TINY, train_cases
@@ -8,8 +10,9 @@ from cases import TINY, train_cases
 
 def overlap_trace(overrides: list[str]) -> dict:
     """One forward and backward of a tensor-parallel ladder model with every sublayer's compute
-    start and every reduction's launch and wait recorded in order: the log, the counts, and
-    which layers are ladder layers."""
+    start (forward and backward) and every reduction's launch and wait (forward: the output
+    reductions; backward: the input-gradient reductions) recorded in order: the log, the counts,
+    and which layers are ladder layers."""
     from longtrain.launcher.config import load_recipe
     from longtrain.launcher.trainer import Trainer
     from longtrain.parallel.ladder import SublayerReductions
@@ -26,14 +29,25 @@ def overlap_trace(overrides: list[str]) -> dict:
         names = ["mixer"] if hasattr(block, "kind") else ["attention", "feed_forward"]
         for name in names:
             label = f"layers.{key}.{name}"
-            getattr(block, name).register_forward_pre_hook(lambda mod, args, label=label: log.append(("compute", label)))
+            mixer = getattr(block, name)
+            mixer.register_forward_pre_hook(lambda mod, args, label=label: log.append(("compute", label)))
+            # backward: the sublayer's output gradient arrives (its backward starts) and its input
+            # gradient is complete (its backward is done)
+            mixer.register_forward_hook(partial(_mark_backward, log, label))
             mixers.append((label, block.ladder))
     batch = trainer._local_batch(next(iter(trainer.loader)))
     trainer.tokens_in_step = trainer._global_token_count(batch["labels"])
     loss = trainer._loss_fn(model(batch["tokens"], *trainer._meta(batch)), batch["labels"])
     log.append(("forward_done", ""))
     loss.backward()
-    return {"log": log, "counts": dict(reductions.counts), "sublayers": mixers, "in_flight": reductions.in_flight}
+    log.append(("backward_end", ""))
+    return {"log": log, "counts": dict(reductions.counts), "sublayers": mixers, "in_flight": reductions.in_flight,
+            "lazy_pending": sum(len(entry[1]) for entry in reductions.lazy.values())}
+
+
+def _mark_backward(log: list, label: str, module, args, out) -> None:
+    out.register_hook(lambda grad: log.append(("backward", label)))
+    args[0].register_hook(lambda grad: log.append(("backward_done", label)))
 
 
 def ladder_group(train: list, traces: list) -> dict:
