@@ -70,6 +70,7 @@ class SublayerReductions:
                        "grad_deferred": 0}
         self.wait_seconds = 0.0  # host time blocked in wait(): the communication left exposed
         self.grad_wait_seconds = 0.0  # the same for the input-gradient reductions of backward
+        self.norm_grad_seconds = 0.0  # host time in the (blocking, dim-sized) norm weight gradient sums
         # The input-gradient reductions run on their own group (on nccl: their own stream).
         self.grad_group = dist.new_group(dist.get_process_group_ranks(tp_group), use_local_synchronization=True)
         # storage address of a `_LazyAdd` output -> (weak reference to it, its deferred gradients)
@@ -282,14 +283,16 @@ class _SumGradOverTP(torch.autograd.Function):
     """Identity; the gradient (a norm weight's, computed from this rank's share) summed over tp."""
 
     @staticmethod
-    def forward(ctx, weight, group):
-        ctx.group = group
+    def forward(ctx, weight, reductions: SublayerReductions):
+        ctx.reductions = reductions
         return weight.view_as(weight)
 
     @staticmethod
     def backward(ctx, grad):
+        began = time.perf_counter()
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
+        dist.all_reduce(grad, group=ctx.reductions.group)
+        ctx.reductions.norm_grad_seconds += time.perf_counter() - began
         return grad, None
 
 
@@ -328,15 +331,15 @@ class LadderSublayerInput(ParallelStyle):
             module.register_parameter("weight", nn.Parameter(distribute_tensor(module.weight.data, device_mesh,
                                                                                 [Replicate()])))
         module.register_forward_pre_hook(lambda mod, args: (_SublayerInput.apply(args[0], red, label), *args[1:]))
-        module.forward = partial(_norm_summing_weight_grad, module, red.group)
+        module.forward = partial(_norm_summing_weight_grad, module, red)
         return module
 
 
-def _norm_summing_weight_grad(module: nn.Module, group, x: torch.Tensor) -> torch.Tensor:
+def _norm_summing_weight_grad(module: nn.Module, reductions: SublayerReductions, x: torch.Tensor) -> torch.Tensor:
     weight = module.weight
     if isinstance(weight, DTensor):
         weight = weight.to_local()  # replicated: its gradient, summed below, is the same on every rank
-    return rms_norm(x, _SumGradOverTP.apply(weight, group), module.eps)
+    return rms_norm(x, _SumGradOverTP.apply(weight, reductions), module.eps)
 
 
 class LadderMixerInput(ParallelStyle):
