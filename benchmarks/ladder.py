@@ -15,8 +15,8 @@ What is measured, per tp degree, in one process group, same shapes, fp32 on CPU 
   backward (each sublayer's input-gradient all-reduce / reduce-scatter): the host time blocked in
   their wait(). Waiting at once (no overlap) that is the whole reduction time; with overlap it is
   what stays exposed, so hidden = 1 - exposed(overlap) / exposed(no overlap), forward, backward
-  and both; beside it the blocking norm-weight gradient sums (dim values per sublayer) that the
-  backward overlap adds;
+  and both; beside it the time of the one all-reduce per step of the norm weight gradients that
+  the backward overlap adds (ParallelModel.finish_gradients);
 - a cost model of the same for GPUs (`gpu_model`, not measured): per sublayer, compute = FLOPs /
   (tp x peak) in training or weight bytes / HBM bandwidth in decode, communication = ring
   all-reduce 2 (tp-1)/tp x bytes / bus bandwidth + latency; ladder hides min(comm, next compute).
@@ -173,7 +173,7 @@ def markdown(report: dict) -> str:
              f"{report['machine'].get('cpu_count')}.", "",
              "| tp | standard s/step | ladder s/step | ladder, no overlap s/step | ladder / standard speed-up | "
              "overlap speed-up | reduction time s/step (fwd + bwd) | exposed with overlap (fwd + bwd) | hidden | "
-             "hidden fwd | hidden bwd | norm-weight grad sums s/step |",
+             "hidden fwd | hidden bwd | norm-weight grad sum s/step |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     pct = lambda x: "-" if x is None else f"{100 * x:.0f}%"  # noqa: E731
     for r in report["results"]:
@@ -186,8 +186,9 @@ def markdown(report: dict) -> str:
                      f"{pct(r['hidden_share_backward'])} | {on['norm_grad_sum_s']:.4f} |")
     lines += ["", "Hidden = 1 - (host time blocked waiting for the sublayer reductions with overlap) / "
               "(the same without overlap, where the wait is the whole reduction); forward: the sublayer output "
-              "reductions, backward: the input-gradient reductions. The norm-weight gradient sums (blocking, dim "
-              "values each) are the communication the backward overlap adds; they are not in the hidden share.", "",
+              "reductions, backward: the input-gradient reductions. The norm-weight gradient sum (one all-reduce "
+              "of every sublayer norm's weight gradient per step) is the communication the backward overlap "
+              "adds; it is not in the hidden share.", "",
               "## Cost model for GPUs (not measured; H100 bf16, NVLink ring all-reduce 360 GB/s bus, 12 us latency)",
               "", "| mode | tp | tokens | attention compute us | MLP compute us | all-reduce us | layer standard us | "
               "layer ladder us | speed-up |", "|---|---|---|---|---|---|---|---|---|"]

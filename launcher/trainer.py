@@ -459,6 +459,7 @@ class Trainer:
                 loss.backward()
                 local += loss.detach()
             holds_loss = True
+        self.parallel.finish_gradients()
 
         if self.recipe.optim.offload != "none":  # gradients of host subgroups live on the host
             from longtrain.parallel.offload import clip_offloaded_grad_norm

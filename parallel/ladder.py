@@ -21,8 +21,9 @@ is how the benchmark measures what the overlap hides. `log` (a list, when set) r
 Backward (the same overlap, mirrored): in front of each sublayer's norm sits `_SublayerInput`
 (all-gathering the stream along the sequence under sequence parallel). A tp rank's gradient at
 the mixer input is its share of the sum (its heads' part); it stays partial through the norm's
-backward (the norm is linear in the gradient it receives: its weight gradient is summed over tp
-right away, a vector of `dim` values), and `_SublayerInput` launches the reduction of the
+backward (the norm is linear in the gradient it receives; its weight gradient stays this rank's
+share, summed over tp once per step by `finish_gradients`, which the trainer calls after the
+last backward: ParallelModel.finish_gradients), and `_SublayerInput` launches the reduction of the
 stream gradient (all-reduce, or reduce-scatter along the sequence) on a second process group
 (so the sequence-parallel all-gather of the next sublayer's backward does not queue behind it).
 Who waits: a ladder step creates the node that adds the pending output to the stream
@@ -70,7 +71,8 @@ class SublayerReductions:
                        "grad_deferred": 0}
         self.wait_seconds = 0.0  # host time blocked in wait(): the communication left exposed
         self.grad_wait_seconds = 0.0  # the same for the input-gradient reductions of backward
-        self.norm_grad_seconds = 0.0  # host time in the (blocking, dim-sized) norm weight gradient sums
+        self.norm_grad_seconds = 0.0  # host time in finish_gradients (the norm weight gradient sums)
+        self.norms: list[nn.Module] = []  # the sublayer norms whose weight gradients are tp shares
         # The input-gradient reductions run on their own group (on nccl: their own stream).
         self.grad_group = dist.new_group(dist.get_process_group_ranks(tp_group), use_local_synchronization=True)
         # storage address of a `_LazyAdd` output -> (weak reference to it, its deferred gradients)
@@ -169,6 +171,21 @@ class SublayerReductions:
         if self.log is not None:
             self.log.append(("grad_wait", label))
         return out.contiguous()  # a stream gradient (sent as is between pipeline stages)
+
+    def finish_gradients(self) -> None:
+        """Once per optimizer step, after the last backward: sum the sublayer norms' weight
+        gradients over tp (each rank's is its share: the norm's backward ran on the partial input
+        gradient). One all-reduce of all of them; FSDP's reduction over dp, already done, is a
+        sum too, so the order does not matter."""
+        began = time.perf_counter()
+        grads = [norm.weight.grad for norm in self.norms if norm.weight.grad is not None]
+        local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+        if local:
+            flat = torch.cat([g.reshape(-1) for g in local])
+            dist.all_reduce(flat, group=self.group)
+            for g, piece in zip(local, flat.split([g.numel() for g in local])):
+                g.copy_(piece.view_as(g))
+        self.norm_grad_seconds += time.perf_counter() - began
 
     # -- read (from the model) -------------------------------------------------------------------
     def __call__(self, pending: torch.Tensor) -> torch.Tensor:
@@ -279,23 +296,6 @@ class _SublayerInput(torch.autograd.Function):
         return red.wait_grad(launched), None, None
 
 
-class _SumGradOverTP(torch.autograd.Function):
-    """Identity; the gradient (a norm weight's, computed from this rank's share) summed over tp."""
-
-    @staticmethod
-    def forward(ctx, weight, reductions: SublayerReductions):
-        ctx.reductions = reductions
-        return weight.view_as(weight)
-
-    @staticmethod
-    def backward(ctx, grad):
-        began = time.perf_counter()
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.reductions.group)
-        ctx.reductions.norm_grad_seconds += time.perf_counter() - began
-        return grad, None
-
-
 class _PartialGradInput(torch.autograd.Function):
     """The mixer's input as a replicated DTensor whose gradient comes back as this rank's local
     share of the sum, unreduced (DTensor would all-reduce it here, and wait)."""
@@ -331,15 +331,16 @@ class LadderSublayerInput(ParallelStyle):
             module.register_parameter("weight", nn.Parameter(distribute_tensor(module.weight.data, device_mesh,
                                                                                 [Replicate()])))
         module.register_forward_pre_hook(lambda mod, args: (_SublayerInput.apply(args[0], red, label), *args[1:]))
-        module.forward = partial(_norm_summing_weight_grad, module, red)
+        module.forward = partial(_norm_on_local_weight, module)
+        red.norms.append(module)
         return module
 
 
-def _norm_summing_weight_grad(module: nn.Module, reductions: SublayerReductions, x: torch.Tensor) -> torch.Tensor:
+def _norm_on_local_weight(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The norm's forward with its weight as this rank's local tensor (a replicated DTensor under
+    sequence parallel). Its gradient is this rank's share until `finish_gradients` sums it."""
     weight = module.weight
-    if isinstance(weight, DTensor):
-        weight = weight.to_local()  # replicated: its gradient, summed below, is the same on every rank
-    return rms_norm(x, _SumGradOverTP.apply(weight, reductions), module.eps)
+    return rms_norm(x, weight.to_local() if isinstance(weight, DTensor) else weight, module.eps)
 
 
 class LadderMixerInput(ParallelStyle):

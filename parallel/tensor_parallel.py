@@ -31,9 +31,11 @@ from longtrain.parallel.ladder import (LadderMixerInput, LadderRowwiseParallel, 
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = True,
-                          ladder_overlap: bool = True) -> None:
+                          ladder_overlap: bool = True):
     """Shard `model` (a Transformer or a pipeline stage of one) in place over `tp_mesh`. A ladder
-    model's output projections launch their reductions asynchronously (parallel/ladder.py)."""
+    model's output projections launch their reductions asynchronously (parallel/ladder.py); for
+    one, returns what to call once per step after backward (its norm weight gradients summed over
+    tp), else None."""
     between = Shard(1) if sequence_parallel else Replicate()
     row = lambda name: RowwiseParallel(output_layouts=between)  # noqa: E731
     reductions = None
@@ -76,6 +78,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
                 if isinstance(getattr(block, norm, None), nn.Module):
                     plan[norm] = SequenceParallel()
         parallelize_module(block, tp_mesh, plan)
+    return reductions.finish_gradients if reductions is not None else None
 
 
 def _mixer_input(between, n_inputs: int) -> PrepareModuleInput:
