@@ -382,6 +382,7 @@ class Trainer:
         )
 
         source = find_resume_dir(".", self.recipe.checkpoint.init_from, key="checkpoint.init_from")
+        check_residual_architecture(read_meta(source), self.model_cfg, source)  # ladder vs standard: `longtrain convert`
         state = {"model": {}}
         for part in self.parts:
             state["model"].update(get_model_state_dict(part))

@@ -80,3 +80,26 @@ def resume_across_residuals(ckpt_dir: str) -> dict:
 class _Quiet:
     def write(self, line):
         pass
+
+
+def finetune_from_converted(recipe_path: str, converted: str, overrides: list[str]) -> dict:
+    """The debug adaptation recipe from a converted checkpoint: refused as a standard model (one
+    line); as the ladder model it starts from the converted weights and trains."""
+    from cases import full_weights
+    from longtrain.launcher.checkpoint import CheckpointError
+    from longtrain.launcher.config import load_recipe
+    from longtrain.launcher.trainer import Trainer
+
+    overrides = overrides + [f"checkpoint.init_from={converted}"]
+    refused = None
+    try:
+        Trainer(load_recipe(recipe_path, overrides + ["model.residual=standard", "model.ladder_layers=null"])) \
+            .maybe_resume(_Quiet())
+    except CheckpointError as err:
+        refused = str(err)
+    trainer = Trainer(load_recipe(recipe_path, overrides))
+    trainer.maybe_resume(_Quiet())
+    start = full_weights(trainer)
+    result = trainer.run()
+    return {"refused": refused, "start": start, "losses": result.losses,
+            "ladder_layers": trainer.model_cfg.ladder_layers, "counts": dict(trainer.parts[0].residual_sync.counts)}
