@@ -315,9 +315,10 @@ class _PartialGradInput(torch.autograd.Function):
 
 
 class LadderSublayerInput(ParallelStyle):
-    """For a ladder model's sublayer norm: `_SublayerInput` in front of it, and its weight's
-    gradient summed over tp (replaces SequenceParallel on the norm: under sequence parallel the
-    stream is gathered first and the norm runs on the whole sequence)."""
+    """For a ladder model's sublayer norm: `_SublayerInput` in front of it; its weight's gradient
+    (this rank's share) is summed over tp by `finish_gradients`. Replaces SequenceParallel on the
+    norm: under sequence parallel the stream is gathered first and the norm runs on the whole
+    sequence."""
 
     def __init__(self, reductions: SublayerReductions, label: str):
         super().__init__()
