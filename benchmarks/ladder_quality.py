@@ -77,8 +77,10 @@ def markdown(report: dict) -> str:
                   f"{s['final_eval_ladder']:.4f} ({s['final_eval_gap']:+.4f}); mean of the last fifth of the evals: "
                   f"standard {s['tail_mean_eval_standard']:.4f}, ladder {s['tail_mean_eval_ladder']:.4f}. "
                   f"Training took {res['standard']['seconds']:.0f} s (standard) and {res['ladder']['seconds']:.0f} s "
-                  "(ladder) on a shared machine. The paper at 1.2B parameters and 100B tokens: about equal "
-                  "(WikiText perplexity 18.54 standard, 18.42 ladder)."]
+                  "(ladder) on a shared machine. The eval batches are the same at every eval; the eval loss moves with "
+                  "what the training stream is reading at the time (the built-in corpus streams the standard "
+                  "library file by file, unshuffled), for both models alike. The paper at 1.2B parameters "
+                  "and 100B tokens: about equal (WikiText perplexity 18.54 standard, 18.42 ladder)."]
     return "\n".join(lines) + "\n"
 
 
