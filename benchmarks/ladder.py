@@ -13,8 +13,8 @@ What is measured, per tp degree, in one process group, same shapes, fp32 on CPU 
   machine and only ever add time), the median beside it;
 - the sublayer reductions, forward (each sublayer's output all-reduce / reduce-scatter) and
   backward (each sublayer's input-gradient all-reduce / reduce-scatter): the host time blocked in
-  their wait(), the least of the windows (interference only adds to it; medians beside). Waiting at once (no overlap) that is the whole reduction time; with overlap it is
-  what stays exposed, so hidden = 1 - exposed(overlap) / exposed(no overlap), forward, backward
+  their wait(), in the median window (each variant's least-waiting window beside it). Waiting at
+  once (no overlap) that is the whole reduction time; with overlap it is what stays exposed, so hidden = 1 - exposed(overlap) / exposed(no overlap), forward, backward
   and both; beside it the time of the one all-reduce per step of the norm weight gradients that
   the backward overlap adds (ParallelModel.finish_gradients);
 - a cost model of the same for GPUs (`gpu_model`, not measured): per sublayer, compute = FLOPs /
@@ -107,23 +107,22 @@ def measure(cfg: dict) -> dict:
     for name in VARIANTS:
         # Other processes share this machine: interference only adds time, so the fastest window
         # is the estimate (the median is reported beside it).
-        # The same for the waits: the least a window waited (the median beside it).
-        waits = {kind: min(values) for kind, values in exposed[name].items()}
+        # The waits: the median window (the least-waiting window's total beside it).
+        waits = {kind: statistics.median(values) for kind, values in exposed[name].items()}
+        totals = [f + b for f, b in zip(exposed[name]["forward"], exposed[name]["backward"])]
         out[name] = {"step_s": min(windows[name]), "median_step_s": statistics.median(windows[name]),
                      "windows_step_s": windows[name],
-                     "exposed_reduction_s": waits["forward"] + waits["backward"],
+                     "exposed_reduction_s": statistics.median(totals),
                      "exposed_forward_s": waits["forward"], "exposed_backward_s": waits["backward"],
-                     "norm_grad_sum_s": waits["norm_grad"],
-                     "median_exposed_reduction_s": statistics.median(
-                         [f + b for f, b in zip(exposed[name]["forward"], exposed[name]["backward"])]),
+                     "norm_grad_sum_s": waits["norm_grad"], "least_exposed_reduction_s": min(totals),
                      "windows_exposed": exposed[name]}
     off, on = out["ladder_no_overlap"], out["ladder"]
     comm = off["exposed_reduction_s"]
     out["reduction_s"] = comm
     out["reduction_forward_s"], out["reduction_backward_s"] = off["exposed_forward_s"], off["exposed_backward_s"]
     out["hidden_share"] = (1 - on["exposed_reduction_s"] / comm) if comm > 0 else None
-    median_comm = off["median_exposed_reduction_s"]
-    out["median_hidden_share"] = (1 - on["median_exposed_reduction_s"] / median_comm) if median_comm > 0 else None
+    least = off["least_exposed_reduction_s"]
+    out["least_window_hidden_share"] = (1 - on["least_exposed_reduction_s"] / least) if least > 0 else None
     for kind in ("forward", "backward"):
         total = off[f"exposed_{kind}_s"]
         out[f"hidden_share_{kind}"] = (1 - on[f"exposed_{kind}_s"] / total) if total > 0 else None
@@ -175,11 +174,11 @@ def markdown(report: dict) -> str:
     lines = [f"# Ladder Residual under tensor parallelism ({report['device']})", "",
              f"Model dim {cfg['dim']}, {cfg['layers']} layers, ffn {cfg['ffn_dim']}, batch {cfg['batch_size']} x "
              f"{cfg['seq_len']} tokens per step, {'bf16' if cfg.get('bf16') else 'fp32'}, sequence parallel {cfg['sp']}; the fastest of {cfg['repeats']} "
-             f"windows of {cfg['steps']} steps, and the least reduction wait of a window. Machine: {report['machine'].get('cpu')} x "
+             f"windows of {cfg['steps']} steps (median reduction wait). Machine: {report['machine'].get('cpu')} x "
              f"{report['machine'].get('cpu_count')}.", "",
              "| tp | standard s/step | ladder s/step | ladder, no overlap s/step | ladder / standard speed-up | "
              "overlap speed-up | reduction time s/step (fwd + bwd) | exposed with overlap (fwd + bwd) | hidden | "
-             "hidden fwd | hidden bwd | hidden (medians) | norm-weight grad sum s/step |",
+             "hidden fwd | hidden bwd | hidden (least-waiting windows) | norm-weight grad sum s/step |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     pct = lambda x: "-" if x is None else f"{100 * x:.0f}%"  # noqa: E731
     for r in report["results"]:
@@ -189,7 +188,7 @@ def markdown(report: dict) -> str:
                      f"{r['speedup_overlap']:.2f}x | {r['reduction_s']:.4f} ({off['exposed_forward_s']:.4f} + "
                      f"{off['exposed_backward_s']:.4f}) | {on['exposed_reduction_s']:.4f} ({on['exposed_forward_s']:.4f} + "
                      f"{on['exposed_backward_s']:.4f}) | {pct(r['hidden_share'])} | {pct(r['hidden_share_forward'])} | "
-                     f"{pct(r['hidden_share_backward'])} | {pct(r['median_hidden_share'])} | {on['norm_grad_sum_s']:.4f} |")
+                     f"{pct(r['hidden_share_backward'])} | {pct(r['least_window_hidden_share'])} | {on['norm_grad_sum_s']:.4f} |")
     lines += ["", "Hidden = 1 - (host time blocked waiting for the sublayer reductions with overlap) / "
               "(the same without overlap, where the wait is the whole reduction); forward: the sublayer output "
               "reductions, backward: the input-gradient reductions. The norm-weight gradient sum (one all-reduce "
