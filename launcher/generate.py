@@ -62,6 +62,13 @@ def load_model(recipe, log=print):
     if ckpt is not None:
         import warnings
 
+        from longtrain.launcher.checkpoint import CheckpointError, check_residual_architecture, read_meta
+
+        try:  # a ladder checkpoint is no standard model (and the reverse): one line
+            check_residual_architecture(read_meta(ckpt), cfg, ckpt)
+        except CheckpointError as err:
+            raise ValueError(str(err)) from None
+
         state = {"model": model.state_dict()}
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)

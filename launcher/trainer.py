@@ -393,6 +393,7 @@ class Trainer:
         )
 
         source = find_resume_dir(".", self.recipe.checkpoint.init_from, key="checkpoint.init_from")
+        check_residual_architecture(read_meta(source), self.model_cfg, source)  # ladder vs standard: `longtrain convert`
         state = {"model": {}}
         for part in self.parts:
             state["model"].update(get_model_state_dict(part))
@@ -474,6 +475,7 @@ class Trainer:
                 loss.backward()
                 local += loss.detach()
             holds_loss = True
+        self.parallel.finish_gradients()
 
         if self.recipe.optim.offload != "none":  # gradients of host subgroups live on the host
             from longtrain.parallel.offload import clip_offloaded_grad_norm

@@ -443,6 +443,9 @@ def check_same_architecture(model_cfg: TransformerConfig, cfg: TransformerConfig
 
     diffs = [f"{f}: model {getattr(model_cfg, f)!r} vs checkpoint {getattr(cfg, f)!r}" for f in fields
              if norm(f, getattr(model_cfg, f)) != norm(f, getattr(cfg, f))]
+    if is_ladder(model_cfg) and not is_ladder(cfg):  # a Hugging Face Llama is a standard model
+        diffs.append("model.residual: the model is a ladder model, the checkpoint a standard Llama (convert it: "
+                     "longtrain convert DIR --ladder-layers K --out CKPT, then checkpoint.init_from=CKPT)")
     if diffs:
         raise ValueError(f"{source}: checkpoint does not match the model's config: " + "; ".join(diffs))
 

@@ -20,7 +20,9 @@ the newest sublayer output, not yet added. A ladder sublayer computes from h fir
 read is needed only after that sublayer has computed, which is what lets tensor parallelism
 (parallel/ladder.py) keep the previous sublayer's all-reduce in flight while it computes: every
 read of `pending` goes through `residual_sync`, which on one device returns it unchanged and
-under tensor parallelism waits for its reduction to finish.
+under tensor parallelism waits for its reduction to finish; a ladder sublayer's step is
+`residual_sync.add_after(h, pending, sublayer)`, which under tensor parallelism also defers the
+stream's input-gradient reduction in backward (parallel/ladder.py).
 """
 from __future__ import annotations
 
@@ -66,6 +68,15 @@ class LocalSync:
     def __call__(self, pending: torch.Tensor) -> torch.Tensor:
         return pending
 
+    def add_after(self, h: torch.Tensor, pending: torch.Tensor,
+                  compute: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h + pending, compute(h)), reading `pending` only after `compute` ran. Under tensor
+        parallelism (parallel/ladder.py) the stream node is made before `compute`, so that in
+        backward the input-gradient reduction of the sublayer that reads the new stream overlaps
+        `compute`'s backward."""
+        out = compute(h)
+        return h + self(pending), out
+
 
 def ladder_step(h: torch.Tensor, pending: Optional[torch.Tensor], sublayer: Callable[[torch.Tensor], torch.Tensor],
                 ladder: bool, sync: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,9 +84,9 @@ def ladder_step(h: torch.Tensor, pending: Optional[torch.Tensor], sublayer: Call
     sublayer(h_{j-2}) for a ladder sublayer (computed before f_{j-1} is needed) and
     sublayer(h_{j-1}) for a standard one. `pending` is None before the first sublayer."""
     if ladder:
-        out = sublayer(h)
-        if pending is not None:
-            h = h + sync(pending)
+        if pending is None:
+            return h, sublayer(h)
+        h, out = sync.add_after(h, pending, sublayer)
     else:
         if pending is not None:
             h = h + sync(pending)

@@ -9,7 +9,7 @@ schedule when pp > 1, and the switches the trainer needs (gradient sync, autocas
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -41,6 +41,13 @@ class ParallelModel:
     use_autocast: bool
     device: torch.device
     balance_engine: object = None  # parallel.balance: the attention engine the trainer hands each step's layout
+    # Called once per optimizer step after the last backward, before clipping (a ladder model's
+    # tensor-parallel norm weight gradients are summed over tp there: parallel/ladder.py).
+    gradient_finishers: list = field(default_factory=list)
+
+    def finish_gradients(self) -> None:
+        for finish in self.gradient_finishers:
+            finish()
 
     def set_gradient_sync(self, enabled: bool) -> None:
         """Skip FSDP's reduce-scatter on all but the last gradient-accumulation micro-batch."""
@@ -100,12 +107,15 @@ def parallelize(model: DecoderLM, mesh: Mesh, parallel: ParallelConfig, *, devic
         attention = PlainAttention(p.attention_backend)
     sharded = False
     on_meta = next(model.parameters()).is_meta
+    finishers = []
     for part in parts:
         if not on_meta:  # meta parts are materialized after sharding (Trainer._materialize)
             part.to(device)
         if dims.tp > 1:
-            apply_tensor_parallel(part, mesh["tp"], sequence_parallel=p.sequence_parallel,
-                                  ladder_overlap=p.ladder_overlap)
+            finish = apply_tensor_parallel(part, mesh["tp"], sequence_parallel=p.sequence_parallel,
+                                           ladder_overlap=p.ladder_overlap)
+            if finish is not None:
+                finishers.append(finish)
         part.set_sequence_cores(attention=attention, ssm=ssm)  # plain, context parallel or balanced
         apply_activation_checkpoint(part, p.activation_checkpoint, p.activation_checkpoint_every)
         if compile_blocks(p, device.type):
@@ -124,4 +134,5 @@ def parallelize(model: DecoderLM, mesh: Mesh, parallel: ParallelConfig, *, devic
     return ParallelModel(parts=parts, pipeline=pipeline, pp_group=mesh["pp"].get_group(),
                          cp_strategy=attention if dims.cp > 1 and balance_engine is None else None,
                          balance_engine=balance_engine,
-                         param_dtype=param_dtype, use_autocast=use_autocast, device=device)
+                         param_dtype=param_dtype, use_autocast=use_autocast, device=device,
+                         gradient_finishers=finishers)

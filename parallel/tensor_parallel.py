@@ -27,15 +27,19 @@ from torch.distributed.tensor.parallel import (
 )
 
 from longtrain.models.transformer import DecoderLM
-from longtrain.parallel.ladder import LadderRowwiseParallel, SublayerReductions
+from longtrain.parallel.ladder import (LadderMixerInput, LadderRowwiseParallel, LadderSublayerInput,
+                                       SublayerReductions)
 
 
 def apply_tensor_parallel(model: DecoderLM, tp_mesh: DeviceMesh, sequence_parallel: bool = True,
-                          ladder_overlap: bool = True) -> None:
+                          ladder_overlap: bool = True):
     """Shard `model` (a DecoderLM or a pipeline stage of one) in place over `tp_mesh`, as its plan
-    says. A ladder model's output projections launch their reductions asynchronously (parallel/ladder.py)."""
+    says. A ladder model's output projections launch their reductions asynchronously and its
+    sublayers' input gradients are reduced late (parallel/ladder.py); for one, returns what to call
+    once per step after backward (its norm weight gradients summed over tp), else None."""
     between = Shard(1) if sequence_parallel else Replicate()
     row = lambda label: RowwiseParallel(output_layouts=between)  # noqa: E731 (label: ladder's reduction name)
+    reductions = None
     if model.ladder_residual:
         reductions = SublayerReductions(tp_mesh.get_group(), sequence_parallel, ladder_overlap)
         row = partial(LadderRowwiseParallel, reductions)
@@ -60,9 +64,14 @@ def apply_tensor_parallel(model: DecoderLM, tp_mesh: DeviceMesh, sequence_parall
                 plan[path] = row(f"layers.{key}.{path}")
             else:
                 plan[path] = styles[style]()
-        if sequence_parallel:
+        if reductions is not None:  # ladder: input gradients reduced late (parallel/ladder.py)
+            for sub in block_plan.sublayers:
+                plan[sub.norm] = LadderSublayerInput(reductions, f"layers.{key}.{sub.mixer}")
+                plan[sub.mixer] = LadderMixerInput()
+        elif sequence_parallel:
             plan.update({sub.norm: SequenceParallel() for sub in block_plan.sublayers})
         parallelize_module(block, tp_mesh, plan)
+    return reductions.finish_gradients if reductions is not None else None
 
 
 def _shard_own_params(module: nn.Module, tp_mesh: DeviceMesh) -> None:

@@ -26,6 +26,12 @@ def test_ladder_benchmark_smoke(tmp_path):
         assert r[name]["step_s"] > 0 and len(r[name]["windows_step_s"]) == 2
     assert r["standard"]["exposed_reduction_s"] == 0  # no ladder reductions in the standard model
     assert r["reduction_s"] > 0 and r["hidden_share"] is not None
+    # forward and backward reductions both measured; the backward overlap's norm-weight sums beside
+    assert r["reduction_forward_s"] > 0 and r["reduction_backward_s"] > 0
+    assert r["hidden_share_forward"] is not None and r["hidden_share_backward"] is not None
+    assert r["least_window_hidden_share"] is not None
+    assert r["ladder_no_overlap"]["least_exposed_reduction_s"] <= r["reduction_s"]  # the least window, the median
+    assert r["ladder"]["norm_grad_sum_s"] > 0 and r["standard"]["norm_grad_sum_s"] == 0
     assert r["losses_match"]  # overlap on and off compute the same step
     assert "| 2 |" in (tmp_path / "ladder.md").read_text()
     assert (tmp_path / "ladder.png").stat().st_size > 0

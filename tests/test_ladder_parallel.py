@@ -2,7 +2,9 @@
 process (tp2 with and without sequence parallel, overlap on and off, activation checkpointing,
 cp2 ring, dp2 x tp2 FSDP, HSDP 2 x 2, pp2 x tp2, tp2 x cp2 Ulysses, a hybrid stack under tp2 and under pp2 x tp2 with the stage
 boundary between an attention and an MLP layer), and the overlap is applied: each sublayer's
-reduction is launched before the next sublayer computes and waited for only after it."""
+reduction is launched before the next sublayer computes and waited for only after it, in forward
+(the output reduction) and in backward (the input-gradient reduction, waited for after the
+backward of the sublayer before it); with overlap off every wait follows its launch."""
 import pytest
 
 from cases import global_batch, train_cases
@@ -103,3 +105,29 @@ def test_reduction_in_flight_while_next_sublayer_computes(two_ranks, index, over
         assert overlapped == ladder_sublayers > 0
     else:
         assert trace["counts"]["wait_at_start"] == len(sublayers)
+
+    # Backward: sublayer j's input-gradient reduction is launched when its backward is done and,
+    # where sublayer j-1 is a ladder sublayer that made the stream j reads, waited for only after
+    # sublayer j-1's backward ran; elsewhere (and with overlap off) waited for at once.
+    backward = log[log.index(("forward_done", "")):]
+    assert backward[-1] == ("backward_end", "")
+    where = _positions(backward)
+    assert trace["counts"]["grad_start"] == trace["counts"]["grad_wait"] == len(sublayers)
+    assert trace["lazy_pending"] == 0
+    hidden = 0
+    for j, (label, is_ladder) in enumerate(sublayers):
+        t_start, t_wait = where[("grad_start", label)], where[("grad_wait", label)]
+        assert len(t_start) == len(t_wait) == 1, label
+        t_start, t_wait = t_start[0], t_wait[0]
+        assert where[("backward_done", label)][0] < t_start  # launched when the sublayer's backward is done
+        if overlap and is_ladder and j >= 2 and sublayers[j - 1][1]:
+            prev = sublayers[j - 1][0]
+            # in flight during the whole backward of the sublayer before it
+            assert t_start < where[("backward", prev)][0] < where[("backward_done", prev)][0] < t_wait, \
+                (label, backward)
+            hidden += 1
+        else:
+            assert t_wait == t_start + 1, (label, backward)
+    assert trace["counts"]["grad_deferred"] == hidden
+    if overlap:
+        assert hidden == sum(sublayers[j][1] and sublayers[j - 1][1] for j in range(2, len(sublayers))) > 0
