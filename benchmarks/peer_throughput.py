@@ -161,7 +161,6 @@ class TorchtitanSide:
         self.world = world
 
     def train_step(self, batch: dict) -> float:
-        import torch
         import torch.distributed as dist
 
         self.optimizers.zero_grad()
