@@ -17,7 +17,7 @@ to the sequence as its Trainer does; its causal `ScaledDotProductAttention` as t
 because its language-model backends do not train on CPU: flex attention has no CPU backward,
 varlen is CUDA flash), `init_states()`, FSDP through
 `apply_fsdp_to_decoder` (applied at one process too, as its Trainer always does; over a CPU
-mesh), its `ChunkedLossWrapper` cross-entropy with the head skipped in forward, its
+mesh, with plain-sum reductions because gloo has no PREMUL_SUM), its `ChunkedLossWrapper` cross-entropy with the head skipped in forward, its
 `clip_grad_norm_` (max norm 1.0) and its `default_adamw(lr=8e-4)` optimizer container (its
 default implementation, fused). Its learning-rate scheduler is left out (a few scalar
 assignments per step); longtrain sets its scheduled learning rate inside its step.
@@ -122,6 +122,7 @@ class TorchtitanSide:
         import torch
         import torchtitan.distributed.utils as tt_dist
         from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import FSDPModule
         from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
         from torchtitan.components.optimizer import default_adamw
         from torchtitan.config import CompileConfig
@@ -146,6 +147,9 @@ class TorchtitanSide:
         mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("fsdp",))
         apply_fsdp_to_decoder(model, mesh, param_dtype=torch.float32, reduce_dtype=torch.float32,
                               pp_enabled=False)
+        for module in model.modules():  # gloo has no PREMUL_SUM: plain sums (its divide factor is 1.0 already)
+            if isinstance(module, FSDPModule):
+                module.set_force_sum_reduction_for_comms(True)
         model.to_empty(device="cpu")
         with torch.no_grad():
             model.init_states(buffer_device=None)
