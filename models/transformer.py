@@ -223,7 +223,8 @@ class Attention(AttentionMixer):
         # Head counts come from the (possibly tensor-parallel) projection outputs.
         qkv = self.wqkv(x).view(bsz, seqlen, -1, self.q_per_kv + 2, self.head_dim)  # (B, S, Hkv, group, D)
         q = qkv[:, :, :, :self.q_per_kv].reshape(bsz, seqlen, -1, self.head_dim)  # query head g·q_per_kv + j
-        k, v = qkv[:, :, :, self.q_per_kv], qkv[:, :, :, self.q_per_kv + 1]
+        # v is copied out: the attention saves it for the backward, and a view would keep all of qkv alive
+        k, v = qkv[:, :, :, self.q_per_kv], qkv[:, :, :, self.q_per_kv + 1].contiguous()
         if positions is None:
             positions = torch.arange(seqlen, device=x.device)[None]
         cos, sin = self.rope(positions)
