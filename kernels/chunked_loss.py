@@ -2,12 +2,14 @@
 chunk by chunk over the tokens, so that the full (tokens x vocab) fp32 logits tensor never exists.
 
 Forward: for each chunk of `chunk_tokens` tokens, logits = h_chunk @ W^T in the compute dtype
-(the autocast dtype when autocast is on, else the input dtype), upcast to fp32, and keep only
-the log-sum-exp and the target logit of each token. Backward recomputes each chunk's logits
-(one extra matmul per chunk instead of holding them): d logits = softmax - onehot(target),
-zero on ignored tokens, times the incoming gradient; grad_h = d logits @ W in the compute dtype,
-grad_W accumulated in fp32 over the chunks. Peak extra memory: one chunk of logits (compute
-dtype and fp32) plus an fp32 gradient of W, instead of the whole sequence's logits.
+(the autocast dtype when autocast is on, else the input dtype), upcast to fp32; the chunk's
+log-sum-exp and target logit give its loss, and, when gradients will be needed, the same logits
+give d logits = softmax - onehot(target) (zero on ignored tokens) and from it grad_h = d logits @ W
+(compute dtype) and grad_W accumulated in fp32 over the chunks, before the chunk's logits are
+dropped. The backward only scales the two by the incoming gradient: three head matmuls per chunk
+in all, as with full logits (recomputing the logits in the backward would take four). Peak extra
+memory: one chunk of logits (compute dtype and fp32) plus grad_h and an fp32 gradient of W,
+instead of the whole sequence's logits.
 """
 from __future__ import annotations
 
@@ -24,54 +26,48 @@ def _compute_dtype(h: torch.Tensor) -> torch.dtype:
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, labels, chunk_tokens, ignore_index, compute_dtype):
+    def forward(ctx, h, weight, labels, chunk_tokens, ignore_index, compute_dtype, want_h, want_w):
         w = weight.to(compute_dtype)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         with torch.autocast(h.device.type, enabled=False):
             for start in range(0, h.shape[0], chunk_tokens):
                 stop = min(start + chunk_tokens, h.shape[0])
-                logits = (h[start:stop].to(compute_dtype) @ w.t()).float()
+                h_chunk = h[start:stop].to(compute_dtype)
+                logits = (h_chunk @ w.t()).float()
                 lab = labels[start:stop]
                 keep = lab != ignore_index
                 chunk_lse = torch.logsumexp(logits, dim=-1)
                 target = logits.gather(1, lab.clamp(min=0).unsqueeze(1)).squeeze(1)
                 total += torch.where(keep, chunk_lse - target, 0.0).sum()
-                lse[start:stop] = chunk_lse
+                if want_h or want_w:  # d loss / d logits = softmax - onehot(target), zero on ignored tokens
+                    g = logits.sub_(chunk_lse.unsqueeze(1)).exp_()
+                    g.scatter_add_(1, lab.clamp(min=0).unsqueeze(1),
+                                   torch.full((stop - start, 1), -1.0, dtype=g.dtype, device=g.device))
+                    g.mul_(keep.to(g.dtype).unsqueeze(1))
+                    if grad_h is not None:
+                        grad_h[start:stop] = (g.to(compute_dtype) @ w).to(h.dtype)
+                    if grad_w is not None:
+                        if compute_dtype == torch.float32:
+                            grad_w.addmm_(g.t(), h_chunk)
+                        else:
+                            grad_w.add_((g.to(compute_dtype).t() @ h_chunk).float())
                 del logits
-        ctx.save_for_backward(h, weight, labels, lse)
-        ctx.chunk_tokens, ctx.ignore_index, ctx.compute_dtype = chunk_tokens, ignore_index, compute_dtype
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        h, weight, labels, lse = ctx.saved_tensors
-        dt, chunk_tokens = ctx.compute_dtype, ctx.chunk_tokens
-        w = weight.to(dt)
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
+        grad_h, grad_w = ctx.saved_tensors
+        if (grad_h is None and ctx.needs_input_grad[0]) or (grad_w is None and ctx.needs_input_grad[1]):
+            raise RuntimeError("chunked loss: gradients were not computed in the forward (it ran without "
+                               "grad mode or without inputs requiring grad)")
         scale = grad_total.float()
-        with torch.autocast(h.device.type, enabled=False):
-            for start in range(0, h.shape[0], chunk_tokens):
-                stop = min(start + chunk_tokens, h.shape[0])
-                h_chunk = h[start:stop].to(dt)
-                lab = labels[start:stop]
-                keep = lab != ctx.ignore_index
-                g = (h_chunk @ w.t()).float()
-                g.sub_(lse[start:stop].unsqueeze(1)).exp_()  # softmax
-                g.scatter_add_(1, lab.clamp(min=0).unsqueeze(1),
-                               torch.full((stop - start, 1), -1.0, dtype=g.dtype, device=g.device))
-                g.mul_((keep.to(g.dtype) * scale).unsqueeze(1))
-                if grad_h is not None:
-                    grad_h[start:stop] = (g.to(dt) @ w).to(h.dtype)
-                if grad_w is not None:
-                    if dt == torch.float32:
-                        grad_w.addmm_(g.t(), h_chunk)
-                    else:
-                        grad_w.add_((g.to(dt).t() @ h_chunk).float())
-                del g
-        return grad_h, (grad_w.to(weight.dtype) if grad_w is not None else None), None, None, None, None
+        out_h = (grad_h.float() * scale).to(grad_h.dtype) if ctx.needs_input_grad[0] else None
+        out_w = (grad_w * scale).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        return out_h, out_w, None, None, None, None, None, None
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -86,4 +82,9 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
     lab = labels.reshape(-1)
     if lab.shape[0] != h.shape[0]:
         raise ValueError(f"labels hold {lab.shape[0]} tokens, hidden states {h.shape[0]}")
-    return _ChunkedLinearCrossEntropy.apply(h, weight, lab, chunk_tokens, ignore_index, _compute_dtype(hidden))
+    # Gradients are formed in the forward, chunk by chunk, while each chunk's logits exist (no
+    # recomputation in the backward); only those the autograd graph will ask for.
+    grad_mode = torch.is_grad_enabled()
+    want_h, want_w = grad_mode and hidden.requires_grad, grad_mode and weight.requires_grad
+    return _ChunkedLinearCrossEntropy.apply(h, weight, lab, chunk_tokens, ignore_index, _compute_dtype(hidden),
+                                            want_h, want_w)

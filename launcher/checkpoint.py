@@ -43,7 +43,13 @@ from torch.distributed.checkpoint._traverse import set_element
 
 LATEST = "latest"
 META = "meta.json"
-FORMAT_VERSION = 2  # 2: trainer state in meta.json, RNG as plain tensors (nothing unpickled)
+FORMAT_VERSION = 3
+# What each version changed, named when an older checkpoint is refused.
+FORMAT_CHANGES = {
+    2: "trainer state in meta.json, RNG as plain tensors (nothing unpickled)",
+    3: "attention Q/K/V projections fused into one attention.wqkv (rows grouped per KV head), "
+       "replacing attention.wq/wk/wv",
+}
 
 
 class CheckpointError(RuntimeError):
@@ -218,8 +224,12 @@ class CheckpointManager:
         Nothing in the checkpoint is executed (see the module docstring)."""
         meta = read_meta(ckpt_dir)
         if meta.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"checkpoint: {ckpt_dir}: format version {meta.get('format_version')} "
-                                  f"is not {FORMAT_VERSION} (written by another version of longtrain)")
+            found = meta.get("format_version")
+            newer = [f"{v}: {FORMAT_CHANGES[v]}" for v in sorted(FORMAT_CHANGES)
+                     if isinstance(found, int) and found < v <= FORMAT_VERSION]
+            why = f"; changed since: {'; '.join(newer)}" if newer else ""
+            raise CheckpointError(f"checkpoint: {ckpt_dir}: format version {found} is not {FORMAT_VERSION} "
+                                  f"(written by another version of longtrain{why})")
         if model is not None:
             check_same_model(ckpt_dir, meta, model)
         try:

@@ -2,10 +2,13 @@
 
 A Hugging Face Llama checkpoint is a directory with `config.json` and either one
 `model.safetensors` or a sharded set described by `model.safetensors.index.json`. The weights map
-one to one onto ours (both use the rotate-half RoPE convention, so q/k need no permutation):
+one to one onto ours (both use the rotate-half RoPE convention, so q/k need no permutation), except
+that our Q, K and V projections are one fused tensor, its rows grouped per KV head
+(models.transformer.fuse_qkv; import fuses, export splits):
 
     model.embed_tokens.weight                        tok_embeddings.weight
-    model.layers.N.self_attn.{q,k,v,o}_proj.weight   layers.N.attention.{wq,wk,wv,wo}.weight
+    model.layers.N.self_attn.{q,k,v}_proj.weight     layers.N.attention.wqkv.weight (fused)
+    model.layers.N.self_attn.o_proj.weight           layers.N.attention.wo.weight
     model.layers.N.mlp.gate_proj.weight              layers.N.feed_forward.w1.weight
     model.layers.N.mlp.up_proj.weight                layers.N.feed_forward.w3.weight
     model.layers.N.mlp.down_proj.weight              layers.N.feed_forward.w2.weight
@@ -37,7 +40,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from longtrain.models.ladder import is_ladder
-from longtrain.models.transformer import RopeScaling, Transformer, TransformerConfig
+from longtrain.models.transformer import RopeScaling, Transformer, TransformerConfig, fuse_qkv, split_qkv
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -60,6 +63,8 @@ _LAYER_RE = re.compile(
     r"^model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj|input_layernorm|"
     r"post_attention_layernorm)\.weight$"
 )
+# q/k/v map to per-projection names (attention.wq/wk/wv) that exist only between the file and
+# the fused attention.wqkv (_fuse_layers / _split_layers).
 _HF_TO_OURS_LAYER = {
     "self_attn.q_proj": "attention.wq",
     "self_attn.k_proj": "attention.wk",
@@ -111,8 +116,43 @@ def ours_to_hf_name(name: str) -> str | None:
     return f"model.layers.{m.group(1)}.{_OURS_TO_HF_LAYER[m.group(2)]}.weight"
 
 
+_UNFUSED = ("wq", "wk", "wv")
+
+
 def expected_shapes(cfg: TransformerConfig) -> dict[str, tuple[int, ...]]:
     """Our parameter name -> shape for `cfg`, `output.weight` included even when tied."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, shape in _unfused_shapes(cfg).items():
+        layer, _, rest = name.rpartition(".attention.")
+        if rest == "wq.weight":  # the three projections become one, in wq's place
+            shapes[f"{layer}.attention.wqkv.weight"] = ((cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, cfg.dim)
+        elif rest not in ("wk.weight", "wv.weight"):
+            shapes[name] = shape
+    return shapes
+
+
+def _fuse_layers(state: dict[str, torch.Tensor], cfg: TransformerConfig) -> None:
+    """Per-projection attention.wq/wk/wv tensors -> attention.wqkv, in place."""
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}.attention."
+        state[p + "wqkv.weight"] = fuse_qkv(*(state.pop(f"{p}{w}.weight") for w in _UNFUSED), cfg.n_kv_heads)
+
+
+def _split_layers(state: Mapping[str, torch.Tensor], cfg: TransformerConfig) -> dict[str, torch.Tensor]:
+    """attention.wqkv -> per-projection attention.wq/wk/wv, in the file's order."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if name.endswith(".attention.wqkv.weight"):
+            p = name.removesuffix("wqkv.weight")
+            parts = split_qkv(tensor, cfg.n_heads, cfg.n_kv_heads)
+            out.update({f"{p}{w}.weight": t.contiguous() for w, t in zip(_UNFUSED, parts)})
+        else:
+            out[name] = tensor
+    return out
+
+
+def _unfused_shapes(cfg: TransformerConfig) -> dict[str, tuple[int, ...]]:
+    """As a Hugging Face file holds them, in our names: Q, K and V projections separate."""
     hd = cfg.head_dim
     shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (cfg.vocab_size, cfg.dim)}
     for i in range(cfg.n_layers):
@@ -378,7 +418,7 @@ def load_hf_checkpoint(path: str | os.PathLike) -> tuple[TransformerConfig, dict
     config_path, hf_config = read_hf_config(root)
     cfg = config_from_hf(hf_config, source=str(config_path))
     files, listing = _weight_files(root)
-    shapes = expected_shapes(cfg)
+    shapes = _unfused_shapes(cfg)
 
     wanted: dict[Path, list[tuple[str, str]]] = {}
     unexpected: list[str] = []
@@ -419,7 +459,8 @@ def load_hf_checkpoint(path: str | os.PathLike) -> tuple[TransformerConfig, dict
             raise ValueError(f"{file}: not a readable safetensors file: {e}") from None
     if cfg.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
-    ordered = {name: state[name] for name in shapes}
+    _fuse_layers(state, cfg)
+    ordered = {name: state[name] for name in expected_shapes(cfg)}
     return cfg, ordered
 
 
@@ -512,8 +553,7 @@ def _hf_tensors(state_dict: Mapping[str, torch.Tensor], cfg: TransformerConfig,
         parts = ([f"missing {', '.join(missing)}"] if missing else []) + \
                 ([f"unexpected {', '.join(unexpected)}"] if unexpected else [])
         raise ValueError("state dict does not match the model config: " + "; ".join(parts))
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
+    full: dict[str, torch.Tensor] = {}
     for ours in shapes:
         if ours == "output.weight" and cfg.tie_embeddings:
             continue  # tied heads are not stored, as transformers does
@@ -521,6 +561,10 @@ def _hf_tensors(state_dict: Mapping[str, torch.Tensor], cfg: TransformerConfig,
         if tuple(tensor.shape) != shapes[ours]:
             raise ValueError(f"state dict: {ours}: shape {tuple(tensor.shape)} does not match {shapes[ours]} "
                              "expected from the model config")
+        full[ours] = tensor
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for ours, tensor in _split_layers(full, cfg).items():
         if dtype is not None:
             tensor = tensor.to(dtype)
         if tensor.data_ptr() in seen:  # safetensors refuses shared storage

@@ -213,9 +213,10 @@ class Attention(AttentionMixer):
         super().__init__()
         self.head_dim = cfg.head_dim
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        # One fused Q/K/V projection (one matmul), rows grouped per KV head (see fuse_qkv): a split
+        # of its output rows over tp ranks hands each rank whole groups.
+        self.q_per_kv = cfg.n_heads // cfg.n_kv_heads
+        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.core_attention = PlainAttention()
@@ -227,9 +228,10 @@ class Attention(AttentionMixer):
         parallel the input arrives all-gathered, under context parallel it is this rank's shard."""
         bsz, seqlen, _ = x.shape
         # Head counts come from the (possibly tensor-parallel) projection outputs.
-        q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
+        qkv = self.wqkv(x).view(bsz, seqlen, -1, self.q_per_kv + 2, self.head_dim)  # (B, S, Hkv, group, D)
+        q = qkv[:, :, :, :self.q_per_kv].reshape(bsz, seqlen, -1, self.head_dim)  # query head g·q_per_kv + j
+        # v is copied out: the attention saves it for the backward, and a view would keep all of qkv alive
+        k, v = qkv[:, :, :, self.q_per_kv], qkv[:, :, :, self.q_per_kv + 1].contiguous()
         if positions is None:
             positions = torch.arange(seqlen, device=x.device)[None]
         cos, sin = self.rope(positions)
@@ -239,7 +241,28 @@ class Attention(AttentionMixer):
 
     def tp_styles(self) -> dict[str, TPStyle]:
         """Heads split across tp ranks: the projections to heads by output features, wo by input features."""
-        return {"wq": "colwise", "wk": "colwise", "wv": "colwise", "wo": "rowwise"}
+        return {"wqkv": "colwise", "wo": "rowwise"}
+
+
+def fuse_qkv(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
+    """Separate Q (n_heads·D, dim), K and V (n_kv_heads·D, dim) projection weights -> the fused
+    `wqkv` weight, rows grouped per KV head: for each KV head g, the rows of its query heads
+    g·r .. g·r + r - 1 (r = n_heads / n_kv_heads, as GQA pairs them), then k_g, then v_g."""
+    dim = wq.shape[-1]
+    groups = (wq.reshape(n_kv_heads, -1, dim), wk.reshape(n_kv_heads, -1, dim), wv.reshape(n_kv_heads, -1, dim))
+    return torch.cat(groups, dim=1).reshape(-1, dim)
+
+
+def split_qkv(wqkv: torch.Tensor, n_heads: int, n_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused `wqkv` weight -> (wq, wk, wv), the inverse of fuse_qkv."""
+    dim = wqkv.shape[-1]
+    head_dim = wqkv.shape[0] // (n_heads + 2 * n_kv_heads)
+    r = n_heads // n_kv_heads
+    grouped = wqkv.reshape(n_kv_heads, (r + 2) * head_dim, dim)
+    wq = grouped[:, : r * head_dim].reshape(n_heads * head_dim, dim)
+    wk = grouped[:, r * head_dim: (r + 1) * head_dim].reshape(n_kv_heads * head_dim, dim)
+    wv = grouped[:, (r + 1) * head_dim:].reshape(n_kv_heads * head_dim, dim)
+    return wq, wk, wv
 
 
 class FeedForward(nn.Module):

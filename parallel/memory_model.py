@@ -185,7 +185,7 @@ def _attention_saved(cfg, tokens: float, lay: Layout, precision: str) -> tuple[f
         hkv_eff = hkv_rep  # K/V heads replicated up to the Ulysses degree when fewer
     else:
         hkv_eff = hkv
-    saved = _norm_and_input(cfg, tokens, lay, precision, consumers=3)
+    saved = _norm_and_input(cfg, tokens, lay, precision, consumers=1)  # one fused Q/K/V projection
     saved += 2 * tokens * hd * 4  # RoPE cos, sin (fp32)
     saved += tokens * hd * (2 * h + 2 * hkv_eff) * c  # q, k, v after RoPE, out
     saved += tokens * h * 4  # logsumexp
@@ -247,12 +247,14 @@ def _checkpointed(lay: Layout, layer_id: int) -> bool:
 def _layer_backward_transient(cfg, kind: str, tokens: float, lay: Layout, precision: str) -> float:
     """Gradients alive inside one layer's backward beyond what it saved and its parameter
     gradients (measured op by op on CPU, tests/test_plan.py): the MLP's widest gradient (T x F)
-    and two of the residual stream; attention two of width d and one of the stream; Mamba-2 two
-    of width d_inner (fp32 scan) and one of the stream."""
+    and two of the residual stream; attention the gradient of the fused Q/K/V output, one of the
+    attention output's width and one of the stream; Mamba-2 two of width d_inner (fp32 scan) and
+    one of the stream."""
     c, r = _elem(precision)
     stream = tokens * cfg.dim * r
     mlp = tokens * cfg.ffn_dim / lay.tp * c + 2 * stream
-    attn = 2 * tokens * cfg.dim / lay.tp * c + stream
+    hd = cfg.dim // cfg.n_heads
+    attn = tokens * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) / lay.tp * c + stream
     if kind == "M":
         return 2 * tokens * cfg.d_inner / lay.tp * 4 + stream
     return {"-": mlp, "*": attn, "T": max(mlp, attn)}[kind]

@@ -1,7 +1,7 @@
 """Tensor parallel with Megatron-style sequence parallel, as DTensor plans over the `tp` axis.
 
 Per block: the norms run on sequence shards (Shard(1)); the attention input is all-gathered,
-wq/wk/wv and w1/w3 split by output features (heads), wo and w2 split by input features and
+the fused Q/K/V projection and w1/w3 split by output features (heads), wo and w2 split by input features and
 reduce-scattered back to sequence shards. The embedding is split by rows (vocabulary); the output
 head by columns, gathered to replicated logits so the loss sees every vocabulary entry.
 Without sequence parallel, activations between blocks stay replicated.

@@ -51,12 +51,12 @@ def load_with_bytes_entry(ckpt_dir: str, marker: str) -> dict:
     import torch
     import torch.distributed.checkpoint as dcp
 
-    from longtrain.launcher.checkpoint import CheckpointError, CheckpointManager
+    from longtrain.launcher.checkpoint import FORMAT_VERSION, CheckpointError, CheckpointManager
 
     dcp.save({"w": torch.ones(3), "hyper": Evil(marker)}, checkpoint_id=ckpt_dir)
     if dist.get_rank() == 0:
         with open(os.path.join(ckpt_dir, "meta.json"), "w") as f:
-            f.write('{"format_version": 2, "world_size": 1}')
+            f.write(f'{{"format_version": {FORMAT_VERSION}, "world_size": 1}}')
     dist.barrier()
     state = {"w": torch.zeros(3), "hyper": 0.0}
     try:

@@ -4,7 +4,7 @@ import pytest
 
 from cases import failed_save_keeps_previous
 from distributed import run_group
-from longtrain.launcher.checkpoint import CheckpointError, find_resume_dir
+from longtrain.launcher.checkpoint import CheckpointError, CheckpointManager, find_resume_dir
 
 
 def test_failed_save_keeps_previous_checkpoint(tmp_path):
@@ -45,3 +45,14 @@ def test_resume_rules(tmp_path):
     (tmp_path / "b" / "latest").write_text("step_00000009\n")
     with pytest.raises(CheckpointError, match="not a completed checkpoint"):
         find_resume_dir(tmp_path / "b", "auto")
+
+
+def test_checkpoint_before_fused_qkv_is_refused_with_the_reason(tmp_path):
+    """Format 2 checkpoints hold attention.wq/wk/wv; loading one names the change in one line."""
+    old = _fake_checkpoint(tmp_path, "step_00000001")
+    (old / "meta.json").write_text('{"step": 1, "format_version": 2}')
+    with pytest.raises(CheckpointError) as err:
+        CheckpointManager.load(old, {})
+    message = str(err.value)
+    assert "\n" not in message and str(old) in message and "format version 2 is not 3" in message
+    assert "attention.wqkv" in message and "attention.wq/wk/wv" in message

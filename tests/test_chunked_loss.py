@@ -177,3 +177,35 @@ def test_negative_chunk_tokens_is_one_line_naming_the_key():
     with pytest.raises(RecipeError, match="train.loss_chunk_tokens: must be 0"):
         load_recipe(None, ["train.loss_chunk_tokens=-1"])
     assert load_recipe(None, []).train.loss_chunk_tokens == 1024
+
+
+def _matmuls(fn) -> int:
+    """Matrix products run by fn(), counted at the ATen level."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_, torch.ops.aten.bmm):
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+def test_gradients_formed_in_forward_without_recomputing_logits():
+    """Three head matmuls per chunk in all (logits, grad_h, grad_W), none in the backward; without
+    grad mode only the logits' one."""
+    h, w, labels = _case(tokens=32)
+    h.requires_grad_(), w.requires_grad_()
+    chunks = 64 // 16
+    out = {}
+    assert _matmuls(lambda: out.setdefault("loss", chunked_linear_cross_entropy(h, w, labels, 16))) == 3 * chunks
+    assert _matmuls(lambda: out["loss"].backward()) == 0
+    with torch.no_grad():
+        assert _matmuls(lambda: chunked_linear_cross_entropy(h, w, labels, 16)) == chunks
+    w_only = torch.randn_like(w).requires_grad_()
+    assert _matmuls(lambda: chunked_linear_cross_entropy(h.detach(), w_only, labels, 16)) == 2 * chunks

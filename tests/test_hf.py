@@ -438,8 +438,8 @@ def test_export_rejects_bad_state_dict(tmp_path):
     with pytest.raises(ValueError, match="missing layers.1.ffn_norm.weight"):
         save_hf_checkpoint(state, model.cfg, tmp_path / "out")
     state = model.state_dict()
-    state["layers.0.attention.wk.weight"] = torch.zeros(64, 64)
-    with pytest.raises(ValueError, match=r"layers\.0\.attention\.wk\.weight: shape"):
+    state["layers.0.attention.wqkv.weight"] = torch.zeros(64, 64)
+    with pytest.raises(ValueError, match=r"layers\.0\.attention\.wqkv\.weight: shape"):
         save_hf_checkpoint(state, model.cfg, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert os.listdir(tmp_path) == []
@@ -457,7 +457,7 @@ def test_export_refuses_to_overwrite(tmp_path):
     assert (dest / "model.safetensors").read_bytes() == before
     save_hf_checkpoint(other.state_dict(), other.cfg, dest, overwrite=True)
     _, state = load_hf_checkpoint(dest)
-    assert torch.equal(state["layers.0.attention.wq.weight"], other.state_dict()["layers.0.attention.wq.weight"])
+    assert torch.equal(state["layers.0.attention.wqkv.weight"], other.state_dict()["layers.0.attention.wqkv.weight"])
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary or backup directories left
 
 
