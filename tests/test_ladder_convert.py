@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from longtrain.launcher.cli import main
-from longtrain.models.transformer import RopeScaling, Transformer, TransformerConfig
+from longtrain.models.transformer import RopeScaling, Transformer, TransformerConfig, split_qkv
 
 transformers = pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parents[1]
@@ -173,10 +173,13 @@ def test_debug_adaptation_recipe_runs_from_a_converted_checkpoint(tmp_path):
     assert "holds a ladder (last 2 layers) model but model.residual/model.ladder_layers ask for a standard one" \
         in out["refused"]
     hf = reference.state_dict()
-    for ours, theirs in [("layers.3.attention.wq.weight", "model.layers.3.self_attn.q_proj.weight"),
-                         ("layers.0.ffn_norm.weight", "model.layers.0.post_attention_layernorm.weight"),
-                         ("output.weight", "lm_head.weight")]:
-        torch.testing.assert_close(out["start"][ours], hf[theirs], rtol=0, atol=0)
+    wq, wk, wv = split_qkv(out["start"]["layers.3.attention.wqkv.weight"], reference.config.num_attention_heads,
+                           reference.config.num_key_value_heads)
+    for ours, theirs in [(wq, "model.layers.3.self_attn.q_proj.weight"), (wk, "model.layers.3.self_attn.k_proj.weight"),
+                         (wv, "model.layers.3.self_attn.v_proj.weight"),
+                         (out["start"]["layers.0.ffn_norm.weight"], "model.layers.0.post_attention_layernorm.weight"),
+                         (out["start"]["output.weight"], "lm_head.weight")]:
+        torch.testing.assert_close(ours, hf[theirs], rtol=0, atol=0)
     losses = list(out["losses"].values())
     assert out["ladder_layers"] == 2 and len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     assert out["counts"]["grad_deferred"] > 0  # trained with the backward overlap on
