@@ -58,6 +58,10 @@ PHASES = [
      "overrides": ["parallel.dp_shard=2", "parallel.reshard_after_forward=false"], "target": None},
     {"key": "dp2_replicate", "label": "dp2, replicated (dp_replicate=2) vs 2 independent plain", "world": 2,
      "overrides": ["parallel.dp_replicate=2", "parallel.dp_shard=1"], "target": None},
+    # The fixed cost of a step: a model so small (tiny, 16 tokens) that compute is nearly nothing, so
+    # the step time is what every step pays whatever the model (lr, token count, clipping, flags).
+    {"key": "fixed_cost", "label": "fixed cost per step (tiny model, 1 x 16 tokens)", "world": 1,
+     "overrides": ["model.name=tiny", "data.seq_len=16", "data.batch_size=1"], "target": None},
 ]
 
 
@@ -207,7 +211,7 @@ def measure(cfg: dict, phase: dict, run_dir: str, progress) -> dict:
     first_loss["plain"] = float(plain_loss) / world_size
 
     host_reads = {name: count_host_reads(sides[name], warm[-1]) for name in ("longtrain", "plain")}
-    tokens_per_window = world_size * cfg["batch_size"] * cfg["seq_len"] * cfg["steps"]
+    tokens_per_window = world_size * recipe.data.batch_size * recipe.data.seq_len * cfg["steps"]
     repeats = {"longtrain": [], "plain": []}
     for r in range(cfg["repeats"]):
         window = timed[r * cfg["steps"]:(r + 1) * cfg["steps"]]
@@ -219,6 +223,7 @@ def measure(cfg: dict, phase: dict, run_dir: str, progress) -> dict:
             repeats[name].append(tokens_per_window / float(seconds))
             progress(cfg["steps"])
     return {"tokens_per_s": repeats, "first_loss": first_loss, "host_reads_per_step": host_reads,
+            "tokens_per_step": world_size * recipe.data.batch_size * recipe.data.seq_len,
             "num_params": trainer.model_cfg.num_params(),
             "layout": trainer.dims.describe(), "torch_threads": torch.get_num_threads()}
 
@@ -250,7 +255,9 @@ def run_phase(cfg: dict, phase: dict, bar) -> dict:
 def summarize(raw: dict, phase: dict) -> dict:
     sides = {}
     for name, values in raw["tokens_per_s"].items():
-        sides[name] = {"median_tokens_per_s": statistics.median(values), "repeats_tokens_per_s": values}
+        median = statistics.median(values)
+        sides[name] = {"median_tokens_per_s": median, "repeats_tokens_per_s": values,
+                       "median_ms_per_step": 1000.0 * raw["tokens_per_step"] / median}
     ratio = sides["longtrain"]["median_tokens_per_s"] / sides["plain"]["median_tokens_per_s"]
     fl = raw["first_loss"]
     return {
@@ -295,7 +302,13 @@ def to_markdown(report: dict) -> str:
         lines.append(f"| {r['label']} | {r['processes']} | {r['longtrain']['median_tokens_per_s']:,.0f} | "
                      f"{r['plain']['median_tokens_per_s']:,.0f} | {r['ratio_longtrain_over_plain']:.3f}x | "
                      f"{target} | {result} |")
+    fixed = report["fixed_cost"]
     lines += [
+        "",
+        f"Fixed cost per step (the `fixed_cost` row, where compute is nearly nothing): longtrain "
+        f"{fixed['longtrain']['median_ms_per_step']:.2f} ms, plain loop {fixed['plain']['median_ms_per_step']:.2f} ms "
+        f"(host reads per step: longtrain {fixed['host_reads_per_step']['longtrain']}, "
+        f"plain {fixed['host_reads_per_step']['plain']}).",
         "",
         "All repeats (tokens/s):",
         "",

@@ -21,7 +21,7 @@ def test_train_throughput_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     report = json.loads((tmp_path / "train_throughput.json").read_text())
-    phases = ["single", "dp2_fsdp", "dp2_fsdp_no_reshard", "dp2_replicate"]
+    phases = ["single", "dp2_fsdp", "dp2_fsdp_no_reshard", "dp2_replicate", "fixed_cost"]
     assert {"machine", "config", "passed", "num_params", *phases} <= set(report)
     assert {"cpu_count", "torch_version", "platform"} <= set(report["machine"])
     assert report["config"]["model"] == "tiny" and report["config"]["threads_per_process"] == 1
@@ -45,6 +45,8 @@ def test_train_throughput_smoke(tmp_path):
     assert report["single"]["layout"] == "single" and report["dp2_fsdp"]["layout"] == "dp_shard2"
     assert report["dp2_replicate"]["layout"] == "dp_replicate2"
     assert report["passed"] == report["single"]["passed"]
+    # the fixed cost of a step: measured per side, in milliseconds
+    assert all(report["fixed_cost"][side]["median_ms_per_step"] > 0 for side in ("longtrain", "plain"))
 
     markdown = (tmp_path / "train_throughput.md").read_text()
     assert markdown.strip() and markdown.strip() in proc.stdout  # written and printed at the end
