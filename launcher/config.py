@@ -425,6 +425,9 @@ def validate_recipe(recipe: Recipe, source: str = "recipe", world_size: int | No
             mcfg.pipeline_stages(n_stages)  # where the model splits (a hybrid's '|' marks must match)
         except ValueError as err:
             fail(str(err))
+        if p.pp_split == "sublayers" and isinstance(mcfg, HybridConfig):
+            fail("parallel.pp_split: sublayers splits transformer blocks between attention and MLP; a hybrid "
+                 "stack's layers are single sublayers already (use layers, and '|' marks in model.pattern)")
 
     d = recipe.data
     if d.seq_len < 1 or d.batch_size < 1:

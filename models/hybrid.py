@@ -208,6 +208,8 @@ class HybridConfig:
 class HybridBlock(nn.Module):
     """Pre-norm residual block: x + mixer(norm(x)). `kind` is 'M', '*' or '-'."""
 
+    SUBLAYERS = ("mixer",)  # one sublayer: a pipeline stage holds the block whole
+
     def __init__(self, cfg: HybridConfig, kind: str, layer_id: int):
         super().__init__()
         self.kind, self.layer_id = kind, layer_id

@@ -294,20 +294,44 @@ class TransformerBlock(nn.Module):
         self.carry, self.ladder = is_ladder(cfg), layer_id >= first_ladder_layer(cfg)
         self.residual_sync = LocalSync()
 
+    SUBLAYERS = ("attention", "feed_forward")  # in the order they run; a pipeline stage may keep one
+
     def forward(self, x, positions=None, doc_ids=None, pending=None):
         if self.carry:  # (h, pending) -> (h, pending)
-            h, pending = ladder_step(x, pending, lambda t: self.attention(self.attention_norm(t), positions, doc_ids),
-                                     self.ladder, self.residual_sync)
-            return ladder_step(h, pending, lambda t: self.feed_forward(self.ffn_norm(t)), self.ladder,
-                               self.residual_sync)
-        h = x + self.attention(self.attention_norm(x), positions, doc_ids)
-        return h + self.feed_forward(self.ffn_norm(h))
+            h = x
+            if self.attention is not None:
+                h, pending = ladder_step(h, pending,
+                                         lambda t: self.attention(self.attention_norm(t), positions, doc_ids),
+                                         self.ladder, self.residual_sync)
+            if self.feed_forward is not None:
+                h, pending = ladder_step(h, pending, lambda t: self.feed_forward(self.ffn_norm(t)), self.ladder,
+                                         self.residual_sync)
+            return h, pending
+        h = x
+        if self.attention is not None:
+            h = h + self.attention(self.attention_norm(h), positions, doc_ids)
+        if self.feed_forward is not None:
+            h = h + self.feed_forward(self.ffn_norm(h))
+        return h
+
+    def keep_sublayers(self, names: set[str]) -> None:
+        """Drop the sublayers (and their norms) not in `names`: a pipeline stage boundary between
+        this block's attention and its MLP. Parameter names of what stays are unchanged."""
+        if "attention" not in names:
+            self.attention = self.attention_norm = None
+        if "feed_forward" not in names:
+            self.feed_forward = self.ffn_norm = None
 
     def tensor_parallel_plan(self) -> BlockTPPlan:
-        return BlockTPPlan(styles={**prefixed("attention", self.attention.tp_styles()),
-                                   **prefixed("feed_forward", self.feed_forward.tp_styles())},
-                           sublayers=[Sublayer("attention_norm", "attention", 3),
-                                      Sublayer("ffn_norm", "feed_forward", 1)])
+        styles: dict[str, TPStyle] = {}
+        sublayers = []
+        if self.attention is not None:
+            styles.update(prefixed("attention", self.attention.tp_styles()))
+            sublayers.append(Sublayer("attention_norm", "attention", 3))
+        if self.feed_forward is not None:
+            styles.update(prefixed("feed_forward", self.feed_forward.tp_styles()))
+            sublayers.append(Sublayer("ffn_norm", "feed_forward", 1))
+        return BlockTPPlan(styles=styles, sublayers=sublayers)
 
 
 def seeded_normal_(p: torch.Tensor, std: float, generator: torch.Generator | None) -> None:
@@ -364,6 +388,19 @@ class DecoderLM(nn.Module):
     def pipeline_stages(self, n_stages: int) -> list[range]:
         """Layer ids per pipeline stage (the config decides: an even split, or a hybrid's '|' marks)."""
         return self.cfg.pipeline_stages(n_stages)
+
+    def pipeline_sublayer_stages(self, n_stages: int) -> list[dict[str, set[str]]]:
+        """Per pipeline stage, {layer key: the sublayers it runs}, from an even split of all the
+        sublayers in order: a stage boundary may fall between a block's attention and its MLP
+        (parallel.pp_split: sublayers)."""
+        units = [(key, name) for key, block in self.layers.items() for name in block.SUBLAYERS]
+        stages: list[dict[str, set[str]]] = []
+        for span in even_layer_split(len(units), n_stages):
+            stage: dict[str, set[str]] = {}
+            for key, name in (units[i] for i in span):
+                stage.setdefault(key, set()).add(name)
+            stages.append(stage)
+        return stages
 
     def set_sequence_cores(self, attention=None, ssm=None) -> None:
         """Install a sequence strategy (context parallel, balanced varlen, decoding caches) as the

@@ -14,7 +14,7 @@ from longtrain.parallel.activation_checkpoint import ACMode
 from longtrain.parallel.balance.planner import Strategy as BalanceStrategy
 from longtrain.parallel.context.ssm import SSMCPMode
 from longtrain.parallel.context.strategy import CPMode
-from longtrain.parallel.pipeline import PPSchedule
+from longtrain.parallel.pipeline import PPSchedule, PPSplit
 
 
 class DegreesError(ValueError):
@@ -40,6 +40,10 @@ class ParallelConfig:
     pp_schedule: PPSchedule = "1f1b"  # pipeline schedule
     pp_microbatches: int = 0  # 0: as many as pipeline stages (pp x pp_stages_per_rank)
     pp_stages_per_rank: int = 1  # >1 for the interleaved and zero-bubble schedules
+    # Where pipeline stages split: between layers (the model decides: even, or a hybrid's '|'
+    # marks), or sublayers (an even split of all attention and MLP sublayers: a stage may end after a
+    # block's attention; transformers only).
+    pp_split: PPSplit = "layers"
     sequence_parallel: bool = True  # Megatron-style SP on norms when tp > 1
     # Ladder models under tp: keep each sublayer's output all-reduce (reduce-scatter with sequence
     # parallel) in flight while the next sublayer computes (parallel/ladder.py); false waits at once.

@@ -80,7 +80,7 @@ def parallelize(model: DecoderLM, mesh: Mesh, parallel: ParallelConfig, *, devic
     if dims.pp > 1:
         n_stages = dims.pp * p.pp_stages_per_rank
         stage_ids = stage_ids_for_rank(mesh.pp_rank, dims.pp, p.pp_stages_per_rank)
-        parts: list[DecoderLM] = [build_stage_module(model, sid, n_stages) for sid in stage_ids]
+        parts: list[DecoderLM] = [build_stage_module(model, sid, n_stages, p.pp_split) for sid in stage_ids]
     else:
         parts, stage_ids, n_stages = [model], [0], 1
 

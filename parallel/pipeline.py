@@ -33,13 +33,23 @@ def stage_ids_for_rank(pp_rank: int, pp_degree: int, stages_per_rank: int) -> li
     return [pp_rank + k * pp_degree for k in range(stages_per_rank)]
 
 
-def build_stage_module(model, stage_id: int, n_stages: int):
-    """A copy of `model` that keeps only what stage `stage_id` runs."""
-    keep = {str(i) for i in model.pipeline_stages(n_stages)[stage_id]}
+PPSplit = Literal["layers", "sublayers"]
+
+
+def build_stage_module(model, stage_id: int, n_stages: int, split: PPSplit = "layers"):
+    """A copy of `model` that keeps only what stage `stage_id` runs: whole layers where the model
+    splits (`pipeline_stages`), or with split=sublayers an even share of all sublayers, so a stage
+    may end after a block's attention and the next begin with its MLP (`pipeline_sublayer_stages`)."""
+    if split == "sublayers":
+        keep_sublayers = model.pipeline_sublayer_stages(n_stages)[stage_id]
+    else:
+        keep_sublayers = {str(i): None for i in model.pipeline_stages(n_stages)[stage_id]}
     stage = copy.deepcopy(model)
     for name in list(stage.layers.keys()):
-        if name not in keep:
+        if name not in keep_sublayers:
             del stage.layers[name]
+        elif keep_sublayers[name] is not None and len(keep_sublayers[name]) < len(stage.layers[name].SUBLAYERS):
+            stage.layers[name].keep_sublayers(keep_sublayers[name])
     if stage_id != 0:
         stage.tok_embeddings = None
     if stage_id != n_stages - 1:

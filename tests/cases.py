@@ -312,3 +312,16 @@ def compiled_blocks(overrides: list) -> int:
 
     trainer = Trainer(load_recipe(None, TINY + list(overrides)))
     return sum(type(block).__name__ == "OptimizedModule" for block in trainer.parts[0].layers.values())
+
+
+def stage_sublayers(overrides: list) -> list:
+    """Per rank, {layer key: the sublayers its pipeline stage runs} as the trainer built it."""
+    from longtrain.launcher.config import load_recipe
+    from longtrain.launcher.trainer import Trainer
+
+    trainer = Trainer(load_recipe(None, TINY + list(overrides) + [f"run.launch.nproc_per_node={dist.get_world_size()}"]))
+    mine = {key: sorted(name for name in block.SUBLAYERS if getattr(block, name) is not None)
+            for part in trainer.parts for key, block in part.layers.items()}
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone

@@ -91,3 +91,11 @@ def test_on_off_keys_accept_yaml_booleans(tmp_path):
     recipe.write_text("optim:\n  fused: off\n")
     assert load_recipe(recipe).optim.fused == "off"
     assert load_recipe(None, ["optim.fused=on"]).optim.fused == "on"
+
+
+def test_sublayer_pipeline_split_is_for_transformers():
+    with pytest.raises(RecipeError, match="parallel.pp_split: sublayers splits transformer blocks"):
+        load_recipe(None, ["model.kind=hybrid", "model.pattern=M*-M*-", "parallel.pp=2", "parallel.pp_split=sublayers",
+                           "run.launch.nproc_per_node=2"])
+    assert load_recipe(None, ["parallel.pp=2", "parallel.pp_split=sublayers", "run.launch.nproc_per_node=2",
+                              "data.batch_size=2"]).parallel.pp_split == "sublayers"

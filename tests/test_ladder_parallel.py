@@ -18,6 +18,10 @@ STEPS = ["train.steps=5"]
 LADDER = ["model.residual=ladder", "model.ladder_layers=3"]  # 3 of 4 layers: the boundary is exercised too
 HYBRID = ["model.kind=hybrid", "model.residual=ladder", "model.pattern=M*|-M*-", "data.seq_len=32"]
 TP2 = ["parallel.tp=2", "parallel.dp_shard=1"] + global_batch(1)
+# 3 layers = 6 sublayers in 2 stages: stage 0 ends after layer 1's attention, stage 1 starts with its MLP.
+THREE = ["model.n_layers=3"]
+MID_LAYER = ["parallel.pp=2", "parallel.pp_split=sublayers", "parallel.tp=2", "parallel.dp_shard=1"] + global_batch(1)
+LADDER3 = THREE + ["model.residual=ladder", "model.ladder_layers=2"]
 
 LAYOUTS = {
     2: {
@@ -35,6 +39,8 @@ LAYOUTS = {
         "tp2_cp2_ulysses": LADDER + ["parallel.tp=2", "parallel.cp=2", "parallel.cp_mode=ulysses",
                                      "parallel.dp_shard=1"] + global_batch(1),
         "hybrid_pp2_tp2": HYBRID + ["parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=1"] + global_batch(1),
+        "ladder3_pp2_tp2_mid_layer": LADDER3 + MID_LAYER,
+        "standard3_pp2_tp2_mid_layer": THREE + MID_LAYER,
     },
 }
 TRACES = [LADDER + TP2, LADDER + TP2 + ["parallel.sequence_parallel=false"],
@@ -43,9 +49,11 @@ TRACES = [LADDER + TP2, LADDER + TP2 + ["parallel.sequence_parallel=false"],
 
 @pytest.fixture(scope="module")
 def references():
-    ref, hybrid = run_group(1, train_cases, [STEPS + LADDER + global_batch(1), STEPS + HYBRID + global_batch(1)])
+    ref, hybrid, ladder3, standard3 = run_group(1, train_cases, [
+        STEPS + LADDER + global_batch(1), STEPS + HYBRID + global_batch(1), STEPS + LADDER3 + global_batch(1),
+        STEPS + THREE + global_batch(1)])
     assert ref["losses"][5] < ref["losses"][1]
-    return {"transformer": ref, "hybrid": hybrid}
+    return {"transformer": ref, "hybrid": hybrid, "ladder3": ladder3, "standard3": standard3}
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +71,8 @@ def test_ladder_layout_matches_single_process(world_size, references, two_ranks)
         names = list(LAYOUTS[world_size])
         results = run_group(world_size, train_cases, [STEPS + LAYOUTS[world_size][n] for n in names])
     for name, got in zip(names, results):
-        _compare(name, got, references["hybrid" if name.startswith("hybrid") else "transformer"])
+        prefix = name.split("_")[0]
+        _compare(name, got, references[prefix if prefix in references else "transformer"])
     if world_size == 2:  # overlap on and off: the same numbers, not merely close
         on, off = results[names.index("tp2_sp")], results[names.index("tp2_sp_overlap_off")]
         assert on["losses"] == off["losses"]
@@ -131,3 +140,30 @@ def test_reduction_in_flight_while_next_sublayer_computes(two_ranks, index, over
     assert trace["counts"]["grad_deferred"] == hidden
     if overlap:
         assert hidden == sum(sublayers[j][1] and sublayers[j - 1][1] for j in range(2, len(sublayers))) > 0
+
+
+def test_sublayer_split_puts_a_stage_boundary_inside_a_layer():
+    """parallel.pp_split: sublayers on 3 layers in 2 stages: layer 1's attention ends stage 0 and
+    its MLP begins stage 1 (names unchanged, so checkpoints move between layouts)."""
+    import dataclasses
+
+    from longtrain.models.registry import build_model
+    from longtrain.models.sizes import SIZES
+    from longtrain.parallel.pipeline import build_stage_module
+
+    model = build_model(dataclasses.replace(SIZES["tiny"], n_layers=3))
+    assert model.pipeline_sublayer_stages(2) == [{"0": {"attention", "feed_forward"}, "1": {"attention"}},
+                                                 {"1": {"feed_forward"}, "2": {"attention", "feed_forward"}}]
+    first, second = (build_stage_module(model, s, 2, "sublayers") for s in (0, 1))
+    assert first.layers["1"].feed_forward is None and first.layers["1"].attention is not None
+    assert second.layers["1"].attention is None and second.layers["1"].feed_forward is not None
+    names = {n for part in (first, second) for n, _ in part.named_parameters()}
+    assert names == {n for n, _ in model.named_parameters()}
+    assert [s.mixer for s in second.layers["1"].tensor_parallel_plan().sublayers] == ["feed_forward"]
+    # and the trainer builds its stages that way (parallel.pp_split reaches the pipeline split)
+    from cases import stage_sublayers
+
+    built = run_group(2, stage_sublayers, LADDER3 + ["parallel.pp=2", "parallel.pp_split=sublayers",
+                                                     "parallel.dp_shard=1"] + global_batch(1))
+    assert built == [{"0": ["attention", "feed_forward"], "1": ["attention"]},
+                     {"1": ["feed_forward"], "2": ["attention", "feed_forward"]}]
