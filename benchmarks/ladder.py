@@ -395,7 +395,7 @@ def main(argv=None) -> int:
     from measure import MachineLoad, machine_info
 
     if args.decode:
-        from longtrain.launcher.local_group import run_group
+        from longtrain.tests.distributed import run_group
 
         load = MachineLoad()
         cfg.update(decode_batches=args.decode_batches, decode_prompt=args.decode_prompt,

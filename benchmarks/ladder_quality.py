@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(HERE))
     from measure import machine_info
 
-    from longtrain.launcher.local_group import run_group
+    from longtrain.tests.distributed import run_group
 
     # The two variants train side by side (one process each; no deadline: a long run is the point).
     from concurrent.futures import ThreadPoolExecutor

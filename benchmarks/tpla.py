@@ -138,7 +138,7 @@ def gloo_rank(shape: dict, lengths: list[int], batch: int, repeats: int, dim: in
 
 
 def run_gloo(args) -> list[dict]:
-    from longtrain.launcher.local_group import run_group
+    from longtrain.tests.distributed import run_group
 
     shape = SHAPES[args.shapes]
     rows = []

@@ -31,3 +31,22 @@ def test_public_modules_type_check(tmp_path):
     done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "MYPYPATH": str(tmp_path)})
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_longtrain_import_resolves():
+    """Every `longtrain.x.y` module named in an import anywhere in the tree exists (a moved module
+    left behind in a benchmark's lazy import fails here, not in a subprocess smoke test)."""
+    import ast
+    import importlib.util
+
+    missing = []
+    for path in ROOT.rglob("*.py"):
+        if any(part in ("runs", ".git") for part in path.parts):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for name in names:
+                if name.startswith("longtrain.") and importlib.util.find_spec(name) is None:
+                    missing.append(f"{path.relative_to(ROOT)}: {name}")
+    assert not missing, missing
