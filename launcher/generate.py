@@ -127,7 +127,7 @@ def _decode_on_rank(cfg, state, prompts, lengths, opts: dict) -> dict:
 def run(args) -> int:
     from longtrain.data.tokenizers import build_tokenizer
     from longtrain.models.decode import LatentCache, check_length, check_sampling, generate, left_pad
-    from longtrain.parallel.decode import check_tp_decode, has_mla
+    from longtrain.parallel.decode import check_tp_decode, has_mla, mla_config
 
     try:
         recipe = recipe_of_run(args.recipe, args.overrides)
@@ -144,9 +144,9 @@ def run(args) -> int:
         if args.nproc > 1 and args.decode == "tpla" and degree != args.nproc:
             raise RecipeError(f"--tpla-degree: {degree} is not --nproc {args.nproc}; TPLA shards the latent over "
                               "the tensor-parallel ranks (one slice per rank)")
-        rank = getattr(model.cfg, "kv_lora_rank", None) or getattr(getattr(model.cfg, "mla", None), "kv_lora_rank", 0)
-        if is_mla and args.decode == "tpla" and rank % degree:
-            raise RecipeError(f"model.kv_lora_rank: {rank} does not divide by the TPLA degree {degree}")
+        if is_mla and args.decode == "tpla" and mla_config(model.cfg).kv_lora_rank % degree:
+            raise RecipeError(f"model.kv_lora_rank: {mla_config(model.cfg).kv_lora_rank} does not divide by the "
+                              f"TPLA degree {degree}")
         check_tp_decode(model.cfg, args.nproc, args.decode)
         tokenizer = build_tokenizer(recipe.data.tokenizer)
         encoded = [tokenizer.encode(p, True, False) for p in args.prompt]

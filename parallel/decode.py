@@ -32,10 +32,10 @@ def has_mla(model_or_cfg) -> bool:
     """Whether a model (or its config) has multi-head latent attention layers."""
     if isinstance(model_or_cfg, nn.Module):
         return any(isinstance(m, MLAttention) for m in model_or_cfg.modules())
-    return _mla_config(model_or_cfg) is not None
+    return mla_config(model_or_cfg) is not None
 
 
-def _mla_config(cfg) -> MLAConfig | None:
+def mla_config(cfg) -> MLAConfig | None:
     """The MLA sizes of a model config: its own (an MLA transformer) or its attention layers' (a hybrid)."""
     if isinstance(cfg, MLAConfig):
         return cfg
@@ -49,7 +49,7 @@ def check_tp_decode(cfg, tp: int, decode: str) -> None:
     if tp < 1:
         raise ValueError(f"--nproc: {tp} must be at least 1")
     if has_mla(cfg) and decode == "tpla":
-        rank = _mla_config(cfg).kv_lora_rank
+        rank = mla_config(cfg).kv_lora_rank
         if rank % tp:
             raise ValueError(f"model.kv_lora_rank: {rank} does not divide by the TPLA degree {tp} (--nproc)")
         return

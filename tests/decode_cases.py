@@ -66,6 +66,14 @@ def recompute_greedy(model, prompt: list[int], n: int) -> list[int]:
     return ids[len(prompt):]
 
 
+def greedy_text(model, text: str, n: int) -> str:
+    """recompute_greedy on a text through the byte tokenizer: what `longtrain generate` prints for it."""
+    from longtrain.data.tokenizers import ByteTokenizer
+
+    tokenizer = ByteTokenizer()
+    return text + tokenizer.decode(recompute_greedy(model, tokenizer.encode(text, True, False), n))
+
+
 def tp_decode_cases(cases: list[dict]) -> list[dict]:
     """Per case {kind, lengths, new, decode, overlap}: the case's model (identical on every rank),
     left-padded prompts of the given lengths, decoded over the whole world as the tp group.

@@ -3,9 +3,8 @@ process prints (greedy), for a ladder transformer, a hybrid ladder stack and an 
 exact absorbed decode (heads split) and under TPLA (one process simulating the slices), prompts of different lengths in one batch; bad
 settings fail with one line each."""
 import pytest
-import torch
 
-from longtrain.data.tokenizers import ByteTokenizer
+from decode_cases import greedy_text
 from longtrain.launcher.cli import main
 from longtrain.launcher.config import load_recipe
 from longtrain.launcher.generate import load_model
@@ -24,14 +23,6 @@ def _generate(capsys, over, *flags) -> str:
     return out.out
 
 
-def _greedy(model, text, n):
-    ids = ByteTokenizer().encode(text, True, False)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return text + ByteTokenizer().decode(ids[len(text) + 1:])
-
-
 @pytest.mark.parametrize("over,flags", [
     (["model.name=tiny", "model.residual=ladder"], []),
     (["model.kind=hybrid", "model.name=tiny", "model.residual=ladder"], []),
@@ -45,7 +36,7 @@ def test_generate_nproc2_prints_what_one_process_prints(capsys, tmp_path, over, 
     assert two == one and all(p in one for p in PROMPTS)
     if not flags:  # exact decoding: each line is the full forward's greedy continuation
         model = load_model(load_recipe(RECIPE, over), log=lambda m: None)
-        assert one == "".join(_greedy(model, p, 6) + "\n" for p in PROMPTS)
+        assert one == "".join(greedy_text(model, p, 6) + "\n" for p in PROMPTS)
 
 
 @pytest.mark.parametrize("over,flags,message", [
