@@ -7,6 +7,8 @@ Probe (cached per machine and subgroup size in LONGTRAIN_CACHE or ~/.cache/longt
     U_d        device Adam throughput (fused AdamW on the device), parameters/s, the same way
     B_h2d      host-to-device copy bandwidth, bytes/s (pinned host memory on CUDA)
     B_d2h      device-to-host copy bandwidth, bytes/s
+    B_dd       copy bandwidth inside the device, bytes/s (HBM on a GPU; main memory on a CPU-only
+               machine, where it costs as much as the "transfers")
 
 Model of one update with subgroup sizes S_x and roles (host or device) from the stride k,
 w = bytes per parameter of the training dtype:
@@ -15,9 +17,11 @@ w = bytes per parameter of the training dtype:
     T_host   = sum_{x host}   (S_x / U_h + c)               (worker thread, in order)
                + w sum_{x host} S_x / B_h2d  only when the "device" is the host CPU (the weights'
                return is then a copy by the same thread; on a GPU it is asynchronous, in L_h2d)
-    T_device = sum_{x device} (12 S_x / B_h2d + S_x / U_d + 12 S_x / B_d2h + c)
+    T_device = sum_{x device} (12 S_x / B_h2d + S_x / U_d + 12 S_x / B_d2h + 8 S_x / B_dd + c)
                (fp32 master, m, v prefetched and flushed back; one reusable buffer set, so one
-               device subgroup's prefetch waits for the previous one's flush)
+               device subgroup's prefetch waits for the previous one's flush; inside the device
+               the gradient is gathered into the buffer and the updated weights written to the
+               parameters: 4 + 4 bytes per parameter at B_dd)
     L_h2d    = (12 sum_{device} S_x + w sum_{host} S_x) / B_h2d   (the link the weights share)
     T_update = max(T_host, T_device, L_h2d)            when the device is a separate processor
     T_update = T_host + T_device                       when the "device" is the host CPU itself
@@ -36,6 +40,7 @@ at PROBE_NUMEL), and each candidate uses the probe nearest to it in log size.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -47,6 +52,7 @@ import torch
 STATE_BYTES = 12          # fp32 master weight, m and v: what a device subgroup moves each way
 PROBE_NUMEL = 1 << 23     # 32 MB per fp32 buffer: beyond the CPU caches, as real subgroups are
 DEVICE_BUFFER_BYTES = 16  # fp32 master, m, v and the gathered gradient per device-buffer element
+DEVICE_LOCAL_BYTES = 8    # per device-updated parameter: the gradient gathered in, the weight written out
 
 
 @dataclass
@@ -57,6 +63,7 @@ class Probe:
     d2h_bytes_per_s: float = 0.0
     device_is_host: bool = True
     subgroup_overhead_s: float = 0.0  # fixed cost per subgroup: a kernel call, thread hand-off, copies
+    d2d_bytes_per_s: float = math.inf  # inf: copies inside the device taken as free (synthetic probes)
 
     def best_host_adam(self) -> str:
         return max(self.host_adam_params_per_s, key=self.host_adam_params_per_s.get)
@@ -89,7 +96,7 @@ def predict(probe: Probe, sizes: list[int], roles: list[str], host_impl: str, we
     if probe.device_is_host:
         host_s += weight_bytes * host_n / probe.h2d_bytes_per_s
     device_s = dev_n * (STATE_BYTES / probe.h2d_bytes_per_s + 1 / probe.device_adam_params_per_s
-                        + STATE_BYTES / probe.d2h_bytes_per_s) + c * roles.count("device")
+                        + STATE_BYTES / probe.d2h_bytes_per_s + DEVICE_LOCAL_BYTES / probe.d2d_bytes_per_s) + c * roles.count("device")
     link_s = (STATE_BYTES * dev_n + weight_bytes * host_n) / probe.h2d_bytes_per_s
     if probe.device_is_host:
         update_s = host_s + device_s
@@ -180,7 +187,7 @@ def _cache_path() -> Path:
 
 def machine_key(device: torch.device) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return f"v2|{platform.node()}|{name}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+    return f"v3|{platform.node()}|{name}|torch {torch.__version__}|threads {torch.get_num_threads()}"
 
 
 def synchronize(device: torch.device) -> None:
@@ -246,6 +253,13 @@ def run_probe(device: torch.device, host_adams: dict, chunk: int = PROBE_NUMEL, 
 
     probe.h2d_bytes_per_s = host.numel() * 4 / _timed(h2d, reps)
     probe.d2h_bytes_per_s = host.numel() * 4 / _timed(d2h, reps)
+    other = torch.empty_like(dev_buf)
+
+    def d2d():
+        other.copy_(dev_buf)
+        synchronize(device)
+
+    probe.d2d_bytes_per_s = dev_buf.numel() * 4 / _timed(d2d, reps)
     probe.subgroup_overhead_s = _subgroup_overhead(device, next(iter(host_adams.values())), reps)
     return probe
 

@@ -172,6 +172,9 @@ def test_model_picks_predicted_fastest_stride():
     cpu = Probe({"torch": 1e9}, 1e9, 10e9, 10e9, True)
     c = predict(cpu, sizes, roles, "torch", 4, 3)
     assert c.update_s == pytest.approx(c.host_s + c.device_s)
+    # Copies inside the device (gradient in, weights out: 8 bytes per device parameter) count when measured.
+    cpu.d2d_bytes_per_s = 5e9
+    assert predict(cpu, sizes, roles, "torch", 4, 3).device_s == pytest.approx(c.device_s + 2e6 * 8 / 5e9)
 
 
 def test_model_picks_predicted_fastest_subgroup_size_and_stride():
@@ -277,17 +280,18 @@ def test_model_predicts_this_machine(tmp_path, monkeypatch):
     """The prediction for this machine's update (probe measured here) is within 30% of the
     measured update time, for plain CPU offload and interleaved stride 2. The machine is shared
     with other jobs: each mode gets three attempts, each with a fresh probe; a model that is
-    wrong (not noisy) fails all three."""
+    wrong (not noisy) fails all three. 16M parameters in 4M subgroups: an update of 15-30 ms, long
+    enough that a thread hand-off or a page fault is not a third of it."""
     from longtrain.parallel.offload import OffloadAdamW, OffloadSettings
 
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(1024, 1024)) for _ in range(4)]
+    params = [torch.nn.Parameter(torch.randn(2048, 2048)) for _ in range(4)]
     grads = [torch.randn_like(p) for p in params]
     for mode, stride in (("cpu", "auto"), ("interleaved", 2)):
         attempts = []
         for attempt in range(3):
             monkeypatch.setenv("LONGTRAIN_CACHE", str(tmp_path / f"cache_{mode}_{attempt}"))
-            settings = OffloadSettings(mode, 1 << 20, stride, "torch", 0.0)
+            settings = OffloadSettings(mode, 1 << 22, stride, "torch", 0.0)
             opt = OffloadAdamW([{"params": params, "weight_decay": 0.1}], lr=1e-3, betas=(0.9, 0.95), eps=1e-8,
                                device=torch.device("cpu"), settings=settings)
             times = []
