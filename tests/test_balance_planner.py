@@ -191,9 +191,10 @@ def test_errors_are_one_line():
 
 
 def test_planning_time():
-    """1,024 sequences on 512 ranks. The target is 10 ms (benchmarks/balance.py measures and records the
-    median: `planning` in balance.json); this shared, loaded 2-core machine is slower and busier than a
-    training host, so the test only bounds the median of 7 runs by 100 ms."""
+    """1,024 sequences on 512 ranks in under 10 ms (benchmarks/balance.py records the median and the
+    runs: `planning` in balance.json). The planner is single-threaded pure Python: other tenants of
+    this shared 2-core machine only add time, so its own cost is the fastest of 7 runs (5-6 ms here
+    with a training job beside it)."""
     import importlib.util
     from pathlib import Path
 
@@ -203,8 +204,7 @@ def test_planning_time():
     spec.loader.exec_module(bench)
     timing = bench.planning_time(repeats=7)
     assert timing["sequences"] == 1024 and timing["ranks"] == 512 and len(timing["runs_ms"]) == 7
-    median_ms = timing["median_ms"]
-    assert 0 < median_ms < 100, median_ms
+    assert 0 < min(timing["runs_ms"]) < 10, timing["runs_ms"]
 
 
 def _timed(fn):

@@ -169,6 +169,9 @@ def plan_step(lengths: Sequence[int], world: int, strategy: str = "zeppelin", *,
     per_rank: list[list[Piece]] = [[] for _ in range(world)]
     for seq in sorted(groups):
         group, level = groups[seq]
+        if len(group) == 1:
+            per_rank[group[0]].append(Piece(seq, 0, lengths[seq], group, level))
+            continue
         for rank, piece in _ring_pieces(seq, lengths[seq], group, level, contiguous):
             per_rank[rank].append(piece)
     # attention-layout order: slots in the global order, pieces by sequence inside a slot
@@ -301,6 +304,16 @@ def _zeppelin(lengths, world, G, capacity, cp, bins, cost, tau_intra, tau_inter)
 
     def add(group, L, c):
         g = len(group)
+        if g == 1:  # a local sequence (most of them): one rank, one node
+            r = group[0]
+            n = r // G
+            rank_load[r] += c
+            rank_tok[r] += L
+            node_load[n] += c
+            node_tok[n] += L
+            heapq.heappush(rank_heaps[n], (rank_load[r], r))
+            heapq.heappush(node_heap, (node_load[n], n))
+            return
         for r in group:
             rank_load[r] += c / g
             rank_tok[r] += -(-L // g)
