@@ -67,7 +67,7 @@ def _measure(steps_by_layout: dict, model_dims: dict, repeats: int) -> dict:
                 for step in spec["steps"]:
                     plan = plan_step(step["lengths"], world, strategy, capacity=spec["capacity"] + len(step["lengths"]),
                                      gpus_per_node=spec["gpus_per_node"], cp=spec["cp"], bins=step["bins"],
-                                     tau_intra=spec["tau_intra"], tau_inter=spec["tau_inter"])
+                                     **_planner_kwargs(spec, model_dims))
                     layout = StepLayout.build(plan, rank, remap)
                     engine.set_step(layout)
                     n = len(layout.linear_ids)
@@ -128,19 +128,22 @@ def measured_setup(quick: bool, seed: int = 0) -> tuple[dict, dict]:
                 owner += [b] * len(part)
             steps.append({"lengths": lengths, "bins": owner, "seed": 1000 * s + 7})
         layouts[name] = {"cp": cp, "gpus_per_node": gpn, "capacity": math.ceil(1.5 * budget), "steps": steps}
-    # hiding lengths from this machine's probe (configs/clusters/local.yaml) and this model
-    from longtrain.models.transformer import TransformerConfig
-    from longtrain.parallel.balance.cost import CostModel, ModelShape, resolve_cluster
-
     for spec in layouts.values():
-        cm = CostModel(ModelShape.of(TransformerConfig(**dims)), resolve_cluster("local", spec["gpus_per_node"], world=4))
-        spec["tau_intra"], spec["tau_inter"] = cm.tau("intra"), cm.tau("inter")
+        kw = _planner_kwargs(spec, dims)
+        spec["tau_intra"], spec["tau_inter"] = kw["tau_intra"], kw["tau_inter"]
     return layouts, dims
 
 
-# 4 ranks on this machine's cores: each rank computes at (cores / ranks) of the probed single-process
-# speed (the probe runs one process), never faster than the probe.
-CPU_SHARE = max(1.0, 4 / (os.cpu_count() or 1))
+def _planner_kwargs(spec: dict, dims: dict) -> dict:
+    """The planner's cost inputs for a measured layout: this machine's probe (configs/clusters/local.yaml)
+    and this model, as the trainer plans (launcher/balanced_batches.py)."""
+    from longtrain.models.transformer import TransformerConfig
+    from longtrain.parallel.balance.cost import CostModel, ModelShape, resolve_cluster
+
+    cluster = resolve_cluster("local", spec["gpus_per_node"], world=4)
+    return CostModel(ModelShape.of(TransformerConfig(**dims)), cluster).planner_kwargs()
+
+
 
 
 def simulate_measured(layouts: dict, dims: dict) -> dict:
@@ -159,8 +162,8 @@ def simulate_measured(layouts: dict, dims: dict) -> dict:
                 key = f"{name}/{strategy}" + ("" if remap or strategy != "zeppelin" else "-noremap")
                 sims = [simulate(plan_step(s["lengths"], 4, strategy, capacity=spec["capacity"] + len(s["lengths"]),
                                            gpus_per_node=spec["gpus_per_node"], cp=spec["cp"], bins=s["bins"],
-                                           tau_intra=spec["tau_intra"], tau_inter=spec["tau_inter"]),
-                                 cm, remap, compute_scale=CPU_SHARE) for s in spec["steps"]]
+                                           **_planner_kwargs(spec, dims)),
+                                 cm, remap) for s in spec["steps"]]
                 out[key] = {"step_s": [s.step_seconds for s in sims],
                             "bytes_sent_per_rank": [s.bytes_sent.tolist() for s in sims]}
     return out
@@ -188,8 +191,7 @@ def at_scale(quick: bool, seed: int = 1) -> dict:
                 for mix in mixes:
                     lengths = sample_lengths(rng, gpus * per_gpu, MIXES[mix])
                     cap = math.ceil(1.5 * per_gpu) + len(lengths)
-                    kw = dict(capacity=cap, gpus_per_node=cluster.gpus_per_node, cost=cm.cost,
-                              tau_intra=cm.tau("intra"), tau_inter=cm.tau("inter"))
+                    kw = dict(capacity=cap, gpus_per_node=cluster.gpus_per_node, **cm.planner_kwargs())
                     t = {}
                     # even_cp: today's CP, a ring over each node's 8 GPUs (cp8), data ranks across nodes,
                     # each data rank's bin filled with the sequences in order, fewest tokens first
@@ -251,8 +253,7 @@ def ablation(quick: bool, seed: int = 3) -> dict:
                 cm = CostModel(ModelShape.llama(model), cluster)
                 for mix in ("arxiv", "github", "prolong64k"):
                     lengths = sample_lengths(rng, gpus * per_gpu, MIXES[mix])
-                    kw = dict(gpus_per_node=cluster.gpus_per_node, cost=cm.cost, tau_intra=cm.tau("intra"),
-                              tau_inter=cm.tau("inter"))
+                    kw = dict(gpus_per_node=cluster.gpus_per_node, **cm.planner_kwargs())
                     te = plan_step(lengths, gpus, "even_cp", cp=gpus, bins=[0] * len(lengths),
                                    capacity=-(-sum(lengths) // gpus) + len(lengths), **kw)
                     zep = plan_step(lengths, gpus, "zeppelin", capacity=math.ceil(1.5 * per_gpu) + len(lengths), **kw)

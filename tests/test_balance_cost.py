@@ -134,3 +134,28 @@ def test_plan_balance_command(tmp_path, capsys):
     assert (tmp_path / "t.png").stat().st_size > 1000
     assert main(args + ["--mix", "nope"]) == 2
     assert "--mix: unknown mix 'nope'" in capsys.readouterr().err
+
+
+def test_ring_member_cost_written_out():
+    """A ring member's cost: its 1/g of the causal work at the kernel's speed on L/g-token blocks,
+    plus each ring step's transfer beyond the step's compute (forward: K/V; backward: 2x the bytes
+    against 2.5x the compute), all layers."""
+    spec = ClusterSpec("t", 8, 8, 400.0, 1.0, ((256, 100.0), (4096, 400.0)), 600.0, latency_us=5.0)
+    cm = CostModel(GQA, spec)
+    L, g = 8192, 4
+    f = spec.attention_flops_per_s(L // g)
+    step = attention_flops(L, GQA) / g ** 2 / f
+    transfer = ring_step_bytes(L, g, GQA, 2) / 1e9 + 5e-6
+    exposed = (g - 1) * (max(0.0, transfer - step) + max(0.0, 2 * transfer - 2.5 * step))
+    assert cm.ring_member_seconds(L, g, "intra") == pytest.approx((3.5 * step * g + exposed) * GQA.n_layers)
+    assert exposed > 0  # a 1 GB/s link: this ring's transfers show
+    # a ring does not divide the cost: smaller blocks run slower even when every transfer hides
+    fast = CostModel(GQA, ClusterSpec("t", 8, 8, 400.0, 1e6, ((256, 100.0), (4096, 400.0)), 600.0, latency_us=0.0))
+    assert fast.ring_member_seconds(L, g, "intra") == pytest.approx(
+        fast.attention_seconds(L) / g * spec.attention_flops_per_s(L) / f)
+    assert fast.ring_member_seconds(L, g, "intra") > fast.cost(L) / g
+    assert cm.ring_member_seconds(L, 1, "local") == cm.cost(L)
+    kw = cm.planner_kwargs()
+    assert kw["cost"] == cm.cost and "ring_cost" not in kw and kw["shared_cores"] == 0
+    shared = CostModel(GQA, ClusterSpec("cpu", 4, 4, 8.0, 1.0, ((256, 0.01),), 0.03, shared_cores=2)).planner_kwargs()
+    assert shared["ring_cost"].__func__ is CostModel.ring_member_seconds and shared["shared_cores"] == 2

@@ -156,6 +156,44 @@ def test_zeppelin_at_scale_10000_batches():
     assert worst["tokens"] > 1.5, worst
 
 
+def test_zeppelin_weighs_rings_by_their_real_cost():
+    """ring_cost: a member's real load from a ring (slower small blocks, exposed transfers). Rings
+    that cost their members more than they save are not chosen: with a ring overhead that makes
+    every ring worse than its whole sequence, zeppelin keeps every sequence whole that fits a rank;
+    with the ideal division (the default) it rings the long ones. shared_cores: ranks that share
+    processors pay for every ring's extra work, so zeppelin keeps the plan's total work at the
+    whole-sequence total when rings cannot lower the step below total / cores."""
+    rng = np.random.default_rng(4)
+    lengths = long_tailed(rng, 4 * 6144, longest=6144)
+    kw = dict(capacity=2 * 6144, gpus_per_node=4, tau_intra=64, tau_inter=64)
+    ideal = plan_step(lengths, 4, "zeppelin", **kw)
+    assert any(len(g) > 1 for g, _ in ideal.groups.values())
+    costly = plan_step(lengths, 4, "zeppelin", ring_cost=lambda L, g, level: 1.5 * L * L, **kw)
+    assert all(len(g) == 1 for g, _ in costly.groups.values())
+    check_exactly_once(costly)
+    # ring_cost equal to the default division gives the default plan
+    same = plan_step(lengths, 4, "zeppelin", ring_cost=lambda L, g, level: float(L) * L / g, **kw)
+    assert same.groups == ideal.groups
+    # shared cores, a ring 30% dearer than its share: the total work stays the whole sequences'
+    dear = dict(kw, ring_cost=lambda L, g, level: 1.3 * L * L / g)
+    total = sum(float(L) * L for L in lengths)
+    shared = plan_step(lengths, 4, "zeppelin", shared_cores=2, **dear)
+    placed = sum(1.3 * L * L if len(g) > 1 else float(L) * L
+                 for L, (g, _) in zip(lengths, (shared.groups[i] for i in range(len(lengths)))))
+    own = plan_step(lengths, 4, "zeppelin", shared_cores=0, **dear)
+    placed_own = sum(1.3 * L * L if len(g) > 1 else float(L) * L
+                     for L, (g, _) in zip(lengths, (own.groups[i] for i in range(len(lengths)))))
+    assert placed <= placed_own and placed_own > total
+    # its step bound max(busiest rank, total / 2 cores) is no worse than the one-device-per-rank plan's
+    def bound(plan):
+        load = np.zeros(4)
+        for L, (g, _) in zip(lengths, (plan.groups[i] for i in range(len(lengths)))):
+            for r in g:
+                load[r] += float(L) * L if len(g) == 1 else 1.3 * L * L / len(g)
+        return max(load.max(), load.sum() / 2)
+    assert bound(shared) <= bound(own) * (1 + 1e-9)
+
+
 def test_remap_moves_inside_nodes_first():
     moves = transfers([10, 2, 6, 6], gpus_per_node=2)  # node 0: 10 + 2 -> 6 + 6 inside the node
     assert moves == {(0, 1): 4}

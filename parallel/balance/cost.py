@@ -49,6 +49,7 @@ class ClusterSpec:
     linear_tflops: float = 500.0  # achieved dense matmul TFLOP/s
     latency_us: float = 10.0  # per message, either level
     bytes_per_element: int = 2
+    shared_cores: int = 0  # the ranks share this many processors (a CPU-only machine); 0: one device each
 
     @property
     def inter_gbs(self) -> float:
@@ -117,7 +118,8 @@ def load_preset_file(path: str | Path) -> ClusterSpec:
                            nics_per_node=int(raw["nics_per_node"]), nic_gbps=float(raw["nic_gbps"]),
                            intra_gbs=float(raw["intra_gbs"]), attention_tflops=table,
                            linear_tflops=float(raw["linear_tflops"]), latency_us=float(raw.get("latency_us", 10.0)),
-                           bytes_per_element=int(raw.get("bytes_per_element", 2)))
+                           bytes_per_element=int(raw.get("bytes_per_element", 2)),
+                           shared_cores=int(raw.get("shared_cores", 0)))
     except (KeyError, TypeError, ValueError, IndexError) as err:
         raise ClusterError(f"cluster.preset: {path} is not a preset file ({type(err).__name__}: {err})") from None
 
@@ -131,7 +133,7 @@ def write_preset_file(spec: ClusterSpec, path: str | Path) -> Path:
             "nic_gbps": spec.nic_gbps, "intra_gbs": spec.intra_gbs,
             "attention_tflops": [[int(a), float(b)] for a, b in spec.attention_tflops],
             "linear_tflops": spec.linear_tflops, "latency_us": spec.latency_us,
-            "bytes_per_element": spec.bytes_per_element}
+            "bytes_per_element": spec.bytes_per_element, "shared_cores": spec.shared_cores}
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
@@ -268,6 +270,36 @@ class CostModel:
     def cost(self, length: int) -> float:
         """The planner's balancing weight: attention time of the whole sequence (seconds)."""
         return self.attention_seconds(length)
+
+    def ring_member_seconds(self, length: int, group: int, level: str) -> float:
+        """What one member of a ring of `group` ranks spends on a sequence (seconds, training, all
+        layers): its 1/group of the causal work at the kernel's speed on blocks of length/group
+        tokens (slower than whole-sequence blocks: the planner must not assume a ring divides the
+        cost), plus the transfers compute does not hide: of each of the group - 1 ring steps, forward
+        (K/V) and backward (K/V and their gradients, 2x the bytes, 2.5x the compute), the part of the
+        transfer longer than the step's compute (as the simulator runs a ring)."""
+        if group <= 1:
+            return self.attention_seconds(length)
+        m = self.model
+        f = self.cluster.attention_flops_per_s(max(1, length // group))
+        step_fwd = attention_flops(length, m) / (group * group) / f  # one layer, one ring step
+        transfer = self.ring_transfer_seconds(length, group, level)
+        exposed = (group - 1) * (max(0.0, transfer - step_fwd) + max(0.0, 2 * transfer - 2.5 * step_fwd))
+        return (3.5 * step_fwd * group + exposed) * m.n_layers
+
+    def planner_kwargs(self) -> dict:
+        """The cost model's inputs to plan_step: balancing weight, hiding lengths, shared cores and,
+        where the ranks share cores, the ring member cost. On dedicated devices rings are weighed at
+        their ideal share: with ring_member_seconds the planner cuts nodes into many small rings of
+        different members, which the engine runs one after another in its global order, so members
+        wait for each other (simulated on cluster B, 64 GPUs, 7B, ProLong-like: 10.9 s a step against
+        6.9 s; the planner does not model that order yet). Where cores are shared that waiting is
+        cheap (a waiting rank leaves its core to the others) and the extra work is what counts."""
+        kw = dict(cost=self.cost, tau_intra=self.tau("intra"), tau_inter=self.tau("inter"),
+                  shared_cores=self.cluster.shared_cores)
+        if self.cluster.shared_cores > 0:
+            kw["ring_cost"] = self.ring_member_seconds
+        return kw
 
     def tau(self, level: str, length: int = 16384) -> float:
         return hiding_length(level, self.model, self.cluster, length)

@@ -137,13 +137,20 @@ def quadratic(length: int) -> float:
 def plan_step(lengths: Sequence[int], world: int, strategy: str = "zeppelin", *, capacity: int,
               gpus_per_node: int = 0, cp: int = 1, bins: Optional[Sequence[int]] = None,
               cost: Callable[[int], float] = quadratic, tau_intra: float = 0.0, tau_inter: float = 0.0,
-              contiguous: bool = False) -> Plan:
+              contiguous: bool = False, ring_cost: Optional[Callable[[int, int, str], float]] = None,
+              shared_cores: int = 0) -> Plan:
     """Plan one step. `capacity`: tokens one rank may hold; `cp`: ranks per data rank (even_cp,
     hybrid_dp; ranks d*cp .. d*cp+cp-1 are data rank d's); `bins[i]`: the data rank whose bin
     sequence i came in (even_cp); `cost`: the balancing weight of a whole sequence (the cost model's
     attention seconds; L^2 by default); tau_*: hiding lengths in tokens; `contiguous`: a ring member
     holds one contiguous chunk of its sequence instead of the zigzag pair (scan-based models: hybrid
-    Mamba stacks scan each chunk in order; causal attention work is then uneven inside a ring)."""
+    Mamba stacks scan each chunk in order; causal attention work is then uneven inside a ring).
+    `ring_cost(length, g, level)`: what one member of a ring of g ranks pays for a sequence, in the
+    units of `cost` (zeppelin weighs rings with it: smaller blocks run slower and transfers may show;
+    default cost(length) / g, a ring that divides the work perfectly; CostModel.planner_kwargs()).
+    `shared_cores` > 0: the ranks share that many processors (a CPU-only machine, more ranks than
+    cores): zeppelin then weighs a placement by max(the busiest rank's load, all ranks' load over
+    the cores), so it does not buy balance with work that the shared cores pay for anyway."""
     lengths = [int(x) for x in lengths]
     if strategy not in STRATEGIES:
         raise PlanError(f"parallel.balance: unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
@@ -163,8 +170,11 @@ def plan_step(lengths: Sequence[int], world: int, strategy: str = "zeppelin", *,
         raise PlanError(f"balance plan: {sum(lengths)} tokens exceed the balancing group's capacity "
                         f"({world} ranks x {capacity} tokens)")
     plan = Plan(strategy, lengths, world, G, capacity, contiguous)
-    groups = {"zeppelin": _zeppelin, "tokens": _tokens, "even_cp": _even_cp, "hybrid_dp": _hybrid_dp}[strategy](
-        lengths, world, G, capacity, cp, bins, cost, tau_intra, tau_inter)
+    if strategy == "zeppelin":
+        groups = _zeppelin(lengths, world, G, capacity, cost, tau_intra, tau_inter, ring_cost, shared_cores)
+    else:
+        groups = {"tokens": _tokens, "even_cp": _even_cp, "hybrid_dp": _hybrid_dp}[strategy](
+            lengths, world, G, capacity, cp, bins, cost, tau_intra, tau_inter)
     plan.groups = groups
     per_rank: list[list[Piece]] = [[] for _ in range(world)]
     for seq in sorted(groups):
@@ -290,9 +300,33 @@ def _hybrid_dp(lengths, world, G, capacity, cp, bins, cost, tau_intra, tau_inter
 # ----------------------------------------------------------------------------------------------
 # Zeppelin
 # ----------------------------------------------------------------------------------------------
-def _zeppelin(lengths, world, G, capacity, cp, bins, cost, tau_intra, tau_inter):
+def _zeppelin(lengths, world, G, capacity, cost, tau_intra, tau_inter, ring_cost, shared_cores):
     N = world // G
     costs = [cost(L) for L in lengths]
+    # A placement is judged by the step it leads to: at least its busiest rank's load, and at least
+    # the step's whole work (placed so far, this placement's, the rest at whole-sequence cost) over
+    # the processors (the ranks, or the cores they share). A ring's members pay ring_cost, more than
+    # their share when its blocks run slower or its transfers show: that extra raises the second bound,
+    # so a ring is chosen only when it lowers the step, not merely the busiest rank of the moment.
+    totals = {"placed": 0.0, "rest": float(sum(costs))}
+    processors = shared_cores if 0 < shared_cores < world else world
+
+    def objective(peak, added):
+        """(the step's lower bound after the placement, then its busiest rank: ties keep the lower peak)"""
+        return (max(peak, (totals["placed"] + added + totals["rest"]) / processors), peak)
+
+    def better(a, b):
+        """Placement objective a is strictly better than b (beyond rounding)."""
+        if a[0] < b[0] * (1 - 1e-9):
+            return True
+        return a[0] <= b[0] * (1 + 1e-9) and a[1] < b[1] * (1 - 1e-9)
+
+    def share(L, c, g, level):
+        """A member's load from a sequence of length L (whole cost c) in a group of g ranks."""
+        if g == 1 or ring_cost is None:
+            return c / g
+        return ring_cost(L, g, level)
+
     fair = sum(costs) / world  # a rank's fair share of the attention cost
     node_fair = fair * G
     node_load, node_tok = [0.0] * N, [0] * N
@@ -303,7 +337,10 @@ def _zeppelin(lengths, world, G, capacity, cp, bins, cost, tau_intra, tau_inter)
     out = {}
 
     def add(group, L, c):
+        """Place a sequence of whole cost c on `group`."""
         g = len(group)
+        totals["rest"] -= c
+        totals["placed"] += c if g == 1 else share(L, c, g, _level(group, G)) * g
         if g == 1:  # a local sequence (most of them): one rank, one node
             r = group[0]
             n = r // G
@@ -314,15 +351,16 @@ def _zeppelin(lengths, world, G, capacity, cp, bins, cost, tau_intra, tau_inter)
             heapq.heappush(rank_heaps[n], (rank_load[r], r))
             heapq.heappush(node_heap, (node_load[n], n))
             return
+        member = share(L, c, g, _level(group, G))
         for r in group:
-            rank_load[r] += c / g
+            rank_load[r] += member
             rank_tok[r] += -(-L // g)
             heapq.heappush(rank_heaps[r // G], (rank_load[r], r))
         members_of: dict = {}
         for r in group:
             members_of[r // G] = members_of.get(r // G, 0) + 1
         for n, members in sorted(members_of.items()):
-            node_load[n] += c * members / g
+            node_load[n] += member * members
             node_tok[n] += -(-L // g) * members
             heapq.heappush(node_heap, (node_load[n], n))
 
@@ -362,22 +400,27 @@ def _zeppelin(lengths, world, G, capacity, cp, bins, cost, tau_intra, tau_inter)
         # for the ring, the next nodes (by load), so a plan never fails while a node can hold it
         for n in sorted(range(N), key=lambda n: (node_tok[n] + L > G * capacity, node_load[n], n)):
             by_load = sorted(range(n * G, (n + 1) * G), key=lambda r: (rank_load[r], r))
-            best, best_key = None, (float("inf"), 0)
+            best, best_key = None, ((float("inf"), float("inf")), 0)
             for g in range(g_lo, min(g_hi, G) + 1):
-                share = -(-L // g) + 1  # a member's zigzag chunk pair holds at most this many tokens
-                fits = [r for r in by_load if rank_tok[r] + share <= capacity][:g]
-                if len(fits) == g and (rank_load[fits[-1]] + c / g, g) < best_key:
-                    best, best_key = fits, (rank_load[fits[-1]] + c / g, g)
+                room = -(-L // g) + 1  # a member's zigzag chunk pair holds at most this many tokens
+                fits = [r for r in by_load if rank_tok[r] + room <= capacity][:g]
+                if len(fits) < g:
+                    continue
+                member = share(L, c, g, "intra")
+                key = (objective(rank_load[fits[-1]] + member, g * member - c), g)
+                if key < best_key:
+                    best, best_key = fits, key
             if best is None:  # wider than the hiding length allows, but it fits: better than no plan
                 for g in range(min(g_hi, G) + 1, G + 1):
-                    share = -(-L // g) + 1
-                    fits = [r for r in by_load if rank_tok[r] + share <= capacity][:g]
+                    room = -(-L // g) + 1
+                    fits = [r for r in by_load if rank_tok[r] + room <= capacity][:g]
                     if len(fits) == g:
-                        best, best_key = fits, (rank_load[fits[-1]] + c / g, g)
+                        member = share(L, c, g, "intra")
+                        best, best_key = fits, (objective(rank_load[fits[-1]] + member, g * member - c), g)
                         break
             if best is not None:
                 return tuple(sorted(best)), best_key[0]
-        return None, float("inf")
+        return None, (float("inf"), float("inf"))
 
     def inter_ring(L, c, k_hidden, need_mem):
         """Whole nodes, k of them minimizing the most loaded chosen node (ties: fewer nodes); and
@@ -385,9 +428,10 @@ def _zeppelin(lengths, world, G, capacity, cp, bins, cost, tau_intra, tau_inter)
         k_lo = max(2, -(-need_mem // G))
         k_hi = max(k_lo, min(N, k_hidden))
         order = sorted(range(N), key=lambda n: (node_load[n], n))
-        k = min(range(k_lo, k_hi + 1), key=lambda k: (node_load[order[k - 1]] + c / k, k))
+        k = min(range(k_lo, k_hi + 1), key=lambda k: (node_load[order[k - 1]] + G * share(L, c, k * G, "inter"), k))
         group = tuple(n * G + j for n in sorted(order[:k]) for j in range(G))
-        return group, max(rank_load[r] for r in group) + c / len(group)
+        member = share(L, c, len(group), "inter")
+        return group, objective(max(rank_load[r] for r in group) + member, len(group) * member - c)
 
     def roomiest_ring(L):
         """Last resort when no node's free room holds the sequence: the fewest ranks anywhere (those
@@ -403,7 +447,7 @@ def _zeppelin(lengths, world, G, capacity, cp, bins, cost, tau_intra, tau_inter)
         need_mem = -(-L // capacity)
         hidden = int(L // tau_intra) if tau_intra > 0 else world  # most ranks whose chunks stay hidden
         k_hidden = int(L // (G * tau_inter)) if tau_inter > 0 else N
-        if N > 1 and (need_mem > G or (c > node_fair * (1 + 1e-9) and k_hidden >= 2)):
+        if N > 1 and (need_mem > G or (c > node_fair * (1 + 1e-9) and k_hidden >= 2 and shared_cores <= 0)):
             group, _ = inter_ring(L, c, k_hidden, need_mem)
             out[seq] = (group, "inter")
             add(group, L, c)
@@ -418,9 +462,9 @@ def _zeppelin(lengths, world, G, capacity, cp, bins, cost, tau_intra, tau_inter)
         group, peak = intra_ring(L, c, max(2, need_mem), max(2, need_mem, hidden))
         if N > 1 and k_hidden >= 2:
             wide, wide_peak = inter_ring(L, c, k_hidden, need_mem)
-            if wide_peak < peak * (1 - 1e-9):
+            if better(wide_peak, peak):
                 group, peak = wide, wide_peak
-        if r is not None and (group is None or peak >= rank_load[r] + c):
+        if r is not None and (group is None or not better(peak, objective(rank_load[r] + c, 0.0))):
             group = (r,)
         elif group is None:
             group = roomiest_ring(L)

@@ -112,6 +112,7 @@ def probe(p2p_times: dict, out=LOCAL_PRESET, lengths=DEFAULT_LENGTHS, gpus_per_n
     spec = ClusterSpec(name=f"local (probed on {os.uname().nodename}, {device})", gpus_per_node=max(1, gpus),
                        nics_per_node=max(1, gpus), nic_gbps=gbs * 8.0, intra_gbs=gbs,
                        attention_tflops=tuple(table), linear_tflops=lin, latency_us=latency,
-                       bytes_per_element=4 if device == "cpu" else 2)
+                       bytes_per_element=4 if device == "cpu" else 2,
+                       shared_cores=(os.cpu_count() or 1) if device == "cpu" else 0)
     write_preset_file(spec, out)
     return spec

@@ -18,6 +18,13 @@ Backward repeats the same with 2x the linear and 2.5x the attention compute, and
 gradients travelling round each ring (2x the bytes). Gradient reduction is the same for every
 strategy and is left out. With `routing`, the inter-node hop of a whole-node ring uses all its
 members' NICs (see `simulate`).
+
+Ranks that share processors (`shared_cores`: a CPU-only machine running P ranks on C < P cores, as
+the tests and benchmarks here do) are not slowed uniformly by P/C: a rank that waits leaves its core
+to the others, so an unbalanced plan's straggler runs alone at full speed at the end. The step is
+then at least the critical path above at one core per rank and at least the plan's total compute
+over C cores (plus the time no rank computes: the critical path minus its busiest rank's compute);
+the simulation takes the larger (processor sharing without its exact schedule).
 """
 from __future__ import annotations
 
@@ -45,11 +52,12 @@ def _piece_pairs(start: int, stop: int) -> float:
 
 
 def simulate(plan: Plan, cm: CostModel, remap: bool = True, compute_scale: float = 1.0,
-             routing: bool = False) -> StepSimulation:
-    """`compute_scale`: compute seconds are multiplied by it (ranks sharing a CPU core: ranks / cores).
-    `routing`: a ring's inter-node hop is split over the k members of its node (routing.py), pipelined:
+             routing: bool = False, shared_cores: int | None = None) -> StepSimulation:
+    """`compute_scale`: compute seconds are multiplied by it. `shared_cores`: the ranks share this
+    many processors (0: one each; None: the cluster's; see the module docstring). `routing`: a ring's inter-node hop is split over the k members of its node (routing.py), pipelined:
     max(M / (k B_nic), M / (k B_intra)) plus three latencies, instead of M / B_nic."""
     P, m, c = plan.world, cm.model, cm.cluster
+    shared_cores = c.shared_cores if shared_cores is None else shared_cores
     G = plan.gpus_per_node
     attention = token_ids(plan)
     linear = linear_layout(attention, G) if remap else attention
@@ -137,6 +145,9 @@ def simulate(plan: Plan, cm: CostModel, remap: bool = True, compute_scale: float
         clock += post
         busy += post
     layer = float(clock.max())
+    if 0 < shared_cores < P:
+        # total compute over the shared cores, plus what the critical path spends not computing
+        layer = max(layer, float(busy.sum()) / shared_cores + layer - float(busy.max()))
     step = layer * m.n_layers
     busy_step = busy * m.n_layers
     return StepSimulation(plan.strategy, step, busy_step, step - busy_step,
@@ -178,8 +189,7 @@ def compare_strategies(lengths: list[int], bins: list[int], world: int, cp: int,
     out = {}
     for strategy in strategies:
         plan = plan_step(lengths, world, strategy, capacity=capacity + len(lengths), cp=cp, bins=bins,
-                         gpus_per_node=cm.cluster.gpus_per_node, cost=cm.cost, tau_intra=cm.tau("intra"),
-                         tau_inter=cm.tau("inter"))
+                         gpus_per_node=cm.cluster.gpus_per_node, **cm.planner_kwargs())
         out[strategy] = simulate(plan, cm, remap=strategy == "zeppelin")
     return out
 
