@@ -159,3 +159,23 @@ def test_ring_member_cost_written_out():
     assert kw["cost"] == cm.cost and "ring_cost" not in kw and kw["shared_cores"] == 0
     shared = CostModel(GQA, ClusterSpec("cpu", 4, 4, 8.0, 1.0, ((256, 0.01),), 0.03, shared_cores=2)).planner_kwargs()
     assert shared["ring_cost"].__func__ is CostModel.ring_member_seconds and shared["shared_cores"] == 2
+
+
+def test_shared_cores_makespan_and_simulation():
+    """Processor sharing written out: 4 jobs on 2 cores run at half speed until the short ones end,
+    then the straggler alone at full speed; the simulator's step on shared cores follows it."""
+    from longtrain.parallel.balance.planner import plan_step
+    from longtrain.parallel.balance.simulator import shared_makespan, simulate
+
+    assert shared_makespan([1.2, 0.4, 0.4, 0.4], 2) == pytest.approx(0.4 / 0.5 + 0.8)
+    assert shared_makespan([1.0] * 4, 2) == pytest.approx(2.0)
+    assert shared_makespan([3.0, 1.0], 4) == pytest.approx(3.0)  # more cores than ranks: no sharing
+    cpu = ClusterSpec("cpu", 4, 4, 8.0, 1.0, ((1, 0.01),), 0.03, latency_us=0.0, bytes_per_element=4)
+    cm = CostModel(ModelShape(1, 4, 2, 16, 64 * 64 * 4), cpu)
+    plan = plan_step([4000, 1000, 1000, 1000], 4, "tokens", capacity=8000)  # one rank does most of the work
+    alone = simulate(plan, cm, False, shared_cores=0)
+    shared = simulate(plan, cm, False, shared_cores=2)
+    per_rank = alone.busy / cm.model.n_layers
+    assert alone.step_seconds == pytest.approx(per_rank.max() * cm.model.n_layers)
+    assert shared.step_seconds == pytest.approx(shared_makespan(per_rank, 2) * cm.model.n_layers)
+    assert alone.step_seconds < shared.step_seconds < 2 * alone.step_seconds  # not a uniform 4/2 slowdown

@@ -21,10 +21,10 @@ members' NICs (see `simulate`).
 
 Ranks that share processors (`shared_cores`: a CPU-only machine running P ranks on C < P cores, as
 the tests and benchmarks here do) are not slowed uniformly by P/C: a rank that waits leaves its core
-to the others, so an unbalanced plan's straggler runs alone at full speed at the end. The step is
-then at least the critical path above at one core per rank and at least the plan's total compute
-over C cores (plus the time no rank computes: the critical path minus its busiest rank's compute);
-the simulation takes the larger (processor sharing without its exact schedule).
+to the others, so an unbalanced plan's straggler runs alone at full speed at the end. Each rank's
+compute is then run under processor sharing (n ranks still computing progress at min(1, C/n) each;
+`shared_makespan`), and the time on the critical path that is not compute (transfers, waiting for a
+ring's members) is added; the step is at least the critical path at one core per rank.
 """
 from __future__ import annotations
 
@@ -45,6 +45,18 @@ class StepSimulation:
     idle: np.ndarray  # per rank: step_seconds - busy
     bytes_sent: np.ndarray  # per rank: ring + remap bytes of the step (all layers)
     events: list = field(default_factory=list)  # (rank, start, stop, kind) of one layer, forward
+
+
+def shared_makespan(work, cores: int) -> float:
+    """When the last of independent jobs of these compute seconds ends on `cores` processors shared
+    equally among the jobs still running (each at min(1, cores / running))."""
+    left = sorted(float(w) for w in work if w > 0)
+    clock, done = 0.0, 0.0
+    for i, w in enumerate(left):
+        running = len(left) - i
+        clock += (w - done) / min(1.0, cores / running)
+        done = w
+    return clock
 
 
 def _piece_pairs(start: int, stop: int) -> float:
@@ -146,8 +158,8 @@ def simulate(plan: Plan, cm: CostModel, remap: bool = True, compute_scale: float
         busy += post
     layer = float(clock.max())
     if 0 < shared_cores < P:
-        # total compute over the shared cores, plus what the critical path spends not computing
-        layer = max(layer, float(busy.sum()) / shared_cores + layer - float(busy.max()))
+        # the ranks' compute under processor sharing, plus what the critical path spends not computing
+        layer = max(layer, shared_makespan(busy, shared_cores) + layer - float(busy.max()))
     step = layer * m.n_layers
     busy_step = busy * m.n_layers
     return StepSimulation(plan.strategy, step, busy_step, step - busy_step,
