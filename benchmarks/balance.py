@@ -133,29 +133,43 @@ def measured_setup(quick: bool, seed: int = 0) -> tuple[dict, dict]:
     return layouts, dims
 
 
-def _planner_kwargs(spec: dict, dims: dict) -> dict:
-    """The planner's cost inputs for a measured layout: this machine's probe (configs/clusters/local.yaml)
-    and this model, as the trainer plans (launcher/balanced_batches.py)."""
+def _cost_model(spec: dict, dims: dict):
+    """The cost model of a measured layout: the probe of this machine at this model's shapes
+    (spec["preset"], written by probe_model; configs/clusters/local.yaml when absent)."""
     from longtrain.models.transformer import TransformerConfig
     from longtrain.parallel.balance.cost import CostModel, ModelShape, resolve_cluster
 
-    cluster = resolve_cluster("local", spec["gpus_per_node"], world=4)
-    return CostModel(ModelShape.of(TransformerConfig(**dims)), cluster).planner_kwargs()
+    cluster = resolve_cluster(spec.get("preset", "local"), spec["gpus_per_node"], world=4)
+    return CostModel(ModelShape.of(TransformerConfig(**dims)), cluster)
+
+
+def _planner_kwargs(spec: dict, dims: dict) -> dict:
+    """The planner's cost inputs for a measured layout, as the trainer plans (launcher/balanced_batches.py)."""
+    return _cost_model(spec, dims).planner_kwargs()
+
+
+def probe_model(dims: dict, out: Path) -> str:
+    """`longtrain probe` at the benchmark model's shapes (heads, head dim, model dim; the machine's P2P
+    numbers measured in a 2-rank group), written to out/balance_probe.yaml: what measurement and
+    simulation both plan and predict with."""
+    from longtrain.parallel.balance.probe import ping_pong, probe
+    from longtrain.tests.distributed import run_group
+
+    times = run_group(2, ping_pong)
+    path = out / "balance_probe.yaml"
+    probe(times, path, heads=dims["n_heads"], head_dim=dims["dim"] // dims["n_heads"], dim=dims["dim"])
+    return str(path)
 
 
 
 
 def simulate_measured(layouts: dict, dims: dict) -> dict:
-    from longtrain.models.transformer import TransformerConfig
-    from longtrain.parallel.balance.cost import CostModel, ModelShape, resolve_cluster
     from longtrain.parallel.balance.planner import plan_step
     from longtrain.parallel.balance.simulator import simulate
 
-    shape = ModelShape.of(TransformerConfig(**dims))
     out = {}
     for name, spec in layouts.items():
-        cluster = resolve_cluster("local", spec["gpus_per_node"], world=4)
-        cm = CostModel(shape, cluster)
+        cm = _cost_model(spec, dims)
         for strategy in STRATEGIES:
             for remap in ((True, False) if strategy == "zeppelin" else (False,)):
                 key = f"{name}/{strategy}" + ("" if remap or strategy != "zeppelin" else "-noremap")
@@ -399,6 +413,10 @@ def main(argv=None) -> int:
         measured, layouts, dims = old["measured"], old["config"]["layouts"], old["config"]["model"]
         start, previous_elapsed, other = time.time(), old["elapsed_s"], old["other_processes_cpu_share"]
     else:
+        preset = probe_model(dims, Path(args.out))
+        for spec in layouts.values():
+            spec["preset"] = preset
+            spec["tau_intra"], spec["tau_inter"] = (_planner_kwargs(spec, dims)[k] for k in ("tau_intra", "tau_inter"))
         measured = run_group(4, _measure, layouts, dims, 1 if args.quick else args.repeats)
         previous_elapsed, other = 0.0, None
     simulated = simulate_measured(layouts, dims)

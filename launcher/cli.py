@@ -96,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("--lengths", default="256,512,1024,2048,4096", help="comma-separated sequence lengths")
     probe.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     probe.add_argument("--gpus-per-node", type=int, default=0)
+    probe.add_argument("--heads", type=int, default=8, help="attention heads of the kernels measured (the model's)")
+    probe.add_argument("--head-dim", type=int, default=64, help="head dimension of the kernels measured")
+    probe.add_argument("--dim", type=int, default=512, help="model dimension of the matmul measured")
     return parser
 
 
@@ -194,7 +197,8 @@ def _probe_command(args) -> int:
 
     lengths = tuple(int(x) for x in args.lengths.split(",") if x)
     times = run_local_ranks(2, ping_pong, backend="nccl" if args.device == "cuda" else "gloo", timeout_s=300)
-    spec = probe(times, args.out or LOCAL_PRESET, lengths, args.gpus_per_node, args.device)
+    spec = probe(times, args.out or LOCAL_PRESET, lengths, args.gpus_per_node, args.device, args.heads,
+                 args.head_dim, args.dim)
     table = ", ".join(f"{length}: {tflops * 1e3:.1f}" for length, tflops in spec.attention_tflops)
     print(f"attention GFLOP/s by length: {table}; linear {spec.linear_tflops * 1e3:.1f} GFLOP/s; "
           f"P2P {spec.intra_gbs:.2f} GB/s, latency {spec.latency_us:.0f} us -> {args.out or LOCAL_PRESET}")

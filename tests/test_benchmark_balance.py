@@ -1,8 +1,9 @@
 """Smoke test of benchmarks/balance.py --quick: in a subprocess, 4 gloo ranks measure every strategy at
 cp4 and dp2 x cp2, the simulator predicts the same runs, the at-scale simulation covers the paper's
 clusters; JSON, markdown and PNG are written. Timings are not judged (noise at this size); what is
-exact: zeppelin's attention work is balanced (max/mean <= 1.05) where equal-token packing is not,
-only ring strategies send ring bytes, and every run has a simulated twin."""
+exact: zeppelin's plan is no worse than a baseline's in the simulator it plans with, equal-token
+packing leaves attention unbalanced, only ring strategies send ring bytes, and every run has a
+simulated twin; the benchmark's own probe preset is written."""
 import pytest
 import json
 import os
@@ -23,13 +24,19 @@ def test_balance_benchmark_smoke(tmp_path):
     report = json.loads((tmp_path / "balance.json").read_text())
     assert (tmp_path / "balance.md").read_text().startswith("# Balance benchmark")
     assert (tmp_path / "balance.png").stat().st_size > 1000
+    assert "shared_cores" in (tmp_path / "balance_probe.yaml").read_text()
     measured, simulated = report["measured"], report["simulated_measured"]
     assert set(measured) == set(simulated)
     for layout in ("cp4", "dp2xcp2"):
         for strategy in ("even_cp", "tokens", "hybrid_dp", "zeppelin", "zeppelin-noremap"):
             run = measured[f"{layout}/{strategy}"]
             assert all(t > 0 for t in run["step_s"]) and all(t > 0 for t in simulated[f"{layout}/{strategy}"]["step_s"])
-        assert max(measured[f"{layout}/zeppelin"]["attention_max_over_mean"]) <= 1.05
+        # zeppelin plans with the benchmark's probe of this machine (balance_probe.yaml: 4 ranks share
+        # its cores), so its plan is judged by the step the simulator predicts, not by attention balance
+        # (on shared cores a ring's extra work costs more than the imbalance it removes)
+        zep = simulated[f"{layout}/zeppelin"]["step_s"]
+        for baseline in ("even_cp", "tokens", "hybrid_dp"):
+            assert all(z <= 1.05 * b for z, b in zip(zep, simulated[f"{layout}/{baseline}"]["step_s"])), (layout, baseline)
         assert max(measured[f"{layout}/tokens"]["attention_max_over_mean"]) > 1.2
         assert max(measured[f"{layout}/zeppelin"]["tokens_max_over_mean"]) <= 1.02  # remapped
         assert max(max(b) for b in measured[f"{layout}/even_cp"]["bytes_sent_per_rank"]) > 0

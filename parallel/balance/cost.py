@@ -50,6 +50,7 @@ class ClusterSpec:
     latency_us: float = 10.0  # per message, either level
     bytes_per_element: int = 2
     shared_cores: int = 0  # the ranks share this many processors (a CPU-only machine); 0: one device each
+    attention_call_us: float = 0.0  # fixed cost of one attention piece (one document's block), fwd + bwd
 
     @property
     def inter_gbs(self) -> float:
@@ -119,7 +120,8 @@ def load_preset_file(path: str | Path) -> ClusterSpec:
                            intra_gbs=float(raw["intra_gbs"]), attention_tflops=table,
                            linear_tflops=float(raw["linear_tflops"]), latency_us=float(raw.get("latency_us", 10.0)),
                            bytes_per_element=int(raw.get("bytes_per_element", 2)),
-                           shared_cores=int(raw.get("shared_cores", 0)))
+                           shared_cores=int(raw.get("shared_cores", 0)),
+                           attention_call_us=float(raw.get("attention_call_us", 0.0)))
     except (KeyError, TypeError, ValueError, IndexError) as err:
         raise ClusterError(f"cluster.preset: {path} is not a preset file ({type(err).__name__}: {err})") from None
 
@@ -133,7 +135,8 @@ def write_preset_file(spec: ClusterSpec, path: str | Path) -> Path:
             "nic_gbps": spec.nic_gbps, "intra_gbs": spec.intra_gbs,
             "attention_tflops": [[int(a), float(b)] for a, b in spec.attention_tflops],
             "linear_tflops": spec.linear_tflops, "latency_us": spec.latency_us,
-            "bytes_per_element": spec.bytes_per_element, "shared_cores": spec.shared_cores}
+            "bytes_per_element": spec.bytes_per_element, "shared_cores": spec.shared_cores,
+            "attention_call_us": spec.attention_call_us}
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 

@@ -3,9 +3,16 @@
 - attention FLOP/s by length: the attention kernel (kernels/attention.py, the backend training uses)
   forward + backward on one causal sequence of each length, FLOPs counted as 3.5 x 4 x (1/2) x L^2 x
   heads x head_dim (cost.py's convention), best of `repeats`;
+- the fixed cost of one attention call (forward + backward of a 16-token block: what every
+  document's piece of a packed block pays beyond its FLOPs);
 - linear FLOP/s: a (tokens x dim) @ (dim x 4 dim) matmul forward + backward (3 x 2 x M x K x N FLOPs);
 - point-to-point bandwidth and latency between two local ranks (gloo on CPU, nccl on CUDA): a
   ping-pong of each message size; bandwidth from the largest, latency from the smallest.
+
+On CPU the compute probes run on one thread: ranks started together share the machine's cores
+(launcher/supervisor.py gives each cores / ranks threads, one when there are more ranks than cores), so
+a rank's speed is the one-thread speed, and the preset records the cores they share (`shared_cores`,
+which the simulator and the planner use: simulator.py).
 
 The preset it writes puts every rank of this machine in one node and gives its "NICs" the measured
 local bandwidth, so simulated multi-node runs on CPU (cluster.gpus_per_node smaller than the world)
@@ -56,6 +63,24 @@ def attention_tflops(lengths=DEFAULT_LENGTHS, heads: int = 8, head_dim: int = 64
     return table
 
 
+def attention_call_seconds(length: int = 16, heads: int = 8, head_dim: int = 64, device="cpu",
+                           dtype=torch.float32, calls: int = 50) -> float:
+    """Seconds of one tiny attention call, forward + backward (best of 3 runs of `calls` calls):
+    the per-piece cost that packed blocks of many short documents pay."""
+    from longtrain.kernels.attention import BlockMask, attention
+
+    q, k, v = (torch.randn(1, length, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+
+    def run():
+        for _ in range(calls):
+            attention(q, k, v, scale=head_dim ** -0.5, mask=BlockMask(causal=True), backend="auto").sum().backward()
+        if device != "cpu" and torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    return _best(run, 3) / calls
+
+
 def linear_tflops(tokens: int = 2048, dim: int = 512, device="cpu", dtype=torch.float32, repeats: int = 2) -> float:
     x = torch.randn(tokens, dim, device=device, dtype=dtype, requires_grad=True)
     w = torch.randn(dim, 4 * dim, device=device, dtype=dtype, requires_grad=True)
@@ -101,18 +126,26 @@ def p2p_bandwidth(times: dict) -> tuple[float, float]:
 
 
 def probe(p2p_times: dict, out=LOCAL_PRESET, lengths=DEFAULT_LENGTHS, gpus_per_node: int = 0,
-          device: str = "cpu") -> ClusterSpec:
+          device: str = "cpu", heads: int = 8, head_dim: int = 64, dim: int = 512) -> ClusterSpec:
     """Measure attention and linear FLOP/s here; with `p2p_times` (ping_pong on two local ranks,
-    run by the launcher) write the preset."""
+    run by the launcher) write the preset. `heads`, `head_dim`, `dim`: the attention and matmul shapes
+    measured (a kernel's speed depends on them: probe at the model's own to simulate it)."""
     # On CPU every local process is a rank of this one "node", however many are started.
     gpus = gpus_per_node or (torch.cuda.device_count() if device == "cuda" else CPU_RANKS_PER_NODE)
-    table = attention_tflops(lengths, device=device)
-    lin = linear_tflops(device=device)
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)
+    try:
+        table = attention_tflops(lengths, heads=heads, head_dim=head_dim, device=device, repeats=3)
+        call_us = attention_call_seconds(heads=heads, head_dim=head_dim, device=device) * 1e6
+        lin = linear_tflops(dim=dim, device=device, repeats=3)
+    finally:
+        torch.set_num_threads(threads)
     gbs, latency = p2p_bandwidth(p2p_times)
     spec = ClusterSpec(name=f"local (probed on {os.uname().nodename}, {device})", gpus_per_node=max(1, gpus),
                        nics_per_node=max(1, gpus), nic_gbps=gbs * 8.0, intra_gbs=gbs,
                        attention_tflops=tuple(table), linear_tflops=lin, latency_us=latency,
                        bytes_per_element=4 if device == "cpu" else 2,
-                       shared_cores=(os.cpu_count() or 1) if device == "cpu" else 0)
+                       shared_cores=(os.cpu_count() or 1) if device == "cpu" else 0, attention_call_us=call_us)
     write_preset_file(spec, out)
     return spec

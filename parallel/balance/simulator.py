@@ -59,6 +59,21 @@ def shared_makespan(work, cores: int) -> float:
     return clock
 
 
+def _kernel_calls(pieces_by_rank: dict) -> dict:
+    """Per member of a slot: the attention kernel calls of one layer's forward, one per pair of (my
+    query piece, a member's key piece) of the same document with a key at or before a query (the
+    blocks the kernel cuts a packed block into, kernels/attention.py), over every ring step."""
+    if len(pieces_by_rank) == 1:
+        ((rank, pieces),) = pieces_by_rank.items()
+        return {rank: len(pieces)}
+    by_seq: dict = {}
+    for pieces in pieces_by_rank.values():
+        for p in pieces:
+            by_seq.setdefault(p.seq, []).append(p.start)
+    return {r: sum(sum(1 for k_start in by_seq[p.seq] if k_start < p.stop) for p in pieces)
+            for r, pieces in pieces_by_rank.items()}
+
+
 def _piece_pairs(start: int, stop: int) -> float:
     return (stop * (stop + 1) - start * (start + 1)) / 2.0
 
@@ -102,12 +117,19 @@ def simulate(plan: Plan, cm: CostModel, remap: bool = True, compute_scale: float
     slots: dict = {}
     for r, pieces in enumerate(plan.pieces):
         for p in pieces:
-            slot = slots.setdefault(p.group, {"level": p.level, "work": {}, "tokens": {}})
+            slot = slots.setdefault(p.group, {"level": p.level, "work": {}, "tokens": {}, "pieces": {}})
             flops = 4.0 * m.mask_factor * 2 * _piece_pairs(p.start, p.stop) * m.n_heads * m.head_dim
             L = plan.lengths[p.seq]
             rate = c.attention_flops_per_s(max(1, L // len(p.group)))
             slot["work"][r] = slot["work"].get(r, 0.0) + flops / rate * compute_scale
             slot["tokens"][r] = slot["tokens"].get(r, 0) + (p.stop - p.start)
+            slot["pieces"].setdefault(r, []).append(p)
+    # each kernel call on one document's block pays attention_call_us beyond its FLOPs (fwd + bwd:
+    # the forward pass a 1/3.5 share, as the attention FLOPs)
+    call_s = c.attention_call_us * 1e-6 / 3.5 * compute_scale
+    for slot in slots.values():
+        for r, n_calls in _kernel_calls(slot["pieces"]).items():
+            slot["work"][r] += n_calls * call_s
     order = sorted(slots, key=lambda g: ({"inter": 0, "intra": 1, "local": 2}[slots[g]["level"]], len(g) == 1, g))
     ring_bytes = np.zeros(P)
     events = []
