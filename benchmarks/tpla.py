@@ -62,20 +62,28 @@ def absorbed_step(q_nope, q_rope, cache_c, cache_r, w_uk, w_uv, scale):
     return torch.einsum("bhc,hvc->bhv", torch.bmm(probs, cache_c), w_uv)
 
 
-def decode_case(shape: dict, scheme: str, g: int, length: int, batch: int, repeats: int) -> dict:
+def decode_case(shape: dict, scheme: str, g: int, length: int, batch: int, repeats: int,
+                device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
     h, d_c, d_r, n, v = shape["heads"], shape["d_c"], shape["d_r"], shape["nope"], shape["v"]
     heads, width = (h // g, d_c) if scheme == "mla" else (h, d_c // g)
     gen = torch.Generator().manual_seed(0)
-    cache_c = torch.randn(batch, length, width, generator=gen)
-    cache_r = torch.randn(batch, length, d_r, generator=gen)
-    q_nope, q_rope = torch.randn(batch, heads, n, generator=gen), torch.randn(batch, heads, d_r, generator=gen)
-    w_uk, w_uv = torch.randn(heads, n, width, generator=gen), torch.randn(heads, v, width, generator=gen)
+
+    def randn(*size):
+        return torch.randn(*size, generator=gen).to(device=device, dtype=dtype)
+
+    cache_c = randn(batch, length, width)
+    cache_r = randn(batch, length, d_r)
+    q_nope, q_rope = randn(batch, heads, n), randn(batch, heads, d_r)
+    w_uk, w_uv = randn(heads, n, width), randn(heads, v, width)
     scale = (n + d_r) ** -0.5
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     absorbed_step(q_nope, q_rope, cache_c, cache_r, w_uk, w_uv, scale)  # warm-up
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         absorbed_step(q_nope, q_rope, cache_c, cache_r, w_uk, w_uv, scale)
+        sync()
         times.append(time.perf_counter() - start)
     flops = 2 * batch * heads * (n * width + length * (width + d_r) + length * width + width * v)
     return {"scheme": scheme, "g": g, "length": length, "best_s": min(times), "median_s": sorted(times)[len(times) // 2],
@@ -86,11 +94,12 @@ def decode_case(shape: dict, scheme: str, g: int, length: int, batch: int, repea
 def run_decode(args) -> list[dict]:
     torch.set_num_threads(1)
     shape = SHAPES[args.shapes]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     rows = []
     for length in args.lengths:
         for g in [1] + args.degrees:
             for scheme in (["mla"] if g == 1 else ["mla", "tpla"]):
-                row = decode_case(shape, scheme, g, length, args.batch, args.repeats)
+                row = decode_case(shape, scheme, g, length, args.batch, args.repeats, args.device, dtype)
                 rows.append(row)
                 print(f"decode {scheme:4s} g={g} T={klen(length):>4s}: {row['best_s'] * 1e3:8.2f} ms  "
                       f"cache/rank {row['cache_bytes_per_rank'] / 2 ** 20:7.2f} MiB", flush=True)
@@ -202,7 +211,8 @@ def write_report(report: dict, out: Path, plots: bool = True) -> None:
     lines = ["# TPLA vs MLA decode", "",
              f"Machine: {report['machine']['cpu']} ({report['machine']['cpu_count']} cores, shared; others used "
              f"{(report.get('other_processes_cpu_share') or 0) * 100:.0f}% of the CPU during the run), torch "
-             f"{report['machine']['torch_version']}, fp32, 1 thread, batch {report['config']['batch']}, attention "
+             f"{report['machine']['torch_version']}, {report['config'].get('device', 'cpu')} "
+             f"{report['config'].get('precision', 'fp32')}, 1 thread, batch {report['config']['batch']}, attention "
              f"shapes `{report['config']['shapes']}` {SHAPES[report['config']['shapes']]}.", "",
              "Per-rank decode attention for one token against T cached tokens (best of "
              f"{report['config']['repeats']}); cache MiB per rank per layer.", "",
@@ -306,6 +316,9 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", choices=sorted(SHAPES), default="v3")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the per-rank decode kernel runs (cuda: one GPU stands for one rank)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--run", default=None, help="a trained longtrain run directory (accuracy part)")
     p.add_argument("--recipe", default=None, help="or a recipe (with overrides) for the accuracy part")
     p.add_argument("overrides", nargs="*")
@@ -337,7 +350,8 @@ def main(argv=None) -> int:
     started = time.time()
     report = {"machine": machine_info(),
               "config": {"lengths": args.lengths, "degrees": args.degrees, "shapes": args.shapes, "batch": args.batch,
-                         "repeats": args.repeats, "precision": "fp32", "threads": 1, "gloo_dim": args.gloo_dim},
+                         "repeats": args.repeats, "precision": args.dtype, "device": args.device, "threads": 1,
+                         "gloo_dim": args.gloo_dim},
               "decode": run_decode(args)}
     report["summary"] = summarize(report["decode"], args.degrees)
     if args.gloo:
