@@ -22,6 +22,7 @@ import math
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from longtrain.data.loader import PackedLoader
 from longtrain.data.packing import IGNORE_INDEX
@@ -60,17 +61,34 @@ class BalancedBatches:
         self.producer = None  # data/pipeline.RowProducer over every lane, lazy tokens
         self.docs_read = 0  # documents whose tokens this rank read (a document per held sequence)
         self.tokens_materialized = 0
+        # the balancing group learns unknown document lengths together (data/pipeline.DocumentStream)
+        ranks = getattr(engine, "global_ranks", None)
+        self.exchange = GroupLengthExchange(ranks) if ranks and len(ranks) > 1 and dist.is_initialized() else None
+        self._tokenized_before = [0, 0]  # (documents tokenized, of them for lengths) by earlier producers
+
+    @property
+    def docs_tokenized(self) -> int:
+        """Documents this rank tokenized (its share of unknown lengths, and the documents it holds)."""
+        stream = self.producer.stream if self.producer is not None else None
+        return self._tokenized_before[0] + (stream.tokenized if stream is not None else 0)
+
+    @property
+    def lengths_tokenized(self) -> int:
+        """Documents this rank tokenized only to tell the group their lengths."""
+        stream = self.producer.stream if self.producer is not None else None
+        return self._tokenized_before[1] + (stream.tokenized_for_lengths if stream is not None else 0)
 
     def __iter__(self):
         return self
 
     def _rows(self) -> list:
         """The pieces of this step's `bins` global rows (lengths only; tokens not read)."""
-        from longtrain.data.pipeline import RowProducer
+        from longtrain.data.pipeline import DocumentStream, RowProducer
 
         if self.producer is None:  # every lane on every rank: all ranks pack the whole step
+            stream = DocumentStream(self.loader.settings, exchange=self.exchange)
             self.producer = RowProducer(self.loader.settings, self.loader.lanes, list(range(self.loader.lanes)),
-                                        lazy_tokens=True)
+                                        stream=stream, lazy_tokens=True)
             self.producer.fast_forward(self.loader.cursor)
         rows = [self.producer.row(k) for k in range(self.loader.cursor, self.loader.cursor + self.bins)]
         self.loader.cursor += self.bins
@@ -88,7 +106,9 @@ class BalancedBatches:
         layout = StepLayout.build(plan, self.rank, self.remap)
         self.engine.set_step(layout)
         self.last_plan, self.last_layout, self.last_pieces = plan, layout, pieces
-        return self._materialize(layout.linear_ids, pieces, lengths)
+        batch = self._materialize(layout.linear_ids, pieces, lengths)
+        self.producer.stream.flush_lengths(force=False)  # type: ignore[union-attr]
+        return batch
 
     def _materialize(self, ids: np.ndarray, pieces: list, lengths: list) -> dict:
         """tokens, labels, positions, doc_ids of the global token ids this rank holds, as the packed
@@ -117,10 +137,41 @@ class BalancedBatches:
     def state_dict(self) -> dict:
         return self.loader.state_dict()
 
+    def _drop_producer(self) -> None:
+        if self.producer is not None:
+            stream = self.producer.stream
+            stream.flush_lengths()
+            self._tokenized_before[0] += stream.tokenized
+            self._tokenized_before[1] += stream.tokenized_for_lengths
+        self.producer = None
+
     def load_state_dict(self, state: dict) -> None:
         self.loader.load_state_dict(state)
-        self.producer = None  # packs again from the loaded cursor
+        self._drop_producer()  # packs again from the loaded cursor
 
     def close(self) -> None:
         self.loader.close()
-        self.producer = None
+        self._drop_producer()
+
+
+_LENGTH_GROUPS: dict = {}
+
+
+class GroupLengthExchange:
+    """data/pipeline.LengthExchange over the balancing group's ranks: an element-wise max all-reduce
+    on a gloo group of its own (created once per member tuple, only by the members; CPU tensors, and
+    never interleaved with the training step's collectives on the engine's group)."""
+
+    def __init__(self, ranks: list[int]):
+        key = (id(dist.group.WORLD), tuple(ranks))
+        if key not in _LENGTH_GROUPS:
+            _LENGTH_GROUPS[key] = dist.new_group(list(ranks), backend="gloo", use_local_synchronization=True)
+        self.group = _LENGTH_GROUPS[key]
+        self.rank, self.size = dist.get_rank(self.group), len(ranks)
+        self.calls = 0
+
+    def max(self, values: np.ndarray) -> np.ndarray:
+        out = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64).copy())
+        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.group)
+        self.calls += 1
+        return out.numpy()

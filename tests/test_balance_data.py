@@ -1,0 +1,211 @@
+"""Balanced batches from a text source with a real tokenizer (jsonl + sentencepiece): document lengths
+come from the token-length index (data/length_index.py) and, the first time, from the balancing group
+(each rank tokenizes 1/N of the unknown lengths, the group all-reduces them), so a rank tokenizes only
+its share of the lengths and the documents it holds, not every document of the step.
+
+In one 4-rank gloo group (cp4, zeppelin): a cold cache (lengths split over the ranks, the batches
+token for token those of the plain packer without any index), a warm cache (no document tokenized
+for its length; a rank tokenizes only what it holds), a resume from a saved cursor (identical
+batches), a modified source file (its index is not trusted: lengths learned again, batches of the
+new file). In one process: a corrupt index file is ignored, a tampered one fails with one line."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from balance_cases import VARLEN
+from distributed import run_group
+
+STEPS = 4
+
+
+class _Engine:
+    def __init__(self, ranks=None):
+        self.global_ranks = ranks
+
+    def set_step(self, layout):
+        self.layout = layout
+
+
+def _texts(n, seed):
+    rng = np.random.default_rng(seed)
+    vocab = ["alpha", "beta", "gamma", "delta", "épsilon", "ζeta", "eta", "日本", "x=1;", "def", "return"]
+    return [" ".join(rng.choice(vocab, size=int(rng.integers(2, 90)))) for _ in range(n)]
+
+
+def _write(path, texts):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from longtrain.launcher.cli import main
+
+    root = tmp_path_factory.mktemp("balance_data")
+    _write(root / "docs.jsonl", _texts(700, 1))
+    model = root / "tok.model"
+    assert main(["tokenizer", "train", "--source", str(root / "docs.jsonl"), "--vocab-size", "300",
+                 "--out", str(model)]) == 0
+    return root
+
+
+def _overrides(root, world):
+    return VARLEN + [f"data.source={root / 'docs.jsonl'}", f"data.tokenizer={root / 'tok.model'}",
+                     f"parallel.cp={world}", "parallel.balance=zeppelin", "parallel.balance_bins=2",
+                     f"run.launch.nproc_per_node={world}"]
+
+
+def _balanced(root, rank, world, ranks):
+    from longtrain.launcher.balanced_batches import BalancedBatches
+    from longtrain.launcher.config import load_recipe
+    from longtrain.models.sizes import resolve_model_config
+
+    recipe = load_recipe(None, _overrides(root, world))
+    return BalancedBatches(recipe, recipe.parallel.balance, _Engine(ranks), rank, world, dp=1,
+                           model_cfg=resolve_model_config(recipe.model))
+
+
+def _plain_rows(settings, lanes, steps, bins):
+    """The packed rows of the same stream without any index: every document tokenized."""
+    from longtrain.data.pipeline import DocumentStream, RowProducer
+
+    producer = RowProducer(settings, lanes, list(range(lanes)), stream=DocumentStream(settings, length_index=False))
+    out = []
+    for step in range(steps):
+        rows = [producer.materialize(k)[0] for k in range(step * bins, (step + 1) * bins)]
+        out.append({key: np.concatenate([r[key] for r in rows]) for key in ("tokens", "labels", "positions")})
+    return out
+
+
+def _run(batches, steps, plain=None, first_step=0):
+    """This rank's batches; checked against the plain rows at the tokens the layout gives this rank."""
+    got = []
+    for step in range(first_step, first_step + steps):
+        batch = next(batches)
+        ids = batches.last_layout.linear_ids
+        if plain is not None:
+            for key in ("tokens", "labels", "positions"):
+                assert np.array_equal(batch[key][0].numpy(), plain[step][key][ids]), (step, key)
+        got.append({key: batch[key].clone() for key in ("tokens", "labels", "positions")})
+    return got
+
+
+def _counts(batches):
+    stream = batches.producer.stream
+    return {"tokenized": batches.docs_tokenized, "for_lengths": batches.lengths_tokenized, "read": batches.docs_read,
+            "fetched": batches.producer.next_doc, "loaded": sum(ix.loaded for ix in stream.lengths if ix),
+            "stale": any(ix.stale for ix in stream.lengths if ix), "exchanges": batches.exchange.calls}
+
+
+def group_case(root):
+    import torch.distributed as dist
+
+    from longtrain.data.pipeline import RESOLVE_BLOCK
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ranks = list(range(world))
+    gather = lambda value: (dist.all_gather_object(out := [None] * world, value), out)[1]  # noqa: E731
+    result = {}
+
+    # cold cache: lengths learned together, batches those of the plain packer
+    cold = _balanced(root, rank, world, ranks)
+    plain = _plain_rows(cold.loader.settings, cold.loader.lanes, STEPS, cold.bins)
+    first = _run(cold, STEPS, plain)
+    result["cold"] = gather(_counts(cold))
+    result["resolved_docs"] = (cold.producer.stream._resolved_block + 1) * RESOLVE_BLOCK
+    cold.close()  # writes the index
+    dist.barrier()
+
+    # warm cache: no document tokenized for its length
+    warm = _balanced(root, rank, world, ranks)
+    _run(warm, 2, plain)
+    state_at_2 = warm.state_dict()
+    _run(warm, STEPS - 2, plain, first_step=2)
+    result["warm"] = gather(_counts(warm))
+    warm.close()
+
+    # resume from the cursor after step 2: identical batches
+    resumed = _balanced(root, rank, world, ranks)
+    resumed.load_state_dict(state_at_2)
+    again = _run(resumed, STEPS - 2, plain, first_step=2)
+    for a, b in zip(again, first[2:]):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    result["resumed"] = gather(_counts(resumed))
+    resumed.close()
+    dist.barrier()
+
+    # the source file changes: its index is not trusted, the batches are the new file's
+    if rank == 0:
+        path = root / "docs.jsonl"
+        _write(path, _texts(700, 2))
+        os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
+    dist.barrier()
+    changed = _balanced(root, rank, world, ranks)
+    _run(changed, 2, _plain_rows(changed.loader.settings, changed.loader.lanes, 2, changed.bins))
+    result["changed"] = gather(_counts(changed))
+    changed.close()
+    return result
+
+
+def test_lengths_split_over_the_group_then_indexed(corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("LONGTRAIN_CACHE", str(tmp_path / "cache"))
+    world = 4
+    result = run_group(world, group_case, corpus)
+    cold, warm, resumed, changed = (result[k] for k in ("cold", "warm", "resumed", "changed"))
+    resolved = result["resolved_docs"]
+    print("cold:", cold, "\nwarm:", warm, "\nresumed:", resumed, "\nchanged:", changed)
+    # cold: every document the packer looked at had its length tokenized by exactly one rank
+    assert all(c["fetched"] <= resolved for c in cold)
+    assert sum(c["for_lengths"] for c in cold) == resolved
+    assert all(c["for_lengths"] in (resolved // world, -(-resolved // world)) for c in cold)
+    assert all(c["exchanges"] >= 2 and c["loaded"] == 0 for c in cold)
+    # and a rank tokenized besides only documents it holds, far fewer than the step's documents
+    for c in cold:
+        held = c["tokenized"] - c["for_lengths"]
+        assert held <= c["read"] and c["tokenized"] < c["fetched"], c
+    # warm: the index gives every length; a rank tokenizes only what it holds
+    for c in warm + resumed:
+        assert c["for_lengths"] == 0 and c["loaded"] >= resolved and not c["stale"], c
+        assert 0 < c["tokenized"] <= c["read"] < c["fetched"], c
+    # changed file: the old index is stale, lengths are learned again (split over the group)
+    assert all(c["stale"] and c["loaded"] == 0 and c["for_lengths"] > 0 for c in changed)
+
+
+def test_corrupt_index_ignored_tampered_index_fails(corpus, tmp_path, monkeypatch):
+    from longtrain.data.length_index import SourceLengths
+
+    monkeypatch.setenv("LONGTRAIN_CACHE", str(tmp_path / "cache"))
+    first = _balanced(corpus, 0, 2, None)  # no group: this rank tokenizes every length itself
+    _run(first, 2)
+    stream, fetched = first.producer.stream, first.producer.next_doc
+    assert first.lengths_tokenized == 0 and stream.tokenized >= fetched
+    first.close()
+    index = next(ix for ix in stream.lengths if ix)
+    path = index.path
+    assert path.exists() and str(path).startswith(str(tmp_path / "cache"))
+    known = np.flatnonzero(np.load(path)["lengths"] >= 0)
+    assert len(known) >= fetched
+
+    def reopened():
+        return SourceLengths(index.identity, index.key["tokenizer"], True, True)
+
+    assert reopened().loaded == len(known) and not reopened().stale
+    path.write_bytes(b"not an index")  # corrupt: ignored and rebuilt
+    again = reopened()
+    assert again.stale and again.loaded == 0
+    second = _balanced(corpus, 0, 2, None)
+    _run(second, 2)
+    assert second.producer.stream.tokenized >= second.producer.next_doc  # learned again
+    second.close()
+    assert reopened().loaded == len(known)
+    # a tampered index (the identity matches, a length does not): one line naming the index
+    with np.load(path) as f:
+        meta, lengths = f["meta"], f["lengths"].copy()
+    lengths[known] += 1
+    np.savez(path, meta=meta, lengths=lengths)
+    third = _balanced(corpus, 0, 2, None)
+    with pytest.raises(ValueError, match=r"token-length index .* says \d+; the index is stale"):
+        _run(third, 2)
+    third.close()
