@@ -305,7 +305,7 @@ class DocumentStream:
 
     Token lengths of text sources are remembered in data/length_index.py (`length_index` off: not
     used). With an `exchange` (the balancing group), lengths a rank would have to tokenize to learn
-    are learned together: the stream's documents come in blocks of RESOLVE_BLOCK; when a rank first
+    are learned together: the stream's documents come in blocks of `resolve_block`; when a rank first
     fetches a document of a block for its length (every rank of the group packs the same rows, so all
     get there together), the group all-reduces the lengths any rank knows, each rank tokenizes 1/N of
     those still unknown (random-access sources), and a second all-reduce gives every rank all of them.
@@ -313,7 +313,7 @@ class DocumentStream:
     only to tell the group their lengths."""
 
     def __init__(self, settings: DataSettings, tokenizer=None, length_index: bool = True,
-                 exchange: Optional[LengthExchange] = None):
+                 exchange: Optional[LengthExchange] = None, resolve_block: int = RESOLVE_BLOCK):
         from .length_index import open_lengths
         from .tokenizers import build_tokenizer, check_special_tokens
 
@@ -329,6 +329,7 @@ class DocumentStream:
                                      settings.add_eos) if length_index else None for src in self.sources]
         self.exchange = exchange if any(ix is not None and src.random_access
                                         for ix, src in zip(self.lengths, self.sources)) else None
+        self.resolve_block = resolve_block
         self._resolved_block = -1
         self.tokenized = 0
         self.tokenized_for_lengths = 0
@@ -375,7 +376,7 @@ class DocumentStream:
         index = self.lengths[s]
         if index is not None:
             if self.exchange is not None and not need_tokens:
-                while self._resolved_block < d // RESOLVE_BLOCK:
+                while self._resolved_block < d // self.resolve_block:
                     self._resolved_block += 1
                     self._resolve_block(self._resolved_block)
             return self._fetch_indexed(d, s, j, index, need_tokens)
@@ -421,10 +422,10 @@ class DocumentStream:
 
     def _resolve_block(self, block: int) -> None:
         """Learn the lengths of the block's documents together with the group (see the class doc)."""
-        first = block * RESOLVE_BLOCK
-        values = np.full(RESOLVE_BLOCK, NOT_INDEXED, np.int64)
+        first = block * self.resolve_block
+        values = np.full(self.resolve_block, NOT_INDEXED, np.int64)
         where: dict[int, tuple[int, int]] = {}
-        for i in range(RESOLVE_BLOCK):
+        for i in range(self.resolve_block):
             s, j = self.blend.locate(first + i)
             index = self.lengths[s]
             if index is None or not self.sources[s].random_access:

@@ -57,12 +57,12 @@ def _overrides(root, world):
                      f"run.launch.nproc_per_node={world}"]
 
 
-def _balanced(root, rank, world, ranks):
+def _balanced(root, rank, world, ranks, extra=()):
     from longtrain.launcher.balanced_batches import BalancedBatches
     from longtrain.launcher.config import load_recipe
     from longtrain.models.sizes import resolve_model_config
 
-    recipe = load_recipe(None, _overrides(root, world))
+    recipe = load_recipe(None, _overrides(root, world) + list(extra))
     return BalancedBatches(recipe, recipe.parallel.balance, _Engine(ranks), rank, world, dp=1,
                            model_cfg=resolve_model_config(recipe.model))
 
@@ -136,6 +136,24 @@ def group_case(root):
     resumed.close()
     dist.barrier()
 
+    # produced ahead by a worker process, from a cold cache: the worker's length exchanges go through
+    # the training process's relay; small blocks, so that ranks' workers stop at different exchanges
+    cache = os.environ["LONGTRAIN_CACHE"]
+    os.environ["LONGTRAIN_CACHE"] = cache + "-ahead"
+    ahead = _balanced(root, rank, world, ranks, ["data.num_workers=1", "data.prefetch=2"])
+    ahead.maker.resolve_block = 16
+    got = _run(ahead, 3, plain)
+    assert ahead.state_dict()["cursor"] == 3 * ahead.bins  # steps consumed, not produced
+    ahead.load_state_dict(state_at_2)  # stops the worker mid-run (orderly), restarts it at the cursor
+    got += _run(ahead, 2, plain, first_step=2)
+    for a, b in zip(got, first[:3] + first[2:4]):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    result["ahead"] = gather({"pads": ahead.stop_pads, "for_lengths": ahead.lengths_tokenized,
+                              "tokenized": ahead.docs_tokenized, "read": ahead.docs_read})
+    ahead.close()
+    os.environ["LONGTRAIN_CACHE"] = cache
+    dist.barrier()
+
     # the source file changes: its index is not trusted, the batches are the new file's
     if rank == 0:
         path = root / "docs.jsonl"
@@ -155,7 +173,7 @@ def test_lengths_split_over_the_group_then_indexed(corpus, tmp_path, monkeypatch
     result = run_group(world, group_case, corpus)
     cold, warm, resumed, changed = (result[k] for k in ("cold", "warm", "resumed", "changed"))
     resolved = result["resolved_docs"]
-    print("cold:", cold, "\nwarm:", warm, "\nresumed:", resumed, "\nchanged:", changed)
+    print("cold:", cold, "\nwarm:", warm, "\nresumed:", resumed, "\nchanged:", changed, "\nahead:", result["ahead"])
     # cold: every document the packer looked at had its length tokenized by exactly one rank
     assert all(c["fetched"] <= resolved for c in cold)
     assert sum(c["for_lengths"] for c in cold) == resolved
@@ -169,6 +187,9 @@ def test_lengths_split_over_the_group_then_indexed(corpus, tmp_path, monkeypatch
     for c in warm + resumed:
         assert c["for_lengths"] == 0 and c["loaded"] >= resolved and not c["stale"], c
         assert 0 < c["tokenized"] <= c["read"] < c["fetched"], c
+    # ahead: the lengths were split over the ranks' workers too (no rank tokenized every length)
+    ahead = result["ahead"]
+    assert all(0 < c["for_lengths"] < c["tokenized"] for c in ahead), ahead
     # changed file: the old index is stale, lengths are learned again (split over the group)
     assert all(c["stale"] and c["loaded"] == 0 and c["for_lengths"] > 0 for c in changed)
 
@@ -209,3 +230,31 @@ def test_corrupt_index_ignored_tampered_index_fails(corpus, tmp_path, monkeypatc
     with pytest.raises(ValueError, match=r"token-length index .* says \d+; the index is stale"):
         _run(third, 2)
     third.close()
+
+
+def test_worker_gives_the_inline_batches_and_one_line_errors(corpus, tmp_path, monkeypatch):
+    """data.num_workers 1 (steps produced ahead in a process; no group: lengths tokenized by the
+    worker itself) gives the batches of num_workers 0; a malformed record met by the worker stops
+    the trainer with its one line."""
+    monkeypatch.setenv("LONGTRAIN_CACHE", str(tmp_path / "cache"))
+    inline = _balanced(corpus, 1, 2, None)
+    expected = _run(inline, 3)
+    inline.close()
+    ahead = _balanced(corpus, 1, 2, None, ["data.num_workers=1"])
+    got = _run(ahead, 3)
+    assert ahead.maker.producer is None and ahead._worker is not None  # produced in the worker
+    assert ahead.docs_read == inline.docs_read and ahead.tokens_materialized == inline.tokens_materialized
+    for a, b in zip(got, expected):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert ahead.state_dict() == inline.state_dict()
+    ahead.close()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    lines = (corpus / "docs.jsonl").read_text().splitlines()
+    lines[5] = '{"text": "unterminated'
+    (bad / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    (bad / "tok.model").write_bytes((corpus / "tok.model").read_bytes())
+    broken = _balanced(bad, 0, 2, None, ["data.num_workers=1"])
+    with pytest.raises(ValueError, match=r"^data.source: .*docs.jsonl:6: not valid JSON"):
+        _run(broken, 3)
+    broken.close()
