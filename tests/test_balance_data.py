@@ -258,3 +258,19 @@ def test_worker_gives_the_inline_batches_and_one_line_errors(corpus, tmp_path, m
     with pytest.raises(ValueError, match=r"^data.source: .*docs.jsonl:6: not valid JSON"):
         _run(broken, 3)
     broken.close()
+
+
+def test_trainer_same_losses_inline_and_ahead(corpus, tmp_path, monkeypatch):
+    """The trainer under zeppelin at cp2 on the jsonl + sentencepiece source: the same per-step losses
+    with the steps made inline (num_workers 0, lengths learned by the group) and ahead in a worker
+    (num_workers 1, the lengths from the index the first run wrote)."""
+    from balance_cases import train_balanced
+
+    monkeypatch.setenv("LONGTRAIN_CACHE", str(tmp_path / "cache"))
+    base = [f"data.source={corpus / 'docs.jsonl'}", f"data.tokenizer={corpus / 'tok.model'}", "model.vocab_size=300",
+            "parallel.cp=2", "parallel.balance=zeppelin", "parallel.balance_bins=2", "train.steps=3"]
+    inline, ahead = run_group(2, train_balanced, [base + ["data.num_workers=0"], base + ["data.num_workers=1"]])
+    assert sorted(inline["losses"]) == [1, 2, 3] and inline["cursor"] == ahead["cursor"] == 6
+    for step in (1, 2, 3):
+        assert abs(inline["losses"][step] - ahead["losses"][step]) <= 1e-6 * abs(inline["losses"][step]), step
+    assert list((tmp_path / "cache" / "token_lengths").glob("*.npz"))  # the index the first run wrote
