@@ -23,10 +23,17 @@ just redundant work) — set data.lanes to a multiple of the largest global batc
 
 Resume cost: a lane is a sequential packer, so a resumed worker rebuilds its lanes' state by
 replaying their packing from the start of the stream. Only document *lengths* are needed for
-that: free for builtin + bytes and for megatron sources (lengths come from the index), a read
-and tokenize of the rank's share of the consumed stream otherwise (about consumed_tokens / dp /
-(tokens/s of one worker x workers); e.g. 1B consumed tokens at dp=8 with 2 workers at ~2M
-tokens/s: ~30 s). Sequential (datasets-streamed) sources are re-read from their start.
+that: free for builtin + bytes and for megatron sources (lengths come from the index), and for
+text sources whose records were tokenized before (by any run on this machine with the same files
+and tokenizer: the token-length index, data/length_index.py); otherwise a read and tokenize of the
+rank's share of the consumed stream (about consumed_tokens / dp / (tokens/s of one worker x
+workers); e.g. 1B consumed tokens at dp=8 with 2 workers at ~2M tokens/s: ~30 s). Sequential
+(datasets-streamed) sources are re-read from their start (tokenized only where the index does not
+know a record).
+
+Balanced batches (launcher/balanced_batches.py) pack every lane on every rank from lengths; a
+DocumentStream with an `exchange` learns the lengths nobody knows yet together with the group
+(see DocumentStream).
 """
 from __future__ import annotations
 

@@ -4,21 +4,44 @@ follow) shares each step's whole sequences.
 Every rank of the group packs the same `bins` varlen bins per step (`parallel.balance_bins`, default
 one per data rank: the rows the data ranks would have read) from one global row cursor, but from
 document *lengths* only: the packer (data/pipeline.RowProducer with lazy tokens) decides each bin's
-pieces (document, start, stop) without reading a document whose length is known (builtin + bytes,
-megatron sources; other sources are tokenized to learn their lengths). Every rank plans the step from
-those lengths (parallel/balance/planner.py; the same plan everywhere, nothing is communicated), hands
-the attention engine its StepLayout, and then materializes only the tokens it holds (its linear
-layout): only the documents its pieces come from are read. `next()` returns this rank's tokens,
+pieces (document, start, stop) without tokenizing a document whose length is known. Every rank plans
+the step from those lengths (parallel/balance/planner.py; the same plan everywhere), hands the
+attention engine its StepLayout, and then materializes only the tokens it holds (its linear layout):
+only the documents its pieces come from are read and tokenized. `next()` returns this rank's tokens,
 labels, positions and sequence ids as one (1, S) row, which the trainer feeds as it is (no cp
-sharding). `docs_read` / `tokens_materialized` count what this rank read (tests assert on them).
+sharding). Counters (tests assert on them): `docs_read`, `tokens_materialized`, `docs_tokenized` (all
+documents this rank tokenized) and `lengths_tokenized` (of them, the ones only to learn a length).
 
-The cursor is the loader's global row cursor: a step moves it by `bins` rows, so resuming at another
-group size continues the global stream with nothing repeated or skipped (and, with balance_bins
-fixed, with identical steps). The state is PackedLoader's (same keys, same checks).
+Lengths. Known without reading for the built-in corpus with the byte tokenizer and for megatron
+sources. For text sources with a real tokenizer (jsonl, text, json, parquet, builtin + sentencepiece)
+they come from the token-length index (data/length_index.py, in $LONGTRAIN_CACHE: later steps,
+epochs, resumes and runs tokenize nothing for lengths) and, for lengths nobody knows yet, from the
+group: in blocks of documents, each rank tokenizes 1/N of the unknown ones and a max all-reduce gives
+every rank all of them (data/pipeline.DocumentStream; random-access sources, i.e. jsonl/text/builtin;
+streamed json/parquet are read in order by every rank and tokenized where the index does not know
+them). Only lengths travel. The all-reduces run on gloo groups of their own (`_length_groups`), never
+on the engine's group.
+
+Ahead of the trainer (`data.num_workers` >= 1; eval batches are made inline): one worker process
+per rank packs, plans and materializes the steps (StepMaker, the same code as inline), `data.prefetch`
+steps ahead (the plan is a pure function of the lengths). A process has no process group, so the
+worker's length exchanges go through a pipe to a relay thread of the training process, which makes
+the collective (waiting on the pipe or in gloo, it does not hold the GIL; a thread producer would:
+sentencepiece keeps the GIL while it encodes, measured: tokenizing beside a torch loop in a thread
+took longer than doing both in turn). Stopping a worker (close, load_state_dict) is agreed by the
+group: the ranks' workers may have made different numbers of exchanges, so the ranks agree on the
+count and the ones behind make up the difference with empty exchanges; the relay group is then quiet
+for the next worker. A worker's error reaches the trainer as its one line.
+
+The cursor is the loader's global row cursor of steps CONSUMED (a worker may have produced more): a
+step moves it by `bins` rows, so resuming at another group size continues the global stream with
+nothing repeated or skipped (and, with balance_bins fixed, with identical steps). The state is
+PackedLoader's (same keys, same checks).
 """
 from __future__ import annotations
 
 import math
+import pickle
 import threading
 from datetime import timedelta
 
@@ -132,7 +155,7 @@ class BalancedBatches:
         self.contiguous = kind_of(model_cfg).contiguous_sequence
         self.last_plan = None
         self.last_layout = None
-        self.last_pieces: list = []
+        self.last_pieces: list = []  # inline: (Doc, start, stop) per sequence; ahead: (doc, source, record, start, stop)
         plan_args = {"strategy": strategy, "world": group_size, "capacity": self.capacity, "dp": dp, "cp": self.cp,
                      "gpus_per_node": self.gpus_per_node, "cost_model": self.cost_model, "tau_intra": self.tau_intra,
                      "tau_inter": self.tau_inter, "contiguous": self.contiguous, "remap": self.remap}
@@ -208,7 +231,8 @@ class BalancedBatches:
             _, kind, text = item
             self._stop_worker(orderly=False)
             raise ValueError(text) if kind == "value" else RuntimeError(f"data: balanced-batch worker {proc.name}: {kind}: {text}")
-        _, cursor, arrays, plan, layout, pieces, deltas = item
+        _, cursor, arrays, planned, pieces, deltas = item
+        plan, layout = pickle.loads(planned)
         if cursor != self.loader.cursor:
             raise RuntimeError(f"data: balanced-batch worker {proc.name} sent the step at row {cursor}, "
                                f"expected row {self.loader.cursor}")
@@ -309,7 +333,9 @@ def balanced_worker_main(maker: StepMaker, cursor: int, conn, exchange: tuple | 
             arrays, plan, layout, pieces = maker.step()
             deltas = {key: value - before[key] for key, value in maker.counters.items()}
             records = [(doc.index, doc.source, doc.record, start, stop) for doc, start, stop in pieces]
-            steps.put(("step", at, arrays, plan, layout, records, deltas))
+            # plain pickle bytes: the queue's pickler would move the layout's tensors through shared
+            # memory, a few ms per tensor on the receiving side (measured), longer than the copy
+            steps.put(("step", at, arrays, pickle.dumps((plan, layout)), records, deltas))
     except BaseException as err:  # one line to the trainer
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         steps.put(("error", "value" if isinstance(err, ValueError) else type(err).__name__, text))
