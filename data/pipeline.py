@@ -478,7 +478,7 @@ def rank_schedule(cursor: int, dp_rank: int, dp_degree: int, rows_per_step: int)
 def lanes_of_rank(cursor: int, dp_rank: int, dp_degree: int, rows_per_step: int, lanes: int) -> list[int]:
     """The lanes whose rows this rank consumes (the schedule is periodic in lanes)."""
     period = lanes // np.gcd(dp_degree * rows_per_step, lanes)
-    out = set()
+    out: set[int] = set()
     for t in range(int(period)):
         first = cursor + t * dp_degree * rows_per_step + dp_rank * rows_per_step
         out.update((first + i) % lanes for i in range(rows_per_step))

@@ -51,7 +51,7 @@ import torch.distributed as dist
 
 from longtrain.data.loader import PackedLoader
 from longtrain.data.packing import IGNORE_INDEX
-from longtrain.data.pipeline import NOT_INDEXED, RESOLVE_BLOCK, DataSettings
+from longtrain.data.pipeline import NOT_INDEXED, RESOLVE_BLOCK, DataSettings, RowProducer
 from longtrain.models.registry import kind_of
 from longtrain.parallel.balance.cost import CostModel, ModelShape, resolve_cluster
 from longtrain.parallel.balance.engine import StepLayout
@@ -67,13 +67,13 @@ class StepMaker:
 
     def __init__(self, settings: DataSettings, lanes: int, bins: int, rank: int, plan_args: dict):
         self.settings, self.lanes, self.bins, self.rank, self.plan_args = settings, lanes, bins, rank, plan_args
-        self.producer = None
+        self.producer: RowProducer | None = None
         self.cursor = 0
         self.resolve_block = RESOLVE_BLOCK  # documents whose lengths the group learns together
         self.counters = {"docs_read": 0, "tokens_materialized": 0, "docs_tokenized": 0, "lengths_tokenized": 0}
 
     def start(self, cursor: int, exchange=None) -> None:
-        from longtrain.data.pipeline import DocumentStream, RowProducer
+        from longtrain.data.pipeline import DocumentStream
 
         stream = DocumentStream(self.settings, exchange=exchange, resolve_block=self.resolve_block)
         self._seen = (0, 0)  # the new stream's tokenization counters, as far as counted
@@ -160,9 +160,9 @@ class BalancedBatches:
                      "gpus_per_node": self.gpus_per_node, "cost_model": self.cost_model, "tau_intra": self.tau_intra,
                      "tau_inter": self.tau_inter, "contiguous": self.contiguous, "remap": self.remap}
         self.maker = StepMaker(settings, self.loader.lanes, self.bins, balance_rank, plan_args)
-        self.producer = None  # inline: data/pipeline.RowProducer over every lane, lazy tokens (the maker's)
+        self.producer: RowProducer | None = None  # inline: the maker's RowProducer (every lane, lazy tokens)
         self.workers = settings.num_workers  # 0: inline; else one process produces steps ahead
-        self._worker = None  # (process, step queue, relay) while producing ahead
+        self._worker: tuple | None = None  # (process, step queue, relay) while producing ahead
         self._counters = dict(self.maker.counters)
         self.stop_pads = 0  # empty exchanges made when stopping a worker that lagged its peers (tests)
         # The balancing group learns unknown document lengths together (data/pipeline.DocumentStream)
@@ -170,13 +170,15 @@ class BalancedBatches:
         stream = self.loader._stream
         needs_exchange = stream is not None and any(ix is not None and src.random_access
                                                     for ix, src in zip(stream.lengths, stream.sources))
-        ranks = getattr(engine, "global_ranks", None)
-        groups = None
-        if needs_exchange and ranks and len(ranks) > 1 and dist.is_initialized():
+        ranks = list(getattr(engine, "global_ranks", None) or [])
+        self.exchange: GroupLengthExchange | None = None
+        self._relay_exchange: GroupLengthExchange | None = None
+        self._control: GroupLengthExchange | None = None
+        if needs_exchange and len(ranks) > 1 and dist.is_initialized():
             groups = _length_groups(tuple(ranks))
-        self.exchange = GroupLengthExchange(groups["inline"], len(ranks)) if groups else None
-        self._relay_exchange = GroupLengthExchange(groups["relay"], len(ranks)) if groups else None
-        self._control = GroupLengthExchange(groups["control"], len(ranks)) if groups else None
+            self.exchange = GroupLengthExchange(groups["inline"], len(ranks))
+            self._relay_exchange = GroupLengthExchange(groups["relay"], len(ranks))
+            self._control = GroupLengthExchange(groups["control"], len(ranks))
 
     # counters (tests assert on them) -----------------------------------------------------------
     @property
@@ -215,6 +217,7 @@ class BalancedBatches:
 
         if self._worker is None:
             self._start_worker()
+        assert self._worker is not None
         proc, steps, relay = self._worker
         while True:
             try:
@@ -253,14 +256,13 @@ class BalancedBatches:
 
         ctx = mp.get_context("spawn")
         steps = ctx.Queue(maxsize=max(1, self.loader.settings.prefetch))
-        relay, child_conn = None, None
+        relay, child_conn, group = None, None, None
         if self._relay_exchange is not None:
             parent_conn, child_conn = ctx.Pipe()
             relay = _Relay(parent_conn, self._relay_exchange)
+            group = (self._relay_exchange.rank, self._relay_exchange.size)
         proc = ctx.Process(target=balanced_worker_main, daemon=True, name=f"longtrain-balance-data-{self.rank}",
-                           args=(self.maker, self.loader.cursor, child_conn,
-                                 None if relay is None else (self._relay_exchange.rank, self._relay_exchange.size),
-                                 steps))
+                           args=(self.maker, self.loader.cursor, child_conn, group, steps))
         proc.start()
         if relay is not None:
             relay.start()
