@@ -162,7 +162,7 @@ class BalancedBatches:
         self.maker = StepMaker(settings, self.loader.lanes, self.bins, balance_rank, plan_args)
         self.producer: RowProducer | None = None  # inline: the maker's RowProducer (every lane, lazy tokens)
         self.workers = settings.num_workers  # 0: inline; else one process produces steps ahead
-        self._worker: tuple | None = None  # (process, step queue, relay) while producing ahead
+        self._worker: tuple | None = None  # (process, step queue, relay, stop event) while producing ahead
         self._counters = dict(self.maker.counters)
         self.stop_pads = 0  # empty exchanges made when stopping a worker that lagged its peers (tests)
         # The balancing group learns unknown document lengths together (data/pipeline.DocumentStream)
@@ -218,7 +218,7 @@ class BalancedBatches:
         if self._worker is None:
             self._start_worker()
         assert self._worker is not None
-        proc, steps, relay = self._worker
+        proc, steps, relay, _ = self._worker
         while True:
             try:
                 item = steps.get(timeout=1.0)
@@ -261,12 +261,13 @@ class BalancedBatches:
             parent_conn, child_conn = ctx.Pipe()
             relay = _Relay(parent_conn, self._relay_exchange)
             group = (self._relay_exchange.rank, self._relay_exchange.size)
+        stop = ctx.Event()
         proc = ctx.Process(target=balanced_worker_main, daemon=True, name=f"longtrain-balance-data-{self.rank}",
-                           args=(self.maker, self.loader.cursor, child_conn, group, steps))
+                           args=(self.maker, self.loader.cursor, child_conn, group, steps, stop))
         proc.start()
         if relay is not None:
             relay.start()
-        self._worker = (proc, steps, relay)
+        self._worker = (proc, steps, relay, stop)
 
     def _stop_worker(self, orderly: bool = True) -> None:
         """End the worker; then (orderly: every rank of the group stops its worker at the same step,
@@ -276,9 +277,11 @@ class BalancedBatches:
         rank's worker failed): the relay is abandoned, and the group with it."""
         if self._worker is None:
             return
-        proc, steps, relay = self._worker
+        proc, steps, relay, stop = self._worker
         self._worker = None
-        if proc.is_alive():
+        stop.set()  # a worker waiting to hand over a step writes its length index and ends
+        proc.join(timeout=WORKER_STOP_S if orderly else 0)
+        if proc.is_alive():  # (busy in a step, or waiting in a length exchange)
             proc.terminate()
         proc.join(timeout=5)
         steps.cancel_join_thread()
@@ -320,11 +323,13 @@ class BalancedBatches:
         self.producer = None
 
 
-def balanced_worker_main(maker: StepMaker, cursor: int, conn, exchange: tuple | None, steps) -> None:
-    """Produce this rank's balanced steps from `cursor` into `steps`, forever (until terminated).
-    Lengths the group learns together go through `conn` to the training process, which makes the
-    collective (a worker process has no process group)."""
+def balanced_worker_main(maker: StepMaker, cursor: int, conn, exchange: tuple | None, steps, stop) -> None:
+    """Produce this rank's balanced steps from `cursor` into `steps` until `stop` is set (then write
+    the length index and end) or the process is terminated. Lengths the group learns together go
+    through `conn` to the training process, which makes the collective (a worker process has no
+    process group)."""
     import os
+    import queue
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
@@ -337,7 +342,16 @@ def balanced_worker_main(maker: StepMaker, cursor: int, conn, exchange: tuple | 
             records = [(doc.index, doc.source, doc.record, start, stop) for doc, start, stop in pieces]
             # plain pickle bytes: the queue's pickler would move the layout's tensors through shared
             # memory, a few ms per tensor on the receiving side (measured), longer than the copy
-            steps.put(("step", at, arrays, pickle.dumps((plan, layout)), records, deltas))
+            item = ("step", at, arrays, pickle.dumps((plan, layout)), records, deltas)
+            while not stop.is_set():
+                try:
+                    steps.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if stop.is_set():
+                maker.close()  # writes the length index
+                return
     except BaseException as err:  # one line to the trainer
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         steps.put(("error", "value" if isinstance(err, ValueError) else type(err).__name__, text))
@@ -381,6 +395,7 @@ class _Relay(threading.Thread):
 
 
 _LENGTH_GROUPS: dict = {}
+WORKER_STOP_S = 2.0  # a stopping worker's time to write its length index before it is terminated
 GROUP_TIMEOUT = timedelta(minutes=30)  # a rank waits this long for the group's slowest producer
 STOP_TIMEOUT = timedelta(seconds=120)  # ranks stop their workers (close, load_state_dict) this close together
 

@@ -240,6 +240,7 @@ def test_worker_gives_the_inline_batches_and_one_line_errors(corpus, tmp_path, m
     inline = _balanced(corpus, 1, 2, None)
     expected = _run(inline, 3)
     inline.close()
+    monkeypatch.setenv("LONGTRAIN_CACHE", str(tmp_path / "cache-ahead"))  # the worker writes its own index
     ahead = _balanced(corpus, 1, 2, None, ["data.num_workers=1"])
     got = _run(ahead, 3)
     assert ahead.maker.producer is None and ahead._worker is not None  # produced in the worker
@@ -247,7 +248,8 @@ def test_worker_gives_the_inline_batches_and_one_line_errors(corpus, tmp_path, m
     for a, b in zip(got, expected):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert ahead.state_dict() == inline.state_dict()
-    ahead.close()
+    ahead.close()  # the worker stops, and writes the lengths it learned
+    assert len(list((tmp_path / "cache-ahead" / "token_lengths").glob("*.npz"))) == 1
     bad = tmp_path / "bad"
     bad.mkdir()
     lines = (corpus / "docs.jsonl").read_text().splitlines()
