@@ -154,6 +154,16 @@ def group_case(root):
     os.environ["LONGTRAIN_CACHE"] = cache
     dist.barrier()
 
+    # the checkpointed cursor on a group of another size (two cp2 groups, ranks 0-1 and 2-3): the same
+    # global rows, each rank's tokens those of the layout of its group's plan
+    pair = [rank - rank % 2, rank - rank % 2 + 1]
+    other = _balanced(root, rank % 2, 2, pair)
+    other.load_state_dict(state_at_2)
+    _run(other, STEPS - 2, plain, first_step=2)
+    assert other.state_dict()["cursor"] == STEPS * other.bins and other.exchange is not None
+    other.close()
+    dist.barrier()
+
     # the source file changes: its index is not trusted, the batches are the new file's
     if rank == 0:
         path = root / "docs.jsonl"
@@ -270,7 +280,8 @@ def test_trainer_same_losses_inline_and_ahead(corpus, tmp_path, monkeypatch):
 
     monkeypatch.setenv("LONGTRAIN_CACHE", str(tmp_path / "cache"))
     base = [f"data.source={corpus / 'docs.jsonl'}", f"data.tokenizer={corpus / 'tok.model'}", "model.vocab_size=300",
-            "parallel.cp=2", "parallel.balance=zeppelin", "parallel.balance_bins=2", "train.steps=3"]
+            "parallel.cp=2", "parallel.balance=zeppelin", "parallel.balance_bins=2", "train.steps=3",
+            "train.eval_every=2", "data.eval_batches=1"]  # eval batches exchange lengths inline beside the relay
     inline, ahead = run_group(2, train_balanced, [base + ["data.num_workers=0"], base + ["data.num_workers=1"]])
     assert sorted(inline["losses"]) == [1, 2, 3] and inline["cursor"] == ahead["cursor"] == 6
     for step in (1, 2, 3):
