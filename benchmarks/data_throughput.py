@@ -10,6 +10,10 @@ Measured on this machine (tokens/s that the loader hands to the trainer, after w
    consumer pulls batches as fast as it can.
 Each for jsonl + sentencepiece (a 4096-piece model trained here on the built-in corpus exported as
 jsonl, the debug_spm_cpu recipe's data) and builtin + bytes; packing concat.
+3. Balanced steps (`parallel.balance`, launcher/balanced_batches.py) from jsonl + sentencepiece, one
+   rank of a cp4 group with a simulated device step (--balance-step-s): the stall per step (time in
+   next()) made inline with a cold token-length index (this rank tokenizes every length: no group
+   here to share them), inline with the warm index, and ahead in a worker process (data.num_workers=1).
 
 Compared with:
 - the trainer's consumption for the debug model on this machine: `Trainer.train_step` on one
@@ -60,6 +64,53 @@ def measure_loader(cfg, seconds: float, warmup_batches: int = 2) -> dict:
             "startup_seconds": first}
 
 
+class _Engine:
+    """Stands in for the balance attention engine (the loader hands it each step's layout)."""
+
+    def set_step(self, layout) -> None:
+        self.layout = layout
+
+
+def measure_balanced(source: str, tokenizer: str, workers: int, seconds: float, step_s: float,
+                     budget: int, min_steps: int = 3) -> dict:
+    """One rank (rank 0 of a cp4 balancing group, 4 bins of `budget` tokens a step) taking balanced
+    steps from launcher/balanced_batches.py while a simulated device step of `step_s` seconds runs
+    (a sleep: the host is free, as while a GPU computes). The stall is the time next() takes: the
+    data work the trainer waits for. Lengths come from the token-length index in $LONGTRAIN_CACHE
+    (cold on the first run over a cache directory, warm after)."""
+    from longtrain.launcher.balanced_batches import BalancedBatches
+    from longtrain.launcher.config import load_recipe
+    from longtrain.models.sizes import resolve_model_config
+
+    recipe = load_recipe(None, ["model.name=tiny", f"model.max_seq_len={budget}", f"data.source={source}",
+                                f"data.tokenizer={tokenizer}", "data.packing=varlen", f"data.seq_len={budget}",
+                                f"data.token_budget={budget}", f"data.max_doc_len={budget}",
+                                f"data.num_workers={workers}", "data.prefetch=2", "parallel.cp=4",
+                                "parallel.balance=zeppelin", "parallel.balance_bins=4", "cluster.preset=local",
+                                "run.launch.nproc_per_node=4"])
+    started = time.perf_counter()
+    batches = BalancedBatches(recipe, "zeppelin", _Engine(), 0, 4, dp=1, model_cfg=resolve_model_config(recipe.model))
+    stalls, tokens = [], 0
+    try:
+        next(batches)  # the first step includes starting the producer (and the worker)
+        first = time.perf_counter() - started
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds or len(stalls) < min_steps:
+            time.sleep(step_s)
+            s0 = time.perf_counter()
+            batch = next(batches)
+            stalls.append(time.perf_counter() - s0)
+            tokens += batch["tokens"].numel()
+        elapsed = time.perf_counter() - t0
+    finally:
+        batches.close()
+    stalls_sorted = sorted(stalls)
+    return {"steps": len(stalls), "step_s": step_s, "stall_mean_s": sum(stalls) / len(stalls),
+            "stall_p90_s": stalls_sorted[int(0.9 * (len(stalls) - 1))], "startup_seconds": first,
+            "rank_tokens_per_second": tokens / elapsed, "docs_tokenized": batches.docs_tokenized,
+            "docs_read": batches.docs_read}
+
+
 def measure_trainer(steps: int = 6) -> float:
     """Trainer.train_step tokens/s for the debug model, one process, batches fetched beforehand."""
     import torch
@@ -103,6 +154,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--skip-trainer", action="store_true")
+    parser.add_argument("--balance-step-s", type=float, default=0.2,
+                        help="the simulated device step of the balanced-batch rows (seconds)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -131,6 +184,17 @@ def main() -> int:
             results["loader"][name][label] = measure_loader(cfg, args.seconds)
             print(f"{name:24s} {label:28s} {results['loader'][name][label]['tokens_per_second']:>14,.0f} tokens/s",
                   flush=True)
+    # balanced steps (parallel.balance): inline vs ahead in a worker, cold vs warm token-length index
+    os.environ["LONGTRAIN_CACHE"] = str(work / "cache")  # this run's own index (cold on its first pass)
+    spm = corpora["jsonl + sentencepiece"]
+    results["balanced"] = {"budget": args.seq_len, "step_s": args.balance_step_s, "runs": {}}
+    for label, workers in (("inline, cold index", 0), ("inline, warm index", 0), ("worker=1, warm index", 1)):
+        m = measure_balanced(spm["source"], spm["tokenizer"], workers, args.seconds, args.balance_step_s,
+                             args.seq_len)
+        results["balanced"]["runs"][label] = m
+        print(f"balanced {label:24s} stall {m['stall_mean_s'] * 1e3:8.1f} ms/step (p90 {m['stall_p90_s'] * 1e3:.1f}), "
+              f"first step {m['startup_seconds']:.2f} s, {m['docs_tokenized']} documents tokenized over "
+              f"{m['steps'] + 1} steps", flush=True)
     results["trainer_debug_tokens_per_second"] = None if args.skip_trainer else measure_trainer()
     results["node_1b_32k"] = node = node_consumption()
 
@@ -172,6 +236,21 @@ def render(r: dict) -> str:
     lines.append(f"| same, per rank with cp=8 (each cp peer builds its data rank's batch) | "
                  f"{node['per_rank_cp8']:,.0f} | {'yes' if one > node['per_rank_cp8'] else 'no'}: one worker "
                  f"{one / node['per_rank_cp8']:,.1f}x; needs {need['per_rank_cp8']} worker(s) per rank |")
+    bal = r.get("balanced")
+    if bal:
+        lines += ["", f"Balanced steps (parallel.balance, launcher/balanced_batches.py), jsonl + sentencepiece: rank 0 "
+                  f"of a cp4 group, 4 bins of {bal['budget']:,} tokens a step, a simulated device step of "
+                  f"{bal['step_s'] * 1e3:.0f} ms (a sleep); the stall is the time next() takes (the trainer "
+                  "waits for data).", "",
+                  "| producer | first step s | stall ms/step (mean) | p90 | documents tokenized | steps |",
+                  "|---|---|---|---|---|---|"]
+        for label, m in bal["runs"].items():
+            lines.append(f"| {label} | {m['startup_seconds']:.2f} | {m['stall_mean_s'] * 1e3:,.1f} | "
+                         f"{m['stall_p90_s'] * 1e3:,.1f} | {m['docs_tokenized']} | {m['steps'] + 1} |")
+        lines += ["", "First step: building the loader and the first step (the worker's start, and with a cold "
+                  "index this rank tokenizing every document of the packer's lookahead to learn its length: "
+                  "one rank alone here, no group to share them with). Documents tokenized: over all steps; "
+                  "with the warm index only the documents whose tokens this rank holds."]
     lines += ["", f"1B model: {node['parameters'] / 1e9:.2f}B parameters, {node['flops_per_token'] / 1e9:,.1f} GFLOP "
               f"per token at {node['seq_len']:,} (6 x non-embedding params + head, + causal attention); "
               f"node tokens/s = 0.4 x 8 x 989e12 / FLOPs per token.", "",

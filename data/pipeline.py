@@ -23,10 +23,17 @@ just redundant work) — set data.lanes to a multiple of the largest global batc
 
 Resume cost: a lane is a sequential packer, so a resumed worker rebuilds its lanes' state by
 replaying their packing from the start of the stream. Only document *lengths* are needed for
-that: free for builtin + bytes and for megatron sources (lengths come from the index), a read
-and tokenize of the rank's share of the consumed stream otherwise (about consumed_tokens / dp /
-(tokens/s of one worker x workers); e.g. 1B consumed tokens at dp=8 with 2 workers at ~2M
-tokens/s: ~30 s). Sequential (datasets-streamed) sources are re-read from their start.
+that: free for builtin + bytes and for megatron sources (lengths come from the index), and for
+text sources whose records were tokenized before (by any run on this machine with the same files
+and tokenizer: the token-length index, data/length_index.py); otherwise a read and tokenize of the
+rank's share of the consumed stream (about consumed_tokens / dp / (tokens/s of one worker x
+workers); e.g. 1B consumed tokens at dp=8 with 2 workers at ~2M tokens/s: ~30 s). Sequential
+(datasets-streamed) sources are re-read from their start (tokenized only where the index does not
+know a record).
+
+Balanced batches (launcher/balanced_batches.py) pack every lane on every rank from lengths; a
+DocumentStream with an `exchange` learns the lengths nobody knows yet together with the group
+(see DocumentStream).
 """
 from __future__ import annotations
 
@@ -254,6 +261,17 @@ class SplitView:
             self._seq_count, self._seq_iter = self._seq_pos, None
 
     # ---------------------------------------------------------------------------------------
+    def record_of(self, j: int) -> tuple[int, int]:
+        """(record, epoch) of split document j, without reading it (random-access sources)."""
+        return self._record(j)
+
+    def payload(self, record: int):
+        """A random-access record's text or ids, or the BadRecord that reading it raised."""
+        try:
+            return self.source.payload(record)
+        except BadRecord as err:
+            return err
+
     def get(self, j: int, tokenizer, need_tokens: bool):
         """(record, epoch, payload or None, known token length or None)."""
         src = self.source
@@ -273,8 +291,37 @@ class SplitView:
 # ----------------------------------------------------------------------------------------------
 # The global document stream
 # ----------------------------------------------------------------------------------------------
+class LengthExchange(typing.Protocol):
+    """The balancing group, as the document stream sees it (launcher/balanced_batches.py builds one
+    over torch.distributed): this rank's index, the group size, and an element-wise max of an int64
+    array over the group (every rank calls it at the same points, with arrays of the same size)."""
+
+    rank: int
+    size: int
+
+    def max(self, values: np.ndarray) -> np.ndarray: ...
+
+
+RESOLVE_BLOCK = 256  # documents whose lengths the group learns together (one or two all-reduces)
+NOT_INDEXED = -2  # in an exchanged block: a document whose length needs no index or cannot use one
+
+
 class DocumentStream:
-    def __init__(self, settings: DataSettings, tokenizer=None):
+    """The global document stream: fetch(d) gives document d as a Doc (tokens, or only its length
+    when that is known without tokenizing: see fetch).
+
+    Token lengths of text sources are remembered in data/length_index.py (`length_index` off: not
+    used). With an `exchange` (the balancing group), lengths a rank would have to tokenize to learn
+    are learned together: the stream's documents come in blocks of `resolve_block`; when a rank first
+    fetches a document of a block for its length (every rank of the group packs the same rows, so all
+    get there together), the group all-reduces the lengths any rank knows, each rank tokenizes 1/N of
+    those still unknown (random-access sources), and a second all-reduce gives every rank all of them.
+    `tokenized` counts documents this stream tokenized, `tokenized_for_lengths` the ones it tokenized
+    only to tell the group their lengths."""
+
+    def __init__(self, settings: DataSettings, tokenizer=None, length_index: bool = True,
+                 exchange: Optional[LengthExchange] = None, resolve_block: int = RESOLVE_BLOCK):
+        from .length_index import open_lengths
         from .tokenizers import build_tokenizer, check_special_tokens
 
         self.settings = settings
@@ -285,6 +332,20 @@ class DocumentStream:
         self.blend = Blend([s.weight for s in settings.sources], settings.seed, [s.key for s in settings.sources])
         self.bad = BadRecords(skip=settings.skip_bad_records)
         self.vocab = self.tokenizer.vocab_size
+        self.lengths = [open_lengths(src, self.tokenizer, settings.split, settings.seed, settings.add_bos,
+                                     settings.add_eos) if length_index else None for src in self.sources]
+        self.exchange = exchange if any(ix is not None and src.random_access
+                                        for ix, src in zip(self.lengths, self.sources)) else None
+        self.resolve_block = resolve_block
+        self._resolved_block = -1
+        self.tokenized = 0
+        self.tokenized_for_lengths = 0
+
+    def flush_lengths(self, force: bool = True) -> None:
+        """Write the length indexes (rate-limited unless forced)."""
+        for index in self.lengths:
+            if index is not None:
+                index.flush(force)
 
     def _tokens_of(self, payload, source: int, record: int) -> np.ndarray:
         s = self.settings
@@ -298,6 +359,7 @@ class DocumentStream:
             if not payload:
                 return np.zeros(0, np.int64)
             ids = tok.encode(payload, add_bos=s.add_bos, add_eos=s.add_eos)
+            self.tokenized += 1
             return np.asarray(ids, dtype=np.int64)
         ids = np.asarray(payload, dtype=np.int64)  # pre-tokenized
         if len(ids) and (ids.max() >= self.vocab or ids.min() < 0):
@@ -314,9 +376,17 @@ class DocumentStream:
 
     def fetch(self, d: int, need_tokens: bool = True) -> Doc:
         """Document d of the global stream. With need_tokens False and a length known without
-        reading (builtin + bytes), the tokens are loaded only if a row uses them."""
+        tokenizing (builtin + bytes, megatron, or a text source's length index), the tokens are
+        loaded only if a row uses them."""
         s, j = self.blend.locate(d)
         view = self.views[s]
+        index = self.lengths[s]
+        if index is not None:
+            if self.exchange is not None and not need_tokens:
+                while self._resolved_block < d // self.resolve_block:
+                    self._resolved_block += 1
+                    self._resolve_block(self._resolved_block)
+            return self._fetch_indexed(d, s, j, index, need_tokens)
         token_source = isinstance(self.sources[s], MegatronSource)  # BOS/EOS added only when missing: read
         record, epoch, payload, length = view.get(j, self.tokenizer, need_tokens or token_source)
         if payload is None and length is not None:
@@ -324,6 +394,68 @@ class DocumentStream:
             return Doc(d, s, record, epoch, total, load=lambda: self._load(view, j, s))
         tokens = self._tokens_of(payload, s, record)
         return Doc(d, s, record, epoch, len(tokens), tokens=tokens)
+
+    def _fetch_indexed(self, d: int, s: int, j: int, index, need_tokens: bool) -> Doc:
+        """fetch() for a source with a length index: a known length needs no tokenizing; a
+        tokenized record's length is noted (malformed records never are: they are read each time)."""
+        view = self.views[s]
+        if self.sources[s].random_access:
+            record, epoch = view.record_of(j)
+            length = index.get(record)
+            if length is not None and not need_tokens:
+                return Doc(d, s, record, epoch, length, load=lambda: self._load_checked(view, j, s, index, length))
+            payload = view.payload(record)
+        else:  # sequential: the stream is read in order anyway; the text waits in the Doc until used
+            record, epoch, payload, _ = view.get(j, self.tokenizer, True)
+            length = index.get(record)
+            if length is not None and not need_tokens:
+                return Doc(d, s, record, epoch, length,
+                           load=lambda: self._checked(self._tokens_of(payload, s, record), s, record, index, length))
+        tokens = self._tokens_of(payload, s, record)
+        if not isinstance(payload, BadRecord):
+            index.put(record, len(tokens))
+        return Doc(d, s, record, epoch, len(tokens), tokens=tokens)
+
+    def _checked(self, tokens: np.ndarray, s: int, record: int, index, length: int) -> np.ndarray:
+        if len(tokens) != length:
+            raise ValueError(f"data: {self.sources[s].key}: {self.sources[s].where(record)} has {len(tokens)} tokens, "
+                             f"but the token-length index {index.path} says {length}; the index is stale "
+                             "(delete it; it is rebuilt)")
+        return tokens
+
+    def _load_checked(self, view: SplitView, j: int, s: int, index, length: int) -> np.ndarray:
+        record, _ = view.record_of(j)
+        return self._checked(self._tokens_of(view.payload(record), s, record), s, record, index, length)
+
+    def _resolve_block(self, block: int) -> None:
+        """Learn the lengths of the block's documents together with the group (see the class doc)."""
+        first = block * self.resolve_block
+        values = np.full(self.resolve_block, NOT_INDEXED, np.int64)
+        where: dict[int, tuple[int, int]] = {}
+        for i in range(self.resolve_block):
+            s, j = self.blend.locate(first + i)
+            index = self.lengths[s]
+            if index is None or not self.sources[s].random_access:
+                continue
+            record, _ = self.views[s].record_of(j)
+            known = index.get(record)
+            values[i] = -1 if known is None else known
+            where[i] = (s, record)
+        exchange = self.exchange
+        assert exchange is not None
+        agreed = exchange.max(values)
+        unknown = np.flatnonzero(agreed == -1)
+        if len(unknown):
+            for i in unknown[exchange.rank::exchange.size].tolist():
+                s, record = where[i]
+                payload = self.views[s].payload(record)
+                if not isinstance(payload, BadRecord):  # a malformed record stays unknown: read where used
+                    agreed[i] = len(self._tokens_of(payload, s, record))
+                    self.tokenized_for_lengths += 1
+            agreed = exchange.max(agreed)
+        for i, (s, record) in where.items():
+            if agreed[i] >= 0:
+                self.lengths[s].put(record, int(agreed[i]))  # type: ignore[union-attr]
 
     def _load(self, view: SplitView, j: int, s: int) -> np.ndarray:
         record, _, payload, _ = view.get(j, self.tokenizer, True)
@@ -346,7 +478,7 @@ def rank_schedule(cursor: int, dp_rank: int, dp_degree: int, rows_per_step: int)
 def lanes_of_rank(cursor: int, dp_rank: int, dp_degree: int, rows_per_step: int, lanes: int) -> list[int]:
     """The lanes whose rows this rank consumes (the schedule is periodic in lanes)."""
     period = lanes // np.gcd(dp_degree * rows_per_step, lanes)
-    out = set()
+    out: set[int] = set()
     for t in range(int(period)):
         first = cursor + t * dp_degree * rows_per_step + dp_rank * rows_per_step
         out.update((first + i) % lanes for i in range(rows_per_step))

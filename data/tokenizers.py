@@ -20,6 +20,7 @@ reported when the tokenizer is loaded (see `check_special_tokens`).
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from typing import Iterable, Iterator
@@ -39,6 +40,7 @@ class ByteTokenizer:
     """
 
     name = "bytes"
+    identity = "bytes"  # what cached token lengths depend on (data/length_index.py)
     bos_id = 256
     eos_id = 257
     pad_id = 258
@@ -91,6 +93,8 @@ class SentencePieceTokenizer:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"data.tokenizer: {self.path} is not a sentencepiece model ({first})") from None
         self.name = f"sentencepiece:{self.path}"
+        # what cached token lengths depend on (data/length_index.py): the model itself, not its path
+        self.identity = f"sentencepiece:{hashlib.sha256(proto).hexdigest()[:24]}"
         self.vocab_size = int(self.sp.get_piece_size())
         self.bos_id = int(self.sp.bos_id())
         self.eos_id = int(self.sp.eos_id())

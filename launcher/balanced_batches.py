@@ -4,34 +4,133 @@ follow) shares each step's whole sequences.
 Every rank of the group packs the same `bins` varlen bins per step (`parallel.balance_bins`, default
 one per data rank: the rows the data ranks would have read) from one global row cursor, but from
 document *lengths* only: the packer (data/pipeline.RowProducer with lazy tokens) decides each bin's
-pieces (document, start, stop) without reading a document whose length is known (builtin + bytes,
-megatron sources; other sources are tokenized to learn their lengths). Every rank plans the step from
-those lengths (parallel/balance/planner.py; the same plan everywhere, nothing is communicated), hands
-the attention engine its StepLayout, and then materializes only the tokens it holds (its linear
-layout): only the documents its pieces come from are read. `next()` returns this rank's tokens,
+pieces (document, start, stop) without tokenizing a document whose length is known. Every rank plans
+the step from those lengths (parallel/balance/planner.py; the same plan everywhere), hands the
+attention engine its StepLayout, and then materializes only the tokens it holds (its linear layout):
+only the documents its pieces come from are read and tokenized. `next()` returns this rank's tokens,
 labels, positions and sequence ids as one (1, S) row, which the trainer feeds as it is (no cp
-sharding). `docs_read` / `tokens_materialized` count what this rank read (tests assert on them).
+sharding). Counters (tests assert on them): `docs_read`, `tokens_materialized`, `docs_tokenized` (all
+documents this rank tokenized) and `lengths_tokenized` (of them, the ones only to learn a length).
 
-The cursor is the loader's global row cursor: a step moves it by `bins` rows, so resuming at another
-group size continues the global stream with nothing repeated or skipped (and, with balance_bins
-fixed, with identical steps). The state is PackedLoader's (same keys, same checks).
+Lengths. Known without reading for the built-in corpus with the byte tokenizer and for megatron
+sources. For text sources with a real tokenizer (jsonl, text, json, parquet, builtin + sentencepiece)
+they come from the token-length index (data/length_index.py, in $LONGTRAIN_CACHE: later steps,
+epochs, resumes and runs tokenize nothing for lengths) and, for lengths nobody knows yet, from the
+group: in blocks of documents, each rank tokenizes 1/N of the unknown ones and a max all-reduce gives
+every rank all of them (data/pipeline.DocumentStream; random-access sources, i.e. jsonl/text/builtin;
+streamed json/parquet are read in order by every rank and tokenized where the index does not know
+them). Only lengths travel. The all-reduces run on gloo groups of their own (`_length_groups`), never
+on the engine's group.
+
+Ahead of the trainer (`data.num_workers` >= 1; eval batches are made inline): one worker process
+per rank packs, plans and materializes the steps (StepMaker, the same code as inline), `data.prefetch`
+steps ahead (the plan is a pure function of the lengths). A process has no process group, so the
+worker's length exchanges go through a pipe to a relay thread of the training process, which makes
+the collective (waiting on the pipe or in gloo, it does not hold the GIL; a thread producer would:
+sentencepiece keeps the GIL while it encodes, measured: tokenizing beside a torch loop in a thread
+took longer than doing both in turn). Stopping a worker (close, load_state_dict) is agreed by the
+group: the ranks' workers may have made different numbers of exchanges, so the ranks agree on the
+count and the ones behind make up the difference with empty exchanges; the relay group is then quiet
+for the next worker. A worker's error reaches the trainer as its one line.
+
+The cursor is the loader's global row cursor of steps CONSUMED (a worker may have produced more): a
+step moves it by `bins` rows, so resuming at another group size continues the global stream with
+nothing repeated or skipped (and, with balance_bins fixed, with identical steps). The state is
+PackedLoader's (same keys, same checks).
 """
 from __future__ import annotations
 
 import math
+import pickle
+import threading
+from datetime import timedelta
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from longtrain.data.loader import PackedLoader
 from longtrain.data.packing import IGNORE_INDEX
-from longtrain.data.pipeline import DataSettings
+from longtrain.data.pipeline import NOT_INDEXED, RESOLVE_BLOCK, DataSettings, RowProducer
 from longtrain.models.registry import kind_of
 from longtrain.parallel.balance.cost import CostModel, ModelShape, resolve_cluster
 from longtrain.parallel.balance.engine import StepLayout
 from longtrain.parallel.balance.planner import plan_step
 
 CAPACITY_FACTOR = 1.5  # a rank's attention-layout token capacity, over the group's mean tokens per rank
+
+
+class StepMaker:
+    """Packs, plans and materializes this rank's steps from a global row cursor: inline in the
+    training process, or ahead of it in a worker process (balanced_worker_main). Everything it
+    holds is plain and picklable until start() opens the stream."""
+
+    def __init__(self, settings: DataSettings, lanes: int, bins: int, rank: int, plan_args: dict):
+        self.settings, self.lanes, self.bins, self.rank, self.plan_args = settings, lanes, bins, rank, plan_args
+        self.producer: RowProducer | None = None
+        self.cursor = 0
+        self.resolve_block = RESOLVE_BLOCK  # documents whose lengths the group learns together
+        self.counters = {"docs_read": 0, "tokens_materialized": 0, "docs_tokenized": 0, "lengths_tokenized": 0}
+
+    def start(self, cursor: int, exchange=None) -> None:
+        from longtrain.data.pipeline import DocumentStream
+
+        stream = DocumentStream(self.settings, exchange=exchange, resolve_block=self.resolve_block)
+        self._seen = (0, 0)  # the new stream's tokenization counters, as far as counted
+        # every lane on every rank: all ranks pack the whole step
+        self.producer = RowProducer(self.settings, self.lanes, list(range(self.lanes)), stream=stream,
+                                    lazy_tokens=True)
+        self.producer.fast_forward(cursor)
+        self.cursor = cursor
+
+    def step(self) -> tuple:
+        """(batch arrays, plan, layout, pieces) of the step at the cursor; moves the cursor."""
+        producer = self.producer
+        assert producer is not None
+        rows = [producer.row(k) for k in range(self.cursor, self.cursor + self.bins)]
+        self.cursor += self.bins
+        pieces = [piece for row in rows for piece in row]  # a varlen row's pieces are its sequences
+        lengths = [stop - start for _, start, stop in pieces]
+        a = self.plan_args
+        bins = [b % a["dp"] for b, row in enumerate(rows) for _ in row]
+        capacity = a["capacity"] + len(lengths)  # zigzag remainders (a token per sequence) under even_cp
+        plan = plan_step(lengths, a["world"], a["strategy"], capacity=capacity, gpus_per_node=a["gpus_per_node"],
+                         cp=a["cp"], bins=bins, cost=a["cost_model"].cost, tau_intra=a["tau_intra"],
+                         tau_inter=a["tau_inter"], contiguous=a["contiguous"])
+        layout = StepLayout.build(plan, self.rank, a["remap"])
+        arrays = self._materialize(layout.linear_ids, pieces, lengths)
+        stream = producer.stream
+        self.counters["docs_tokenized"] += stream.tokenized - self._seen[0]
+        self.counters["lengths_tokenized"] += stream.tokenized_for_lengths - self._seen[1]
+        self._seen = (stream.tokenized, stream.tokenized_for_lengths)
+        stream.flush_lengths(force=False)
+        return arrays, plan, layout, pieces
+
+    def _materialize(self, ids: np.ndarray, pieces: list, lengths: list) -> dict:
+        """tokens, labels, positions, doc_ids of the global token ids this rank holds, as the packed
+        row would have them (labels: the next token of the same document, IGNORE_INDEX past its end),
+        reading only the documents of those tokens."""
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        seq = np.searchsorted(offsets, ids, side="right") - 1
+        pos = ids - offsets[seq]
+        tokens = np.empty(len(ids), np.int64)
+        labels = np.full(len(ids), IGNORE_INDEX, np.int64)
+        for s in np.unique(seq).tolist():
+            doc, start, _ = pieces[s]
+            where = np.flatnonzero(seq == s)
+            at = pos[where] + start  # positions in the document
+            src = doc.tokens  # reads the document (once; a Doc keeps its tokens)
+            tokens[where] = src[at]
+            has_next = at + 1 < doc.length
+            labels[where[has_next]] = src[at[has_next] + 1]
+            self.counters["docs_read"] += 1
+        self.counters["tokens_materialized"] += len(ids)
+        return {"tokens": tokens, "labels": labels, "positions": pos, "doc_ids": seq}
+
+    def close(self) -> None:
+        if self.producer is not None:
+            self.producer.stream.flush_lengths()
+        self.producer = None
 
 
 class BalancedBatches:
@@ -56,71 +155,282 @@ class BalancedBatches:
         self.contiguous = kind_of(model_cfg).contiguous_sequence
         self.last_plan = None
         self.last_layout = None
-        self.last_pieces: list = []
-        self.producer = None  # data/pipeline.RowProducer over every lane, lazy tokens
-        self.docs_read = 0  # documents whose tokens this rank read (a document per held sequence)
-        self.tokens_materialized = 0
+        self.last_pieces: list = []  # inline: (Doc, start, stop) per sequence; ahead: (doc, source, record, start, stop)
+        plan_args = {"strategy": strategy, "world": group_size, "capacity": self.capacity, "dp": dp, "cp": self.cp,
+                     "gpus_per_node": self.gpus_per_node, "cost_model": self.cost_model, "tau_intra": self.tau_intra,
+                     "tau_inter": self.tau_inter, "contiguous": self.contiguous, "remap": self.remap}
+        self.maker = StepMaker(settings, self.loader.lanes, self.bins, balance_rank, plan_args)
+        self.producer: RowProducer | None = None  # inline: the maker's RowProducer (every lane, lazy tokens)
+        self.workers = settings.num_workers  # 0: inline; else one process produces steps ahead
+        self._worker: tuple | None = None  # (process, step queue, relay, stop event) while producing ahead
+        self._counters = dict(self.maker.counters)
+        self.stop_pads = 0  # empty exchanges made when stopping a worker that lagged its peers (tests)
+        # The balancing group learns unknown document lengths together (data/pipeline.DocumentStream)
+        # when the stream has text sources with a length index: over gloo groups of its own.
+        stream = self.loader._stream
+        needs_exchange = stream is not None and any(ix is not None and src.random_access
+                                                    for ix, src in zip(stream.lengths, stream.sources))
+        ranks = list(getattr(engine, "global_ranks", None) or [])
+        self.exchange: GroupLengthExchange | None = None
+        self._relay_exchange: GroupLengthExchange | None = None
+        self._control: GroupLengthExchange | None = None
+        if needs_exchange and len(ranks) > 1 and dist.is_initialized():
+            groups = _length_groups(tuple(ranks))
+            self.exchange = GroupLengthExchange(groups["inline"], len(ranks))
+            self._relay_exchange = GroupLengthExchange(groups["relay"], len(ranks))
+            self._control = GroupLengthExchange(groups["control"], len(ranks))
+
+    # counters (tests assert on them) -----------------------------------------------------------
+    @property
+    def docs_read(self) -> int:
+        """Documents whose tokens this rank read (a document per held sequence)."""
+        return self._counters["docs_read"]
+
+    @property
+    def tokens_materialized(self) -> int:
+        return self._counters["tokens_materialized"]
+
+    @property
+    def docs_tokenized(self) -> int:
+        """Documents this rank tokenized (its share of unknown lengths, and the documents it holds)."""
+        return self._counters["docs_tokenized"]
+
+    @property
+    def lengths_tokenized(self) -> int:
+        """Documents this rank tokenized only to tell the group their lengths."""
+        return self._counters["lengths_tokenized"]
 
     def __iter__(self):
         return self
 
-    def _rows(self) -> list:
-        """The pieces of this step's `bins` global rows (lengths only; tokens not read)."""
-        from longtrain.data.pipeline import RowProducer
+    # steps ------------------------------------------------------------------------------------
+    def _next_inline(self) -> tuple:
+        if self.maker.producer is None:
+            self.maker.start(self.loader.cursor, self.exchange)
+            self.producer = self.maker.producer
+        out = self.maker.step()
+        self._counters = dict(self.maker.counters)
+        return out
 
-        if self.producer is None:  # every lane on every rank: all ranks pack the whole step
-            self.producer = RowProducer(self.loader.settings, self.loader.lanes, list(range(self.loader.lanes)),
-                                        lazy_tokens=True)
-            self.producer.fast_forward(self.loader.cursor)
-        rows = [self.producer.row(k) for k in range(self.loader.cursor, self.loader.cursor + self.bins)]
-        self.loader.cursor += self.bins
-        return rows
+    def _next_ahead(self) -> tuple:
+        import queue
+
+        if self._worker is None:
+            self._start_worker()
+        assert self._worker is not None
+        proc, steps, relay, _ = self._worker
+        while True:
+            try:
+                item = steps.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not proc.is_alive():
+                    self._stop_worker(orderly=False)
+                    raise RuntimeError(f"data: balanced-batch worker {proc.name} exited with code {proc.exitcode}") from None
+                if relay is not None and relay.error:
+                    self._stop_worker(orderly=False)
+                    raise RuntimeError(f"data: balanced-batch worker {proc.name}: length exchange failed: {relay.error}")
+        if item[0] == "error":
+            _, kind, text = item
+            self._stop_worker(orderly=False)
+            raise ValueError(text) if kind == "value" else RuntimeError(f"data: balanced-batch worker {proc.name}: {kind}: {text}")
+        _, cursor, arrays, planned, pieces, deltas = item
+        plan, layout = pickle.loads(planned)
+        if cursor != self.loader.cursor:
+            raise RuntimeError(f"data: balanced-batch worker {proc.name} sent the step at row {cursor}, "
+                               f"expected row {self.loader.cursor}")
+        for key, value in deltas.items():
+            self._counters[key] += value
+        return arrays, plan, layout, pieces
 
     def __next__(self) -> dict:
-        rows = self._rows()
-        pieces = [piece for row in rows for piece in row]  # a varlen row's pieces are its sequences
-        lengths = [stop - start for _, start, stop in pieces]
-        bins = [b % self.dp for b, row in enumerate(rows) for _ in row]
-        capacity = self.capacity + len(lengths)  # zigzag remainders (a token per sequence) under even_cp
-        plan = plan_step(lengths, self.world, self.strategy, capacity=capacity, gpus_per_node=self.gpus_per_node,
-                         cp=self.cp, bins=bins, cost=self.cost_model.cost, tau_intra=self.tau_intra,
-                         tau_inter=self.tau_inter, contiguous=self.contiguous)
-        layout = StepLayout.build(plan, self.rank, self.remap)
+        arrays, plan, layout, pieces = self._next_inline() if not self.workers else self._next_ahead()
+        self.loader.cursor += self.bins  # the cursor of steps consumed (a worker may have produced more)
         self.engine.set_step(layout)
         self.last_plan, self.last_layout, self.last_pieces = plan, layout, pieces
-        return self._materialize(layout.linear_ids, pieces, lengths)
+        return {key: torch.from_numpy(arrays[key])[None] for key in ("tokens", "labels", "positions", "doc_ids")}
 
-    def _materialize(self, ids: np.ndarray, pieces: list, lengths: list) -> dict:
-        """tokens, labels, positions, doc_ids of the global token ids this rank holds, as the packed
-        row would have them (labels: the next token of the same document, IGNORE_INDEX past its end),
-        reading only the documents of those tokens."""
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        seq = np.searchsorted(offsets, ids, side="right") - 1
-        pos = ids - offsets[seq]
-        tokens = np.empty(len(ids), np.int64)
-        labels = np.full(len(ids), IGNORE_INDEX, np.int64)
-        for s in np.unique(seq).tolist():
-            doc, start, _ = pieces[s]
-            where = np.flatnonzero(seq == s)
-            at = pos[where] + start  # positions in the document
-            src = doc.tokens  # reads the document (once; a Doc keeps its tokens)
-            tokens[where] = src[at]
-            has_next = at + 1 < doc.length
-            labels[where[has_next]] = src[at[has_next] + 1]
-            self.docs_read += 1
-        self.tokens_materialized += len(ids)
-        batch = {"tokens": torch.from_numpy(tokens)[None], "labels": torch.from_numpy(labels)[None],
-                 "positions": torch.from_numpy(pos)[None], "doc_ids": torch.from_numpy(seq)[None]}
-        return batch
+    # the worker -------------------------------------------------------------------------------
+    def _start_worker(self) -> None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        steps = ctx.Queue(maxsize=max(1, self.loader.settings.prefetch))
+        relay, child_conn, group = None, None, None
+        if self._relay_exchange is not None:
+            parent_conn, child_conn = ctx.Pipe()
+            relay = _Relay(parent_conn, self._relay_exchange)
+            group = (self._relay_exchange.rank, self._relay_exchange.size)
+        stop = ctx.Event()
+        proc = ctx.Process(target=balanced_worker_main, daemon=True, name=f"longtrain-balance-data-{self.rank}",
+                           args=(self.maker, self.loader.cursor, child_conn, group, steps, stop))
+        proc.start()
+        if relay is not None:
+            relay.start()
+        self._worker = (proc, steps, relay, stop)
+
+    def _stop_worker(self, orderly: bool = True) -> None:
+        """End the worker; then (orderly: every rank of the group stops its worker at the same step,
+        as close() and load_state_dict() do) every rank has made the same number of length exchanges
+        on the relay group (a rank whose worker had run further waits in one: the others make up the
+        difference with empty ones), so the group is quiet for the next worker. Not orderly (this
+        rank's worker failed): the relay is abandoned, and the group with it."""
+        if self._worker is None:
+            return
+        proc, steps, relay, stop = self._worker
+        self._worker = None
+        stop.set()  # a worker waiting to hand over a step writes its length index and ends
+        proc.join(timeout=WORKER_STOP_S if orderly else 0)
+        if proc.is_alive():  # (busy in a step, or waiting in a length exchange)
+            proc.terminate()
+        proc.join(timeout=5)
+        steps.cancel_join_thread()
+        steps.close()
+        if relay is None:
+            return
+        relay.stop.set()
+        relay.join(timeout=1.0)
+        exchange, control = self._relay_exchange, self._control
+        assert exchange is not None and control is not None
+        if orderly and not relay.error:
+            try:
+                issued = control.max(np.array([relay.count], np.int64))
+                if not relay.is_alive():  # (alive: waiting in its last exchange, which is the latest of all)
+                    for _ in range(int(issued[0]) - relay.count):
+                        exchange.max(np.full(self.maker.resolve_block, NOT_INDEXED, np.int64))
+                        self.stop_pads += 1
+                relay.join(timeout=5.0)
+            except RuntimeError:  # a peer did not stop in time (it failed): the relay group is abandoned
+                pass
+        if relay.is_alive() or relay.error:
+            self._relay_exchange = self._control = None  # never reused: a later worker runs without
+        relay.conn.close()
 
     # the loader's global cursor ----------------------------------------------------------------
     def state_dict(self) -> dict:
         return self.loader.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        self._stop_worker()
         self.loader.load_state_dict(state)
-        self.producer = None  # packs again from the loaded cursor
+        self.maker.close()  # packs again from the loaded cursor
+        self.producer = None
 
     def close(self) -> None:
+        self._stop_worker()
         self.loader.close()
+        self.maker.close()
         self.producer = None
+
+
+def balanced_worker_main(maker: StepMaker, cursor: int, conn, exchange: tuple | None, steps, stop) -> None:
+    """Produce this rank's balanced steps from `cursor` into `steps` until `stop` is set (then write
+    the length index and end) or the process is terminated. Lengths the group learns together go
+    through `conn` to the training process, which makes the collective (a worker process has no
+    process group)."""
+    import os
+    import queue
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        maker.start(cursor, _PipeExchange(conn, *exchange) if exchange is not None else None)
+        while True:
+            at = maker.cursor
+            before = dict(maker.counters)
+            arrays, plan, layout, pieces = maker.step()
+            deltas = {key: value - before[key] for key, value in maker.counters.items()}
+            records = [(doc.index, doc.source, doc.record, start, stop) for doc, start, stop in pieces]
+            # plain pickle bytes: the queue's pickler would move the layout's tensors through shared
+            # memory, a few ms per tensor on the receiving side (measured), longer than the copy
+            item = ("step", at, arrays, pickle.dumps((plan, layout)), records, deltas)
+            while not stop.is_set():
+                try:
+                    steps.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if stop.is_set():
+                maker.close()  # writes the length index
+                return
+    except BaseException as err:  # one line to the trainer
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        steps.put(("error", "value" if isinstance(err, ValueError) else type(err).__name__, text))
+
+
+class _PipeExchange:
+    """data/pipeline.LengthExchange in a worker: the training process's relay makes the collective."""
+
+    def __init__(self, conn, rank: int, size: int):
+        self.conn, self.rank, self.size = conn, rank, size
+
+    def max(self, values: np.ndarray) -> np.ndarray:
+        self.conn.send(values)
+        return self.conn.recv()
+
+
+class _Relay(threading.Thread):
+    """In the training process: makes the worker's length exchanges on the relay group. It waits on
+    the pipe or in gloo (the GIL released), so the training step is not slowed."""
+
+    def __init__(self, conn, exchange: "GroupLengthExchange"):
+        super().__init__(daemon=True, name="longtrain-balance-relay")
+        self.conn, self.exchange = conn, exchange
+        self.stop = threading.Event()
+        self.count = 0  # exchanges begun
+        self.error: str | None = None
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                if not self.conn.poll(0.05):
+                    continue
+                values = self.conn.recv()
+                self.count += 1
+                out = self.exchange.max(values)
+                self.conn.send(out)
+        except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
+            pass  # the worker ended
+        except Exception as err:  # noqa: BLE001 - reported by the next next()
+            self.error = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+_LENGTH_GROUPS: dict = {}
+WORKER_STOP_S = 2.0  # a stopping worker's time to write its length index before it is terminated
+GROUP_TIMEOUT = timedelta(minutes=30)  # a rank waits this long for the group's slowest producer
+STOP_TIMEOUT = timedelta(seconds=120)  # ranks stop their workers (close, load_state_dict) this close together
+
+
+def _length_groups(ranks: tuple) -> dict:
+    """Three gloo groups over the balancing group's ranks: "inline" (the main thread's exchanges),
+    "relay" (a worker's exchanges, made by the relay thread) and "control" (the exchange count agreed
+    when workers stop, with a short timeout: a failed peer never stops its worker). Created once
+    per process: every rank of the world takes part (the groups of every tp slice are created in one
+    order), at the first balanced loader, which every rank builds at the same point."""
+    key = (id(dist.group.WORLD), ranks)
+    if key not in _LENGTH_GROUPS:
+        members: list = [None] * dist.get_world_size()
+        dist.all_gather_object(members, ranks)
+        for member in sorted(set(members)):
+            made = {name: dist.new_group(list(member), backend="gloo", timeout=timeout)
+                    for name, timeout in (("inline", GROUP_TIMEOUT), ("relay", GROUP_TIMEOUT),
+                                          ("control", STOP_TIMEOUT))}
+            if member == ranks:
+                _LENGTH_GROUPS[key] = made
+    return _LENGTH_GROUPS[key]
+
+
+class GroupLengthExchange:
+    """data/pipeline.LengthExchange over the balancing group: an element-wise max all-reduce of an
+    int64 array on a gloo group of its own (CPU tensors; never interleaved with the step's
+    collectives on the engine's group)."""
+
+    def __init__(self, group, size: int):
+        self.group = group
+        self.rank, self.size = dist.get_rank(group), size
+        self.calls = 0
+
+    def max(self, values: np.ndarray) -> np.ndarray:
+        out = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64).copy())
+        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.group)
+        self.calls += 1
+        return out.numpy()

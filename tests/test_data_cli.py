@@ -92,3 +92,9 @@ def test_data_throughput_benchmark_smoke(tmp_path):
         node["node_tokens_per_second"])
     assert report["workers_needed_sentencepiece"]["per_rank_dp8"] >= 1
     assert "| consumer | tokens/s |" in (tmp_path / "data_throughput.md").read_text()
+    runs = report["balanced"]["runs"]
+    assert set(runs) == {"inline, cold index", "inline, warm index", "worker=1, warm index"}
+    assert all(m["steps"] >= 3 and m["stall_mean_s"] >= 0 for m in runs.values())
+    # the warm index: only held documents are tokenized, fewer than with the cold one
+    assert runs["inline, warm index"]["docs_tokenized"] < runs["inline, cold index"]["docs_tokenized"]
+    assert "| producer | first step s | stall ms/step" in (tmp_path / "data_throughput.md").read_text()
