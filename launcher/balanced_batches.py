@@ -95,8 +95,7 @@ class StepMaker:
         bins = [b % a["dp"] for b, row in enumerate(rows) for _ in row]
         capacity = a["capacity"] + len(lengths)  # zigzag remainders (a token per sequence) under even_cp
         plan = plan_step(lengths, a["world"], a["strategy"], capacity=capacity, gpus_per_node=a["gpus_per_node"],
-                         cp=a["cp"], bins=bins, cost=a["cost_model"].cost, tau_intra=a["tau_intra"],
-                         tau_inter=a["tau_inter"], contiguous=a["contiguous"])
+                         cp=a["cp"], bins=bins, contiguous=a["contiguous"], **a["cost_model"].planner_kwargs())
         layout = StepLayout.build(plan, self.rank, a["remap"])
         arrays = self._materialize(layout.linear_ids, pieces, lengths)
         stream = producer.stream
