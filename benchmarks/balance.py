@@ -57,52 +57,59 @@ def _measure(steps_by_layout: dict, model_dims: dict, repeats: int) -> dict:
     for module in model.modules():
         if hasattr(module, "core_attention"):
             module.core_attention = engine
-    out = {}
+    # every (run, step) is prepared first; then the repetitions go round all of them in turn, so a
+    # burst of load on this shared machine falls on every strategy alike (best of the repetitions)
+    cases = []
     for layout_name, spec in steps_by_layout.items():
         for strategy in STRATEGIES:
             for remap in ((True, False) if strategy == "zeppelin" else (False,)):
                 name = f"{layout_name}/{strategy}" + ("" if remap or strategy != "zeppelin" else "-noremap")
-                times, sent, att, tok = [], [], [], []
                 for step in spec["steps"]:
                     plan = plan_step(step["lengths"], world, strategy, capacity=spec["capacity"] + len(step["lengths"]),
                                      gpus_per_node=spec["gpus_per_node"], cp=spec["cp"], bins=step["bins"],
                                      **_planner_kwargs(spec, model_dims))
                     layout = StepLayout.build(plan, rank, remap)
-                    engine.set_step(layout)
-                    n = len(layout.linear_ids)
                     gen = torch.Generator().manual_seed(step["seed"])
                     total = sum(step["lengths"])
                     tokens_all = torch.randint(0, cfg.vocab_size, (total,), generator=gen)
                     pos_all = torch.from_numpy(np.concatenate([np.arange(L) for L in step["lengths"]]))
                     ids = torch.from_numpy(layout.linear_ids)
-                    tokens, positions = tokens_all[ids][None], pos_all[ids][None]
-                    labels = tokens_all[(ids + 1) % total][None]
-                    best = float("inf")
-                    for rep in range(repeats + 1):
-                        model.zero_grad(set_to_none=True)
-                        counter.reset()
-                        counter.active = rep == repeats
-                        dist.barrier()
-                        start = time.perf_counter()
-                        logits = model(tokens, positions)
-                        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / total
-                        loss.backward()
-                        t = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-                        counter.active = False  # the timing all_reduce is not the step's traffic
-                        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-                        if rep:
-                            best = min(best, float(t))
-                    times.append(best)
-                    bytes_sent = [None] * world
-                    dist.all_gather_object(bytes_sent, counter.totals()["total"])
-                    sent.append(bytes_sent)
-                    work = plan.attention_work()
-                    att.append(float(work.max() / work.mean()))
-                    tok_counts = [None] * world
-                    dist.all_gather_object(tok_counts, n)
-                    tok.append(float(max(tok_counts) / np.mean(tok_counts)))
-                out[name] = {"step_s": times, "bytes_sent_per_rank": sent, "attention_max_over_mean": att,
-                             "tokens_max_over_mean": tok, "strategy": strategy, "remap": remap, "layout": layout_name}
+                    cases.append({"name": name, "strategy": strategy, "remap": remap, "layout_name": layout_name,
+                                  "plan": plan, "layout": layout, "total": total, "tokens": tokens_all[ids][None],
+                                  "positions": pos_all[ids][None], "labels": tokens_all[(ids + 1) % total][None],
+                                  "best": float("inf"), "sent": None})
+    for rep in range(repeats + 1):  # the first is a warm-up
+        for case in cases:
+            engine.set_step(case["layout"])
+            model.zero_grad(set_to_none=True)
+            counter.reset()
+            counter.active = rep == repeats
+            dist.barrier()
+            start = time.perf_counter()
+            logits = model(case["tokens"], case["positions"])
+            loss = F.cross_entropy(logits.flatten(0, 1), case["labels"].flatten(), reduction="sum") / case["total"]
+            loss.backward()
+            t = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+            counter.active = False  # the timing all_reduce is not the step's traffic
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            if rep:
+                case["best"] = min(case["best"], float(t))
+            if rep == repeats:
+                bytes_sent = [None] * world
+                dist.all_gather_object(bytes_sent, counter.totals()["total"])
+                case["sent"] = bytes_sent
+    out: dict = {}
+    for case in cases:
+        row = out.setdefault(case["name"], {"step_s": [], "bytes_sent_per_rank": [], "attention_max_over_mean": [],
+                                            "tokens_max_over_mean": [], "strategy": case["strategy"],
+                                            "remap": case["remap"], "layout": case["layout_name"]})
+        row["step_s"].append(case["best"])
+        row["bytes_sent_per_rank"].append(case["sent"])
+        work = case["plan"].attention_work()
+        row["attention_max_over_mean"].append(float(work.max() / work.mean()))
+        tok_counts = [None] * world
+        dist.all_gather_object(tok_counts, len(case["layout"].linear_ids))
+        row["tokens_max_over_mean"].append(float(max(tok_counts) / np.mean(tok_counts)))
     return out
 
 
@@ -400,7 +407,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--quick", action="store_true", help="small steps (smoke test)")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--from-json", default=None, help="reuse the measurements of an earlier balance.json; "
                                                           "recompute the simulations and the report")
     args = parser.parse_args(argv)
