@@ -189,6 +189,37 @@ def simulate_measured(layouts: dict, dims: dict) -> dict:
     return out
 
 
+def local_sweep(preset: str, seed: int = 0) -> list[dict]:
+    """The simulator (validated above) on this machine for other long-tailed steps: budgets of 6K-32K
+    tokens per bin, tails up to 32K, at cp4 and dp2 x cp2: zeppelin's predicted speedup over even_cp."""
+    from longtrain.parallel.balance.planner import plan_step
+    from longtrain.parallel.balance.simulator import simulate
+
+    rows = []
+    for budget, tail_lo, tail_hi in ((6144, 3072, 6144), (16384, 8192, 16384), (16384, 16384, 16384),
+                                     (32768, 16384, 32768)):
+        rng = np.random.default_rng(seed)
+        mix = dict(MIXES["long-tailed"])
+        mix.update(tail=0.04, tail_lo=tail_lo, tail_hi=tail_hi, cap=budget)
+        dims = dict(vocab_size=260, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=4 * budget)
+        for name, cp, bins, gpn in (("cp4", 4, 1, 4), ("dp2xcp2", 2, 2, 2)):
+            lengths, owner = [], []
+            for b in range(bins):
+                part = sample_lengths(rng, budget * 4 // bins, mix)
+                if b == 0:
+                    part = sorted(part)[:-1] + [tail_hi]
+                lengths += part
+                owner += [b] * len(part)
+            spec = {"cp": cp, "gpus_per_node": gpn, "preset": preset}
+            cm = _cost_model(spec, dims)
+            t = {st: simulate(plan_step(lengths, 4, st, capacity=math.ceil(1.5 * budget) + len(lengths),
+                                        gpus_per_node=gpn, cp=cp, bins=owner, **cm.planner_kwargs()),
+                              cm, st == "zeppelin").step_seconds for st in STRATEGIES}
+            rows.append({"budget": budget, "tail": [tail_lo, tail_hi], "layout": name, "sequences": len(lengths),
+                         "step_s": t, "speedup_vs_even_cp": t["even_cp"] / t["zeppelin"]})
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------
 # Simulated at scale
 # ----------------------------------------------------------------------------------------------
@@ -338,6 +369,17 @@ def write_report(report: dict, out: Path) -> None:
               + (", ".join(f"{k} {v:.2f}" for k, v in ratio.items() if k not in within) or "none") + "."]
     lines += ["", "Speedup of zeppelin over even_cp, measured: " + ", ".join(
         f"{k}: {v:.2f}x" for k, v in report["summary"]["measured_speedup"].items()), ""]
+    sweep = report.get("local_sweep")
+    if sweep:
+        lines += ["## This machine, other steps (simulated with the simulator validated above)", "",
+                  "Long-tailed steps (most sequences under 1K tokens) with larger budgets and tails; one step each.", "",
+                  "| tokens per bin | tail | layout | sequences | even_cp s | tokens s | zeppelin s | speedup |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in sweep:
+            t = r["step_s"]
+            lines.append(f"| {r['budget']} | {r['tail'][0]}-{r['tail'][1]} | {r['layout']} | {r['sequences']} | "
+                         f"{t['even_cp']:.2f} | {t['tokens']:.2f} | {t['zeppelin']:.2f} | {r['speedup_vs_even_cp']:.2f}x |")
+        lines.append("")
     sc = report["at_scale"]
     lines += ["## Simulated at scale (zeppelin vs even_cp: cp8 rings inside nodes, data ranks across them)", "",
               f"Average speedup {sc['average_speedup']:.2f}x (max {sc['max_speedup']:.2f}x); paper: 2.80x (max 6.60x).",
@@ -433,7 +475,9 @@ def main(argv=None) -> int:
                                 np.mean(measured[f"{layout}/zeppelin"]["step_s"]))
     report = {"machine": machine_info(), "config": {"layouts": layouts, "model": dims, "quick": args.quick,
                                                     "strategies": list(STRATEGIES), "mixes": MIXES},
-              "measured": measured, "simulated_measured": simulated, "at_scale": at_scale(args.quick),
+              "measured": measured, "simulated_measured": simulated,
+              "local_sweep": local_sweep(layouts[next(iter(layouts))].get("preset", "local")),
+              "at_scale": at_scale(args.quick),
               "ablation": ablation(args.quick), "planning": planning_time(),
               "summary": {"measured_speedup": speedup,
                           "sim_over_measured": {k: float(np.mean(simulated[k]["step_s"]) / np.mean(v["step_s"]))
