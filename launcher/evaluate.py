@@ -43,9 +43,13 @@ def add_parser(sub) -> None:
 
 
 def held_out(recipe, count: int, length: int, split: str = "eval") -> torch.Tensor:
+    """(count, length) tokens of the recipe's held-out split. Rows of whole documents (`whole`,
+    `varlen` packing: padded or of varying length) are read as documents end to end instead
+    (`concat`), so every row is `length` real tokens."""
     from longtrain.data.loader import build_loader
 
-    data = dataclasses.replace(recipe.data, seq_len=length, batch_size=1)
+    packing = "concat" if recipe.data.packing in ("whole", "varlen") else recipe.data.packing
+    data = dataclasses.replace(recipe.data, seq_len=length, batch_size=1, packing=packing)
     it = iter(build_loader(data, dp_rank=0, dp_degree=1, seed=recipe.train.seed, split=split))
     return torch.cat([next(it)["tokens"] for _ in range(count)])
 

@@ -71,3 +71,17 @@ def test_eval_reports_mla_and_tpla_rows_and_retrieval_prompts_hold_the_key(tmp_p
         assert ids.shape[1] == 200 and len(key) == 6 and text.endswith("The secret key is " + key)
         assert text.count(f"The secret key is {key}.") == 1  # stated once in the filler, asked at the end
         assert tok.decode(ids[0, start - question:start].tolist()) == " The secret key is "
+
+
+def test_eval_reads_fixed_rows_from_any_packing():
+    """A model trained on whole-document rows (varlen, whole) is evaluated on rows of exactly the
+    asked length: documents end to end, not the training packing's ragged or padded rows."""
+    from longtrain.launcher.evaluate import held_out
+
+    rows = {}
+    for packing in ("none", "concat", "whole", "varlen"):
+        recipe = load_recipe(None, ["model.name=mla-debug", "model.attention=mla", f"data.packing={packing}",
+                                    "data.seq_len=256", "data.token_budget=256"])
+        rows[packing] = held_out(recipe, 3, 300)
+        assert rows[packing].shape == (3, 300), packing
+    assert torch.equal(rows["whole"], rows["concat"]) and torch.equal(rows["varlen"], rows["concat"])
