@@ -5,6 +5,8 @@ token of the step exactly once, equal to the packed rows the plain loader gives 
 (tokens, labels, positions); a rank reads only the documents of the sequences it holds (the others'
 tokens are never loaded: builtin source + byte tokenizer give lengths without reading); and the
 cursor moves by the step's bins."""
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -62,3 +64,30 @@ def test_each_rank_materializes_only_its_tokens():
     print("documents a rank did not read:", unread)
     assert unread > 0  # the test means something: some rank skipped some document of a step
     plain.close()
+
+
+def test_steps_are_planned_with_the_clusters_cost_model(monkeypatch, tmp_path):
+    """The trainer's steps are planned with the cluster preset's planner inputs (CostModel.planner_kwargs):
+    on a preset whose ranks share cores, the shared cores and the ring member cost reach plan_step; on
+    one with a device per rank, neither (rings at their ideal share)."""
+    import longtrain.launcher.balanced_batches as bb
+    from longtrain.parallel.balance.cost import PRESETS, write_preset_file
+
+    seen = []
+    real = bb.plan_step
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bb, "plan_step", spy)
+    base = ["parallel.cp=4", "parallel.balance=zeppelin", "data.token_budget=4096", "data.max_doc_len=1024",
+            "model.max_seq_len=4096", "data.num_workers=0"]
+    shared = write_preset_file(dataclasses.replace(PRESETS["h100x8"], shared_cores=2), tmp_path / "shared.yaml")
+    for preset, cores in ((str(shared), 2), ("h100x8", 0)):
+        seen.clear()
+        batches = _batches(base + [f"cluster.preset={preset}", "cluster.gpus_per_node=4"], 0, 4)
+        next(iter(batches))
+        assert seen and seen[-1]["shared_cores"] == cores
+        assert ("ring_cost" in seen[-1]) == (cores > 0)
+        assert seen[-1]["cost"] == batches.cost_model.cost
