@@ -461,6 +461,13 @@ def main(argv=None) -> int:
         old = json.loads(Path(args.from_json).read_text())
         measured, layouts, dims = old["measured"], old["config"]["layouts"], old["config"]["model"]
         start, previous_elapsed, other = time.time(), old["elapsed_s"], old["other_processes_cpu_share"]
+        for spec in layouts.values():  # the run's probe preset, found beside its JSON wherever that now is
+            if "preset" in spec and not Path(spec["preset"]).is_file():
+                beside = Path(args.from_json).resolve().parent / Path(spec["preset"]).name
+                if not beside.is_file():
+                    raise SystemExit(f"--from-json: the run's probe preset {Path(spec['preset']).name} is neither at "
+                                     f"{spec['preset']} nor beside {args.from_json}")
+                spec["preset"] = str(beside)
     else:
         preset = probe_model(dims, Path(args.out))
         for spec in layouts.values():
