@@ -61,13 +61,13 @@ def _measure(steps_by_layout: dict, model_dims: dict, repeats: int) -> dict:
     # burst of load on this shared machine falls on every strategy alike (best of the repetitions)
     cases = []
     for layout_name, spec in steps_by_layout.items():
+        planner = _planner_kwargs(spec, model_dims)
         for strategy in STRATEGIES:
             for remap in ((True, False) if strategy == "zeppelin" else (False,)):
                 name = f"{layout_name}/{strategy}" + ("" if remap or strategy != "zeppelin" else "-noremap")
                 for step in spec["steps"]:
                     plan = plan_step(step["lengths"], world, strategy, capacity=spec["capacity"] + len(step["lengths"]),
-                                     gpus_per_node=spec["gpus_per_node"], cp=spec["cp"], bins=step["bins"],
-                                     **_planner_kwargs(spec, model_dims))
+                                     gpus_per_node=spec["gpus_per_node"], cp=spec["cp"], bins=step["bins"], **planner)
                     layout = StepLayout.build(plan, rank, remap)
                     gen = torch.Generator().manual_seed(step["seed"])
                     total = sum(step["lengths"])
@@ -113,6 +113,28 @@ def _measure(steps_by_layout: dict, model_dims: dict, repeats: int) -> dict:
     return out
 
 
+# the measured layouts of the 4 ranks: name, cp, data-rank bins, ranks per (simulated) node
+LAYOUTS = (("cp4", 4, 1, 4), ("dp2xcp2", 2, 2, 2))
+
+
+def bench_model_dims(budget: int) -> dict:
+    """The small transformer measured (and simulated) on steps of `budget` tokens per bin."""
+    return dict(vocab_size=260, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=4 * budget)
+
+
+def step_lengths(rng, budget: int, bins: int, mix: dict, longest: int = 0) -> tuple[list, list]:
+    """One step's sequence lengths of `mix`, 4 x budget tokens over `bins` data-rank bins, and each
+    sequence's bin; `longest` > 0 replaces the first bin's longest sequence by one of that length."""
+    lengths, owner = [], []
+    for b in range(bins):
+        part = sample_lengths(rng, budget * 4 // bins, mix)
+        if longest and b == 0:
+            part = sorted(part)[:-1] + [longest]
+        lengths += part
+        owner += [b] * len(part)
+    return lengths, owner
+
+
 def measured_setup(quick: bool, seed: int = 0) -> tuple[dict, dict]:
     """The steps both measurement and simulation use."""
     rng = np.random.default_rng(seed)
@@ -120,24 +142,15 @@ def measured_setup(quick: bool, seed: int = 0) -> tuple[dict, dict]:
     mix = dict(MIXES["long-tailed"])
     mix.update(tail=0.04, tail_lo=budget // 2, tail_hi=budget, cap=budget)  # a few sequences of budget/2..budget
     n_steps = 1 if quick else 3
-    dims = dict(vocab_size=260, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=4 * budget)
     layouts = {}
-    for name, cp, bins, gpn in (("cp4", 4, 1, 4), ("dp2xcp2", 2, 2, 2)):
+    for name, cp, bins, gpn in LAYOUTS:
         steps = []
         for s in range(n_steps):
-            lengths, owner = [], []
-            for b in range(bins):
-                part = sample_lengths(rng, budget * 4 // bins, mix)
-                if s == 0 and b == 0:
-                    part = sorted(part)[:-1] + [budget]  # at least one long sequence per run
-                lengths += part
-                owner += [b] * len(part)
+            # at least one long sequence per run
+            lengths, owner = step_lengths(rng, budget, bins, mix, longest=budget if s == 0 else 0)
             steps.append({"lengths": lengths, "bins": owner, "seed": 1000 * s + 7})
         layouts[name] = {"cp": cp, "gpus_per_node": gpn, "capacity": math.ceil(1.5 * budget), "steps": steps}
-    for spec in layouts.values():
-        kw = _planner_kwargs(spec, dims)
-        spec["tau_intra"], spec["tau_inter"] = kw["tau_intra"], kw["tau_inter"]
-    return layouts, dims
+    return layouts, bench_model_dims(budget)
 
 
 def _cost_model(spec: dict, dims: dict):
@@ -182,7 +195,7 @@ def simulate_measured(layouts: dict, dims: dict) -> dict:
                 key = f"{name}/{strategy}" + ("" if remap or strategy != "zeppelin" else "-noremap")
                 sims = [simulate(plan_step(s["lengths"], 4, strategy, capacity=spec["capacity"] + len(s["lengths"]),
                                            gpus_per_node=spec["gpus_per_node"], cp=spec["cp"], bins=s["bins"],
-                                           **_planner_kwargs(spec, dims)),
+                                           **cm.planner_kwargs()),
                                  cm, remap) for s in spec["steps"]]
                 out[key] = {"step_s": [s.step_seconds for s in sims],
                             "bytes_sent_per_rank": [s.bytes_sent.tolist() for s in sims]}
@@ -201,15 +214,9 @@ def local_sweep(preset: str, seed: int = 0) -> list[dict]:
         rng = np.random.default_rng(seed)
         mix = dict(MIXES["long-tailed"])
         mix.update(tail=0.04, tail_lo=tail_lo, tail_hi=tail_hi, cap=budget)
-        dims = dict(vocab_size=260, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=4 * budget)
-        for name, cp, bins, gpn in (("cp4", 4, 1, 4), ("dp2xcp2", 2, 2, 2)):
-            lengths, owner = [], []
-            for b in range(bins):
-                part = sample_lengths(rng, budget * 4 // bins, mix)
-                if b == 0:
-                    part = sorted(part)[:-1] + [tail_hi]
-                lengths += part
-                owner += [b] * len(part)
+        dims = bench_model_dims(budget)
+        for name, cp, bins, gpn in LAYOUTS:
+            lengths, owner = step_lengths(rng, budget, bins, mix, longest=tail_hi)
             spec = {"cp": cp, "gpus_per_node": gpn, "preset": preset}
             cm = _cost_model(spec, dims)
             t = {st: simulate(plan_step(lengths, 4, st, capacity=math.ceil(1.5 * budget) + len(lengths),

@@ -95,7 +95,7 @@ class StepMaker:
         bins = [b % a["dp"] for b, row in enumerate(rows) for _ in row]
         capacity = a["capacity"] + len(lengths)  # zigzag remainders (a token per sequence) under even_cp
         plan = plan_step(lengths, a["world"], a["strategy"], capacity=capacity, gpus_per_node=a["gpus_per_node"],
-                         cp=a["cp"], bins=bins, contiguous=a["contiguous"], **a["cost_model"].planner_kwargs())
+                         cp=a["cp"], bins=bins, contiguous=a["contiguous"], **a["planner"])
         layout = StepLayout.build(plan, self.rank, a["remap"])
         arrays = self._materialize(layout.linear_ids, pieces, lengths)
         stream = producer.stream
@@ -149,15 +149,14 @@ class BalancedBatches:
         cluster = resolve_cluster(recipe.cluster.preset, recipe.cluster.gpus_per_node, world=group_size)
         self.gpus_per_node = cluster.gpus_per_node
         self.cost_model = CostModel(ModelShape.of(model_cfg, tp), cluster)
-        self.tau_intra, self.tau_inter = self.cost_model.tau("intra"), self.cost_model.tau("inter")
         # scan-based models (hybrid Mamba stacks): ring members hold contiguous chunks, no zigzag
         self.contiguous = kind_of(model_cfg).contiguous_sequence
         self.last_plan = None
         self.last_layout = None
         self.last_pieces: list = []  # inline: (Doc, start, stop) per sequence; ahead: (doc, source, record, start, stop)
         plan_args = {"strategy": strategy, "world": group_size, "capacity": self.capacity, "dp": dp, "cp": self.cp,
-                     "gpus_per_node": self.gpus_per_node, "cost_model": self.cost_model, "tau_intra": self.tau_intra,
-                     "tau_inter": self.tau_inter, "contiguous": self.contiguous, "remap": self.remap}
+                     "gpus_per_node": self.gpus_per_node, "planner": self.cost_model.planner_kwargs(),
+                     "contiguous": self.contiguous, "remap": self.remap}
         self.maker = StepMaker(settings, self.loader.lanes, self.bins, balance_rank, plan_args)
         self.producer: RowProducer | None = None  # inline: the maker's RowProducer (every lane, lazy tokens)
         self.workers = settings.num_workers  # 0: inline; else one process produces steps ahead
