@@ -38,7 +38,6 @@ Writes ladder.json, ladder.md and ladder.png to --out (default benchmarks/result
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -392,7 +391,7 @@ def main(argv=None) -> int:
            "seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
            "repeats": args.repeats, "sp": args.sequence_parallel, "bf16": args.bf16}
     sys.path.insert(0, str(HERE))
-    from measure import MachineLoad, machine_info
+    from measure import MachineLoad, machine_info, write_results
 
     if args.decode:
         from longtrain.tests.distributed import run_group
@@ -403,13 +402,7 @@ def main(argv=None) -> int:
         report = {"config": cfg, "device": "cpu, gloo", "machine": machine_info(),
                   "results": [run_group(tp, measure_decode, cfg) for tp in args.tp]}
         report["other_processes_cpu_share"] = load.other_share()
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "ladder_decode.json").write_text(json.dumps(report, indent=2))
-        text = decode_markdown(report)
-        (args.out / "ladder_decode.md").write_text(text)
-        if not args.no_plot:
-            decode_plot(report, args.out / "ladder_decode.png")
-        print(text)
+        write_results(args.out, "ladder_decode", report, decode_markdown(report), None if args.no_plot else decode_plot)
         return 0
 
     if "RANK" in os.environ:  # under torchrun: one tp degree, the world (GPUs with nccl)
@@ -428,13 +421,7 @@ def main(argv=None) -> int:
         device, stem = "cpu, gloo", "ladder"
     report = {"config": cfg, "device": device, "machine": machine_info(), "results": results,
               "gpu_model": gpu_table()}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    text = markdown(report)
-    (args.out / f"{stem}.md").write_text(text)
-    if not args.no_plot:
-        plot(report, args.out / f"{stem}.png")
-    print(text)
+    write_results(args.out, stem, report, markdown(report), None if args.no_plot else plot)
     return 0
 
 

@@ -14,7 +14,6 @@ loss, smoothed, and eval loss of both) to --out (default benchmarks/results/).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -130,7 +129,7 @@ def main(argv=None) -> int:
            "warmup": args.warmup, "seed": args.seed,
            "ladder_layers": None if args.ladder_layers == "all" else int(args.ladder_layers)}
     sys.path.insert(0, str(HERE))
-    from measure import machine_info
+    from measure import machine_info, write_results
 
     from longtrain.tests.distributed import run_group
 
@@ -142,13 +141,7 @@ def main(argv=None) -> int:
         results = {name: future.result() for name, future in futures.items()}
     report = {"config": cfg, "device": "cpu", "machine": machine_info(), "results": results,
               "summary": summarize(results, cfg)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ladder_quality.json").write_text(json.dumps(report, indent=2))
-    text = markdown(report)
-    (args.out / "ladder_quality.md").write_text(text)
-    if not args.no_plot:
-        plot(report, args.out / "ladder_quality.png")
-    print(text)
+    write_results(args.out, "ladder_quality", report, markdown(report), None if args.no_plot else plot)
     return 0
 
 

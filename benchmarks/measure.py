@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import inspect
+import json
 import os
 import platform
 import sys
@@ -338,3 +339,21 @@ def save_figure(fig, path, names: list, dpi: int) -> None:
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     names.append(path.name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------------
+def write_results(out, stem: str, report: dict, markdown: str, plot=None) -> str:
+    """out/stem.json (the report), out/stem.md (the markdown) and, given `plot(report, path)`,
+    out/stem.png; prints the markdown and returns it."""
+    from pathlib import Path
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{stem}.md").write_text(markdown)
+    if plot is not None:
+        plot(report, out / f"{stem}.png")
+    print(markdown)
+    return markdown
