@@ -62,11 +62,13 @@ def absorbed_step(q_nope, q_rope, cache_c, cache_r, w_uk, w_uv, scale):
     return torch.einsum("bhc,hvc->bhv", torch.bmm(probs, cache_c), w_uv)
 
 
-def decode_case(shape: dict, scheme: str, g: int, length: int, batch: int, repeats: int,
-                device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+def decode_inputs(shape: dict, scheme: str, g: int, length: int, batch: int, seed: int = 0, device: str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> tuple:
+    """One rank's absorbed_step inputs (and its heads, latent width, scale): head-split MLA holds H/g
+    heads over the whole latent, TPLA all H heads over d_c/g of it."""
     h, d_c, d_r, n, v = shape["heads"], shape["d_c"], shape["d_r"], shape["nope"], shape["v"]
     heads, width = (h // g, d_c) if scheme == "mla" else (h, d_c // g)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
 
     def randn(*size):
         return torch.randn(*size, generator=gen).to(device=device, dtype=dtype)
@@ -75,7 +77,14 @@ def decode_case(shape: dict, scheme: str, g: int, length: int, batch: int, repea
     cache_r = randn(batch, length, d_r)
     q_nope, q_rope = randn(batch, heads, n), randn(batch, heads, d_r)
     w_uk, w_uv = randn(heads, n, width), randn(heads, v, width)
-    scale = (n + d_r) ** -0.5
+    return (q_nope, q_rope, cache_c, cache_r, w_uk, w_uv, (n + d_r) ** -0.5), heads, width
+
+
+def decode_case(shape: dict, scheme: str, g: int, length: int, batch: int, repeats: int,
+                device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    d_r, n, v = shape["d_r"], shape["nope"], shape["v"]
+    inputs, heads, width = decode_inputs(shape, scheme, g, length, batch, 0, device, dtype)
+    q_nope, q_rope, cache_c, cache_r, w_uk, w_uv, scale = inputs
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     absorbed_step(q_nope, q_rope, cache_c, cache_r, w_uk, w_uv, scale)  # warm-up
     sync()
@@ -113,18 +122,12 @@ def gloo_rank(shape: dict, lengths: list[int], batch: int, repeats: int, dim: in
 
     torch.set_num_threads(1)
     g, rank = dist.get_world_size(), dist.get_rank()
-    h, d_c, d_r, n, v = shape["heads"], shape["d_c"], shape["d_r"], shape["nope"], shape["v"]
     rows = []
     for length in lengths:
         for scheme in ("mla", "tpla"):
-            heads, width = (h // g, d_c) if scheme == "mla" else (h, d_c // g)
-            gen = torch.Generator().manual_seed(rank)
-            cache_c = torch.randn(batch, length, width, generator=gen)
-            cache_r = torch.randn(batch, length, d_r, generator=gen)
-            q_nope, q_rope = torch.randn(batch, heads, n, generator=gen), torch.randn(batch, heads, d_r, generator=gen)
-            w_uk, w_uv = torch.randn(heads, n, width, generator=gen), torch.randn(heads, v, width, generator=gen)
+            inputs, heads, width = decode_inputs(shape, scheme, g, length, batch, seed=rank)
+            q_nope, q_rope, cache_c, cache_r, w_uk, w_uv, scale = inputs
             out = torch.zeros(batch, dim)
-            scale = (n + d_r) ** -0.5
             times, reduce_times = [], []
             for rep in range(repeats + 1):  # the first is a warm-up
                 dist.barrier()
