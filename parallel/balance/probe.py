@@ -42,20 +42,34 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
-def attention_tflops(lengths=DEFAULT_LENGTHS, heads: int = 8, head_dim: int = 64, device="cpu",
-                     dtype=torch.float32, repeats: int = 2, backend: str = "auto") -> list[tuple[int, float]]:
+def _attention_pass(length: int, heads: int, head_dim: int, device, dtype, backend: str = "auto"):
+    """fn() running one causal attention call of `length` tokens forward and backward (the kernel
+    training uses, kernels/attention.py) without synchronizing."""
     from longtrain.kernels.attention import BlockMask, attention
 
+    q, k, v = (torch.randn(1, length, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+
+    def run():
+        attention(q, k, v, scale=head_dim ** -0.5, mask=BlockMask(causal=True), backend=backend).sum().backward()
+
+    return run
+
+
+def _synchronize(device) -> None:
+    if device != "cpu" and torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def attention_tflops(lengths=DEFAULT_LENGTHS, heads: int = 8, head_dim: int = 64, device="cpu",
+                     dtype=torch.float32, repeats: int = 2, backend: str = "auto") -> list[tuple[int, float]]:
     table = []
     for length in lengths:
-        q, k, v = (torch.randn(1, length, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
-                   for _ in range(3))
+        one_pass = _attention_pass(length, heads, head_dim, device, dtype, backend)
 
         def run():
-            out = attention(q, k, v, scale=head_dim ** -0.5, mask=BlockMask(causal=True), backend=backend)
-            out.sum().backward()
-            if device != "cpu" and torch.cuda.is_available():
-                torch.cuda.synchronize()
+            one_pass()
+            _synchronize(device)
 
         seconds = _best(run, repeats)
         flops = 3.5 * 4 * 0.5 * length * length * heads * head_dim
@@ -67,16 +81,12 @@ def attention_call_seconds(length: int = 16, heads: int = 8, head_dim: int = 64,
                            dtype=torch.float32, calls: int = 50) -> float:
     """Seconds of one tiny attention call, forward + backward (best of 3 runs of `calls` calls):
     the per-piece cost that packed blocks of many short documents pay."""
-    from longtrain.kernels.attention import BlockMask, attention
-
-    q, k, v = (torch.randn(1, length, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
-               for _ in range(3))
+    one_pass = _attention_pass(length, heads, head_dim, device, dtype)
 
     def run():
         for _ in range(calls):
-            attention(q, k, v, scale=head_dim ** -0.5, mask=BlockMask(causal=True), backend="auto").sum().backward()
-        if device != "cpu" and torch.cuda.is_available():
-            torch.cuda.synchronize()
+            one_pass()
+        _synchronize(device)
 
     return _best(run, 3) / calls
 
