@@ -172,6 +172,10 @@ def test_model_picks_predicted_fastest_stride():
     cpu = Probe({"torch": 1e9}, 1e9, 10e9, 10e9, True)
     c = predict(cpu, sizes, roles, "torch", 4, 3)
     assert c.update_s == pytest.approx(c.host_s + c.device_s)
+    # ... unless each thread's ops fit in their own cores: then they run side by side
+    side_by_side = Probe({"torch": 1e9}, 1e9, 10e9, 10e9, True, concurrent=True)
+    c2 = predict(side_by_side, sizes, roles, "torch", 4, 3)
+    assert c2.update_s == pytest.approx(max(c2.host_s, c2.device_s)) and c2.update_s < c.update_s
     # Copies inside the device (gradient in, weights out: 8 bytes per device parameter) count when measured.
     cpu.d2d_bytes_per_s = 5e9
     assert predict(cpu, sizes, roles, "torch", 4, 3).device_s == pytest.approx(c.device_s + 2e6 * 8 / 5e9)
