@@ -37,7 +37,12 @@ def engine_errors(cases: list[dict]) -> list[dict]:
         bins = [i % dp for i in range(len(lengths))]
         plan = plan_step(lengths, world, case["strategy"], capacity=case["capacity"], cp=cp, bins=bins,
                          gpus_per_node=case.get("gpus_per_node", 0), tau_intra=case.get("tau", 0))
+        if case.get("reverse_order"):  # any global slot order must be exact: the schedule's, reversed
+            plan.set_order({g: i for i, g in enumerate(sorted(plan.order, key=lambda g: -plan.order[g]))})
         layout = StepLayout.build(plan, rank, case.get("remap", True))
+        places = [plan.order[s.ranks] for s in layout.slots]
+        followed = torch.tensor([float(places == sorted(places) and len(places) == len(set(places)))])
+        dist.all_reduce(followed, op=dist.ReduceOp.MIN)
         engine = BalancedAttention(group, list(range(world)), backend="reference", routing=case.get("routing", False))
         engine.set_step(layout)
         ids = torch.from_numpy(layout.linear_ids)
@@ -54,7 +59,9 @@ def engine_errors(cases: list[dict]) -> list[dict]:
         results.append({"out": errors[0].item(), "dq": errors[1].item(), "dk": errors[2].item(),
                         "dv": errors[3].item(), "local": int(calls[0]), "ring": int(calls[1]),
                         "remap": int(calls[2]), "tokens": int(calls[3]), "routed": int(calls[4]),
-                        "groups": sorted({len(g) for g, _ in plan.groups.values()})})
+                        "groups": sorted({len(g) for g, _ in plan.groups.values()}),
+                        "followed_order": bool(followed.item()),
+                        "rings": sorted({g for g, _ in plan.groups.values() if len(g) > 1})})
     return results
 
 

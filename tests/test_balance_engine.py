@@ -25,6 +25,9 @@ def _cases(world):
                       "routing": True, "remap": False, "name": "even_cp routed"})
         cases.append({"lengths": LENGTHS, "strategy": "zeppelin", "capacity": 1500, "tau": 16, "gpus_per_node": 2,
                       "routing": True, "name": "zeppelin routed"})
+        # three overlapping rings ((0,1), (0,1,2), (0,1,2,3)) run in the reverse of their schedule
+        cases.append({"lengths": [32, 1192, 977, 46, 59], "strategy": "zeppelin", "capacity": 900, "tau": 16,
+                      "reverse_order": True, "name": "zeppelin, slots in reversed order"})
     cases.append({"lengths": LENGTHS, "strategy": "zeppelin", "capacity": 1500, "tau": 16, "gpus_per_node": 2,
                   "heads": 4, "kv_heads": 1, "name": "zeppelin two nodes gqa 4:1"} if world == 4 else
                  {"lengths": [1, 2, 3], "strategy": "even_cp", "capacity": 8, "name": "even_cp shorter than the ring"})
@@ -42,4 +45,7 @@ def test_engine_matches_single_device(world):
         if case["strategy"] in ("zeppelin", "tokens", "hybrid_dp"):
             assert res["local"] > 0, f"{case['name']}: nothing ran locally {res}"
         assert (res["remap"] > 0) == case.get("remap", True), res
-        assert (res["routed"] > 0) == case.get("routing", False), res  # routed hops ran (only) when asked
+        assert (res["routed"] > 0) == case.get("routing", False), res
+        assert res["followed_order"], f"{case['name']}: a rank ran its slots out of the plan's order"
+        if case.get("reverse_order"):
+            assert len(res["rings"]) == 3, res  # routed hops ran (only) when asked

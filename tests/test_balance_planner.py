@@ -249,3 +249,68 @@ def _timed(fn):
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def test_schedule_lets_rings_of_other_members_run_together():
+    """schedule_slots: the global slot order. Members pay cost / g: 5 for rings (0, 1) and (2, 3),
+    0.5 for (0, 2). In the fixed order (by ranks) rank 0 chains (0, 1) then (0, 2), and (2, 3) waits for
+    (0, 2): step 5 + 0.5 + 5 = 10.5. The list schedule starts (0, 1) and (2, 3) together (both free at 0)
+    and (0, 2) when both its members are free at 5; rank 1's local sequence (1) comes last: step 6.
+    Written out with the makespan of a global order."""
+    from longtrain.parallel.balance.planner import schedule_slots, slot_key
+
+    lengths = [10, 1, 10, 1]
+    groups = {0: ((0, 1), "intra"), 1: ((0, 2), "intra"), 2: ((2, 3), "intra"), 3: ((1,), "local")}
+    cost = lambda L: float(L)  # noqa: E731  (a ring's members each pay cost / g: 5, 0.5, 5)
+
+    def makespan(order):
+        clock = [0.0] * 4
+        for group in order:
+            seconds = sum(cost(lengths[s]) / len(g) for s, (g, _) in groups.items() if g == group)
+            start = max(clock[r] for r in group)
+            for r in group:
+                clock[r] = start + seconds
+        return max(clock)
+
+    fixed = sorted({g: lv for g, lv in groups.values()}.items(), key=slot_key)
+    assert [g for g, _ in fixed] == [(0, 1), (0, 2), (2, 3), (1,)]
+    assert makespan([g for g, _ in fixed]) == 10.5  # 5 + 0.5 + 5
+    order = schedule_slots(groups, lengths, 4, cost)
+    scheduled = sorted(order, key=order.get)
+    assert scheduled == [(0, 1), (2, 3), (0, 2), (1,)]
+    assert makespan(scheduled) == 6.0
+    # ring_cost (what a member really pays) is what the schedule weighs when given: (0, 2) is now the
+    # longest of the rings free at 0, and starts first
+    order = schedule_slots(groups, lengths, 4, cost, ring_cost=lambda L, g, level: 100.0 if L == 1 else L / g)
+    assert sorted(order, key=order.get) == [(0, 2), (0, 1), (2, 3), (1,)]
+
+
+def test_schedule_is_a_total_order_with_locals_last():
+    rng = np.random.default_rng(11)
+    for _ in range(50):
+        world = int(rng.choice([4, 8, 16]))
+        lengths = long_tailed(rng, world * 3000, longest=12000)
+        plan = plan_step(lengths, world, "zeppelin", capacity=6000 + len(lengths), gpus_per_node=4, tau_intra=64)
+        groups = {g for g, _ in plan.groups.values()}
+        assert set(plan.order) == groups and sorted(plan.order.values()) == list(range(len(groups)))
+        places = [plan.order[g] for g in sorted(groups, key=plan.order.get)]
+        assert all(len(g) == 1 for g in sorted(groups, key=plan.order.get)[len(places) - sum(len(g) == 1 for g in groups):])
+        for rank in plan.pieces:  # each rank's pieces are in the plan's slot order
+            seen = [plan.order[p.group] for p in rank]
+            assert seen == sorted(seen)
+
+
+def test_layout_refuses_pieces_out_of_the_slot_order():
+    """An order set behind the pieces' back would shift every rank's attention offsets (wrong
+    attention, silently): the layout refuses it; Plan.set_order keeps them together."""
+    from longtrain.parallel.balance.engine import StepLayout
+
+    plan = plan_step([32, 1192, 977, 46, 59], 4, "zeppelin", capacity=900, tau_intra=16)
+    reversed_order = {g: i for i, g in enumerate(sorted(plan.order, key=lambda g: -plan.order[g]))}
+    StepLayout.build(plan, 0, True)
+    plan.order = reversed_order
+    with pytest.raises(ValueError, match="slot order"):
+        StepLayout.build(plan, 0, True)
+    plan.set_order(reversed_order)
+    assert [s.ranks for s in StepLayout.build(plan, 0, True).slots] == sorted(
+        {p.group for p in plan.pieces[0]}, key=reversed_order.get)

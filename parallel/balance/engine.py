@@ -10,9 +10,9 @@ runs core attention sequence group by sequence group:
 
 Sequences that share a ring group run as one packed block (one ring pass). A member's block is
 padded to the longest member's (padding: sequence id -1, attends nothing, is dropped after).
-Groups run in one global order every rank follows (inter-node rings, then intra-node, then local),
-so rings never wait on each other in a cycle: the slowest transfers start first and local work
-comes last. With `routing`, a ring that spans nodes sends its inter-node hops through proxy ranks
+Groups run in one global order every rank follows (the plan's schedule, planner.schedule_slots:
+rings in the order they can start, inter-node first on ties, local work last), so rings never wait
+on each other in a cycle. With `routing`, a ring that spans nodes sends its inter-node hops through proxy ranks
 (routing.py). With remapping the tensors arrive in the linear layout and one all_to_all_single
 moves q, k, v (concatenated on the head axis) into the attention layout; one moves the output back.
 """
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from longtrain.parallel.balance.planner import Plan, slot_key
+from longtrain.parallel.balance.planner import Plan
 from longtrain.parallel.balance.routing import Router
 from longtrain.parallel.balance.remap import Route, TokenExchange, invert, linear_layout, plan_route, token_ids
 from longtrain.parallel.context.comm import SubRing
@@ -72,8 +72,13 @@ class StepLayout:
         for seq, (group, level) in plan.groups.items():
             if rank in group:
                 mine.setdefault(group, (group, level, []))[2].append(seq)
+        ordered = sorted(mine.values(), key=plan.slot_key)
+        held = list(dict.fromkeys(p.group for p in plan.pieces[rank]))  # groups in attention-layout order
+        if held != [group for group, _, _ in ordered if group in held]:
+            raise ValueError("balance plan: a rank's pieces are not in the plan's slot order (set plan.order "
+                             "through Plan.set_order)")
         slots, offset = [], 0
-        for group, level, seqs in sorted(mine.values(), key=slot_key):
+        for group, level, seqs in ordered:
             pieces = [p for p in plan.pieces[rank] if p.group == group]
             real = sum(p.stop - p.start for p in pieces)
             padded = max(counts.get(group, {}).values() or [1])

@@ -62,6 +62,7 @@ class Plan:
     contiguous: bool = False  # ring members hold contiguous chunks (not zigzag pairs)
     groups: dict = field(default_factory=dict)  # seq -> (group, level)
     pieces: list = field(default_factory=list)  # per rank: its pieces in attention-layout order
+    order: dict = field(default_factory=dict)  # group -> its place in the global slot order (schedule_slots)
 
     def tokens_per_rank(self) -> np.ndarray:
         return np.array([sum(p.stop - p.start for p in rank) for rank in self.pieces])
@@ -79,11 +80,28 @@ class Plan:
         out: dict = {}
         for p in self.pieces[rank]:
             out.setdefault(p.group, (p.group, p.level, []))[2].append(p)
-        return sorted(out.values(), key=slot_key)
+        return sorted(out.values(), key=self.slot_key)
+
+    def set_order(self, order: dict) -> None:
+        """Make `order` (group -> place; empty: the fixed order) the global slot order, and put each
+        rank's pieces (its attention layout) in it."""
+        self.order = dict(order)
+        self.pieces = [rank if len({p.group for p in rank}) < 2 else
+                       [p for slot in sorted(_by_group(rank), key=self.slot_key) for p in slot[2]]
+                       for rank in self.pieces]
+
+    def slot_key(self, slot) -> tuple:
+        """Sort key of a (group, level, ...) slot in the global order every rank follows."""
+        group, level = slot[0], slot[1]
+        if group in self.order:
+            return (0, self.order[group], ())
+        return (1, LEVEL_ORDER[level], len(group) == 1, group)
 
 
 def slot_key(slot) -> tuple:
-    group, level, _ = slot
+    """The fixed order (inter-node rings, intra-node rings, local; then by ranks) of a plan without a
+    schedule."""
+    group, level = slot[0], slot[1]
     return (LEVEL_ORDER[level], len(group) == 1, group)
 
 
@@ -138,7 +156,7 @@ def plan_step(lengths: Sequence[int], world: int, strategy: str = "zeppelin", *,
               gpus_per_node: int = 0, cp: int = 1, bins: Optional[Sequence[int]] = None,
               cost: Callable[[int], float] = quadratic, tau_intra: float = 0.0, tau_inter: float = 0.0,
               contiguous: bool = False, ring_cost: Optional[Callable[[int, int, str], float]] = None,
-              shared_cores: int = 0) -> Plan:
+              shared_cores: int = 0, member_cost: Optional[Callable[[int, int, str], float]] = None) -> Plan:
     """Plan one step. `capacity`: tokens one rank may hold; `cp`: ranks per data rank (even_cp,
     hybrid_dp; ranks d*cp .. d*cp+cp-1 are data rank d's); `bins[i]`: the data rank whose bin
     sequence i came in (even_cp); `cost`: the balancing weight of a whole sequence (the cost model's
@@ -150,7 +168,9 @@ def plan_step(lengths: Sequence[int], world: int, strategy: str = "zeppelin", *,
     default cost(length) / g, a ring that divides the work perfectly; CostModel.planner_kwargs()).
     `shared_cores` > 0: the ranks share that many processors (a CPU-only machine, more ranks than
     cores): zeppelin then weighs a placement by max(the busiest rank's load, all ranks' load over
-    the cores), so it does not buy balance with work that the shared cores pay for anyway."""
+    the cores), so it does not buy balance with work that the shared cores pay for anyway.
+    `member_cost(length, g, level)`: what a ring member pays, for the slot schedule only
+    (schedule_slots; default ring_cost, else the ideal share)."""
     lengths = [int(x) for x in lengths]
     if strategy not in STRATEGIES:
         raise PlanError(f"parallel.balance: unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
@@ -185,9 +205,58 @@ def plan_step(lengths: Sequence[int], world: int, strategy: str = "zeppelin", *,
         for rank, piece in _ring_pieces(seq, lengths[seq], group, level, contiguous):
             per_rank[rank].append(piece)
     # attention-layout order: slots in the global order, pieces by sequence inside a slot
-    plan.pieces = [rank if len({p.group for p in rank}) < 2 else
-                   [p for slot in sorted(_by_group(rank), key=slot_key) for p in slot[2]] for rank in per_rank]
+    plan.pieces = per_rank
+    plan.set_order(schedule_slots(groups, lengths, world, cost, member_cost or ring_cost, G))
     return plan
+
+
+def schedule_slots(groups: dict, lengths: list[int], world: int, cost: Callable[[int], float],
+                   ring_cost: Optional[Callable[[int, int, str], float]] = None, gpus_per_node: int = 0) -> dict:
+    """The global slot order every rank follows: group -> place. Any global order is free of
+    deadlock (the earliest unfinished slot has all its members at it), but rings of different members
+    wait for each other: in the fixed order (slot_key) a rank in many rings chains them while the
+    other members of each wait. This is a list schedule: the rings in the order they can start (all
+    members free, by the planner's costs: a member's share of each sequence, `ring_cost` where given),
+    ties by level (inter-node first: the slowest transfers start first) then the longer ring; each
+    rank's local sequences last, where they fill what the rings leave (techniques.md 1.5). The fixed
+    order unless the schedule ends the step sooner by the same costs (greedy schedules can lose)."""
+    G = gpus_per_node if 0 < gpus_per_node < world else world
+    seconds: dict = {}
+    levels: dict = {}
+    for seq, (group, level) in groups.items():
+        g, L = len(group), lengths[seq]
+        c = cost(L)
+        share = c / g if g == 1 or ring_cost is None else ring_cost(L, g, _level(group, G))
+        seconds[group] = seconds.get(group, 0.0) + share
+        levels[group] = level
+    clock = [0.0] * world
+    heap = [(0.0, LEVEL_ORDER[levels[g]], -seconds[g], g) for g in seconds if len(g) > 1]
+    heapq.heapify(heap)
+    listed: list = []
+    while heap:
+        start, level, neg_seconds, group = heapq.heappop(heap)
+        ready = max(clock[r] for r in group)
+        if ready > start:  # a member got busier since this entry was pushed: try again later
+            heapq.heappush(heap, (ready, level, neg_seconds, group))
+            continue
+        listed.append(group)
+        for r in group:
+            clock[r] = ready - neg_seconds
+    listed += sorted(g for g in seconds if len(g) == 1)
+    # a greedy schedule can lose to the fixed order: keep whichever ends the step sooner by these costs
+    fixed = sorted(seconds, key=lambda g: slot_key((g, levels[g])))
+    best = listed if _makespan(listed, seconds, world) < _makespan(fixed, seconds, world) * (1 - 1e-9) else fixed
+    return {group: place for place, group in enumerate(best)}
+
+
+def _makespan(order: list, seconds: dict, world: int) -> float:
+    """When the last rank ends if every slot starts once all its members are free."""
+    clock = [0.0] * world
+    for group in order:
+        end = max(clock[r] for r in group) + seconds[group]
+        for r in group:
+            clock[r] = end
+    return max(clock)
 
 
 def _by_group(pieces: list[Piece]) -> list:

@@ -8,7 +8,7 @@ a clock:
 2. with remapping, the all_to_all into the attention layout: a collective, so every clock moves to the
    slowest rank's arrival plus the largest per-rank transfer (bytes at the intra- or inter-node
    bandwidth of the peers it sends to);
-3. core attention, slot by slot in the engine's order (inter-node rings, intra-node rings, local): a
+3. core attention, slot by slot in the engine's order (the plan's schedule): a
    local slot advances its rank's clock by its compute; a ring of g members starts when its last
    member arrives and runs g steps, each as long as the slowest member's compute for that step or
    the K/V block's transfer, whichever is longer (the next block is in flight while one computes);
@@ -130,7 +130,7 @@ def simulate(plan: Plan, cm: CostModel, remap: bool = True, compute_scale: float
     for slot in slots.values():
         for r, n_calls in _kernel_calls(slot["pieces"]).items():
             slot["work"][r] += n_calls * call_s
-    order = sorted(slots, key=lambda g: ({"inter": 0, "intra": 1, "local": 2}[slots[g]["level"]], len(g) == 1, g))
+    order = sorted(slots, key=lambda g: plan.slot_key((g, slots[g]["level"])))
     ring_bytes = np.zeros(P)
     events = []
 
