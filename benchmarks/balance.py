@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import CommCounter, MachineLoad, install_comm_counter, machine_info  # noqa: E402
 
 STRATEGIES = ("even_cp", "tokens", "hybrid_dp", "zeppelin")
+from longtrain.parallel.balance.remap import remap_pays  # noqa: E402
 from longtrain.parallel.balance.simulator import MIXES, sample_lengths  # noqa: E402
 
 
@@ -170,14 +171,15 @@ def _planner_kwargs(spec: dict, dims: dict) -> dict:
 
 def probe_model(dims: dict, out: Path) -> str:
     """`longtrain probe` at the benchmark model's shapes (heads, head dim, model dim; the machine's P2P
-    numbers measured in a 2-rank group), written to out/balance_probe.yaml: what measurement and
+    numbers and the all_to_all's fixed cost measured in a group of the measured runs' 4 ranks), written to out/balance_probe.yaml: what measurement and
     simulation both plan and predict with."""
-    from longtrain.parallel.balance.probe import ping_pong, probe
+    from longtrain.parallel.balance.probe import link_times, probe
     from longtrain.tests.distributed import run_group
 
-    times = run_group(2, ping_pong)
+    links = run_group(4, link_times)  # the measured runs' 4 ranks: the all_to_all's cost depends on them
     path = out / "balance_probe.yaml"
-    probe(times, path, heads=dims["n_heads"], head_dim=dims["dim"] // dims["n_heads"], dim=dims["dim"])
+    probe(links["p2p"], path, heads=dims["n_heads"], head_dim=dims["dim"] // dims["n_heads"], dim=dims["dim"],
+          collective_s=links["collective_s"])
     return str(path)
 
 
@@ -193,12 +195,14 @@ def simulate_measured(layouts: dict, dims: dict) -> dict:
         for strategy in STRATEGIES:
             for remap in ((True, False) if strategy == "zeppelin" else (False,)):
                 key = f"{name}/{strategy}" + ("" if remap or strategy != "zeppelin" else "-noremap")
-                sims = [simulate(plan_step(s["lengths"], 4, strategy, capacity=spec["capacity"] + len(s["lengths"]),
-                                           gpus_per_node=spec["gpus_per_node"], cp=spec["cp"], bins=s["bins"],
-                                           **cm.planner_kwargs()),
-                                 cm, remap) for s in spec["steps"]]
+                plans = [plan_step(s["lengths"], 4, strategy, capacity=spec["capacity"] + len(s["lengths"]),
+                                   gpus_per_node=spec["gpus_per_node"], cp=spec["cp"], bins=s["bins"],
+                                   **cm.planner_kwargs()) for s in spec["steps"]]
+                sims = [simulate(plan, cm, remap) for plan in plans]
                 out[key] = {"step_s": [s.step_seconds for s in sims],
                             "bytes_sent_per_rank": [s.bytes_sent.tolist() for s in sims]}
+                if strategy == "zeppelin":  # what balance_remap auto (the default) does on each step
+                    out[key]["remap_auto"] = [bool(remap_pays(plan, cm)) for plan in plans]
     return out
 
 
@@ -219,9 +223,11 @@ def local_sweep(preset: str, seed: int = 0) -> list[dict]:
             lengths, owner = step_lengths(rng, budget, bins, mix, longest=tail_hi)
             spec = {"cp": cp, "gpus_per_node": gpn, "preset": preset}
             cm = _cost_model(spec, dims)
-            t = {st: simulate(plan_step(lengths, 4, st, capacity=math.ceil(1.5 * budget) + len(lengths),
-                                        gpus_per_node=gpn, cp=cp, bins=owner, **cm.planner_kwargs()),
-                              cm, st == "zeppelin").step_seconds for st in STRATEGIES}
+            t = {}
+            for st in STRATEGIES:
+                plan = plan_step(lengths, 4, st, capacity=math.ceil(1.5 * budget) + len(lengths),
+                                 gpus_per_node=gpn, cp=cp, bins=owner, **cm.planner_kwargs())
+                t[st] = simulate(plan, cm, st == "zeppelin" and remap_pays(plan, cm)).step_seconds
             rows.append({"budget": budget, "tail": [tail_lo, tail_hi], "layout": name, "sequences": len(lengths),
                          "step_s": t, "speedup_vs_even_cp": t["even_cp"] / t["zeppelin"]})
     return rows
@@ -264,8 +270,10 @@ def at_scale(quick: bool, seed: int = 1) -> dict:
                                                       **dict(kw, capacity=max(cap, -(-max(fill) // cp) + len(lengths)))),
                                             cm, False).step_seconds
                     zep = plan_step(lengths, gpus, "zeppelin", **kw)
-                    t["zeppelin"] = simulate(zep, cm, True).step_seconds
+                    t["zeppelin_remap"] = simulate(zep, cm, True).step_seconds
                     t["zeppelin_noremap"] = simulate(zep, cm, False).step_seconds
+                    # the default (balance_remap auto): remapped when the cost model says it pays
+                    t["zeppelin"] = t["zeppelin_remap"] if remap_pays(zep, cm) else t["zeppelin_noremap"]
                     t["zeppelin_routed"] = simulate(zep, cm, True, routing=True).step_seconds
                     t["even_cp_routed"] = t["even_cp"]  # cp8 rings stay inside a node: nothing to route
                     t["tokens"] = simulate(plan_step(lengths, gpus, "tokens", **kw), cm, False).step_seconds
@@ -375,7 +383,14 @@ def write_report(report: dict, out: Path) -> None:
               + (f" ({', '.join(within)})" if within else "") + "; off by more: "
               + (", ".join(f"{k} {v:.2f}" for k, v in ratio.items() if k not in within) or "none") + "."]
     lines += ["", "Speedup of zeppelin over even_cp, measured: " + ", ".join(
-        f"{k}: {v:.2f}x" for k, v in report["summary"]["measured_speedup"].items()), ""]
+        f"{k}: {v:.2f}x" for k, v in report["summary"]["measured_speedup"].items()) + " (remapping on)"]
+    auto = report["summary"].get("measured_speedup_remap_auto")
+    if auto:
+        chose = report["summary"]["remap_auto_steps_remapped"]
+        lines += ["", "Zeppelin as the trainer runs it by default (`parallel.balance_remap: null`: remapping where the "
+                  "cost model says it pays), measured: " + ", ".join(
+                      f"{k}: {v:.2f}x (remapped {chose[k]} steps)" for k, v in auto.items())]
+    lines.append("")
     sweep = report.get("local_sweep")
     if sweep:
         lines += ["## This machine, other steps (simulated with the simulator validated above)", "",
@@ -390,14 +405,16 @@ def write_report(report: dict, out: Path) -> None:
     sc = report["at_scale"]
     lines += ["## Simulated at scale (zeppelin vs even_cp: cp8 rings inside nodes, data ranks across them)", "",
               f"Average speedup {sc['average_speedup']:.2f}x (max {sc['max_speedup']:.2f}x); paper: 2.80x (max 6.60x).",
-              "", "Ablation columns: zeppelin without remapping, zeppelin with the routing layer, and `tokens` (no",
-              "cost-aware partitioning: equal tokens, sequences whole).", "",
-              "| cluster | GPUs | model | mix | even_cp s | zeppelin s | no remap s | routed s | tokens s | speedup |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "", "zeppelin = the default: remapping where the cost model says it pays (`parallel.balance_remap: null`).",
+              "Ablation columns: zeppelin with remapping always, without, with the routing layer (and remapping), and",
+              "`tokens` (no cost-aware partitioning: equal tokens, sequences whole).", "",
+              "| cluster | GPUs | model | mix | even_cp s | zeppelin s | remap s | no remap s | routed s | tokens s | speedup |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sc["rows"]:
         t = r["step_s"]
         lines.append(f"| {r['cluster']} | {r['gpus']} | {r['model']} | {r['mix']} | {t['even_cp']:.2f} | "
-                     f"{t['zeppelin']:.2f} | {t['zeppelin_noremap']:.2f} | {t['zeppelin_routed']:.2f} | {t['tokens']:.2f} | "
+                     f"{t['zeppelin']:.2f} | {t.get('zeppelin_remap', t['zeppelin']):.2f} | {t['zeppelin_noremap']:.2f} | "
+                     f"{t['zeppelin_routed']:.2f} | {t['tokens']:.2f} | "
                      f"{r['speedup_vs_even_cp']:.2f}x |")
     ab = report["ablation"]
     names = [name for name, _ in ABLATION]
@@ -483,17 +500,24 @@ def main(argv=None) -> int:
         measured = run_group(4, _measure, layouts, dims, 1 if args.quick else args.repeats)
         previous_elapsed, other = 0.0, None
     simulated = simulate_measured(layouts, dims)
-    speedup = {}
+    speedup, speedup_auto, auto_remapped = {}, {}, {}
     for layout in layouts:
-        speedup[layout] = float(np.mean(measured[f"{layout}/even_cp"]["step_s"]) /
-                                np.mean(measured[f"{layout}/zeppelin"]["step_s"]))
+        even = float(np.mean(measured[f"{layout}/even_cp"]["step_s"]))
+        speedup[layout] = even / np.mean(measured[f"{layout}/zeppelin"]["step_s"])
+        # the default, balance_remap auto: each step's measured time with the choice the cost model makes
+        auto = simulated[f"{layout}/zeppelin"]["remap_auto"]
+        steps = [on if pick else off for pick, on, off in zip(auto, measured[f"{layout}/zeppelin"]["step_s"],
+                                                               measured[f"{layout}/zeppelin-noremap"]["step_s"])]
+        speedup_auto[layout] = even / float(np.mean(steps))
+        auto_remapped[layout] = f"{sum(auto)} of {len(auto)}"
     report = {"machine": machine_info(), "config": {"layouts": layouts, "model": dims, "quick": args.quick,
                                                     "strategies": list(STRATEGIES), "mixes": MIXES},
               "measured": measured, "simulated_measured": simulated,
               "local_sweep": local_sweep(layouts[next(iter(layouts))].get("preset", "local")),
               "at_scale": at_scale(args.quick),
               "ablation": ablation(args.quick), "planning": planning_time(),
-              "summary": {"measured_speedup": speedup,
+              "summary": {"measured_speedup": speedup, "measured_speedup_remap_auto": speedup_auto,
+                          "remap_auto_steps_remapped": auto_remapped,
                           "sim_over_measured": {k: float(np.mean(simulated[k]["step_s"]) / np.mean(v["step_s"]))
                                                 for k, v in measured.items()}},
               "measured_from": (f"reused from an earlier run ({Path(args.from_json).name}; the load share is "

@@ -56,6 +56,7 @@ from longtrain.models.registry import kind_of
 from longtrain.parallel.balance.cost import CostModel, ModelShape, resolve_cluster
 from longtrain.parallel.balance.engine import StepLayout
 from longtrain.parallel.balance.planner import plan_step
+from longtrain.parallel.balance.remap import remap_pays
 
 CAPACITY_FACTOR = 1.5  # a rank's attention-layout token capacity, over the group's mean tokens per rank
 
@@ -96,7 +97,8 @@ class StepMaker:
         capacity = a["capacity"] + len(lengths)  # zigzag remainders (a token per sequence) under even_cp
         plan = plan_step(lengths, a["world"], a["strategy"], capacity=capacity, gpus_per_node=a["gpus_per_node"],
                          cp=a["cp"], bins=bins, contiguous=a["contiguous"], **a["planner"])
-        layout = StepLayout.build(plan, self.rank, a["remap"])
+        remap = a["remap"] if a["remap"] is not None else remap_pays(plan, a["cost_model"])
+        layout = StepLayout.build(plan, self.rank, remap)
         arrays = self._materialize(layout.linear_ids, pieces, lengths)
         stream = producer.stream
         self.counters["docs_tokenized"] += stream.tokenized - self._seen[0]
@@ -144,7 +146,8 @@ class BalancedBatches:
         self.loader = PackedLoader(settings, dp_rank=0, dp_degree=1)
         self.strategy, self.engine, self.rank, self.world = strategy, engine, balance_rank, group_size
         self.cp, self.dp = recipe.parallel.cp, dp
-        self.remap = recipe.parallel.balance_remap and strategy == "zeppelin"
+        # remapping (zeppelin only): true, false, or None = per step by the cost model (remap.remap_pays)
+        self.remap = recipe.parallel.balance_remap if strategy == "zeppelin" else False
         self.capacity = math.ceil(CAPACITY_FACTOR * self.bins * settings.budget / group_size)
         cluster = resolve_cluster(recipe.cluster.preset, recipe.cluster.gpus_per_node, world=group_size)
         self.gpus_per_node = cluster.gpus_per_node
@@ -153,10 +156,11 @@ class BalancedBatches:
         self.contiguous = kind_of(model_cfg).contiguous_sequence
         self.last_plan = None
         self.last_layout = None
+        self.remapped_steps = 0  # steps whose layout remapped tokens (balance_remap auto decides per step)
         self.last_pieces: list = []  # inline: (Doc, start, stop) per sequence; ahead: (doc, source, record, start, stop)
         plan_args = {"strategy": strategy, "world": group_size, "capacity": self.capacity, "dp": dp, "cp": self.cp,
                      "gpus_per_node": self.gpus_per_node, "planner": self.cost_model.planner_kwargs(),
-                     "contiguous": self.contiguous, "remap": self.remap}
+                     "contiguous": self.contiguous, "remap": self.remap, "cost_model": self.cost_model}
         self.maker = StepMaker(settings, self.loader.lanes, self.bins, balance_rank, plan_args)
         self.producer: RowProducer | None = None  # inline: the maker's RowProducer (every lane, lazy tokens)
         self.workers = settings.num_workers  # 0: inline; else one process produces steps ahead
@@ -246,6 +250,7 @@ class BalancedBatches:
         self.loader.cursor += self.bins  # the cursor of steps consumed (a worker may have produced more)
         self.engine.set_step(layout)
         self.last_plan, self.last_layout, self.last_pieces = plan, layout, pieces
+        self.remapped_steps += layout.to_attention is not None
         return {key: torch.from_numpy(arrays[key])[None] for key in ("tokens", "labels", "positions", "doc_ids")}
 
     # the worker -------------------------------------------------------------------------------

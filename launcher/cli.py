@@ -99,6 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("--heads", type=int, default=8, help="attention heads of the kernels measured (the model's)")
     probe.add_argument("--head-dim", type=int, default=64, help="head dimension of the kernels measured")
     probe.add_argument("--dim", type=int, default=512, help="model dimension of the matmul measured")
+    probe.add_argument("--ranks", type=int, default=4, help="local ranks the links are measured among (the ranks "
+                                                           "that will train: the all_to_all's cost depends on them)")
     return parser
 
 
@@ -193,15 +195,19 @@ def _plan_balance(args, overrides) -> int:
 def _probe_command(args) -> int:
     from longtrain.launcher.supervisor import run_local_ranks
     from longtrain.parallel.balance.cost import LOCAL_PRESET
-    from longtrain.parallel.balance.probe import ping_pong, probe
+    from longtrain.parallel.balance.probe import link_times, probe
 
     lengths = tuple(int(x) for x in args.lengths.split(",") if x)
-    times = run_local_ranks(2, ping_pong, backend="nccl" if args.device == "cuda" else "gloo", timeout_s=300)
-    spec = probe(times, args.out or LOCAL_PRESET, lengths, args.gpus_per_node, args.device, args.heads,
-                 args.head_dim, args.dim)
+    if args.ranks < 2:
+        raise SystemExit("longtrain probe: --ranks must be at least 2")
+    links = run_local_ranks(args.ranks, link_times, backend="nccl" if args.device == "cuda" else "gloo",
+                            timeout_s=300)
+    spec = probe(links["p2p"], args.out or LOCAL_PRESET, lengths, args.gpus_per_node, args.device, args.heads,
+                 args.head_dim, args.dim, collective_s=links["collective_s"])
     table = ", ".join(f"{length}: {tflops * 1e3:.1f}" for length, tflops in spec.attention_tflops)
     print(f"attention GFLOP/s by length: {table}; linear {spec.linear_tflops * 1e3:.1f} GFLOP/s; "
-          f"P2P {spec.intra_gbs:.2f} GB/s, latency {spec.latency_us:.0f} us -> {args.out or LOCAL_PRESET}")
+          f"P2P {spec.intra_gbs:.2f} GB/s, latency {spec.latency_us:.0f} us; all_to_all over {args.ranks} ranks "
+          f"{spec.collective_us:.0f} us -> {args.out or LOCAL_PRESET}")
     return 0
 
 

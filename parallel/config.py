@@ -62,7 +62,10 @@ class ParallelConfig:
     # Varlen batches over the data x context ranks (parallel/balance/): auto = zeppelin when
     # data.packing is varlen and cp > 1, else none (the loader's per-data-rank bins as they come).
     balance: Literal["auto", "none", BalanceStrategy] = "auto"
-    balance_remap: bool = True  # zeppelin: equal tokens per rank outside core attention (remap.py)
+    # zeppelin: equal tokens per rank outside core attention (remap.py). null (auto): per step, when
+    # the cost model says the linear work it saves exceeds its exchanges' cost (remap_pays); true or
+    # false to choose.
+    balance_remap: Optional[bool] = None
     # Varlen bins of data.token_budget the balancing group shares per step (0: one per data rank).
     # Fixed, it keeps the global batch (and exact resume) the same at any group size.
     balance_bins: int = 0

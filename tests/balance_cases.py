@@ -99,6 +99,7 @@ def train_balanced(cases: list) -> list[dict]:
                     "groups": sorted({len(g) for g, _ in plan.groups.values()}) if plan else [],
                     "levels": sorted({lvl for _, lvl in plan.groups.values()}) if plan else [],
                     "cursor": trainer.loader.state_dict()["cursor"],
+                    "remapped_steps": getattr(trainer.loader, "remapped_steps", 0),
                     "ssm_calls": dict(zip(("local", "ring"), ssm_calls.tolist())),
                     "ssm_core": sorted({type(c).__name__ for c in ssm_cores.values()}),
                     "contiguous": bool(plan.contiguous) if plan else None})

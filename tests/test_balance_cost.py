@@ -114,11 +114,13 @@ def test_probe_writes_a_loadable_preset(tmp_path):
     from longtrain.launcher.cli import main
 
     out = tmp_path / "probed.yaml"
-    assert main(["probe", "--out", str(out), "--lengths", "64,128"]) == 0
+    assert main(["probe", "--out", str(out), "--lengths", "64,128", "--ranks", "2"]) == 0
     spec = load_preset_file(out)
     assert [row[0] for row in spec.attention_tflops] == [64, 128]
     assert all(tflops > 0 for _, tflops in spec.attention_tflops)
     assert spec.intra_gbs > 0 and spec.latency_us > 0 and spec.linear_tflops > 0
+    assert "collective_us" in out.read_text() and spec.collective_us > 0
+    assert spec.collective_us != ClusterSpec("x", 1, 1, 1.0, 1.0).collective_us  # measured, not the default
 
 
 def test_plan_balance_command(tmp_path, capsys):
@@ -204,3 +206,71 @@ def test_simulator_runs_slots_in_the_plans_schedule():
         plan.set_order({})
         ratios.append(scheduled / simulate(plan, cm, False).step_seconds)
     assert max(ratios) < 1.03 and ratios[1] < 0.9, ratios
+
+
+def test_remap_pays_written_out():
+    """balance_remap auto: remap when the linear work it saves exceeds its four exchanges per layer.
+    4 ranks, one node, `tokens` holding 3000 / 1000 / 1000 / 1000 tokens in the attention layout:
+    remapping brings every rank to 1500, rank 0 keeps 1500 and ranks 1-3 take 500 each. A device per
+    rank: saved = (3000 - 1500) t. Cost per layer = 4 collectives + 2 x (500 q/k/v tokens into rank 0,
+    the largest inbound) + 2 x (1500 output tokens back from rank 0). Four ranks on two cores: the
+    step is at least the whole linear work over the cores (6000 t / 2 = 3000 t) either way, so
+    remapping saves nothing and is not done."""
+    from longtrain.parallel.balance.planner import plan_step
+    from longtrain.parallel.balance.remap import remap_estimate, remap_pays
+    from longtrain.parallel.balance.simulator import simulate
+
+    m = ModelShape(2, 4, 2, 16, 50_000)
+    gpu = ClusterSpec("gpu", 4, 4, 100.0, 100.0, ((1, 100.0),), 0.001, latency_us=0.0, bytes_per_element=2,
+                      collective_us=25.0)
+    cm = CostModel(m, gpu)
+    plan = plan_step([3000, 1000, 1000, 1000], 4, "tokens", capacity=4000)
+    assert plan.tokens_per_rank().tolist() == [3000, 1000, 1000, 1000]
+    t = 3 * 2 * m.linear_params_per_layer / (gpu.linear_tflops * 1e12) * m.n_layers  # one token, fwd + bwd
+    qkv, out = (4 + 2 * 2) * 16 * 2, 4 * 16 * 2
+    bw = 100.0 * 1e9
+    cost = 2 * (4 * 25e-6 + 2 * 500 * qkv / bw + 2 * 1500 * out / bw)
+    saved_want = 1500 * t
+    saved, got_cost = remap_estimate(plan, cm)
+    assert saved == pytest.approx(saved_want) and got_cost == pytest.approx(cost)
+    assert remap_pays(plan, cm) == (saved_want > cost) and saved_want > cost
+    # the simulator agrees: remapped, the step is shorter
+    assert simulate(plan, cm, True).step_seconds < simulate(plan, cm, False).step_seconds
+    # a collective so dear that it eats the saving: not remapped, and the simulator agrees
+    dear = CostModel(m, ClusterSpec("gpu", 4, 4, 100.0, 100.0, ((1, 100.0),), 0.001, latency_us=0.0,
+                                    bytes_per_element=2, collective_us=1e6 * saved_want / 4))
+    assert not remap_pays(plan, dear)
+    assert simulate(plan, dear, True).step_seconds > simulate(plan, dear, False).step_seconds
+    # shared cores: the imbalance is free, remapping saves nothing
+    shared = CostModel(m, ClusterSpec("cpu", 4, 4, 100.0, 100.0, ((1, 100.0),), 0.001, latency_us=0.0,
+                                      bytes_per_element=2, collective_us=25.0, shared_cores=2))
+    assert remap_estimate(plan, shared)[0] == pytest.approx(0.0) and not remap_pays(plan, shared)
+
+
+def test_remap_auto_follows_the_simulator_at_scale():
+    """On the paper's clusters (16-64 GPUs, 7B, three mixes) remap_pays picks what the simulator finds
+    faster wherever the two differ by more than 3%, and the steps it gives are within 1% of always
+    picking the faster one on average."""
+    import math
+
+    from longtrain.parallel.balance.cost import resolve_cluster
+    from longtrain.parallel.balance.planner import plan_step
+    from longtrain.parallel.balance.remap import remap_pays
+    from longtrain.parallel.balance.simulator import MIXES, sample_lengths, simulate
+
+    rng = np.random.default_rng(1)
+    clear, ratio = [], []
+    for cluster in ("A", "B", "C"):
+        for gpus in (16, 32, 64):
+            cm = CostModel(ModelShape.llama("7B"), resolve_cluster(cluster, world=gpus))
+            for mix in ("arxiv", "github", "prolong64k"):
+                lengths = sample_lengths(rng, gpus * 32768, MIXES[mix])
+                plan = plan_step(lengths, gpus, "zeppelin", capacity=math.ceil(1.5 * 32768) + len(lengths),
+                                 gpus_per_node=8, **cm.planner_kwargs())
+                on, off = simulate(plan, cm, True).step_seconds, simulate(plan, cm, False).step_seconds
+                pick = remap_pays(plan, cm)
+                if abs(on / off - 1) > 0.03:
+                    clear.append(pick == (on < off))
+                ratio.append((on if pick else off) / min(on, off))
+    assert len(clear) >= 3 and all(clear), clear
+    assert np.mean(ratio) < 1.01

@@ -1,6 +1,7 @@
 """Training under parallel.balance gives the losses of one process on the same sequences: a tiny
 model, 5 steps of varlen bins, at cp4 and dp2 x cp2 (two simulated nodes of two ranks) under
-zeppelin, tokens, even_cp and hybrid_dp, zeppelin with remapping off, even_cp at cp4 over two simulated
+zeppelin, tokens, even_cp and hybrid_dp, zeppelin with remapping off and on (the default: per step by
+the cost model), even_cp at cp4 over two simulated
 nodes with the routing layer on (its ring spans both nodes), and zeppelin at tp2 x cp2."""
 
 import pytest
@@ -28,6 +29,7 @@ def test_balanced_training_matches_one_process():
     _close(reference[1]["losses"], reference[0]["losses"], rel=1e-6)
     cases = [CP4 + [f"parallel.balance={s}"] for s in ("zeppelin", "tokens", "even_cp", "hybrid_dp")]
     cases += [CP4 + ["parallel.balance=zeppelin", "parallel.balance_remap=false"]]
+    cases += [CP4 + ["parallel.balance=zeppelin", "parallel.balance_remap=true"]]
     cases += [DP2CP2 + [f"parallel.balance={s}"] for s in ("zeppelin", "even_cp")]
     cases += [CP4 + ["cluster.gpus_per_node=2", "parallel.balance=even_cp", "cluster.routing=true"]]
     # tp peers follow their balancing rank (tp2 x cp2: a group of 2; no sequence parallel under varlen)
@@ -39,6 +41,11 @@ def test_balanced_training_matches_one_process():
         if "parallel.cp=4" in case or "parallel.balance=even_cp" in case:
             # documents of up to 160 tokens exceed a cp4 rank's capacity (1.5 x 96): they must ring
             assert res["calls"]["ring"] > 0, (case, res)
-        assert (res["calls"]["remap"] > 0) == ("parallel.balance=zeppelin" in case
-                                              and "parallel.balance_remap=false" not in case), (case, res)
+        # remapping ran on exactly the steps the loader remapped: all of them when asked, none when
+        # off or not zeppelin, and by default (auto) where the cost model said it pays
+        assert (res["calls"]["remap"] > 0) == (res["remapped_steps"] > 0), (case, res)
+        if "parallel.balance_remap=true" in case:
+            assert res["remapped_steps"] == len(res["losses"]), (case, res)
+        if "parallel.balance=zeppelin" not in case or "parallel.balance_remap=false" in case:
+            assert res["remapped_steps"] == 0, (case, res)
         assert (res["calls"]["routed"] > 0) == ("cluster.routing=true" in case), (case, res)

@@ -25,6 +25,10 @@ def test_balance_benchmark_smoke(tmp_path):
     assert (tmp_path / "balance.md").read_text().startswith("# Balance benchmark")
     assert (tmp_path / "balance.png").stat().st_size > 1000
     assert "shared_cores" in (tmp_path / "balance_probe.yaml").read_text()
+    assert "collective_us" in (tmp_path / "balance_probe.yaml").read_text()
+    # the default (remapping where the cost model says it pays) is reported per layout, from the
+    # measured runs with and without remapping
+    assert set(report["summary"]["measured_speedup_remap_auto"]) == {"cp4", "dp2xcp2"}
     measured, simulated = report["measured"], report["simulated_measured"]
     assert set(measured) == set(simulated)
     for layout in ("cp4", "dp2xcp2"):

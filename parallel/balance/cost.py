@@ -24,7 +24,9 @@ attention FLOP/s for the GPUs comes from this repo's H100 measurement (benchmark
 flash-attn 334-342 TFLOP/s causal bf16); the A800 gets it scaled by peak (312/989) times 1.6 (FA2 reaches
 ~55% of peak on Ampere against ~34% on Hopper); the H800 has the H100's compute; linear FLOP/s is 60% of
 the bf16 dense peak; the intra-node link is the unidirectional NVLink bandwidth (A800/H800 are
-export-limited to 400 GB/s bidirectional, i.e. 200 GB/s one way; H100/H200 450 GB/s one way).
+export-limited to 400 GB/s bidirectional, i.e. 200 GB/s one way; H100/H200 450 GB/s one way). The
+fixed cost of one all_to_all (the remap's exchange; NCCL, small messages) is taken as 30 us on the GPU
+presets (an assumption: not measured here); `longtrain probe` measures it among the local ranks.
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ class ClusterSpec:
     bytes_per_element: int = 2
     shared_cores: int = 0  # the ranks share this many processors (a CPU-only machine); 0: one device each
     attention_call_us: float = 0.0  # fixed cost of one attention piece (one document's block), fwd + bwd
+    collective_us: float = 30.0  # fixed cost of one all_to_all over the balancing group (the remap's exchange)
 
     @property
     def inter_gbs(self) -> float:
@@ -121,7 +124,8 @@ def load_preset_file(path: str | Path) -> ClusterSpec:
                            linear_tflops=float(raw["linear_tflops"]), latency_us=float(raw.get("latency_us", 10.0)),
                            bytes_per_element=int(raw.get("bytes_per_element", 2)),
                            shared_cores=int(raw.get("shared_cores", 0)),
-                           attention_call_us=float(raw.get("attention_call_us", 0.0)))
+                           attention_call_us=float(raw.get("attention_call_us", 0.0)),
+                           collective_us=float(raw.get("collective_us", 30.0)))
     except (KeyError, TypeError, ValueError, IndexError) as err:
         raise ClusterError(f"cluster.preset: {path} is not a preset file ({type(err).__name__}: {err})") from None
 
@@ -136,7 +140,7 @@ def write_preset_file(spec: ClusterSpec, path: str | Path) -> Path:
             "attention_tflops": [[int(a), float(b)] for a, b in spec.attention_tflops],
             "linear_tflops": spec.linear_tflops, "latency_us": spec.latency_us,
             "bytes_per_element": spec.bytes_per_element, "shared_cores": spec.shared_cores,
-            "attention_call_us": spec.attention_call_us}
+            "attention_call_us": spec.attention_call_us, "collective_us": spec.collective_us}
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 

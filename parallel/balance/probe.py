@@ -104,7 +104,8 @@ def linear_tflops(tokens: int = 2048, dim: int = 512, device="cpu", dtype=torch.
 
 
 def ping_pong(sizes=MESSAGE_BYTES, repeats: int = 3) -> dict:
-    """Run on two ranks of an initialized group: {message bytes: best one-way seconds}."""
+    """Run on every rank of an initialized group: {message bytes: best one-way seconds} between
+    ranks 0 and 1 (the others wait at the barriers)."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
@@ -119,12 +120,40 @@ def ping_pong(sizes=MESSAGE_BYTES, repeats: int = 3) -> dict:
             if rank == 0:
                 dist.send(buf, 1)
                 dist.recv(buf, 1)
-            else:
+            elif rank == 1:
                 dist.recv(buf, 0)
                 dist.send(buf, 0)
             times.append((time.perf_counter() - start) / 2)  # one way
         out[size] = min(times[1:])
     return out
+
+
+def exchange_seconds(calls: int = 30, repeats: int = 5) -> float:
+    """Run on every rank of an initialized group: the fixed cost of one all_to_all_single among all
+    of them (one float per peer; best of `repeats` means over `calls`), seconds. With more ranks than
+    cores (a CPU-only machine) it is mostly the time for every rank to be scheduled, far above a
+    ping-pong's latency: it is what the remap's exchanges pay (cluster.collective_us)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    device = torch.device("cuda", dist.get_rank()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    send, recv = torch.zeros(world, device=device), torch.zeros(world, device=device)
+    best = float("inf")
+    for rep in range(repeats + 1):
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(calls):
+            dist.all_to_all_single(recv, send)
+        _synchronize(device)
+        if rep:  # the first is a warm-up
+            best = min(best, (time.perf_counter() - start) / calls)
+    return best
+
+
+def link_times(sizes=MESSAGE_BYTES, repeats: int = 3) -> dict:
+    """Run on every rank of an initialized group of the ranks that will train: {"p2p": ping_pong's
+    times between ranks 0 and 1, "collective_s": exchange_seconds() over all}."""
+    return {"p2p": ping_pong(sizes, repeats), "collective_s": exchange_seconds()}
 
 
 def p2p_bandwidth(times: dict) -> tuple[float, float]:
@@ -136,9 +165,11 @@ def p2p_bandwidth(times: dict) -> tuple[float, float]:
 
 
 def probe(p2p_times: dict, out=LOCAL_PRESET, lengths=DEFAULT_LENGTHS, gpus_per_node: int = 0,
-          device: str = "cpu", heads: int = 8, head_dim: int = 64, dim: int = 512) -> ClusterSpec:
+          device: str = "cpu", heads: int = 8, head_dim: int = 64, dim: int = 512,
+          collective_s: float | None = None) -> ClusterSpec:
     """Measure attention and linear FLOP/s here; with `p2p_times` (ping_pong on two local ranks,
-    run by the launcher) write the preset. `heads`, `head_dim`, `dim`: the attention and matmul shapes
+    run by the launcher) and `collective_s` (exchange_seconds among the local ranks; None: the
+    preset default) write the preset. `heads`, `head_dim`, `dim`: the attention and matmul shapes
     measured (a kernel's speed depends on them: probe at the model's own to simulate it)."""
     # On CPU every local process is a rank of this one "node", however many are started.
     gpus = gpus_per_node or (torch.cuda.device_count() if device == "cuda" else CPU_RANKS_PER_NODE)
@@ -156,6 +187,7 @@ def probe(p2p_times: dict, out=LOCAL_PRESET, lengths=DEFAULT_LENGTHS, gpus_per_n
                        nics_per_node=max(1, gpus), nic_gbps=gbs * 8.0, intra_gbs=gbs,
                        attention_tflops=tuple(table), linear_tflops=lin, latency_us=latency,
                        bytes_per_element=4 if device == "cpu" else 2,
-                       shared_cores=(os.cpu_count() or 1) if device == "cpu" else 0, attention_call_us=call_us)
+                       shared_cores=(os.cpu_count() or 1) if device == "cpu" else 0, attention_call_us=call_us,
+                       **({} if collective_s is None else {"collective_us": collective_s * 1e6}))
     write_preset_file(spec, out)
     return spec

@@ -77,6 +77,49 @@ def linear_layout(attention: list[np.ndarray], gpus_per_node: int) -> list[np.nd
     return [np.concatenate(parts) if parts else np.zeros(0, np.int64) for parts in out]
 
 
+def remap_estimate(plan, cm) -> tuple[float, float]:
+    """(seconds of linear work remapping saves, seconds its exchanges cost) in one training step, by
+    the cost model `cm` (cost.CostModel): what `parallel.balance_remap: null` (auto) weighs.
+
+    Saved: outside core attention a rank's linear work (projections, MLP; fwd + bwd) grows with the
+    tokens it holds. The step pays for it at the busiest rank (max tokens x t, t = one token's linear
+    seconds over all layers) or, where P ranks share C < P cores, at least at the whole work over the
+    cores (T t / C); remapping brings the busiest rank to ceil(T/P):
+        saved = bound(max attention-layout tokens) - bound(ceil(T/P)),
+        bound(m) = max(m t, T t / C) (shared cores), m t (a device per rank).
+    Cost: per layer four exchanges (q, k, v into the attention layout and the output back, forward;
+    the gradients of both, backward), each a collective: its fixed cost (cluster.collective_us) plus
+    the largest per-rank transfer, tokens x bytes per token at the bandwidth of the level they cross
+    (q, k, v: (h + 2 h_kv) d b per token, into the attention rank; the output h d b, back), as the
+    simulator runs it:  cost = L (4 collective + 2 max_r in_r + 2 max_r out_r)."""
+    m, c = cm.model, cm.cluster
+    counts = [int(x) for x in plan.tokens_per_rank()]
+    P, total = len(counts), sum(counts)
+    G = plan.gpus_per_node if 0 < plan.gpus_per_node < P else P
+    per_token = cm.linear_seconds(1.0)  # fwd + bwd, all layers
+    cores = c.shared_cores if 0 < c.shared_cores < P else 0
+
+    def bound(busiest: int) -> float:
+        return max(busiest * per_token, total * per_token / cores) if cores else busiest * per_token
+
+    saved = bound(max(counts)) - bound(-(-total // P))
+    qkv = (m.n_heads + 2 * m.n_kv_heads) * m.head_dim * c.bytes_per_element
+    out = m.n_heads * m.head_dim * c.bytes_per_element
+    into, back = np.zeros(P), np.zeros(P)
+    for (src, dst), n in transfers(counts, G).items():  # src holds the tokens in attention, dst outside
+        bandwidth = c.bandwidth("intra" if src // G == dst // G else "inter")
+        into[dst] += n * qkv / bandwidth
+        back[src] += n * out / bandwidth
+    cost = m.n_layers * (4 * c.collective_us * 1e-6 + 2 * into.max(initial=0.0) + 2 * back.max(initial=0.0))
+    return float(saved), float(cost)
+
+
+def remap_pays(plan, cm) -> bool:
+    """Remap this step (balance_remap auto): when the linear work it saves exceeds its exchanges' cost."""
+    saved, cost = remap_estimate(plan, cm)
+    return saved > cost
+
+
 @dataclass
 class Route:
     """One rank's part of a move between two layouts: gather `send_index` of its source-layout

@@ -6,8 +6,8 @@ a clock:
 1. linear work before attention (QKV projections: a third of the layer's linear FLOPs forward) on the
    tokens the rank holds outside attention (the linear layout with remapping, else the attention layout);
 2. with remapping, the all_to_all into the attention layout: a collective, so every clock moves to the
-   slowest rank's arrival plus the largest per-rank transfer (bytes at the intra- or inter-node
-   bandwidth of the peers it sends to);
+   slowest rank's arrival plus its fixed cost (cluster.collective_us) plus the largest per-rank
+   transfer (bytes at the intra- or inter-node bandwidth of the peers it sends to);
 3. core attention, slot by slot in the engine's order (the plan's schedule): a
    local slot advances its rank's clock by its compute; a ring of g members starts when its last
    member arrives and runs g steps, each as long as the slowest member's compute for that step or
@@ -166,16 +166,17 @@ def simulate(plan: Plan, cm: CostModel, remap: bool = True, compute_scale: float
 
     busy = np.zeros(P)
     clock = np.zeros(P)
+    collective = c.collective_us * 1e-6  # the fixed cost of one remap exchange (an all_to_all)
     for phase, (lin_factor, att_factor, byte_factor) in enumerate(((1.0, 1.0, 1.0), (2.0, 2.5, 2.0))):
         pre = lin_tokens * per_token_linear * lin_factor / 3.0
         post = lin_tokens * per_token_linear * lin_factor * 2.0 / 3.0
         clock += pre
         busy += pre
         if remap:
-            clock[:] = clock.max() + (remap_in if phase == 0 else remap_out).max() * (1 if phase == 0 else 1)
+            clock[:] = clock.max() + (remap_in if phase == 0 else remap_out).max() + collective
         attention_pass(clock, att_factor, byte_factor, busy, record=phase == 0)
         if remap:
-            clock[:] = clock.max() + (remap_out if phase == 0 else remap_in).max()
+            clock[:] = clock.max() + (remap_out if phase == 0 else remap_in).max() + collective
         clock += post
         busy += post
     layer = float(clock.max())
