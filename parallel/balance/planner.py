@@ -21,8 +21,11 @@ Strategies (recipe key `parallel.balance`):
   a sequence whose cost exceeds a rank's fair share W/P (or whose tokens exceed a rank's capacity)
   rings over g = ceil(cost / (W/P)) ranks, cut back so that every member's chunk L/g stays at least
   the hiding length tau_intra (never below what capacity needs); g > G spreads it over whole nodes
-  (k = ceil(g/G) least-loaded nodes, while L/(k G) >= tau_inter), else over the g least-loaded
-  ranks of the least-loaded node with room. Every other sequence is local: onto the least-loaded
+  (k = ceil(g/G) least-loaded nodes, while L/(k G) >= tau_inter), else over an aligned block of the
+  least-loaded node with room: g a power of two, ranks [k g, (k+1) g) of the node, the block whose
+  busiest member is least loaded (any g ranks with room when no block has it). Aligned rings are
+  nested or disjoint, so they wait less for each other in the slot schedule than rings of arbitrary
+  members (simulated at scale: 1.11x -> 1.13x even_cp on average). Every other sequence is local: onto the least-loaded
   node with token room, then the least-loaded rank of that node with room (LPT, two levels).
 """
 from __future__ import annotations
@@ -86,9 +89,12 @@ class Plan:
         """Make `order` (group -> place; empty: the fixed order) the global slot order, and put each
         rank's pieces (its attention layout) in it."""
         self.order = dict(order)
-        self.pieces = [rank if len({p.group for p in rank}) < 2 else
-                       [p for slot in sorted(_by_group(rank), key=self.slot_key) for p in slot[2]]
-                       for rank in self.pieces]
+        keys: dict = {}  # by the group tuple's identity: hashing a wide ring's tuple per piece is slow
+        for rank in self.pieces:
+            for p in rank:
+                if id(p.group) not in keys:
+                    keys[id(p.group)] = self.slot_key((p.group, p.level))
+        self.pieces = [sorted(rank, key=lambda p: keys[id(p.group)]) for rank in self.pieces]
 
     def slot_key(self, slot) -> tuple:
         """Sort key of a (group, level, ...) slot in the global order every rank follows."""
@@ -257,13 +263,6 @@ def _makespan(order: list, seconds: dict, world: int) -> float:
         for r in group:
             clock[r] = end
     return max(clock)
-
-
-def _by_group(pieces: list[Piece]) -> list:
-    out: dict = {}
-    for p in pieces:
-        out.setdefault(p.group, (p.group, p.level, []))[2].append(p)
-    return list(out.values())
 
 
 def _level(group: tuple, G: int) -> str:
@@ -471,16 +470,21 @@ def _zeppelin(lengths, world, G, capacity, cost, tau_intra, tau_inter, ring_cost
             by_load = sorted(range(n * G, (n + 1) * G), key=lambda r: (rank_load[r], r))
             best, best_key = None, ((float("inf"), float("inf")), 0)
             for g in range(g_lo, min(g_hi, G) + 1):
-                room = -(-L // g) + 1  # a member's zigzag chunk pair holds at most this many tokens
-                fits = [r for r in by_load if rank_tok[r] + room <= capacity][:g]
-                if len(fits) < g:
+                if g & (g - 1):  # rings are aligned blocks: 2, 4, 8 ... ranks
                     continue
+                room = -(-L // g) + 1  # a member's zigzag chunk pair holds at most this many tokens
+                blocks = [(max(rank_load[r] for r in block), block) for block in
+                          (range(n * G + k * g, n * G + (k + 1) * g) for k in range(G // g))
+                          if all(rank_tok[r] + room <= capacity for r in block)]
+                if not blocks:
+                    continue
+                peak, fits = min(blocks, key=lambda b: b[0])
                 member = share(L, c, g, "intra")
-                key = (objective(rank_load[fits[-1]] + member, g * member - c), g)
+                key = (objective(peak + member, g * member - c), g)
                 if key < best_key:
-                    best, best_key = fits, key
-            if best is None:  # wider than the hiding length allows, but it fits: better than no plan
-                for g in range(min(g_hi, G) + 1, G + 1):
+                    best, best_key = list(fits), key
+            if best is None:  # no aligned block, or wider than the hiding length allows: any ranks that fit
+                for g in range(g_lo, G + 1):
                     room = -(-L // g) + 1
                     fits = [r for r in by_load if rank_tok[r] + room <= capacity][:g]
                     if len(fits) == g:

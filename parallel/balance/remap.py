@@ -78,15 +78,19 @@ def linear_layout(attention: list[np.ndarray], gpus_per_node: int) -> list[np.nd
 
 
 def remap_estimate(plan, cm) -> tuple[float, float]:
-    """(seconds of linear work remapping saves, seconds its exchanges cost) in one training step, by
-    the cost model `cm` (cost.CostModel): what `parallel.balance_remap: null` (auto) weighs.
+    """(seconds of one training step that remapping saves, seconds its exchanges cost), by the cost
+    model `cm` (cost.CostModel): what `parallel.balance_remap: null` (auto) weighs.
 
-    Saved: outside core attention a rank's linear work (projections, MLP; fwd + bwd) grows with the
-    tokens it holds. The step pays for it at the busiest rank (max tokens x t, t = one token's linear
-    seconds over all layers) or, where P ranks share C < P cores, at least at the whole work over the
-    cores (T t / C); remapping brings the busiest rank to ceil(T/P):
-        saved = bound(max attention-layout tokens) - bound(ceil(T/P)),
-        bound(m) = max(m t, T t / C) (shared cores), m t (a device per rank).
+    Without remapping a rank's linear work (projections, MLP; fwd + bwd) follows the tokens it holds
+    in the attention layout, and ranks run on without waiting for each other between the two:
+        off = max_r (lin(n_r) + att_r).
+    Remapping gives every rank ceil(T/P) tokens outside attention, but its exchanges are collectives
+    around core attention: everyone waits for the slowest before and after it, so
+        on = lin(ceil(T/P)) + max_r att_r,
+    both at least the whole work over the cores where P ranks share C < P cores (a rank that waits
+    leaves its core to the others). lin(n) = n x one token's linear seconds over all layers; att_r =
+    the rank's attention seconds (its pieces' causal pairs at the kernel speed of their block length).
+    saved = off - on.
     Cost: per layer four exchanges (q, k, v into the attention layout and the output back, forward;
     the gradients of both, backward), each a collective: its fixed cost (cluster.collective_us) plus
     the largest per-rank transfer, tokens x bytes per token at the bandwidth of the level they cross
@@ -97,12 +101,17 @@ def remap_estimate(plan, cm) -> tuple[float, float]:
     P, total = len(counts), sum(counts)
     G = plan.gpus_per_node if 0 < plan.gpus_per_node < P else P
     per_token = cm.linear_seconds(1.0)  # fwd + bwd, all layers
+    attention = np.zeros(P)
+    for r, pieces in enumerate(plan.pieces):
+        for p in pieces:
+            pairs = (p.stop * (p.stop + 1) - p.start * (p.start + 1)) / 2.0
+            rate = c.attention_flops_per_s(max(1, plan.lengths[p.seq] // len(p.group)))
+            attention[r] += 3.5 * 4.0 * m.mask_factor * 2 * pairs * m.n_heads * m.head_dim / rate * m.n_layers
+    work = np.array(counts) * per_token + attention
     cores = c.shared_cores if 0 < c.shared_cores < P else 0
-
-    def bound(busiest: int) -> float:
-        return max(busiest * per_token, total * per_token / cores) if cores else busiest * per_token
-
-    saved = bound(max(counts)) - bound(-(-total // P))
+    floor = work.sum() / cores if cores else 0.0
+    off = max(float(work.max()), floor)
+    on = max(-(-total // P) * per_token + float(attention.max()), floor)
     qkv = (m.n_heads + 2 * m.n_kv_heads) * m.head_dim * c.bytes_per_element
     out = m.n_heads * m.head_dim * c.bytes_per_element
     into, back = np.zeros(P), np.zeros(P)
@@ -111,7 +120,7 @@ def remap_estimate(plan, cm) -> tuple[float, float]:
         into[dst] += n * qkv / bandwidth
         back[src] += n * out / bandwidth
     cost = m.n_layers * (4 * c.collective_us * 1e-6 + 2 * into.max(initial=0.0) + 2 * back.max(initial=0.0))
-    return float(saved), float(cost)
+    return float(off - on), float(cost)
 
 
 def remap_pays(plan, cm) -> bool:
