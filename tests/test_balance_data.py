@@ -351,7 +351,7 @@ def tp_case(root):
     from longtrain.data.pipeline import DocumentStream
     from longtrain.parallel.mesh import Mesh, ParallelDims
 
-    rank, world = dist.get_rank(), dist.get_world_size()
+    world = dist.get_world_size()
     mesh = Mesh(ParallelDims(pp=1, dp_replicate=1, dp_shard=1, cp=2, tp=2), "cpu")
     group = dist.get_process_group_ranks(mesh["loss"].get_group())
     balance_rank = mesh.local_rank("loss")
