@@ -129,11 +129,13 @@ GROUP_VARIANTS = (  # label, lengths learned by the world (else per balancing gr
 )
 
 
-def balanced_group_pass(source: str, tokenizer: str, budget: int, steps: int, step_s: float, cache: str) -> dict:
+def balanced_group_pass(source: str, tokenizer: str, budget: int, steps: int, step_s: float, cache: str,
+                        repeats: int) -> dict:
     """On every rank of a 4-rank gloo group (tp2 x cp2 as the trainer's mesh lays it out): per variant of
     GROUP_VARIANTS, a cold index (its own cache directory), balanced steps inline with a simulated
     device step of `step_s` (a sleep) before each but the first; every rank's first-step time, time in
-    next() over `steps` steps and tokenization counters, gathered to every rank."""
+    next() over `steps` steps and tokenization counters, gathered to every rank. `repeats` rounds, the
+    variants in turn within each (so the machine's load falls alike on all)."""
     import torch.distributed as dist
 
     from longtrain.launcher.balanced_batches import BalancedBatches
@@ -144,10 +146,10 @@ def balanced_group_pass(source: str, tokenizer: str, budget: int, steps: int, st
     world = dist.get_world_size()
     mesh = Mesh(ParallelDims(pp=1, dp_replicate=1, dp_shard=1, cp=2, tp=2), "cpu")
     group = dist.get_process_group_ranks(mesh["loss"].get_group())
-    out = {"groups": [None] * world, "runs": {}}
+    out: dict = {"groups": [None] * world, "runs": {label: [] for label, _, _ in GROUP_VARIANTS}}
     dist.all_gather_object(out["groups"], group)
-    for n, (label, by_world, keep) in enumerate(GROUP_VARIANTS):
-        os.environ["LONGTRAIN_CACHE"] = os.path.join(cache, f"group-{n}")
+    for n, (label, by_world, keep) in [(n, v) for _ in range(repeats) for n, v in enumerate(GROUP_VARIANTS)]:
+        os.environ["LONGTRAIN_CACHE"] = os.path.join(cache, f"group-{n}-{len(out['runs'][label])}")
         recipe = load_recipe(None, ["model.name=tiny", f"model.max_seq_len={budget}", f"data.source={source}",
                                     f"data.tokenizer={tokenizer}", "data.packing=varlen", f"data.seq_len={budget}",
                                     f"data.token_budget={budget}", f"data.max_doc_len={budget}", "data.num_workers=0",
@@ -174,24 +176,33 @@ def balanced_group_pass(source: str, tokenizer: str, budget: int, steps: int, st
         batches.close()
         ranks: list = [None] * world
         dist.all_gather_object(ranks, mine)
-        out["runs"][label] = ranks
+        out["runs"][label].append(ranks)
         dist.barrier()
     return out
 
 
-def measure_balanced_group(source: str, tokenizer: str, budget: int, steps: int, step_s: float, cache: str) -> dict:
+def measure_balanced_group(source: str, tokenizer: str, budget: int, steps: int, step_s: float, cache: str,
+                           repeats: int = 3) -> dict:
+    """balanced_group_pass on 4 local gloo ranks; per variant the median over repeats of the slowest
+    rank's first step and of the mean rank's time in next(); the counts (the same in every repeat)."""
+    import statistics
+
     from longtrain.tests.distributed import run_group
 
-    result = run_group(4, balanced_group_pass, source, tokenizer, budget, steps, step_s, cache)
-    for label, ranks in result["runs"].items():
-        result["runs"][label] = {"ranks": ranks, **{f"{key}_sum": sum(r[key] for r in ranks) for key in
-                                                   ("docs_tokenized", "lengths_tokenized", "lengths_reused")},
-                                 "first_step_s_max": max(r["first_step_s"] for r in ranks),
-                                 "data_s_mean": sum(r["data_s"] for r in ranks) / len(ranks)}
+    result = run_group(4, balanced_group_pass, source, tokenizer, budget, steps, step_s, cache, repeats)
+    for label, rounds in result["runs"].items():
+        ranks = rounds[0]
+        result["runs"][label] = {
+            "ranks": ranks, "repeats": len(rounds),
+            **{f"{key}_sum": sum(r[key] for r in ranks) for key in ("docs_tokenized", "lengths_tokenized", "lengths_reused")},
+            "first_step_s_max": statistics.median(max(r["first_step_s"] for r in rr) for rr in rounds),
+            "data_s_mean": statistics.median(sum(r["data_s"] for r in rr) / len(rr) for rr in rounds),
+            "same_counts_every_repeat": all([r["docs_tokenized"] for r in rr] == [r["docs_tokenized"] for r in ranks]
+                                            for rr in rounds)}
     before, after = (result["runs"][GROUP_VARIANTS[i][0]] for i in (0, -1))
     result["ratio_before_after"] = {key: before[key] / after[key] if after[key] else None for key in
                                     ("first_step_s_max", "data_s_mean", "docs_tokenized_sum", "lengths_tokenized_sum")}
-    result.update(budget=budget, steps=steps, step_s=step_s)
+    result.update(budget=budget, steps=steps, step_s=step_s, repeats=repeats)
     return result
 
 
@@ -242,6 +253,7 @@ def main() -> int:
                         help="the simulated device step of the balanced-batch rows (seconds)")
     parser.add_argument("--group-steps", type=int, default=12,
                         help="steps of the cold first pass in the 4-rank tp2 x cp2 group (0: skip it)")
+    parser.add_argument("--group-repeats", type=int, default=3, help="rounds of the group's variants (median)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -283,7 +295,8 @@ def main() -> int:
               f"{m['steps'] + 1} steps", flush=True)
     if args.group_steps:
         g = results["balanced_group"] = measure_balanced_group(spm["source"], spm["tokenizer"], args.seq_len,
-                                                               args.group_steps, args.balance_step_s, str(work / "cache"))
+                                                               args.group_steps, args.balance_step_s, str(work / "cache"),
+                                                               args.group_repeats)
         for label, m in g["runs"].items():
             print(f"balanced group {label:52s} first step {m['first_step_s_max']:.2f} s, next() {m['data_s_mean']:.2f} s, "
                   f"{m['docs_tokenized_sum']} documents tokenized ({m['lengths_tokenized_sum']} for lengths)", flush=True)
@@ -348,7 +361,8 @@ def render(r: dict) -> str:
         lines += ["", f"Balanced first pass (cold token-length index), jsonl + sentencepiece: 4 gloo ranks as tp2 x cp2 "
                   f"(balancing groups {sorted({tuple(g) for g in group['groups']})}), 4 bins of {group['budget']:,} "
                   f"tokens a step, inline, {group['steps']} steps with a simulated device step of "
-                  f"{group['step_s'] * 1e3:.0f} ms (a sleep) before each but the first. Lengths learned per balancing "
+                  f"{group['step_s'] * 1e3:.0f} ms (a sleep) before each but the first; times: the median of "
+                  f"{group['repeats']} rounds (variants in turn). Lengths learned per balancing "
                   "group (as before) or by the world; the tokens of a rank's share of the lengths dropped (as "
                   "before) or kept for the documents it holds.", "",
                   "| lengths learned by, share's tokens | first step s (slowest rank) | time in next() s (mean rank) "

@@ -80,7 +80,7 @@ def test_data_throughput_benchmark_smoke(tmp_path):
     script = ROOT / "benchmarks" / "data_throughput.py"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(script), "--seconds", "0.3", "--seq-len", "256", "--batch-size", "2",
-                           "--skip-trainer", "--group-steps", "2", "--out", str(tmp_path)], capture_output=True,
+                           "--skip-trainer", "--group-steps", "2", "--group-repeats", "1", "--out", str(tmp_path)], capture_output=True,
                           text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "data_throughput.json").read_text())
@@ -106,5 +106,6 @@ def test_data_throughput_benchmark_smoke(tmp_path):
     assert [r["exchange_size"] for r in before["ranks"]] == [2] * 4 and [r["exchange_size"] for r in after["ranks"]] == [4] * 4
     assert before["lengths_tokenized_sum"] == 2 * after["lengths_tokenized_sum"] > 0 and before["lengths_reused_sum"] == 0
     assert after["docs_tokenized_sum"] < before["docs_tokenized_sum"]
-    assert group["ratio_before_after"]["lengths_tokenized_sum"] == 2.0
+    assert group["ratio_before_after"]["lengths_tokenized_sum"] == 2.0 and all(
+        run["same_counts_every_repeat"] for run in group["runs"].values())
     assert "| before / after |" in (tmp_path / "data_throughput.md").read_text()
