@@ -422,7 +422,7 @@ def _length_groups(ranks: tuple) -> dict:
     timeout: a failed peer never stops its worker). Created once per process: every rank of the world
     takes part (every rank's groups are created in one order), at the first balanced loader, which
     every rank builds at the same point. Every member must name the same group (else the exchanges
-    would wait on ranks that never make them): one line otherwise."""
+    would wait on ranks that never make them): checked when the groups are made, one line otherwise."""
     key = (id(dist.group.WORLD), ranks)
     if key not in _LENGTH_GROUPS:
         members: list = [None] * dist.get_world_size()

@@ -384,6 +384,8 @@ def tp_case(root):
                 for key in ("tokens", "labels", "positions"):
                     assert np.array_equal(batch[key][0].numpy(), plain[step][key][ids]), (name, step, key)
                 held |= _held(batches, batch)
+                if batches.producer is not None:  # kept tokens: at most this rank's share of one block
+                    assert len(batches.producer.stream._length_tokens) <= batches.maker.resolve_block // world
         finally:
             DocumentStream._tokens_of = original
         inline = batches.producer is not None
@@ -398,6 +400,12 @@ def tp_case(root):
         batches.close()
         dist.barrier()
     os.environ["LONGTRAIN_CACHE"] = cache
+    # ranks that name different groups to learn lengths with fail together, in one line
+    from longtrain.launcher.balanced_batches import _length_groups
+
+    with pytest.raises(RuntimeError, match=r"^data: the ranks learning document lengths together disagree: rank 2 "
+                                           r"names \[1, 2, 3\], rank 1 names \[0, 1\]$"):
+        _length_groups((0, 1) if dist.get_rank() < 2 else (1, 2, 3))  # (groups not made yet in this process)
     return result
 
 
