@@ -14,6 +14,13 @@ jsonl, the debug_spm_cpu recipe's data) and builtin + bytes; packing concat.
    rank of a cp4 group with a simulated device step (--balance-step-s): the stall per step (time in
    next()) made inline with a cold token-length index (this rank tokenizes every length: no group
    here to share them), inline with the warm index, and ahead in a worker process (data.num_workers=1).
+4. The first pass (cold token-length index) of balanced steps in a group: 4 gloo ranks laid out as
+   tp2 x cp2 by parallel/mesh.py (balancing groups {0, 2} and {1, 3}), inline, side by side: the
+   lengths learned per balancing group with the tokens of a rank's share dropped (as before; every
+   length tokenized once per tp slice, a held document of the share tokenized again) against the
+   lengths learned by the whole world with those tokens kept (each length tokenized once over the job,
+   no document twice on a rank), and the two changes alone. Per rank: the first step (it learns the
+   packer's lookahead), the time in next() over --group-steps steps, documents tokenized.
 
 Compared with:
 - the trainer's consumption for the debug model on this machine: `Trainer.train_step` on one
@@ -67,6 +74,9 @@ def measure_loader(cfg, seconds: float, warmup_batches: int = 2) -> dict:
 class _Engine:
     """Stands in for the balance attention engine (the loader hands it each step's layout)."""
 
+    def __init__(self, global_ranks=None):
+        self.global_ranks = global_ranks  # the balancing group's global ranks (in a process group)
+
     def set_step(self, layout) -> None:
         self.layout = layout
 
@@ -109,6 +119,91 @@ def measure_balanced(source: str, tokenizer: str, workers: int, seconds: float, 
             "stall_p90_s": stalls_sorted[int(0.9 * (len(stalls) - 1))], "startup_seconds": first,
             "rank_tokens_per_second": tokens / elapsed, "docs_tokenized": batches.docs_tokenized,
             "docs_read": batches.docs_read}
+
+
+GROUP_VARIANTS = (  # label, lengths learned by the world (else per balancing group), tokens of the share kept
+    ("before: per balancing group, share's tokens dropped", False, False),
+    ("per balancing group, share's tokens kept", False, True),
+    ("world, share's tokens dropped", True, False),
+    ("after: world, share's tokens kept", True, True),
+)
+
+
+def balanced_group_pass(source: str, tokenizer: str, budget: int, steps: int, step_s: float, cache: str,
+                        repeats: int) -> dict:
+    """On every rank of a 4-rank gloo group (tp2 x cp2 as the trainer's mesh lays it out): per variant of
+    GROUP_VARIANTS, a cold index (its own cache directory), balanced steps inline with a simulated
+    device step of `step_s` (a sleep) before each but the first; every rank's first-step time, time in
+    next() over `steps` steps and tokenization counters, gathered to every rank. `repeats` rounds, the
+    variants in turn within each (so the machine's load falls alike on all)."""
+    import torch.distributed as dist
+
+    from longtrain.launcher.balanced_batches import BalancedBatches
+    from longtrain.launcher.config import load_recipe
+    from longtrain.models.sizes import resolve_model_config
+    from longtrain.parallel.mesh import Mesh, ParallelDims
+
+    world = dist.get_world_size()
+    mesh = Mesh(ParallelDims(pp=1, dp_replicate=1, dp_shard=1, cp=2, tp=2), "cpu")
+    group = dist.get_process_group_ranks(mesh["loss"].get_group())
+    out: dict = {"groups": [None] * world, "runs": {label: [] for label, _, _ in GROUP_VARIANTS}}
+    dist.all_gather_object(out["groups"], group)
+    for n, (label, by_world, keep) in [(n, v) for _ in range(repeats) for n, v in enumerate(GROUP_VARIANTS)]:
+        os.environ["LONGTRAIN_CACHE"] = os.path.join(cache, f"group-{n}-{len(out['runs'][label])}")
+        recipe = load_recipe(None, ["model.name=tiny", f"model.max_seq_len={budget}", f"data.source={source}",
+                                    f"data.tokenizer={tokenizer}", "data.packing=varlen", f"data.seq_len={budget}",
+                                    f"data.token_budget={budget}", f"data.max_doc_len={budget}", "data.num_workers=0",
+                                    "parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=false",
+                                    "parallel.balance=zeppelin", "parallel.balance_bins=4", "cluster.preset=local",
+                                    f"run.launch.nproc_per_node={world}"])
+        batches = BalancedBatches(recipe, "zeppelin", _Engine(group), mesh.local_rank("loss"), len(group), dp=1,
+                                  model_cfg=resolve_model_config(recipe.model), tp=2,
+                                  length_ranks=list(range(world)) if by_world else None)
+        batches.maker.keep_length_tokens = keep
+        dist.barrier()
+        t0 = time.perf_counter()
+        next(batches)
+        first = time.perf_counter() - t0
+        data = first
+        for _ in range(steps - 1):
+            time.sleep(step_s)
+            s0 = time.perf_counter()
+            next(batches)
+            data += time.perf_counter() - s0
+        mine = {"first_step_s": first, "data_s": data, "docs_tokenized": batches.docs_tokenized,
+                "lengths_tokenized": batches.lengths_tokenized, "lengths_reused": batches.lengths_reused,
+                "docs_read": batches.docs_read, "exchange_size": batches.exchange.size if batches.exchange else 1}
+        batches.close()
+        ranks: list = [None] * world
+        dist.all_gather_object(ranks, mine)
+        out["runs"][label].append(ranks)
+        dist.barrier()
+    return out
+
+
+def measure_balanced_group(source: str, tokenizer: str, budget: int, steps: int, step_s: float, cache: str,
+                           repeats: int = 3) -> dict:
+    """balanced_group_pass on 4 local gloo ranks; per variant the median over repeats of the slowest
+    rank's first step and of the mean rank's time in next(); the counts (the same in every repeat)."""
+    import statistics
+
+    from longtrain.tests.distributed import run_group
+
+    result = run_group(4, balanced_group_pass, source, tokenizer, budget, steps, step_s, cache, repeats)
+    for label, rounds in result["runs"].items():
+        ranks = rounds[0]
+        result["runs"][label] = {
+            "ranks": ranks, "repeats": len(rounds),
+            **{f"{key}_sum": sum(r[key] for r in ranks) for key in ("docs_tokenized", "lengths_tokenized", "lengths_reused")},
+            "first_step_s_max": statistics.median(max(r["first_step_s"] for r in rr) for rr in rounds),
+            "data_s_mean": statistics.median(sum(r["data_s"] for r in rr) / len(rr) for rr in rounds),
+            "same_counts_every_repeat": all([r["docs_tokenized"] for r in rr] == [r["docs_tokenized"] for r in ranks]
+                                            for rr in rounds)}
+    before, after = (result["runs"][GROUP_VARIANTS[i][0]] for i in (0, -1))
+    result["ratio_before_after"] = {key: before[key] / after[key] if after[key] else None for key in
+                                    ("first_step_s_max", "data_s_mean", "docs_tokenized_sum", "lengths_tokenized_sum")}
+    result.update(budget=budget, steps=steps, step_s=step_s, repeats=repeats)
+    return result
 
 
 def measure_trainer(steps: int = 6) -> float:
@@ -156,6 +251,9 @@ def main() -> int:
     parser.add_argument("--skip-trainer", action="store_true")
     parser.add_argument("--balance-step-s", type=float, default=0.2,
                         help="the simulated device step of the balanced-batch rows (seconds)")
+    parser.add_argument("--group-steps", type=int, default=12,
+                        help="steps of the cold first pass in the 4-rank tp2 x cp2 group (0: skip it)")
+    parser.add_argument("--group-repeats", type=int, default=3, help="rounds of the group's variants (median)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -195,6 +293,13 @@ def main() -> int:
         print(f"balanced {label:24s} stall {m['stall_mean_s'] * 1e3:8.1f} ms/step (p90 {m['stall_p90_s'] * 1e3:.1f}), "
               f"first step {m['startup_seconds']:.2f} s, {m['docs_tokenized']} documents tokenized over "
               f"{m['steps'] + 1} steps", flush=True)
+    if args.group_steps:
+        g = results["balanced_group"] = measure_balanced_group(spm["source"], spm["tokenizer"], args.seq_len,
+                                                               args.group_steps, args.balance_step_s, str(work / "cache"),
+                                                               args.group_repeats)
+        for label, m in g["runs"].items():
+            print(f"balanced group {label:52s} first step {m['first_step_s_max']:.2f} s, next() {m['data_s_mean']:.2f} s, "
+                  f"{m['docs_tokenized_sum']} documents tokenized ({m['lengths_tokenized_sum']} for lengths)", flush=True)
     results["trainer_debug_tokens_per_second"] = None if args.skip_trainer else measure_trainer()
     results["node_1b_32k"] = node = node_consumption()
 
@@ -251,6 +356,27 @@ def render(r: dict) -> str:
                   "index this rank tokenizing every document of the packer's lookahead to learn its length: "
                   "one rank alone here, no group to share them with). Documents tokenized: over all steps; "
                   "with the warm index only the documents whose tokens this rank holds."]
+    group = r.get("balanced_group")
+    if group:
+        lines += ["", f"Balanced first pass (cold token-length index), jsonl + sentencepiece: 4 gloo ranks as tp2 x cp2 "
+                  f"(balancing groups {sorted({tuple(g) for g in group['groups']})}), 4 bins of {group['budget']:,} "
+                  f"tokens a step, inline, {group['steps']} steps with a simulated device step of "
+                  f"{group['step_s'] * 1e3:.0f} ms (a sleep) before each but the first; times: the median of "
+                  f"{group['repeats']} rounds (variants in turn). Lengths learned per balancing "
+                  "group (as before) or by the world; the tokens of a rank's share of the lengths dropped (as "
+                  "before) or kept for the documents it holds.", "",
+                  "| lengths learned by, share's tokens | first step s (slowest rank) | time in next() s (mean rank) "
+                  "| documents tokenized (4 ranks) | for lengths | reused | per rank |", "|---|---|---|---|---|---|---|"]
+        for label, m in group["runs"].items():
+            per_rank = " / ".join(str(x["docs_tokenized"]) for x in m["ranks"])
+            lines.append(f"| {label} | {m['first_step_s_max']:.2f} | {m['data_s_mean']:.2f} | {m['docs_tokenized_sum']} | "
+                         f"{m['lengths_tokenized_sum']} | {m['lengths_reused_sum']} | {per_rank} |")
+        ratio = group["ratio_before_after"]
+        fmt = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
+        lines.append(f"| before / after | {fmt(ratio['first_step_s_max'])} | {fmt(ratio['data_s_mean'])} | "
+                     f"{fmt(ratio['docs_tokenized_sum'])} | {fmt(ratio['lengths_tokenized_sum'])} | | |")
+        lines += ["", "4 ranks share this machine's cores, so the times hold every rank's tokenizing; the document "
+                  "counts are exact."]
     lines += ["", f"1B model: {node['parameters'] / 1e9:.2f}B parameters, {node['flops_per_token'] / 1e9:,.1f} GFLOP "
               f"per token at {node['seq_len']:,} (6 x non-embedding params + head, + causal attention); "
               f"node tokens/s = 0.4 x 8 x 989e12 / FLOPs per token.", "",

@@ -316,11 +316,19 @@ class DocumentStream:
     fetches a document of a block for its length (every rank of the group packs the same rows, so all
     get there together), the group all-reduces the lengths any rank knows, each rank tokenizes 1/N of
     those still unknown (random-access sources), and a second all-reduce gives every rank all of them.
-    `tokenized` counts documents this stream tokenized, `tokenized_for_lengths` the ones it tokenized
-    only to tell the group their lengths."""
+    `tokenized` counts documents this stream tokenized (each encode once), `tokenized_for_lengths` the
+    ones of them it tokenized for its share of the group's lengths.
+
+    The tokens of this rank's share are kept (`keep_length_tokens`) so that a document it both learned
+    the length of and later holds is not tokenized twice: until the document is fetched (at most this
+    rank's share of one block, ceil(resolve_block / N) documents: a block's kept tokens are dropped
+    when the next block is resolved), then in its Doc, which the packer holds anyway until the
+    document is packed (its window, lanes x pack_window documents) and the step's pieces until the
+    next step. A Doc whose kept tokens are used counts in `length_tokens_reused`."""
 
     def __init__(self, settings: DataSettings, tokenizer=None, length_index: bool = True,
-                 exchange: Optional[LengthExchange] = None, resolve_block: int = RESOLVE_BLOCK):
+                 exchange: Optional[LengthExchange] = None, resolve_block: int = RESOLVE_BLOCK,
+                 keep_length_tokens: bool = True):
         from .length_index import open_lengths
         from .tokenizers import build_tokenizer, check_special_tokens
 
@@ -340,6 +348,9 @@ class DocumentStream:
         self._resolved_block = -1
         self.tokenized = 0
         self.tokenized_for_lengths = 0
+        self.keep_length_tokens = keep_length_tokens  # False: as before (benchmarks/data_throughput.py compares)
+        self._length_tokens: dict[int, np.ndarray] = {}  # global document -> its tokens, this rank's share of the block
+        self.length_tokens_reused = 0
 
     def flush_lengths(self, force: bool = True) -> None:
         """Write the length indexes (rate-limited unless forced)."""
@@ -402,6 +413,9 @@ class DocumentStream:
         if self.sources[s].random_access:
             record, epoch = view.record_of(j)
             length = index.get(record)
+            kept = self._length_tokens.pop(d, None) if self._length_tokens else None
+            if kept is not None and len(kept) == length:  # tokenized for the group's lengths: not again
+                return Doc(d, s, record, epoch, length, load=lambda: self._reuse(kept))
             if length is not None and not need_tokens:
                 return Doc(d, s, record, epoch, length, load=lambda: self._load_checked(view, j, s, index, length))
             payload = view.payload(record)
@@ -421,6 +435,11 @@ class DocumentStream:
             raise ValueError(f"data: {self.sources[s].key}: {self.sources[s].where(record)} has {len(tokens)} tokens, "
                              f"but the token-length index {index.path} says {length}; the index is stale "
                              "(delete it; it is rebuilt)")
+        return tokens
+
+    def _reuse(self, tokens: np.ndarray) -> np.ndarray:
+        """A Doc's tokens kept from this rank's share of the group's lengths (counted when used)."""
+        self.length_tokens_reused += 1
         return tokens
 
     def _load_checked(self, view: SplitView, j: int, s: int, index, length: int) -> np.ndarray:
@@ -443,6 +462,8 @@ class DocumentStream:
             where[i] = (s, record)
         exchange = self.exchange
         assert exchange is not None
+        # the documents of earlier blocks were all fetched (the packer fetches in stream order), or never will be
+        self._length_tokens = {}
         agreed = exchange.max(values)
         unknown = np.flatnonzero(agreed == -1)
         if len(unknown):
@@ -450,8 +471,11 @@ class DocumentStream:
                 s, record = where[i]
                 payload = self.views[s].payload(record)
                 if not isinstance(payload, BadRecord):  # a malformed record stays unknown: read where used
-                    agreed[i] = len(self._tokens_of(payload, s, record))
+                    tokens = self._tokens_of(payload, s, record)
+                    agreed[i] = len(tokens)
                     self.tokenized_for_lengths += 1
+                    if self.keep_length_tokens:
+                        self._length_tokens[first + i] = tokens
             agreed = exchange.max(agreed)
         for i, (s, record) in where.items():
             if agreed[i] >= 0:

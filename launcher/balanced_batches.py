@@ -10,7 +10,8 @@ attention engine its StepLayout, and then materializes only the tokens it holds 
 only the documents its pieces come from are read and tokenized. `next()` returns this rank's tokens,
 labels, positions and sequence ids as one (1, S) row, which the trainer feeds as it is (no cp
 sharding). Counters (tests assert on them): `docs_read`, `tokens_materialized`, `docs_tokenized` (all
-documents this rank tokenized) and `lengths_tokenized` (of them, the ones only to learn a length).
+documents this rank tokenized, each once), `lengths_tokenized` (of them, its share of the unknown
+lengths) and `lengths_reused` (held documents whose tokens came from that share: not tokenized again).
 
 Lengths. Known without reading for the built-in corpus with the byte tokenizer and for megatron
 sources. For text sources with a real tokenizer (jsonl, text, json, parquet, builtin + sentencepiece)
@@ -20,7 +21,9 @@ group: in blocks of documents, each rank tokenizes 1/N of the unknown ones and a
 every rank all of them (data/pipeline.DocumentStream; random-access sources, i.e. jsonl/text/builtin;
 streamed json/parquet are read in order by every rank and tokenized where the index does not know
 them). Only lengths travel. The all-reduces run on gloo groups of their own (`_length_groups`), never
-on the engine's group.
+on the engine's group. The group that learns lengths is `length_ranks`: the trainer passes the whole
+world (the balancing group's tp peers read the same stream and pack the same steps, so they share the
+work instead of repeating it: N = world), else it is the balancing group.
 
 Ahead of the trainer (`data.num_workers` >= 1; eval batches are made inline): one worker process
 per rank packs, plans and materializes the steps (StepMaker, the same code as inline), `data.prefetch`
@@ -71,13 +74,16 @@ class StepMaker:
         self.producer: RowProducer | None = None
         self.cursor = 0
         self.resolve_block = RESOLVE_BLOCK  # documents whose lengths the group learns together
-        self.counters = {"docs_read": 0, "tokens_materialized": 0, "docs_tokenized": 0, "lengths_tokenized": 0}
+        self.keep_length_tokens = True  # a held document tokenized for its length is not tokenized again
+        self.counters = {"docs_read": 0, "tokens_materialized": 0, "docs_tokenized": 0, "lengths_tokenized": 0,
+                         "lengths_reused": 0}
 
     def start(self, cursor: int, exchange=None) -> None:
         from longtrain.data.pipeline import DocumentStream
 
-        stream = DocumentStream(self.settings, exchange=exchange, resolve_block=self.resolve_block)
-        self._seen = (0, 0)  # the new stream's tokenization counters, as far as counted
+        stream = DocumentStream(self.settings, exchange=exchange, resolve_block=self.resolve_block,
+                                keep_length_tokens=self.keep_length_tokens)
+        self._seen = (0, 0, 0)  # the new stream's tokenization counters, as far as counted
         # every lane on every rank: all ranks pack the whole step
         self.producer = RowProducer(self.settings, self.lanes, list(range(self.lanes)), stream=stream,
                                     lazy_tokens=True)
@@ -103,7 +109,8 @@ class StepMaker:
         stream = producer.stream
         self.counters["docs_tokenized"] += stream.tokenized - self._seen[0]
         self.counters["lengths_tokenized"] += stream.tokenized_for_lengths - self._seen[1]
-        self._seen = (stream.tokenized, stream.tokenized_for_lengths)
+        self.counters["lengths_reused"] += stream.length_tokens_reused - self._seen[2]
+        self._seen = (stream.tokenized, stream.tokenized_for_lengths, stream.length_tokens_reused)
         stream.flush_lengths(force=False)
         return arrays, plan, layout, pieces
 
@@ -136,7 +143,11 @@ class StepMaker:
 
 class BalancedBatches:
     def __init__(self, recipe, strategy: str, engine, balance_rank: int, group_size: int, dp: int, model_cfg,
-                 tp: int = 1, split: str = "train"):
+                 tp: int = 1, split: str = "train", length_ranks: list[int] | None = None):
+        """`length_ranks`: the global ranks that learn unknown document lengths together (None: the
+        balancing group, `engine.global_ranks`). Every one of them must build this loader at the same
+        point with the same data settings, bins and cursor (then they fetch the same documents in the
+        same order, so they make the same exchanges), as every rank of the world does in the trainer."""
         settings = DataSettings.from_config(recipe.data, recipe.train.seed, split)
         self.bins = recipe.parallel.balance_bins or dp
         if split != "train":
@@ -167,12 +178,13 @@ class BalancedBatches:
         self._worker: tuple | None = None  # (process, step queue, relay, stop event) while producing ahead
         self._counters = dict(self.maker.counters)
         self.stop_pads = 0  # empty exchanges made when stopping a worker that lagged its peers (tests)
-        # The balancing group learns unknown document lengths together (data/pipeline.DocumentStream)
-        # when the stream has text sources with a length index: over gloo groups of its own.
+        # `length_ranks` (or the balancing group) learn unknown document lengths together
+        # (data/pipeline.DocumentStream) when the stream has text sources with a length index: over
+        # gloo groups of their own.
         stream = self.loader._stream
         needs_exchange = stream is not None and any(ix is not None and src.random_access
                                                     for ix, src in zip(stream.lengths, stream.sources))
-        ranks = list(getattr(engine, "global_ranks", None) or [])
+        ranks = list(length_ranks if length_ranks is not None else getattr(engine, "global_ranks", None) or [])
         self.exchange: GroupLengthExchange | None = None
         self._relay_exchange: GroupLengthExchange | None = None
         self._control: GroupLengthExchange | None = None
@@ -199,8 +211,13 @@ class BalancedBatches:
 
     @property
     def lengths_tokenized(self) -> int:
-        """Documents this rank tokenized only to tell the group their lengths."""
+        """Documents this rank tokenized for its share of the lengths the group learns together."""
         return self._counters["lengths_tokenized"]
+
+    @property
+    def lengths_reused(self) -> int:
+        """Of them, the documents this rank also held: their tokens were kept, not tokenized again."""
+        return self._counters["lengths_reused"]
 
     def __iter__(self):
         return self
@@ -404,15 +421,23 @@ STOP_TIMEOUT = timedelta(seconds=120)  # ranks stop their workers (close, load_s
 
 
 def _length_groups(ranks: tuple) -> dict:
-    """Three gloo groups over the balancing group's ranks: "inline" (the main thread's exchanges),
-    "relay" (a worker's exchanges, made by the relay thread) and "control" (the exchange count agreed
-    when workers stop, with a short timeout: a failed peer never stops its worker). Created once
-    per process: every rank of the world takes part (the groups of every tp slice are created in one
-    order), at the first balanced loader, which every rank builds at the same point."""
+    """Three gloo groups over the ranks that learn lengths together (the world in the trainer, else a
+    balancing group): "inline" (the main thread's exchanges), "relay" (a worker's exchanges, made by
+    the relay thread) and "control" (the exchange count agreed when workers stop, with a short
+    timeout: a failed peer never stops its worker). Created once per process: every rank of the world
+    takes part (every rank's groups are created in one order), at the first balanced loader, which
+    every rank builds at the same point. Every member must name the same group (else the exchanges
+    would wait on ranks that never make them): checked when the groups are made, one line otherwise."""
     key = (id(dist.group.WORLD), ranks)
     if key not in _LENGTH_GROUPS:
         members: list = [None] * dist.get_world_size()
         dist.all_gather_object(members, ranks)
+        # checked alike on every rank (all fail together)
+        differ = [(r, q) for r, named in enumerate(members) for q in named if members[q] != named]
+        if differ:
+            r, q = differ[0]
+            raise RuntimeError(f"data: the ranks learning document lengths together disagree: rank {r} names "
+                               f"{list(members[r])}, rank {q} names {list(members[q])}")
         for member in sorted(set(members)):
             made = {name: dist.new_group(list(member), backend="gloo", timeout=timeout)
                     for name, timeout in (("inline", GROUP_TIMEOUT), ("relay", GROUP_TIMEOUT),
@@ -423,9 +448,9 @@ def _length_groups(ranks: tuple) -> dict:
 
 
 class GroupLengthExchange:
-    """data/pipeline.LengthExchange over the balancing group: an element-wise max all-reduce of an
-    int64 array on a gloo group of its own (CPU tensors; never interleaved with the step's
-    collectives on the engine's group)."""
+    """data/pipeline.LengthExchange over the ranks that learn lengths together: an element-wise max
+    all-reduce of an int64 array on a gloo group of its own (CPU tensors; never interleaved with the
+    step's collectives on the engine's group)."""
 
     def __init__(self, group, size: int):
         self.group = group

@@ -235,8 +235,14 @@ class Trainer:
                                 seed=recipe.train.seed, split=split)
         from longtrain.launcher.balanced_batches import BalancedBatches
 
+        # Unknown document lengths are learned by the whole world, not only by the balancing group: every
+        # rank builds this loader here (parallel.balance is the recipe's), and tp peers read the same stream
+        # and pack the same steps. pp is refused with balance; were it allowed, stages that read no data
+        # would not build the loader: then the balancing group alone (None).
+        world = list(range(dist.get_world_size())) if self.dims.pp == 1 else None
         return BalancedBatches(recipe, resolve_balance(recipe.parallel, recipe.data.packing), engine, self.mesh.local_rank("loss"),
-                               self.dims.dp * self.dims.cp, self.dims.dp, self.model_cfg, self.dims.tp, split)
+                               self.dims.dp * self.dims.cp, self.dims.dp, self.model_cfg, self.dims.tp, split,
+                               length_ranks=world)
 
     # -- model ------------------------------------------------------------------------------
     def _init_on_meta(self) -> bool:

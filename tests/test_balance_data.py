@@ -51,20 +51,21 @@ def corpus(tmp_path_factory):
     return root
 
 
-def _overrides(root, world):
+def _overrides(root, world, tp=1):
     return VARLEN + [f"data.source={root / 'docs.jsonl'}", f"data.tokenizer={root / 'tok.model'}",
-                     f"parallel.cp={world}", "parallel.balance=zeppelin", "parallel.balance_bins=2",
-                     f"run.launch.nproc_per_node={world}"]
+                     f"parallel.cp={world}", f"parallel.tp={tp}", "parallel.sequence_parallel=false",
+                     "parallel.balance=zeppelin", "parallel.balance_bins=2", f"run.launch.nproc_per_node={world * tp}"]
 
 
-def _balanced(root, rank, world, ranks, extra=()):
+def _balanced(root, rank, world, ranks, extra=(), tp=1, length_ranks=None):
+    """Rank `rank` of a balancing group of `world` ranks (global `ranks`), with `tp` peers each."""
     from longtrain.launcher.balanced_batches import BalancedBatches
     from longtrain.launcher.config import load_recipe
     from longtrain.models.sizes import resolve_model_config
 
-    recipe = load_recipe(None, _overrides(root, world) + list(extra))
+    recipe = load_recipe(None, _overrides(root, world, tp) + list(extra))
     return BalancedBatches(recipe, recipe.parallel.balance, _Engine(ranks), rank, world, dp=1,
-                           model_cfg=resolve_model_config(recipe.model))
+                           model_cfg=resolve_model_config(recipe.model), tp=tp, length_ranks=length_ranks)
 
 
 def _plain_rows(settings, lanes, steps, bins):
@@ -272,18 +273,172 @@ def test_worker_gives_the_inline_batches_and_one_line_errors(corpus, tmp_path, m
     broken.close()
 
 
+def train_counted(cases: list) -> list[dict]:
+    """Train each (cache directory, recipe overrides) case in this group: the losses, the cursor and
+    every rank's length counters of the train loader."""
+    import torch.distributed as dist
+
+    from balance_cases import VARLEN as base
+    from longtrain.launcher.config import load_recipe
+    from longtrain.launcher.trainer import Trainer
+
+    out = []
+    for cache, overrides in cases:
+        os.environ["LONGTRAIN_CACHE"] = cache
+        trainer = Trainer(load_recipe(None, base + overrides + [f"run.launch.nproc_per_node={dist.get_world_size()}"]))
+        result = trainer.run()
+        loader = trainer.loader
+        counts = {"for_lengths": loader.lengths_tokenized, "tokenized": loader.docs_tokenized,
+                  "reused": loader.lengths_reused, "exchange": loader.exchange.size if loader.exchange else 0}
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, counts)
+        out.append({"losses": result.losses, "cursor": loader.state_dict()["cursor"], "counts": gathered})
+        dist.barrier()
+    return out
+
+
 def test_trainer_same_losses_inline_and_ahead(corpus, tmp_path, monkeypatch):
     """The trainer under zeppelin at cp2 on the jsonl + sentencepiece source: the same per-step losses
     with the steps made inline (num_workers 0, lengths learned by the group) and ahead in a worker
-    (num_workers 1, the lengths from the index the first run wrote)."""
-    from balance_cases import train_balanced
-
-    monkeypatch.setenv("LONGTRAIN_CACHE", str(tmp_path / "cache"))
+    (num_workers 1, the lengths from the index the first run wrote). At tp2 x cp2 (4 ranks, cold
+    indexes, inline and ahead): the losses of cp2, and the world learned the lengths: the documents
+    tokenized for lengths over the 4 ranks are those of the 2 cp2 ranks (not twice as many)."""
+    cache = str(tmp_path / "cache")
     base = [f"data.source={corpus / 'docs.jsonl'}", f"data.tokenizer={corpus / 'tok.model'}", "model.vocab_size=300",
             "parallel.cp=2", "parallel.balance=zeppelin", "parallel.balance_bins=2", "train.steps=3",
             "train.eval_every=2", "data.eval_batches=1"]  # eval batches exchange lengths inline beside the relay
-    inline, ahead = run_group(2, train_balanced, [base + ["data.num_workers=0"], base + ["data.num_workers=1"]])
+    inline, ahead = run_group(2, train_counted, [(cache, base + ["data.num_workers=0"]),
+                                                 (cache, base + ["data.num_workers=1"])])
     assert sorted(inline["losses"]) == [1, 2, 3] and inline["cursor"] == ahead["cursor"] == 6
     for step in (1, 2, 3):
         assert abs(inline["losses"][step] - ahead["losses"][step]) <= 1e-6 * abs(inline["losses"][step]), step
     assert list((tmp_path / "cache" / "token_lengths").glob("*.npz"))  # the index the first run wrote
+    assert all(c["exchange"] == 2 and c["for_lengths"] > 0 for c in inline["counts"])
+    assert all(c["for_lengths"] == 0 for c in ahead["counts"])  # warm
+    tp = base + ["parallel.tp=2", "parallel.sequence_parallel=false"]
+    tp_inline, tp_ahead = run_group(4, train_counted, [(cache + "-tp", tp + ["data.num_workers=0"]),
+                                                       (cache + "-tp-ahead", tp + ["data.num_workers=1"])])
+    print(inline, tp_inline, tp_ahead)
+    for run in (tp_inline, tp_ahead):
+        assert sorted(run["losses"]) == [1, 2, 3] and run["cursor"] == 6
+        for step in (1, 2, 3):
+            assert abs(run["losses"][step] - inline["losses"][step]) <= 1e-5 * abs(inline["losses"][step]), step
+        assert all(c["exchange"] == 4 and c["for_lengths"] > 0 for c in run["counts"]), run
+    # inline, cold: the same documents' lengths learned, split over 4 ranks instead of 2 (each once)
+    assert sum(c["for_lengths"] for c in tp_inline["counts"]) == sum(c["for_lengths"] for c in inline["counts"])
+
+
+def _held(batches, batch):
+    """(global document, source, record) of every document this rank holds tokens of in the last step."""
+    pieces = batches.last_pieces
+    out = set()
+    for seq in np.unique(batch["doc_ids"][0].numpy()).tolist():
+        piece = pieces[seq]
+        out.add((piece[0].index, piece[0].source, piece[0].record) if len(piece) == 3 else piece[:3])
+    return out
+
+
+def tp_case(root):
+    """tp2 x cp2 laid out by the real mesh (parallel/mesh.py: tp innermost, so the balancing groups are
+    {0, 2} and {1, 3}), on a cold index: the world learns the lengths (each rank 1/4 of them) and a
+    held document this rank tokenized for its length is not tokenized again; then as before the
+    change (lengths learned per balancing group, tokens not kept: the test's contrast); then ahead in
+    worker processes."""
+    import collections
+
+    import torch.distributed as dist
+
+    from longtrain.data.pipeline import DocumentStream
+    from longtrain.parallel.mesh import Mesh, ParallelDims
+
+    world = dist.get_world_size()
+    mesh = Mesh(ParallelDims(pp=1, dp_replicate=1, dp_shard=1, cp=2, tp=2), "cpu")
+    group = dist.get_process_group_ranks(mesh["loss"].get_group())
+    balance_rank = mesh.local_rank("loss")
+    gather = lambda value: (dist.all_gather_object(out := [None] * world, value), out)[1]  # noqa: E731
+    cache = os.environ["LONGTRAIN_CACHE"]
+    encoded: list = []  # (source, record) of every text this process tokenizes
+    original = DocumentStream._tokens_of
+
+    def recording(self, payload, source, record):
+        if isinstance(payload, str) and payload:
+            encoded.append((source, record))
+        return original(self, payload, source, record)
+
+    result = {"groups": gather(group)}
+    for name, length_ranks, keep, extra in (("world", list(range(world)), True, []),
+                                            ("before", None, False, []),
+                                            ("ahead", list(range(world)), True, ["data.num_workers=1"])):
+        os.environ["LONGTRAIN_CACHE"] = f"{cache}-{name}"  # a cold index for each
+        batches = _balanced(root, balance_rank, 2, group, extra, tp=2, length_ranks=length_ranks)
+        batches.maker.keep_length_tokens = keep
+        batches.maker.resolve_block = 16 if name == "ahead" else 32  # several blocks: kept tokens dropped per block
+        plain = _plain_rows(batches.loader.settings, batches.loader.lanes, STEPS, batches.bins)
+        encoded.clear()
+        DocumentStream._tokens_of = recording
+        try:
+            held: set = set()
+            for step in range(STEPS):
+                batch = next(batches)
+                ids = batches.last_layout.linear_ids
+                for key in ("tokens", "labels", "positions"):
+                    assert np.array_equal(batch[key][0].numpy(), plain[step][key][ids]), (name, step, key)
+                held |= _held(batches, batch)
+                if batches.producer is not None:  # kept tokens: at most this rank's share of one block
+                    assert len(batches.producer.stream._length_tokens) <= batches.maker.resolve_block // world
+        finally:
+            DocumentStream._tokens_of = original
+        inline = batches.producer is not None
+        twice = sum(n - 1 for n in collections.Counter(encoded).values())
+        result[name] = gather({
+            "tokenized": batches.docs_tokenized, "for_lengths": batches.lengths_tokenized,
+            "reused": batches.lengths_reused, "held": len(held), "exchange": (batches.exchange.rank, batches.exchange.size),
+            "held_in_share": sum(1 for d, _, _ in held if d % batches.exchange.size == batches.exchange.rank),
+            "encoded": len(encoded) if inline else None, "twice": twice if inline else None,
+            "held_encoded": all((s, r) in set(encoded) for _, s, r in held) if inline else None,
+            "resolved": (batches.producer.stream._resolved_block + 1) * batches.maker.resolve_block if inline else None})
+        batches.close()
+        dist.barrier()
+    os.environ["LONGTRAIN_CACHE"] = cache
+    # ranks that name different groups to learn lengths with fail together, in one line
+    from longtrain.launcher.balanced_batches import _length_groups
+
+    with pytest.raises(RuntimeError, match=r"^data: the ranks learning document lengths together disagree: rank 2 "
+                                           r"names \[1, 2, 3\], rank 1 names \[0, 1\]$"):
+        _length_groups((0, 1) if dist.get_rank() < 2 else (1, 2, 3))  # (groups not made yet in this process)
+    return result
+
+
+def test_world_learns_lengths_once_and_held_documents_are_tokenized_once(corpus, tmp_path, monkeypatch):
+    """tp2 x cp2 (two balancing groups of two): the documents tokenized for lengths, summed over all
+    4 ranks, are the resolved documents each once (before: each once per tp slice), a rank tokenizes
+    no document twice (its length share's tokens are used when it holds the document; before: some
+    were tokenized twice), the counters say so, and the batches are the plain packer's."""
+    monkeypatch.setenv("LONGTRAIN_CACHE", str(tmp_path / "cache"))
+    result = run_group(4, tp_case, corpus)
+    print({k: v for k, v in result.items()})
+    assert result["groups"] == [[0, 2], [1, 3], [0, 2], [1, 3]]  # the mesh's balancing groups
+    world, before, ahead = result["world"], result["before"], result["ahead"]
+    resolved = world[0]["resolved"]
+    assert all(c["resolved"] == resolved for c in world + before) and resolved >= 4 * 32
+    assert [c["exchange"] for c in world] == [(r, 4) for r in range(4)]
+    assert [c["exchange"] for c in before] == [(0, 2), (0, 2), (1, 2), (1, 2)]
+    # the world: every length tokenized once over the job, a quarter per rank
+    assert sum(c["for_lengths"] for c in world) == resolved
+    assert all(c["for_lengths"] == resolved // 4 for c in world), world
+    # before: once per balancing group, i.e. tp times over the job
+    assert sum(c["for_lengths"] for c in before) == 2 * resolved
+    for c in world:
+        # no document tokenized twice by one rank; the counters are the encodes made
+        assert c["twice"] == 0 and c["encoded"] == c["tokenized"] and c["held_encoded"], c
+        # the held documents of its share reused their tokens; the others tokenized when held
+        assert c["reused"] == c["held_in_share"] and c["tokenized"] == c["for_lengths"] + c["held"] - c["reused"], c
+    assert sum(c["reused"] for c in world) > 0
+    for c in before:  # the contrast: a held document of the rank's share tokenized again
+        assert c["reused"] == 0 and c["encoded"] == c["tokenized"] == c["for_lengths"] + c["held"], c
+    assert sum(c["twice"] for c in before) > 0
+    # ahead in worker processes (the stream lives in the worker): the same accounting
+    for r, c in enumerate(ahead):
+        assert c["exchange"] == (r, 4) and c["reused"] == c["held_in_share"], c
+        assert c["tokenized"] == c["for_lengths"] + c["held"] - c["reused"], c
+    assert sum(c["reused"] for c in ahead) > 0

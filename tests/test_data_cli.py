@@ -80,8 +80,8 @@ def test_data_throughput_benchmark_smoke(tmp_path):
     script = ROOT / "benchmarks" / "data_throughput.py"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(script), "--seconds", "0.3", "--seq-len", "256", "--batch-size", "2",
-                           "--skip-trainer", "--out", str(tmp_path)], capture_output=True, text=True, env=env,
-                          timeout=300)
+                           "--skip-trainer", "--group-steps", "2", "--group-repeats", "1", "--out", str(tmp_path)], capture_output=True,
+                          text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "data_throughput.json").read_text())
     assert set(report["loader"]) == {"jsonl + sentencepiece", "builtin + bytes"}
@@ -98,3 +98,14 @@ def test_data_throughput_benchmark_smoke(tmp_path):
     # the warm index: only held documents are tokenized, fewer than with the cold one
     assert runs["inline, warm index"]["docs_tokenized"] < runs["inline, cold index"]["docs_tokenized"]
     assert "| producer | first step s | stall ms/step" in (tmp_path / "data_throughput.md").read_text()
+    # the cold first pass in a tp2 x cp2 group: the world learns each length once (before: once per tp slice)
+    group = report["balanced_group"]
+    assert group["groups"] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+    before, after = (group["runs"][label] for label in ("before: per balancing group, share's tokens dropped",
+                                                        "after: world, share's tokens kept"))
+    assert [r["exchange_size"] for r in before["ranks"]] == [2] * 4 and [r["exchange_size"] for r in after["ranks"]] == [4] * 4
+    assert before["lengths_tokenized_sum"] == 2 * after["lengths_tokenized_sum"] > 0 and before["lengths_reused_sum"] == 0
+    assert after["docs_tokenized_sum"] < before["docs_tokenized_sum"]
+    assert group["ratio_before_after"]["lengths_tokenized_sum"] == 2.0 and all(
+        run["same_counts_every_repeat"] for run in group["runs"].values())
+    assert "| before / after |" in (tmp_path / "data_throughput.md").read_text()
