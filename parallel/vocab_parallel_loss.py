@@ -11,7 +11,8 @@ log-sum-exp of the ranks' ones: exact, no overflow) and the target logit (the su
 holds the same loss = lse - target over the tokens that are not `ignore_index`.
 
 As in kernels/chunked_loss.py the gradients are formed in the forward while the chunk's logits
-exist (three head matmuls a chunk in all, none recomputed): d logits_r = softmax_r - onehot_r,
+exist (three head matmuls a chunk in all, none recomputed), in place in the logits' buffer (one
+chunk x V/tp fp32 buffer alive, not three): d logits_r = softmax_r - onehot_r,
 grad W_r = sum over chunks of d logits_r^T h (each rank owns its rows: no communication) and
 grad h = d logits_r W_r, a partial sum over tp. The backward scales both by the incoming gradient.
 
@@ -63,8 +64,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
                 local = torch.where(owned, local, 0)
                 stats = torch.zeros((2, stop - start), dtype=torch.float32, device=h.device)
                 if rows:  # an empty shard (vocab < tp x ceil(vocab/tp)) adds exp(-inf) = 0 and no target
-                    stats[0] = torch.logsumexp(logits, dim=-1)
                     stats[1] = torch.where(owned, logits.gather(1, local.unsqueeze(1)).squeeze(1), 0.0)
+                    row_max = logits.amax(dim=-1)
+                    # In place, the chunk's only (chunk, V/tp) buffer: logits <- exp(logits - row max)
+                    logits.sub_(row_max.unsqueeze(1)).exp_()
+                    stats[0] = logits.sum(dim=-1).log_().add_(row_max)
                 else:
                     stats[0] = float("-inf")
                 gathered = torch.empty((tp_degree * 2, stop - start), dtype=torch.float32, device=h.device)
@@ -72,17 +76,19 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
                 gathered = gathered.view(tp_degree, 2, stop - start)
                 chunk_lse = torch.logsumexp(gathered[:, 0], dim=0)
                 total += torch.where(keep, chunk_lse - gathered[:, 1].sum(0), 0.0).sum()
-                if (want_h or want_w) and rows:  # softmax - onehot on this rank's columns, zero on ignored tokens
-                    g = logits.sub_(chunk_lse.unsqueeze(1)).exp_()
-                    g.scatter_add_(1, local.unsqueeze(1), -owned.to(g.dtype).unsqueeze(1))
-                    g.mul_(keep.to(g.dtype).unsqueeze(1))
+                if (want_h or want_w) and rows:
+                    # In place: logits <- softmax - onehot on this rank's columns (exp(logits - row max) x
+                    # exp(row max - global lse)), zero on ignored tokens: d loss / d logits
+                    logits.mul_(torch.exp(row_max - chunk_lse).unsqueeze(1))
+                    logits.scatter_add_(1, local.unsqueeze(1), -owned.to(logits.dtype).unsqueeze(1))
+                    logits.mul_(keep.to(logits.dtype).unsqueeze(1))
                     if grad_h is not None:
-                        grad_h[start:stop] = (g.to(compute_dtype) @ w).to(h.dtype)
+                        grad_h[start:stop] = (logits.to(compute_dtype) @ w).to(h.dtype)
                     if grad_w is not None:
                         if compute_dtype == torch.float32:
-                            grad_w.addmm_(g.t(), h_chunk)
+                            grad_w.addmm_(logits.t(), h_chunk)
                         else:
-                            grad_w.add_((g.to(compute_dtype).t() @ h_chunk).float())
+                            grad_w.add_((logits.to(compute_dtype).t() @ h_chunk).float())
                 elif grad_h is not None:
                     grad_h[start:stop] = 0
                 del logits
