@@ -62,6 +62,9 @@ def kernel_cases(cases: list[dict]) -> list[list[dict]]:
                    else init_device_mesh("cpu", (world // tp, tp), mesh_dim_names=("dp", "tp"))["tp"])
         tp_rank = tp_mesh.get_local_rank()
         h, w, labels = _case(tokens, dim, vocab, seed=case.get("seed", 0))
+        if case.get("autocast"):
+            out.append(_autocast_case(h, w, labels, tp_mesh, chunk))
+            continue
         h_ref, w_ref = h.clone().requires_grad_(), w.clone().requires_grad_()
         ref = F.cross_entropy(F.linear(h_ref, w_ref).flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
                               reduction="sum")
@@ -113,17 +116,42 @@ def kernel_cases(cases: list[dict]) -> list[list[dict]]:
     return out
 
 
+def _autocast_case(h, w, labels, tp_mesh, chunk: int) -> list[dict]:
+    """Under bf16 autocast the local head matmuls run in bf16, as the gathered-logits path's do:
+    the loss equals that path's under the same autocast, not the fp32 one."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from longtrain.parallel.vocab_parallel_loss import vocab_parallel_linear_cross_entropy
+
+    weight = torch.nn.Parameter(distribute_tensor(w, tp_mesh, [Shard(0)]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = F.cross_entropy(F.linear(h, w).float().flatten(0, 1), labels.flatten(), reduction="sum")
+        loss = vocab_parallel_linear_cross_entropy(h, weight, labels, chunk, IGNORE, Replicate())
+    fp32 = F.cross_entropy(F.linear(h, w).flatten(0, 1), labels.flatten(), reduction="sum")
+    loss.backward()
+    result = {"vs_autocast": abs(loss.item() - full.item()) / abs(full.item()),
+              "vs_fp32": abs(loss.item() - fp32.item()) / abs(fp32.item()),
+              "grad_w_fp32_finite": weight.grad.dtype == torch.float32 and bool(torch.isfinite(weight.grad.to_local()).all())}
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, result)
+    return gathered
+
+
 # 2 x 36 = 72 tokens in chunks of 7 (11 chunks, the last of 2); vocab 50 splits 25/25 at tp2 and
 # 13/13/13/11 at tp4; vocab 6 at tp4 leaves the last rank no rows (2/2/2/0).
 CASES = [dict(tp=tp, sp=sp, tokens=36, dim=8, vocab=50, chunk=7) for tp in (2, 4) for sp in (False, True)]
 CASES += [dict(tp=4, sp=True, tokens=36, dim=8, vocab=6, chunk=7, seed=1),
           dict(tp=2, sp=False, tokens=36, dim=8, vocab=50, chunk=1000, seed=2)]
+AUTOCAST = dict(tp=2, sp=False, tokens=64, dim=32, vocab=300, chunk=16, autocast=True)
 
 
 def test_vocab_parallel_loss_equals_full_logits_and_never_forms_them():
     from distributed import run_group
 
-    results = run_group(4, kernel_cases, CASES)
+    *results, autocast = run_group(4, kernel_cases, CASES + [AUTOCAST])
+    for r in autocast:
+        assert r["vs_autocast"] <= 1e-5 and r["vs_fp32"] > 1e-5 and r["grad_w_fp32_finite"], r  # bf16 was used
     for case, ranks in zip(CASES, results):
         n_chunks = -(-2 * case["tokens"] // case["chunk"])
         rows_per_rank = -(-case["vocab"] // case["tp"])
