@@ -9,6 +9,7 @@ context parallelism replaces `Attention.core_attention` with a strategy object.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -366,7 +367,8 @@ class DecoderLM(nn.Module):
         check_residual(cfg.residual, cfg.ladder_layers, cfg.n_layers)
         self.ladder_residual = is_ladder(cfg)
         self.residual_sync = LocalSync()
-        self.head_loss = None  # the chunked loss of a split head (parallel/ installs it), else the single-device one
+        # The chunked loss of a split head (parallel/ installs it), else the single-device one
+        self.head_loss: Callable[..., torch.Tensor] | None = None
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         if not self.output.weight.is_meta:
@@ -418,7 +420,7 @@ class DecoderLM(nn.Module):
         for block in self.layers.values():
             block.residual_sync = sync
 
-    def set_head_loss(self, loss) -> None:
+    def set_head_loss(self, loss: Callable[..., torch.Tensor]) -> None:
         """How the chunked loss is computed from the final hidden states and the output head's
         weight, loss(h, weight, labels, chunk_tokens, ignore_index): tensor parallel installs a
         vocabulary-parallel one (parallel/vocab_parallel_loss.py)."""

@@ -174,8 +174,9 @@ def _pair_tp(results, i, tp=2):
 
 def test_trainer_losses_equal_with_chunking_two_ranks(tmp_path):
     """dp2 (FSDP: the head's weight is gathered inside the model's forward) and cp2 (each rank's
-    sequence shard) chunk; tp2, with and without sequence parallel, chunks over its vocabulary
-    shards (parallel/vocab_parallel_loss.py); pp2 keeps the full logits and says why."""
+    sequence shard) chunk; tp2, with and without sequence parallel and with tied embeddings,
+    chunks over its vocabulary shards (parallel/vocab_parallel_loss.py); pp2 keeps the full
+    logits and says why."""
     from distributed import run_group
 
     base = STEPS + ["data.batch_size=2", f"run.dir={tmp_path}/r"]
@@ -184,14 +185,16 @@ def test_trainer_losses_equal_with_chunking_two_ranks(tmp_path):
              base + ["parallel.pp=2", "data.batch_size=4", "train.loss_chunk_tokens=7"],
              base + ["parallel.cp=2", "data.batch_size=4", "train.loss_chunk_tokens=0"],
              base + ["parallel.cp=2", "data.batch_size=4", "train.loss_chunk_tokens=7"]]
-    for sp in ("true", "false"):
-        cases += [base + ["parallel.tp=2", f"parallel.sequence_parallel={sp}", "data.batch_size=4",
-                          f"train.loss_chunk_tokens={chunk}"] for chunk in (0, 7)]
+    for extra in (["parallel.sequence_parallel=true"], ["parallel.sequence_parallel=false"],
+                  ["model.tie_embeddings=true"]):  # tied: the embedding's and the head's gradients meet
+        cases += [base + ["parallel.tp=2", "data.batch_size=4", f"train.loss_chunk_tokens={chunk}"] + extra
+                  for chunk in (0, 7)]
     results = run_group(2, chunk_cases, cases)
     _pair(results, 0)
     _pair(results, 3)
     _pair_tp(results, 5)
     _pair_tp(results, 7)
+    _pair_tp(results, 9)
     fallback = results[2]
     assert fallback["chunk"] == 0 and fallback["calls"] == 0 and "parallel.pp" in fallback["path"]
     for step, loss in results[0]["losses"].items():
