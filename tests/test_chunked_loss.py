@@ -174,8 +174,8 @@ def _pair_tp(results, i, tp=2):
 
 def test_trainer_losses_equal_with_chunking_two_ranks(tmp_path):
     """dp2 (FSDP: the head's weight is gathered inside the model's forward) and cp2 (each rank's
-    sequence shard) chunk; tp2, with and without sequence parallel and with tied embeddings,
-    chunks over its vocabulary shards (parallel/vocab_parallel_loss.py); pp2 keeps the full
+    sequence shard) chunk; tp2, with and without sequence parallel, with tied embeddings and with a
+    vocabulary that does not divide by tp, chunks over its vocabulary shards (parallel/vocab_parallel_loss.py); pp2 keeps the full
     logits and says why."""
     from distributed import run_group
 
@@ -186,7 +186,8 @@ def test_trainer_losses_equal_with_chunking_two_ranks(tmp_path):
              base + ["parallel.cp=2", "data.batch_size=4", "train.loss_chunk_tokens=0"],
              base + ["parallel.cp=2", "data.batch_size=4", "train.loss_chunk_tokens=7"]]
     for extra in (["parallel.sequence_parallel=true"], ["parallel.sequence_parallel=false"],
-                  ["model.tie_embeddings=true"]):  # tied: the embedding's and the head's gradients meet
+                  ["model.tie_embeddings=true"],  # tied: the embedding's and the head's gradients meet
+                  ["model.vocab_size=261"]):  # split 131 / 130 over the two ranks
         cases += [base + ["parallel.tp=2", "data.batch_size=4", f"train.loss_chunk_tokens={chunk}"] + extra
                   for chunk in (0, 7)]
     results = run_group(2, chunk_cases, cases)
@@ -195,6 +196,7 @@ def test_trainer_losses_equal_with_chunking_two_ranks(tmp_path):
     _pair_tp(results, 5)
     _pair_tp(results, 7)
     _pair_tp(results, 9)
+    _pair_tp(results, 11)
     fallback = results[2]
     assert fallback["chunk"] == 0 and fallback["calls"] == 0 and "parallel.pp" in fallback["path"]
     for step, loss in results[0]["losses"].items():
