@@ -205,3 +205,28 @@ def test_vocab_shard_follows_torch_chunk():
         sizes = [t.shape[0] for t in torch.arange(vocab).chunk(tp)] + [0] * tp
         starts = [int(t[0]) for t in torch.arange(vocab).chunk(tp)] + [vocab] * tp
         assert [vocab_shard(vocab, tp, r) for r in range(tp)] == list(zip(starts[:tp], sizes[:tp]))
+
+
+def test_plan_counts_the_chunked_loss():
+    """`longtrain plan` (parallel/memory_model.py) counts the chunked loss where the trainer runs
+    it: one chunk of fp32 logits of vocab/tp columns plus the held gradients of h and the head's
+    rows, not the full logits on every tp rank."""
+    from longtrain.launcher.config import load_recipe
+    from longtrain.launcher.plan import layout_of, workload_of
+    from longtrain.models.sizes import SIZES
+    from longtrain.parallel.memory_model import Layout, Workload, estimate_memory
+
+    cfg = SIZES["llama3-8b"]
+    full = estimate_memory(cfg, Layout(tp=2), Workload(seq_len=16384, precision="bf16"))
+    chunked = estimate_memory(cfg, Layout(tp=2), Workload(seq_len=16384, precision="bf16", loss_chunk_tokens=1024))
+    local_v = cfg.vocab_size / 2
+    expected = (16384 * cfg.dim * 2 + local_v * cfg.dim * 4  # held grad h (bf16 stream) + fp32 grad of the rows
+                + 16384 * cfg.dim * 2  # h gathered from sequence shards
+                + 1024 * local_v * (4 + 2))  # one chunk's logits, bf16 and fp32
+    assert chunked.parts["logits_and_loss"] == pytest.approx(expected)
+    assert full.parts["logits_and_loss"] > 10 * chunked.parts["logits_and_loss"]
+    # The recipe's chunk reaches the plan, except under pp (the full logits there).
+    recipe = load_recipe(None, ["parallel.tp=2", "run.launch.nproc_per_node=2"])
+    assert workload_of(recipe, layout_of(recipe, 2), "cpu").loss_chunk_tokens == 1024
+    recipe = load_recipe(None, ["parallel.pp=2", "run.launch.nproc_per_node=2"])
+    assert workload_of(recipe, layout_of(recipe, 2), "cpu").loss_chunk_tokens == 0
