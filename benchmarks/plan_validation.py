@@ -58,7 +58,8 @@ QUICK = [
 H100 = {"measured_gib": 74.6, "source": "benchmarks/results/gpu_training_h100.md (packing none, flash_attn)",
         "recipe": {"model": {"name": "llama-1b"}, "data": {"seq_len": 16384, "batch_size": 1},
                    "parallel": {"tp": 1, "dp_shard": 1, "mixed_precision": "bf16"}, "optim": {"fused": "on"},
-                   "train": {"device": "cuda"}},
+                   # the run (2026-11-22) predates the chunked loss: the full logits
+                   "train": {"device": "cuda", "loss_chunk_tokens": 0}},
         "measured_tokens_per_second": 29005, "measured_mfu": 0.266}
 
 

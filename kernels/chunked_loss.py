@@ -4,12 +4,13 @@ chunk by chunk over the tokens, so that the full (tokens x vocab) fp32 logits te
 Forward: for each chunk of `chunk_tokens` tokens, logits = h_chunk @ W^T in the compute dtype
 (the autocast dtype when autocast is on, else the input dtype), upcast to fp32; the chunk's
 log-sum-exp and target logit give its loss, and, when gradients will be needed, the same logits
-give d logits = softmax - onehot(target) (zero on ignored tokens) and from it grad_h = d logits @ W
-(compute dtype) and grad_W accumulated in fp32 over the chunks, before the chunk's logits are
-dropped. The backward only scales the two by the incoming gradient: three head matmuls per chunk
-in all, as with full logits (recomputing the logits in the backward would take four). Peak extra
-memory: one chunk of logits (compute dtype and fp32) plus grad_h and an fp32 gradient of W,
-instead of the whole sequence's logits.
+give d logits = softmax - onehot(target) (zero on ignored tokens; formed in place in the logits'
+buffer) and from it grad_h = d logits @ W (compute dtype) and grad_W accumulated in fp32 over the
+chunks, before the chunk's logits are dropped. The backward only scales the two by the incoming
+gradient: three head matmuls per chunk in all, as with full logits (recomputing the logits in the
+backward would take four). Peak extra memory: one chunk of logits (one fp32 buffer, plus its
+compute-dtype copy under autocast) plus grad_h and an fp32 gradient of W, instead of the whole
+sequence's logits.
 """
 from __future__ import annotations
 
@@ -38,21 +39,24 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 logits = (h_chunk @ w.t()).float()
                 lab = labels[start:stop]
                 keep = lab != ignore_index
-                chunk_lse = torch.logsumexp(logits, dim=-1)
                 target = logits.gather(1, lab.clamp(min=0).unsqueeze(1)).squeeze(1)
+                row_max = logits.amax(dim=-1)
+                # In place, the chunk's only (chunk, vocab) fp32 buffer: logits <- exp(logits - row max)
+                sum_exp = logits.sub_(row_max.unsqueeze(1)).exp_().sum(dim=-1)
+                chunk_lse = sum_exp.log().add_(row_max)
                 total += torch.where(keep, chunk_lse - target, 0.0).sum()
                 if want_h or want_w:  # d loss / d logits = softmax - onehot(target), zero on ignored tokens
-                    g = logits.sub_(chunk_lse.unsqueeze(1)).exp_()
-                    g.scatter_add_(1, lab.clamp(min=0).unsqueeze(1),
-                                   torch.full((stop - start, 1), -1.0, dtype=g.dtype, device=g.device))
-                    g.mul_(keep.to(g.dtype).unsqueeze(1))
+                    logits.div_(sum_exp.unsqueeze(1))  # in place: softmax, then its gradient
+                    logits.scatter_add_(1, lab.clamp(min=0).unsqueeze(1),
+                                        torch.full((stop - start, 1), -1.0, dtype=logits.dtype, device=logits.device))
+                    logits.mul_(keep.to(logits.dtype).unsqueeze(1))
                     if grad_h is not None:
-                        grad_h[start:stop] = (g.to(compute_dtype) @ w).to(h.dtype)
+                        grad_h[start:stop] = (logits.to(compute_dtype) @ w).to(h.dtype)
                     if grad_w is not None:
                         if compute_dtype == torch.float32:
-                            grad_w.addmm_(g.t(), h_chunk)
+                            grad_w.addmm_(logits.t(), h_chunk)
                         else:
-                            grad_w.add_((g.to(compute_dtype).t() @ h_chunk).float())
+                            grad_w.add_((logits.to(compute_dtype).t() @ h_chunk).float())
                 del logits
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype

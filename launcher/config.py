@@ -83,7 +83,7 @@ class TrainConfig:
     # The loss in chunks of this many tokens (kernels/chunked_loss.py): the output head and the
     # cross-entropy run chunk by chunk and the full (tokens x vocab) fp32 logits never exist;
     # 0: the full logits. 1024 keeps one chunk's fp32 logits at 512 MiB for a 128K vocabulary
-    # while each chunk's matmul stays large. Applies without tp and pp (the full logits there).
+    # while each chunk's matmul stays large. Vocabulary-parallel under tp; the full logits under pp.
     loss_chunk_tokens: int = 1024
 
 

@@ -79,7 +79,7 @@ def workload_of(recipe: Recipe, lay: Layout, device: str) -> Workload:
     fused = recipe.optim.fused != "off"
     return Workload(seq_len=recipe.data.seq_len, batch_size=recipe.data.batch_size,
                     grad_accum=recipe.train.grad_accum, precision=precision_of(recipe, device, fsdp),
-                    fused_optimizer=fused)
+                    fused_optimizer=fused, loss_chunk_tokens=recipe.train.loss_chunk_tokens if lay.pp == 1 else 0)
 
 
 def _splits_into(cfg, n_stages: int) -> bool:

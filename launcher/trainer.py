@@ -318,17 +318,17 @@ class Trainer:
                                reduction="sum")
 
     def _pick_loss_path(self) -> tuple[int, str]:
-        """train.loss_chunk_tokens, or 0 (the full logits) with the reason: under tp the head's
-        vocabulary is sharded and gathered to replicated logits (a vocabulary-parallel chunked loss
-        needs cross-rank reductions per chunk, not built yet); under pp the schedule calls the
-        last stage without the labels."""
+        """train.loss_chunk_tokens, or 0 (the full logits) with the reason: under pp the schedule
+        calls the last stage without the labels. Under tp the chunks run vocabulary-parallel
+        (parallel/vocab_parallel_loss.py: chunk x vocab/tp logits a rank)."""
         chunk = self.recipe.train.loss_chunk_tokens
         if chunk == 0:
             return 0, "full logits (train.loss_chunk_tokens: 0)"
-        if self.dims.tp > 1:
-            return 0, "full logits: train.loss_chunk_tokens is not applied with parallel.tp > 1 (vocabulary-sharded head)"
         if self.dims.pp > 1:
             return 0, "full logits: train.loss_chunk_tokens is not applied with parallel.pp > 1"
+        if self.dims.tp > 1:
+            return chunk, (f"chunked loss, vocabulary-parallel over tp={self.dims.tp}, {chunk} tokens a chunk "
+                           f"(at most {chunk} x vocab/{self.dims.tp} logits a rank)")
         return chunk, f"chunked loss, {chunk} tokens a chunk (no full fp32 logits)"
 
     def _model_loss(self, model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor, meta: tuple,

@@ -9,6 +9,7 @@ context parallelism replaces `Attention.core_attention` with a strategy object.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -366,6 +367,8 @@ class DecoderLM(nn.Module):
         check_residual(cfg.residual, cfg.ladder_layers, cfg.n_layers)
         self.ladder_residual = is_ladder(cfg)
         self.residual_sync = LocalSync()
+        # The chunked loss of a split head (parallel/ installs it), else the single-device one
+        self.head_loss: Callable[..., torch.Tensor] | None = None
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         if not self.output.weight.is_meta:
@@ -417,6 +420,12 @@ class DecoderLM(nn.Module):
         for block in self.layers.values():
             block.residual_sync = sync
 
+    def set_head_loss(self, loss: Callable[..., torch.Tensor]) -> None:
+        """How the chunked loss is computed from the final hidden states and the output head's
+        weight, loss(h, weight, labels, chunk_tokens, ignore_index): tensor parallel installs a
+        vocabulary-parallel one (parallel/vocab_parallel_loss.py)."""
+        self.head_loss = loss
+
     def reset_rope_buffers(self) -> None:
         for module in self.modules():
             if isinstance(module, RotaryEmbedding):
@@ -446,7 +455,8 @@ class DecoderLM(nn.Module):
             return h
         if labels is None:
             return self.output(h)
-        return chunked_linear_cross_entropy(h, self.output.weight, labels, loss_chunk_tokens, IGNORE_INDEX)
+        loss = self.head_loss if self.head_loss is not None else chunked_linear_cross_entropy
+        return loss(h, self.output.weight, labels, loss_chunk_tokens, IGNORE_INDEX)
 
 
 class Transformer(DecoderLM):

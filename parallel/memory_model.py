@@ -82,6 +82,8 @@ class Workload:
     grad_accum: int = 1
     precision: str = "fp32"  # fp32 | autocast | bf16 (see the module docstring)
     fused_optimizer: bool = False  # fused AdamW: no full-size temporaries in the step
+    # train.loss_chunk_tokens where the trainer applies it (pp 1), else 0: the full logits
+    loss_chunk_tokens: int = 0
 
 
 @dataclass
@@ -260,11 +262,24 @@ def _layer_backward_transient(cfg, kind: str, tokens: float, lay: Layout, precis
     return {"-": mlp, "*": attn, "T": max(mlp, attn)}[kind]
 
 
-def _head(cfg, tokens: float, lay: Layout, precision: str) -> tuple[float, float, float]:
+def _head(cfg, tokens: float, lay: Layout, precision: str, chunk_tokens: int = 0) -> tuple[float, float, float]:
     """(saved by final norm + output head, peak of the loss forward, peak of the loss backward).
-    The output head is column-parallel with replicated logits: every tp rank holds the full T x V."""
-    c, _ = _elem(precision)
+    Full logits: the output head is column-parallel with replicated logits: every tp rank holds the
+    full T x V. Chunked (chunk_tokens > 0; kernels/chunked_loss.py, under tp
+    parallel/vocab_parallel_loss.py): one chunk's fp32 logits of V/tp columns at a time (its
+    softmax and gradient formed in place), the gradients of h (T d, the stream's dtype) and of the
+    rank's head rows (fp32) formed in the forward and held until the backward, which scales copies."""
+    c, r = _elem(precision)
     V = cfg.vocab_size
+    if chunk_tokens:
+        d = cfg.dim
+        norm_only = _norm_and_input(cfg, tokens, lay, precision, consumers=1) - tokens * d * c
+        rows, local_v = min(chunk_tokens, tokens), V / lay.tp
+        held = tokens * d * r + local_v * d * 4
+        gathered_h = tokens * d * r if (lay.tp > 1 and lay.sequence_parallel) else 0.0
+        fwd = held + gathered_h + rows * local_v * 4 + (rows * local_v * c if c != 4 else 0.0)
+        bwd = held + tokens * d * 4 + (tokens * d * r if r != 4 else 0.0)
+        return norm_only, fwd, bwd
     saved = _norm_and_input(cfg, tokens, lay, precision, consumers=1)
     fp32_logits = tokens * V * 4
     local = tokens * V / lay.tp * c if lay.tp > 1 else 0.0
@@ -338,7 +353,7 @@ def estimate_memory(cfg, lay: Layout, work: Workload) -> MemoryEstimate:
             held_by_layer.append(tokens * cfg.dim * r if _checkpointed(lay, i) else saved)  # checkpointed: the input
         one_micro = sum(held_by_layer) + (tokens * 8 * 3 if first else 0.0)  # + tokens, labels, positions
         held = one_micro * in_flight
-        head_saved, loss_fwd, loss_bwd = _head(cfg, tokens, lay, work.precision) if last else (0.0, 0.0, 0.0)
+        head_saved, loss_fwd, loss_bwd = _head(cfg, tokens, lay, work.precision, work.loss_chunk_tokens) if last else (0.0, 0.0, 0.0)
         parts["activations"] = held + head_saved
         static = parts["parameters"] + parts["optimizer_state"] + parts["gathered_parameters"]
         grads = parts["gradients"]

@@ -3,7 +3,8 @@
 Per block: the norms run on sequence shards (Shard(1)); the attention input is all-gathered,
 the fused Q/K/V projection and w1/w3 split by output features (heads), wo and w2 split by input features and
 reduce-scattered back to sequence shards. The embedding is split by rows (vocabulary); the output
-head by columns, gathered to replicated logits so the loss sees every vocabulary entry.
+head by columns: called for logits it gathers them replicated, while the training loss runs
+vocabulary-parallel chunk by chunk on the local columns (parallel/vocab_parallel_loss.py).
 Without sequence parallel, activations between blocks stay replicated.
 
 The model says how each of its modules splits (models/parallel_plan.py: `tensor_parallel_top_plan`,
@@ -29,6 +30,7 @@ from torch.distributed.tensor.parallel import (
 from longtrain.models.transformer import DecoderLM
 from longtrain.parallel.ladder import (LadderMixerInput, LadderRowwiseParallel, LadderSublayerInput,
                                        SublayerReductions)
+from longtrain.parallel.vocab_parallel_loss import vocab_parallel_linear_cross_entropy
 
 
 def apply_tensor_parallel(model: DecoderLM, tp_mesh: DeviceMesh, sequence_parallel: bool = True,
@@ -51,6 +53,8 @@ def apply_tensor_parallel(model: DecoderLM, tp_mesh: DeviceMesh, sequence_parall
     top_plan: dict[str, ParallelStyle] = {k: v for k, v in styled.items() if v is not None}
     if top_plan:
         parallelize_module(model, tp_mesh, top_plan)
+    if "head" in model.tensor_parallel_top_plan().values():  # the chunked loss, without gathering the logits
+        model.set_head_loss(partial(vocab_parallel_linear_cross_entropy, input_layout=between))
 
     styles = {"colwise": ColwiseParallel, "replicate": _Replicated, "sum_grad": _SumGradOverTP}
     for key, block_plan in model.block_tp_plans().items():

@@ -1,6 +1,7 @@
 """Smoke test of benchmarks/chunked_loss.py: a tiny run in a subprocess writes the JSON and the
 markdown; the chunked loss's peak memory is at least 3x lower than the full logits' at chunks of
-1/8 and 1/4 of the tokens, with the same loss (1e-6 relative) and gradients."""
+1/8 and 1/4 of the tokens, with the same loss (1e-6 relative) and gradients; under tp2 the
+vocabulary-parallel chunks' peak a rank is at least 3x below the gathered full logits'."""
 import pytest
 import json
 import os
@@ -27,6 +28,20 @@ def test_chunked_loss_benchmark_smoke(tmp_path):
         r = s["chunked"][chunk]
         assert r["ratio_vs_full"] >= 3.0, (chunk, r)
         assert r["peak_bytes"] >= int(chunk) * 8192 * 4  # one chunk's fp32 logits is alive: measured, not zero
+        # ... and only one (softmax and its gradient in place), beside the fp32 grad of W and grad h
+        assert r["peak_bytes"] <= 1.25 * int(chunk) * 8192 * 4 + 8192 * 32 * 4 + 4 * 512 * 32 * 4, (chunk, r)
         assert r["loss_rel_diff"] <= 1e-6
         assert r["grad_h_max_abs_diff"] <= 1e-5 and r["grad_w_max_abs_diff"] <= 1e-4
-    assert "x lower than full" in (tmp_path / "chunked_loss.md").read_text()
+    tp = s["tp"]
+    assert tp["tp"] == 2 and tp["tokens"] == 512 and tp["full"]["peak_bytes"] >= 512 * 8192 * 4  # gathered logits
+    for chunk in ("64", "128"):
+        r = tp["chunked"][chunk]
+        assert r["ratio_vs_full"] >= 3.0, (chunk, r)
+        assert r["peak_bytes"] >= r["local_logits_fp32_bytes"] == int(chunk) * 4096 * 4  # chunk x vocab/2 logits
+        # One chunk's logits buffer at a time (softmax and its gradient formed in place in it),
+        # beside the fp32 gradient of the rank's weight rows and the hidden states' gradient.
+        assert r["peak_bytes"] <= 1.25 * r["local_logits_fp32_bytes"] + 4096 * 32 * 4 + 4 * 512 * 32 * 4, (chunk, r)
+        assert r["loss_rel_diff"] <= 1e-6
+        assert r["grad_h_max_abs_diff"] <= 1e-5 and r["grad_w_max_abs_diff"] <= 1e-4
+    md = (tmp_path / "chunked_loss.md").read_text()
+    assert "x lower than full" in md and "Tensor parallel: tp2, per rank" in md

@@ -90,28 +90,36 @@ def chunk_cases(cases: list) -> list[dict]:
     import torch.distributed as dist
 
     import longtrain.models.transformer as transformer
+    import longtrain.parallel.vocab_parallel_loss as vocab_parallel
     from cases import TINY
     from longtrain.launcher.config import load_recipe
     from longtrain.launcher.trainer import Trainer
 
     calls = [0]
+    vp_calls = [0]  # the vocabulary-parallel chunked loss (under tp)
     kernel = transformer.chunked_linear_cross_entropy
+    vp_kernel = vocab_parallel.vocab_parallel_cross_entropy_local
 
     def counted(*args, **kwargs):
         calls[0] += 1
         return kernel(*args, **kwargs)
 
+    def vp_counted(*args, **kwargs):
+        vp_calls[0] += 1
+        return vp_kernel(*args, **kwargs)
+
     transformer.chunked_linear_cross_entropy = counted
+    vocab_parallel.vocab_parallel_cross_entropy_local = vp_counted
     out = []
     for overrides in cases:
-        calls[0] = 0
+        calls[0] = vp_calls[0] = 0
         trainer = Trainer(load_recipe(None, TINY + overrides + [f"run.launch.nproc_per_node={dist.get_world_size()}"]))
         head_calls = [0]  # the output head's own forward makes the full logits
         for part in trainer.parts:
             if part.output is not None:
                 part.output.register_forward_hook(lambda *_: head_calls.__setitem__(0, head_calls[0] + 1))
         result = trainer.run()
-        out.append({"losses": result.losses, "eval": result.eval_losses, "calls": calls[0],
+        out.append({"losses": result.losses, "eval": result.eval_losses, "calls": calls[0], "vp_calls": vp_calls[0],
                     "head_calls": head_calls[0], "chunk": trainer.loss_chunk_tokens, "path": trainer.loss_path})
         dist.barrier()
     return out
@@ -150,25 +158,68 @@ def test_trainer_losses_equal_with_chunking_one_process(tmp_path):
         _pair(results, i)
 
 
+def _pair_tp(results, i, tp=2):
+    """Full logits (loss_chunk_tokens: 0) against the vocabulary-parallel chunks under tp: the same
+    per-step losses within 1e-5 relative; the chunked run never calls the head for logits."""
+    off, on = results[i], results[i + 1]
+    assert off["chunk"] == 0 and off["vp_calls"] == 0 and off["head_calls"] > 0
+    assert on["chunk"] == 7 and on["vp_calls"] > 0 and on["calls"] == 0 and on["head_calls"] == 0, on["path"]
+    assert f"vocabulary-parallel over tp={tp}" in on["path"], on["path"]
+    for step, loss in off["losses"].items():
+        assert abs(on["losses"][step] - loss) <= 1e-5 * abs(loss), (step, on["losses"][step], loss)
+    for step, loss in off["eval"].items():
+        assert abs(on["eval"][step] - loss) <= 1e-5 * abs(loss)
+    assert len(off["losses"]) == 4 and len(off["eval"]) == 2
+
+
 def test_trainer_losses_equal_with_chunking_two_ranks(tmp_path):
     """dp2 (FSDP: the head's weight is gathered inside the model's forward) and cp2 (each rank's
-    sequence shard) chunk; tp2 and pp2 keep the full logits and say why."""
+    sequence shard) chunk; tp2, with and without sequence parallel, with tied embeddings and with a
+    vocabulary that does not divide by tp, chunks over its vocabulary shards (parallel/vocab_parallel_loss.py); pp2 keeps the full
+    logits and says why."""
     from distributed import run_group
 
     base = STEPS + ["data.batch_size=2", f"run.dir={tmp_path}/r"]
     cases = [base + ["parallel.dp_shard=2", "train.loss_chunk_tokens=0"],
              base + ["parallel.dp_shard=2", "train.loss_chunk_tokens=7"],
-             base + ["parallel.tp=2", "data.batch_size=4", "train.loss_chunk_tokens=7"],
              base + ["parallel.pp=2", "data.batch_size=4", "train.loss_chunk_tokens=7"],
              base + ["parallel.cp=2", "data.batch_size=4", "train.loss_chunk_tokens=0"],
              base + ["parallel.cp=2", "data.batch_size=4", "train.loss_chunk_tokens=7"]]
+    for extra in (["parallel.sequence_parallel=true"], ["parallel.sequence_parallel=false"],
+                  ["model.tie_embeddings=true"],  # tied: the embedding's and the head's gradients meet
+                  ["model.vocab_size=261"]):  # split 131 / 130 over the two ranks
+        cases += [base + ["parallel.tp=2", "data.batch_size=4", f"train.loss_chunk_tokens={chunk}"] + extra
+                  for chunk in (0, 7)]
     results = run_group(2, chunk_cases, cases)
     _pair(results, 0)
-    _pair(results, 4)
-    for fallback, key in ((results[2], "parallel.tp"), (results[3], "parallel.pp")):
-        assert fallback["chunk"] == 0 and fallback["calls"] == 0 and key in fallback["path"]
+    _pair(results, 3)
+    _pair_tp(results, 5)
+    _pair_tp(results, 7)
+    _pair_tp(results, 9)
+    _pair_tp(results, 11)
+    fallback = results[2]
+    assert fallback["chunk"] == 0 and fallback["calls"] == 0 and "parallel.pp" in fallback["path"]
+    for step, loss in results[0]["losses"].items():
+        assert abs(fallback["losses"][step] - loss) <= 1e-5 * abs(loss), step
+    for tp_run in (results[5], results[7]):  # tp2 computes what dp2 does (the same global batch)
         for step, loss in results[0]["losses"].items():
-            assert abs(fallback["losses"][step] - loss) <= 1e-5 * abs(loss), (key, step)
+            assert abs(tp_run["losses"][step] - loss) <= 1e-5 * abs(loss), step
+
+
+def test_trainer_vocab_parallel_chunks_with_dp_and_cp_four_ranks(tmp_path):
+    """tp2 combined with FSDP (dp2: the head's weight gathered by FSDP is a DTensor over tp) and
+    with context parallel (cp2: each rank's sequence shard, sequence parallel inside tp)."""
+    from distributed import run_group
+
+    base = STEPS + [f"run.dir={tmp_path}/r", "parallel.tp=2"]
+    cases = [base + layout + [f"train.loss_chunk_tokens={chunk}"]
+             for layout in (["parallel.dp_shard=2", "data.batch_size=2"], ["parallel.cp=2", "data.batch_size=4"])
+             for chunk in (0, 7)]
+    results = run_group(4, chunk_cases, cases)
+    _pair_tp(results, 0)
+    _pair_tp(results, 2)
+    for step, loss in results[0]["losses"].items():  # both layouts train on the same 4 sequences a step
+        assert abs(results[2]["losses"][step] - loss) <= 1e-5 * abs(loss), step
 
 
 def test_negative_chunk_tokens_is_one_line_naming_the_key():

@@ -191,7 +191,10 @@ def test_gpu_runner_training_summary(tmp_path):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = run_gpu_checks._training_summary(step, tmp_path)
     assert summary["measured"]["tokens_per_second"] == 29005.0 and summary["measured"]["step"] == 20
-    assert abs(summary["predicted"]["peak_memory_gib"] / 74.6 - 1) < 0.15
+    # The stand-in run (gpu_training_h100.md, 74.6 GiB) predates the chunked loss: it held the full
+    # logits (~26 GiB at 16K tokens of a 128K vocabulary), which the kit's runs (train.loss_chunk_tokens
+    # at its default) no longer form; the plan against that run itself is benchmarks/plan_validation.py.
+    assert 74.6 - 30 < summary["predicted"]["peak_memory_gib"] < 74.6 - 20
     assert 0 < summary["predicted"]["mfu"] < 1
     step32 = next(s for s in run_gpu_checks.steps() if s.name == "train_32k")
     assert "parallel.activation_checkpoint=full" in " ".join(step32.command(tmp_path))

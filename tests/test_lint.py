@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 TYPED = ["launcher.config", "launcher.config_keys", "launcher.log", "parallel.config", "models.config",
          "data.config", "models.parallel_plan", "models.registry", "parallel.parallelize", "parallel.tensor_parallel",
-         "parallel.pipeline", "parallel.data_parallel"]
+         "parallel.pipeline", "parallel.data_parallel", "parallel.vocab_parallel_loss"]
 
 
 def test_ruff_is_clean():
