@@ -25,6 +25,31 @@ def _compute_dtype(h: torch.Tensor) -> torch.dtype:
     return h.dtype
 
 
+def add_chunk_grads(grad_logits: torch.Tensor, h_chunk: torch.Tensor, w: torch.Tensor, grad_h, grad_w, start: int,
+                    compute_dtype: torch.dtype) -> None:
+    """A chunk's share of the head's gradients from d loss / d logits (chunk, rows): its rows of
+    grad_h (from `start`) = grad_logits @ w, and grad_w (fp32) += grad_logits^T @ h_chunk."""
+    if grad_h is not None:
+        grad_h[start:start + grad_logits.shape[0]] = (grad_logits.to(compute_dtype) @ w).to(grad_h.dtype)
+    if grad_w is not None:
+        if compute_dtype == torch.float32:
+            grad_w.addmm_(grad_logits.t(), h_chunk)
+        else:
+            grad_w.add_((grad_logits.to(compute_dtype).t() @ h_chunk).float())
+
+
+def scaled_grads(ctx, grad_total: torch.Tensor, what: str) -> tuple:
+    """backward of a loss whose forward saved (grad_h, grad_w): them times the incoming gradient."""
+    grad_h, grad_w = ctx.saved_tensors
+    if (grad_h is None and ctx.needs_input_grad[0]) or (grad_w is None and ctx.needs_input_grad[1]):
+        raise RuntimeError(f"{what}: gradients were not computed in the forward (it ran without grad mode or "
+                           "without inputs requiring grad)")
+    scale = grad_total.float()
+    out_h = (grad_h.float() * scale).to(grad_h.dtype) if ctx.needs_input_grad[0] else None
+    out_w = (grad_w * scale).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+    return out_h, out_w
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, labels, chunk_tokens, ignore_index, compute_dtype, want_h, want_w):
@@ -50,13 +75,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     logits.scatter_add_(1, lab.clamp(min=0).unsqueeze(1),
                                         torch.full((stop - start, 1), -1.0, dtype=logits.dtype, device=logits.device))
                     logits.mul_(keep.to(logits.dtype).unsqueeze(1))
-                    if grad_h is not None:
-                        grad_h[start:stop] = (logits.to(compute_dtype) @ w).to(h.dtype)
-                    if grad_w is not None:
-                        if compute_dtype == torch.float32:
-                            grad_w.addmm_(logits.t(), h_chunk)
-                        else:
-                            grad_w.add_((logits.to(compute_dtype).t() @ h_chunk).float())
+                    add_chunk_grads(logits, h_chunk, w, grad_h, grad_w, start, compute_dtype)
                 del logits
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
@@ -64,14 +83,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_h, grad_w = ctx.saved_tensors
-        if (grad_h is None and ctx.needs_input_grad[0]) or (grad_w is None and ctx.needs_input_grad[1]):
-            raise RuntimeError("chunked loss: gradients were not computed in the forward (it ran without "
-                               "grad mode or without inputs requiring grad)")
-        scale = grad_total.float()
-        out_h = (grad_h.float() * scale).to(grad_h.dtype) if ctx.needs_input_grad[0] else None
-        out_w = (grad_w * scale).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return out_h, out_w, None, None, None, None, None, None
+        return scaled_grads(ctx, grad_total, "chunked loss") + (None,) * 6
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

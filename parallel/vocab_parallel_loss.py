@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 
-from longtrain.kernels.chunked_loss import _compute_dtype
+from longtrain.kernels.chunked_loss import _compute_dtype, add_chunk_grads, scaled_grads
 
 
 def vocab_shard(vocab_size: int, tp_degree: int, tp_rank: int) -> tuple[int, int]:
@@ -82,13 +82,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
                     logits.mul_(torch.exp(row_max - chunk_lse).unsqueeze(1))
                     logits.scatter_add_(1, local.unsqueeze(1), -owned.to(logits.dtype).unsqueeze(1))
                     logits.mul_(keep.to(logits.dtype).unsqueeze(1))
-                    if grad_h is not None:
-                        grad_h[start:stop] = (logits.to(compute_dtype) @ w).to(h.dtype)
-                    if grad_w is not None:
-                        if compute_dtype == torch.float32:
-                            grad_w.addmm_(logits.t(), h_chunk)
-                        else:
-                            grad_w.add_((logits.to(compute_dtype).t() @ h_chunk).float())
+                    add_chunk_grads(logits, h_chunk, w, grad_h, grad_w, start, compute_dtype)
                 elif grad_h is not None:
                     grad_h[start:stop] = 0
                 del logits
@@ -98,14 +92,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_h, grad_w = ctx.saved_tensors
-        if (grad_h is None and ctx.needs_input_grad[0]) or (grad_w is None and ctx.needs_input_grad[1]):
-            raise RuntimeError("vocabulary-parallel loss: gradients were not computed in the forward (it ran "
-                               "without grad mode or without inputs requiring grad)")
-        scale = grad_total.float()
-        out_h = (grad_h.float() * scale).to(grad_h.dtype) if ctx.needs_input_grad[0] else None
-        out_w = (grad_w * scale).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return out_h, out_w, None, None, None, None, None, None, None, None
+        return scaled_grads(ctx, grad_total, "vocabulary-parallel loss") + (None,) * 8
 
 
 def vocab_parallel_cross_entropy_local(hidden: torch.Tensor, weight_local: torch.Tensor, labels: torch.Tensor,
