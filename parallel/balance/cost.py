@@ -35,6 +35,8 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from longtrain.parallel.balance.planner import causal_pairs
+
 REGIMES = ("local", "intra", "inter")
 LEVEL_ORDER = {"inter": 0, "intra": 1, "local": 2}  # the attention engine's queue order
 
@@ -265,6 +267,13 @@ class CostModel:
         """Training attention time of `share` of a sequence's causal work."""
         f = self.cluster.attention_flops_per_s(length)
         return 3.5 * attention_flops(length, self.model) * share / f * self.model.n_layers
+
+    def piece_forward_seconds(self, piece, length: int) -> float:
+        """Forward attention seconds of one layer for a planner Piece (its queries against the
+        earlier keys of its sequence of `length` tokens), at the kernel speed of its ring's blocks
+        (length / ring size tokens): what the simulator and the remap estimate charge a piece."""
+        flops = 4.0 * self.model.mask_factor * 2 * causal_pairs(piece) * self.model.n_heads * self.model.head_dim
+        return flops / self.cluster.attention_flops_per_s(max(1, length // len(piece.group)))
 
     def linear_seconds(self, tokens: float) -> float:
         return 3.0 * linear_flops(tokens, self.model) / (self.cluster.linear_tflops * 1e12) * self.model.n_layers

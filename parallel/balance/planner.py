@@ -98,10 +98,10 @@ class Plan:
 
     def slot_key(self, slot) -> tuple:
         """Sort key of a (group, level, ...) slot in the global order every rank follows."""
-        group, level = slot[0], slot[1]
+        group = slot[0]
         if group in self.order:
             return (0, self.order[group], ())
-        return (1, LEVEL_ORDER[level], len(group) == 1, group)
+        return (1,) + slot_key(slot)
 
 
 def slot_key(slot) -> tuple:
@@ -212,12 +212,12 @@ def plan_step(lengths: Sequence[int], world: int, strategy: str = "zeppelin", *,
             per_rank[rank].append(piece)
     # attention-layout order: slots in the global order, pieces by sequence inside a slot
     plan.pieces = per_rank
-    plan.set_order(schedule_slots(groups, lengths, world, cost, member_cost or ring_cost, G))
+    plan.set_order(schedule_slots(groups, lengths, world, cost, member_cost or ring_cost))
     return plan
 
 
 def schedule_slots(groups: dict, lengths: list[int], world: int, cost: Callable[[int], float],
-                   ring_cost: Optional[Callable[[int, int, str], float]] = None, gpus_per_node: int = 0) -> dict:
+                   ring_cost: Optional[Callable[[int, int, str], float]] = None) -> dict:
     """The global slot order every rank follows: group -> place. Any global order is free of
     deadlock (the earliest unfinished slot has all its members at it), but rings of different members
     wait for each other: in the fixed order (slot_key) a rank in many rings chains them while the
@@ -226,13 +226,11 @@ def schedule_slots(groups: dict, lengths: list[int], world: int, cost: Callable[
     ties by level (inter-node first: the slowest transfers start first) then the longer ring; each
     rank's local sequences last, where they fill what the rings leave (techniques.md 1.5). The fixed
     order unless the schedule ends the step sooner by the same costs (greedy schedules can lose)."""
-    G = gpus_per_node if 0 < gpus_per_node < world else world
     seconds: dict = {}
     levels: dict = {}
     for seq, (group, level) in groups.items():
         g, L = len(group), lengths[seq]
-        c = cost(L)
-        share = c / g if g == 1 or ring_cost is None else ring_cost(L, g, _level(group, G))
+        share = cost(L) / g if g == 1 or ring_cost is None else ring_cost(L, g, level)
         seconds[group] = seconds.get(group, 0.0) + share
         levels[group] = level
     clock = [0.0] * world
@@ -467,7 +465,6 @@ def _zeppelin(lengths, world, G, capacity, cost, tau_intra, tau_inter, ring_cost
         # the least-loaded node with token room first; when its ranks' free room is too fragmented
         # for the ring, the next nodes (by load), so a plan never fails while a node can hold it
         for n in sorted(range(N), key=lambda n: (node_tok[n] + L > G * capacity, node_load[n], n)):
-            by_load = sorted(range(n * G, (n + 1) * G), key=lambda r: (rank_load[r], r))
             best, best_key = None, ((float("inf"), float("inf")), 0)
             for g in range(g_lo, min(g_hi, G) + 1):
                 if g & (g - 1):  # rings are aligned blocks: 2, 4, 8 ... ranks
@@ -484,6 +481,7 @@ def _zeppelin(lengths, world, G, capacity, cost, tau_intra, tau_inter, ring_cost
                 if key < best_key:
                     best, best_key = list(fits), key
             if best is None:  # no aligned block, or wider than the hiding length allows: any ranks that fit
+                by_load = sorted(range(n * G, (n + 1) * G), key=lambda r: (rank_load[r], r))
                 for g in range(g_lo, G + 1):
                     room = -(-L // g) + 1
                     fits = [r for r in by_load if rank_tok[r] + room <= capacity][:g]

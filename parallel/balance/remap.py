@@ -104,9 +104,7 @@ def remap_estimate(plan, cm) -> tuple[float, float]:
     attention = np.zeros(P)
     for r, pieces in enumerate(plan.pieces):
         for p in pieces:
-            pairs = (p.stop * (p.stop + 1) - p.start * (p.start + 1)) / 2.0
-            rate = c.attention_flops_per_s(max(1, plan.lengths[p.seq] // len(p.group)))
-            attention[r] += 3.5 * 4.0 * m.mask_factor * 2 * pairs * m.n_heads * m.head_dim / rate * m.n_layers
+            attention[r] += 3.5 * cm.piece_forward_seconds(p, plan.lengths[p.seq]) * m.n_layers  # fwd + bwd
     work = np.array(counts) * per_token + attention
     cores = c.shared_cores if 0 < c.shared_cores < P else 0
     floor = work.sum() / cores if cores else 0.0

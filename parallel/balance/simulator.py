@@ -74,10 +74,6 @@ def _kernel_calls(pieces_by_rank: dict) -> dict:
             for r, pieces in pieces_by_rank.items()}
 
 
-def _piece_pairs(start: int, stop: int) -> float:
-    return (stop * (stop + 1) - start * (start + 1)) / 2.0
-
-
 def simulate(plan: Plan, cm: CostModel, remap: bool = True, compute_scale: float = 1.0,
              routing: bool = False, shared_cores: int | None = None) -> StepSimulation:
     """`compute_scale`: compute seconds are multiplied by it. `shared_cores`: the ranks share this
@@ -118,10 +114,8 @@ def simulate(plan: Plan, cm: CostModel, remap: bool = True, compute_scale: float
     for r, pieces in enumerate(plan.pieces):
         for p in pieces:
             slot = slots.setdefault(p.group, {"level": p.level, "work": {}, "tokens": {}, "pieces": {}})
-            flops = 4.0 * m.mask_factor * 2 * _piece_pairs(p.start, p.stop) * m.n_heads * m.head_dim
-            L = plan.lengths[p.seq]
-            rate = c.attention_flops_per_s(max(1, L // len(p.group)))
-            slot["work"][r] = slot["work"].get(r, 0.0) + flops / rate * compute_scale
+            seconds = cm.piece_forward_seconds(p, plan.lengths[p.seq]) * compute_scale
+            slot["work"][r] = slot["work"].get(r, 0.0) + seconds
             slot["tokens"][r] = slot["tokens"].get(r, 0) + (p.stop - p.start)
             slot["pieces"].setdefault(r, []).append(p)
     # each kernel call on one document's block pays attention_call_us beyond its FLOPs (fwd + bwd:
