@@ -315,7 +315,10 @@ class DocumentStream:
     are learned together: the stream's documents come in blocks of `resolve_block`; when a rank first
     fetches a document of a block for its length (every rank of the group packs the same rows, so all
     get there together), the group all-reduces the lengths any rank knows, each rank tokenizes 1/N of
-    those still unknown (random-access sources), and a second all-reduce gives every rank all of them.
+    those still unknown, and a second all-reduce gives every rank all of them. Random-access sources:
+    a rank reads only the records of its share (and later those it holds). Sequential (streamed)
+    sources: every rank reads the block's records in stream order (a stream cannot be read in parts),
+    keeps their text until fetched (at most one block) and tokenizes only its share.
     `tokenized` counts documents this stream tokenized (each encode once), `tokenized_for_lengths` the
     ones of them it tokenized for its share of the group's lengths.
 
@@ -342,8 +345,7 @@ class DocumentStream:
         self.vocab = self.tokenizer.vocab_size
         self.lengths = [open_lengths(src, self.tokenizer, settings.split, settings.seed, settings.add_bos,
                                      settings.add_eos) if length_index else None for src in self.sources]
-        self.exchange = exchange if any(ix is not None and src.random_access
-                                        for ix, src in zip(self.lengths, self.sources)) else None
+        self.exchange = exchange if self.learns_lengths_together else None
         self.resolve_block = resolve_block
         self._resolved_block = -1
         self.tokenized = 0
@@ -351,6 +353,20 @@ class DocumentStream:
         self.keep_length_tokens = keep_length_tokens  # False: as before (benchmarks/data_throughput.py compares)
         self._length_tokens: dict[int, np.ndarray] = {}  # global document -> its tokens, this rank's share of the block
         self.length_tokens_reused = 0
+        # sequential sources: the block's records read while resolving it, and the lengths the group agreed
+        self._read_ahead: dict[int, tuple] = {}  # global document -> (record, epoch, payload)
+        self._agreed: dict[int, int] = {}  # global document -> token length
+
+    def _exchanged(self, s: int) -> bool:
+        """Whether the group learns source s's unknown lengths together: random-access text sources
+        with a length index, and sequential (streamed) sources: every rank reads the stream anyway,
+        the tokenizing is what is split."""
+        return not self.sources[s].random_access or self.lengths[s] is not None
+
+    @property
+    def learns_lengths_together(self) -> bool:
+        """Whether an `exchange` would be used (some source's lengths are learned by tokenizing)."""
+        return any(self._exchanged(s) for s in range(len(self.sources)))
 
     def flush_lengths(self, force: bool = True) -> None:
         """Write the length indexes (rate-limited unless forced)."""
@@ -392,11 +408,13 @@ class DocumentStream:
         s, j = self.blend.locate(d)
         view = self.views[s]
         index = self.lengths[s]
+        if self.exchange is not None and not need_tokens and self._exchanged(s):
+            while self._resolved_block < d // self.resolve_block:
+                self._resolved_block += 1
+                self._resolve_block(self._resolved_block)
+        if not self.sources[s].random_access and (index is not None or self.exchange is not None):
+            return self._fetch_sequential(d, s, j, index, need_tokens)
         if index is not None:
-            if self.exchange is not None and not need_tokens:
-                while self._resolved_block < d // self.resolve_block:
-                    self._resolved_block += 1
-                    self._resolve_block(self._resolved_block)
             return self._fetch_indexed(d, s, j, index, need_tokens)
         token_source = isinstance(self.sources[s], MegatronSource)  # BOS/EOS added only when missing: read
         record, epoch, payload, length = view.get(j, self.tokenizer, need_tokens or token_source)
@@ -407,34 +425,51 @@ class DocumentStream:
         return Doc(d, s, record, epoch, len(tokens), tokens=tokens)
 
     def _fetch_indexed(self, d: int, s: int, j: int, index, need_tokens: bool) -> Doc:
-        """fetch() for a source with a length index: a known length needs no tokenizing; a
-        tokenized record's length is noted (malformed records never are: they are read each time)."""
+        """fetch() for a random-access source with a length index: a known length needs no
+        tokenizing; a tokenized record's length is noted (malformed records never are: they are read
+        each time)."""
         view = self.views[s]
-        if self.sources[s].random_access:
-            record, epoch = view.record_of(j)
+        record, epoch = view.record_of(j)
+        length = index.get(record)
+        kept = self._length_tokens.pop(d, None) if self._length_tokens else None
+        if kept is not None and len(kept) == length:  # tokenized for the group's lengths: not again
+            return Doc(d, s, record, epoch, length, load=lambda: self._reuse(kept))
+        if length is not None and not need_tokens:
+            return Doc(d, s, record, epoch, length, load=lambda: self._load_checked(view, j, s, index, length))
+        return self._tokenized(d, s, record, epoch, view.payload(record), index)
+
+    def _fetch_sequential(self, d: int, s: int, j: int, index, need_tokens: bool) -> Doc:
+        """fetch() for a sequential source with a length index or a group to learn lengths with: the
+        stream is read in order anyway (by _resolve_block when it read the document's block); a length
+        known from the index or the group needs no tokenizing, the text waits in the Doc until used."""
+        ahead = self._read_ahead.pop(d, None)
+        record, epoch, payload = ahead if ahead is not None else self.views[s].get(j, self.tokenizer, True)[:3]
+        length = self._agreed.pop(d, None)
+        if length is None and index is not None:
             length = index.get(record)
-            kept = self._length_tokens.pop(d, None) if self._length_tokens else None
-            if kept is not None and len(kept) == length:  # tokenized for the group's lengths: not again
-                return Doc(d, s, record, epoch, length, load=lambda: self._reuse(kept))
-            if length is not None and not need_tokens:
-                return Doc(d, s, record, epoch, length, load=lambda: self._load_checked(view, j, s, index, length))
-            payload = view.payload(record)
-        else:  # sequential: the stream is read in order anyway; the text waits in the Doc until used
-            record, epoch, payload, _ = view.get(j, self.tokenizer, True)
-            length = index.get(record)
-            if length is not None and not need_tokens:
-                return Doc(d, s, record, epoch, length,
-                           load=lambda: self._checked(self._tokens_of(payload, s, record), s, record, index, length))
+        kept = self._length_tokens.pop(d, None) if self._length_tokens else None
+        if kept is not None and len(kept) == length:  # tokenized for the group's lengths: not again
+            return Doc(d, s, record, epoch, length, load=lambda: self._reuse(kept))
+        if length is not None and not need_tokens:
+            return Doc(d, s, record, epoch, length,
+                       load=lambda: self._checked(self._tokens_of(payload, s, record), s, record, index, length))
+        return self._tokenized(d, s, record, epoch, payload, index)
+
+    def _tokenized(self, d: int, s: int, record: int, epoch: int, payload, index) -> Doc:
+        """A Doc with its tokens; the length noted in the index (malformed records never are)."""
         tokens = self._tokens_of(payload, s, record)
-        if not isinstance(payload, BadRecord):
+        if index is not None and not isinstance(payload, BadRecord):
             index.put(record, len(tokens))
         return Doc(d, s, record, epoch, len(tokens), tokens=tokens)
 
     def _checked(self, tokens: np.ndarray, s: int, record: int, index, length: int) -> np.ndarray:
         if len(tokens) != length:
+            said = (f"the token-length index {index.path} says {length}; the index is stale (delete it; it is "
+                    "rebuilt)" if index is not None else
+                    f"the balancing group learned {length}: the ranks tokenize differently (same data.tokenizer "
+                    "file and settings everywhere?)")
             raise ValueError(f"data: {self.sources[s].key}: {self.sources[s].where(record)} has {len(tokens)} tokens, "
-                             f"but the token-length index {index.path} says {length}; the index is stale "
-                             "(delete it; it is rebuilt)")
+                             f"but {said}")
         return tokens
 
     def _reuse(self, tokens: np.ndarray) -> np.ndarray:
@@ -451,25 +486,30 @@ class DocumentStream:
         first = block * self.resolve_block
         values = np.full(self.resolve_block, NOT_INDEXED, np.int64)
         where: dict[int, tuple[int, int]] = {}
+        # the documents of earlier blocks were all fetched (the packer fetches in stream order), or never will be
+        self._length_tokens, self._read_ahead, self._agreed = {}, {}, {}
+        payloads: dict[int, object] = {}  # the block's sequential records, as read
         for i in range(self.resolve_block):
             s, j = self.blend.locate(first + i)
-            index = self.lengths[s]
-            if index is None or not self.sources[s].random_access:
+            if not self._exchanged(s):
                 continue
-            record, _ = self.views[s].record_of(j)
-            known = index.get(record)
+            index = self.lengths[s]
+            if self.sources[s].random_access:
+                record, _ = self.views[s].record_of(j)
+            else:  # read in stream order now; fetch() takes the record from here
+                record, epoch, payloads[i], _ = self.views[s].get(j, self.tokenizer, True)
+                self._read_ahead[first + i] = (record, epoch, payloads[i])
+            known = index.get(record) if index is not None else None
             values[i] = -1 if known is None else known
             where[i] = (s, record)
         exchange = self.exchange
         assert exchange is not None
-        # the documents of earlier blocks were all fetched (the packer fetches in stream order), or never will be
-        self._length_tokens = {}
         agreed = exchange.max(values)
         unknown = np.flatnonzero(agreed == -1)
         if len(unknown):
             for i in unknown[exchange.rank::exchange.size].tolist():
                 s, record = where[i]
-                payload = self.views[s].payload(record)
+                payload = payloads[i] if i in payloads else self.views[s].payload(record)
                 if not isinstance(payload, BadRecord):  # a malformed record stays unknown: read where used
                     tokens = self._tokens_of(payload, s, record)
                     agreed[i] = len(tokens)
@@ -479,7 +519,10 @@ class DocumentStream:
             agreed = exchange.max(agreed)
         for i, (s, record) in where.items():
             if agreed[i] >= 0:
-                self.lengths[s].put(record, int(agreed[i]))  # type: ignore[union-attr]
+                if self.lengths[s] is not None:
+                    self.lengths[s].put(record, int(agreed[i]))  # type: ignore[union-attr]
+                if i in payloads:
+                    self._agreed[first + i] = int(agreed[i])
 
     def _load(self, view: SplitView, j: int, s: int) -> np.ndarray:
         record, _, payload, _ = view.get(j, self.tokenizer, True)

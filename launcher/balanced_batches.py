@@ -179,11 +179,10 @@ class BalancedBatches:
         self._counters = dict(self.maker.counters)
         self.stop_pads = 0  # empty exchanges made when stopping a worker that lagged its peers (tests)
         # `length_ranks` (or the balancing group) learn unknown document lengths together
-        # (data/pipeline.DocumentStream) when the stream has text sources with a length index: over
-        # gloo groups of their own.
+        # (data/pipeline.DocumentStream) when the stream has text sources whose lengths are learned by
+        # tokenizing (with a length index, or streamed): over gloo groups of their own.
         stream = self.loader._stream
-        needs_exchange = stream is not None and any(ix is not None and src.random_access
-                                                    for ix, src in zip(stream.lengths, stream.sources))
+        needs_exchange = stream is not None and stream.learns_lengths_together
         ranks = list(length_ranks if length_ranks is not None else getattr(engine, "global_ranks", None) or [])
         self.exchange: GroupLengthExchange | None = None
         self._relay_exchange: GroupLengthExchange | None = None

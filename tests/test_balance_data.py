@@ -8,6 +8,7 @@ token for token those of the plain packer without any index), a warm cache (no d
 for its length; a rank tokenizes only what it holds), a resume from a saved cursor (identical
 batches), a modified source file (its index is not trusted: lengths learned again, batches of the
 new file). In one process: a corrupt index file is ignored, a tampered one fails with one line."""
+import dataclasses
 import json
 import os
 
@@ -442,3 +443,89 @@ def test_world_learns_lengths_once_and_held_documents_are_tokenized_once(corpus,
         assert c["exchange"] == (r, 4) and c["reused"] == c["held_in_share"], c
         assert c["tokenized"] == c["for_lengths"] + c["held"] - c["reused"], c
     assert sum(c["reused"] for c in ahead) > 0
+
+
+def stream_case(root):
+    """A blend of a random-access jsonl source and the same kind of file streamed through `datasets`
+    (format hf_jsonl: sequential), cp4 zeppelin, cold then warm index: per rank the documents it
+    tokenized of each source, and its counters."""
+    import collections
+
+    import torch.distributed as dist
+
+    from longtrain.data.pipeline import DocumentStream
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    gather = lambda value: (dist.all_gather_object(out := [None] * world, value), out)[1]  # noqa: E731
+    blend = [f"data.sources=[{{path: {root / 'docs.jsonl'}}}, {{path: {root / 'streamed.jsonl'}, format: hf_jsonl}}]"]
+    encoded: list = []
+    original = DocumentStream._tokens_of
+
+    def recording(self, payload, source, record):
+        if isinstance(payload, str) and payload:
+            encoded.append((source, record))
+        return original(self, payload, source, record)
+
+    result = {}
+    for name in ("cold", "warm"):
+        batches = _balanced(root, rank, world, list(range(world)), blend)
+        batches.maker.resolve_block = 32  # several blocks: read-ahead texts and kept tokens dropped per block
+        plain = _plain_rows(batches.loader.settings, batches.loader.lanes, STEPS, batches.bins)
+        encoded.clear()
+        DocumentStream._tokens_of = recording
+        try:
+            _run(batches, STEPS, plain)
+        finally:
+            DocumentStream._tokens_of = original
+        stream = batches.producer.stream
+        fetched = stream.blend
+        per_source = collections.Counter(fetched.locate(d)[0] for d in range(batches.producer.next_doc))
+        assert not stream._read_ahead or len(stream._read_ahead) <= batches.maker.resolve_block
+        result[name] = gather({**_counts(batches), "exchange": batches.exchange is not None,
+                               "encoded": collections.Counter(s for s, _ in encoded), "fetched_per_source": per_source,
+                               "twice": sum(n - 1 for n in collections.Counter(encoded).values()),
+                               "resolved": (stream._resolved_block + 1) * batches.maker.resolve_block})
+        batches.close()  # writes the indexes
+        dist.barrier()
+    # a streamed source without a length index (a hub dataset has none): lengths still learned together
+    from longtrain.launcher.balanced_batches import GroupLengthExchange
+
+    settings = batches.loader.settings
+    settings = dataclasses.replace(settings, sources=settings.sources[1:])
+    stream = DocumentStream(settings, length_index=False, resolve_block=32,
+                            exchange=GroupLengthExchange(dist.new_group(list(range(world)), backend="gloo"), world))
+    lengths = [stream.fetch(d, need_tokens=False).length for d in range(80)]
+    result["no_index"] = gather({"lengths": lengths, "tokenized": stream.tokenized,
+                                 "for_lengths": stream.tokenized_for_lengths, "exchange": stream.exchange is not None})
+    plain = DocumentStream(settings, length_index=False)  # no group: every document tokenized here
+    result["plain_lengths"] = [plain.fetch(d).length for d in range(80)]
+    return result
+
+
+def test_streamed_source_lengths_split_over_the_group(corpus, tmp_path, monkeypatch):
+    """A streamed (sequential) source: every rank reads the stream, but each tokenizes only its share
+    of the unknown lengths and the documents it holds (before: every rank tokenized every document it
+    packed); the batches are the plain packer's; a warm index tokenizes no length."""
+    monkeypatch.setenv("LONGTRAIN_CACHE", str(tmp_path / "cache"))
+    _write(corpus / "streamed.jsonl", _texts(500, 3))
+    result = run_group(4, stream_case, corpus)
+    cold, warm = result["cold"], result["warm"]
+    print("cold:", cold, "\nwarm:", warm)
+    resolved = cold[0]["resolved"]
+    assert all(c["exchange"] and c["resolved"] == resolved for c in cold)
+    # each length tokenized once over the group, a quarter per rank
+    assert sum(c["for_lengths"] for c in cold) == resolved
+    assert all(c["for_lengths"] in (resolved // 4, -(-resolved // 4)) for c in cold), cold
+    for c in cold:
+        streamed_fetched = c["fetched_per_source"][1]
+        assert streamed_fetched >= 30, c  # the streamed source is in the steps
+        # far fewer streamed documents tokenized than packed: its share plus what it holds
+        assert 0 < c["encoded"][1] < streamed_fetched * 0.6, c
+        assert c["twice"] == 0 and c["tokenized"] == sum(c["encoded"].values()), c
+    for c in warm:
+        assert c["for_lengths"] == 0 and c["loaded"] >= resolved and not c["stale"], c
+        assert c["encoded"][1] < c["fetched_per_source"][1] * 0.5, c
+    # no index: the lengths are the plain tokenizer's, each rank tokenized a quarter of the 96 resolved
+    for c in result["no_index"]:
+        assert c["exchange"] and c["lengths"] == result["plain_lengths"], c
+        assert c["tokenized"] == c["for_lengths"] == 96 // 4, c
