@@ -19,7 +19,9 @@ jsonl, the debug_spm_cpu recipe's data) and builtin + bytes; packing concat.
    lengths learned per balancing group with the tokens of a rank's share dropped (as before; every
    length tokenized once per tp slice, a held document of the share tokenized again) against the
    lengths learned by the whole world with those tokens kept (each length tokenized once over the job,
-   no document twice on a rank), and the two changes alone. Per rank: the first step (it learns the
+   no document twice on a rank), and the two changes alone; and the same file streamed through
+   `datasets` (format hf_jsonl, a sequential source), its lengths learned by the world against each
+   rank tokenizing every document it packs (as before). Per rank: the first step (it learns the
    packer's lookahead), the time in next() over --group-steps steps, documents tokenized.
 
 Compared with:
@@ -121,12 +123,17 @@ def measure_balanced(source: str, tokenizer: str, workers: int, seconds: float, 
             "docs_read": batches.docs_read}
 
 
-GROUP_VARIANTS = (  # label, lengths learned by the world (else per balancing group), tokens of the share kept
-    ("before: per balancing group, share's tokens dropped", False, False),
-    ("per balancing group, share's tokens kept", False, True),
-    ("world, share's tokens dropped", True, False),
-    ("after: world, share's tokens kept", True, True),
+# label, lengths learned by the world (else per balancing group), tokens of the share kept, the source
+# streamed (format hf_jsonl: sequential), a streamed source's lengths learned with the group
+GROUP_VARIANTS = (
+    ("before: per balancing group, share's tokens dropped", False, False, False, True),
+    ("per balancing group, share's tokens kept", False, True, False, True),
+    ("world, share's tokens dropped", True, False, False, True),
+    ("after: world, share's tokens kept", True, True, False, True),
+    ("streamed, before: every rank tokenizes what it packs", True, True, True, False),
+    ("streamed, after: world, share's tokens kept", True, True, True, True),
 )
+BEFORE_AFTER = {"file": (0, 3), "streamed": (4, 5)}  # GROUP_VARIANTS compared
 
 
 def balanced_group_pass(source: str, tokenizer: str, budget: int, steps: int, step_s: float, cache: str,
@@ -146,11 +153,13 @@ def balanced_group_pass(source: str, tokenizer: str, budget: int, steps: int, st
     world = dist.get_world_size()
     mesh = Mesh(ParallelDims(pp=1, dp_replicate=1, dp_shard=1, cp=2, tp=2), "cpu")
     group = dist.get_process_group_ranks(mesh["loss"].get_group())
-    out: dict = {"groups": [None] * world, "runs": {label: [] for label, _, _ in GROUP_VARIANTS}}
+    out: dict = {"groups": [None] * world, "runs": {variant[0]: [] for variant in GROUP_VARIANTS}}
     dist.all_gather_object(out["groups"], group)
-    for n, (label, by_world, keep) in [(n, v) for _ in range(repeats) for n, v in enumerate(GROUP_VARIANTS)]:
+    for n, (label, by_world, keep, streamed, share) in [(n, v) for _ in range(repeats)
+                                                        for n, v in enumerate(GROUP_VARIANTS)]:
         os.environ["LONGTRAIN_CACHE"] = os.path.join(cache, f"group-{n}-{len(out['runs'][label])}")
-        recipe = load_recipe(None, ["model.name=tiny", f"model.max_seq_len={budget}", f"data.source={source}",
+        data = (f"data.sources=[{{path: {source}, format: hf_jsonl}}]" if streamed else f"data.source={source}")
+        recipe = load_recipe(None, ["model.name=tiny", f"model.max_seq_len={budget}", data,
                                     f"data.tokenizer={tokenizer}", "data.packing=varlen", f"data.seq_len={budget}",
                                     f"data.token_budget={budget}", f"data.max_doc_len={budget}", "data.num_workers=0",
                                     "parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=false",
@@ -160,6 +169,7 @@ def balanced_group_pass(source: str, tokenizer: str, budget: int, steps: int, st
                                   model_cfg=resolve_model_config(recipe.model), tp=2,
                                   length_ranks=list(range(world)) if by_world else None)
         batches.maker.keep_length_tokens = keep
+        batches.maker.share_stream_lengths = share
         dist.barrier()
         t0 = time.perf_counter()
         next(batches)
@@ -199,9 +209,12 @@ def measure_balanced_group(source: str, tokenizer: str, budget: int, steps: int,
             "data_s_mean": statistics.median(sum(r["data_s"] for r in rr) / len(rr) for rr in rounds),
             "same_counts_every_repeat": all([r["docs_tokenized"] for r in rr] == [r["docs_tokenized"] for r in ranks]
                                             for rr in rounds)}
-    before, after = (result["runs"][GROUP_VARIANTS[i][0]] for i in (0, -1))
-    result["ratio_before_after"] = {key: before[key] / after[key] if after[key] else None for key in
-                                    ("first_step_s_max", "data_s_mean", "docs_tokenized_sum", "lengths_tokenized_sum")}
+    result["ratio_before_after"] = {}
+    for kind, pair in BEFORE_AFTER.items():
+        before, after = (result["runs"][GROUP_VARIANTS[i][0]] for i in pair)
+        result["ratio_before_after"][kind] = {
+            key: before[key] / after[key] if after[key] else None
+            for key in ("first_step_s_max", "data_s_mean", "docs_tokenized_sum", "lengths_tokenized_sum")}
     result.update(budget=budget, steps=steps, step_s=step_s, repeats=repeats)
     return result
 
@@ -371,11 +384,14 @@ def render(r: dict) -> str:
             per_rank = " / ".join(str(x["docs_tokenized"]) for x in m["ranks"])
             lines.append(f"| {label} | {m['first_step_s_max']:.2f} | {m['data_s_mean']:.2f} | {m['docs_tokenized_sum']} | "
                          f"{m['lengths_tokenized_sum']} | {m['lengths_reused_sum']} | {per_rank} |")
-        ratio = group["ratio_before_after"]
         fmt = lambda v: "-" if v is None else f"{v:.2f}x"  # noqa: E731
-        lines.append(f"| before / after | {fmt(ratio['first_step_s_max'])} | {fmt(ratio['data_s_mean'])} | "
-                     f"{fmt(ratio['docs_tokenized_sum'])} | {fmt(ratio['lengths_tokenized_sum'])} | | |")
-        lines += ["", "4 ranks share this machine's cores, so the times hold every rank's tokenizing; the document "
+        for kind, ratio in group["ratio_before_after"].items():
+            lines.append(f"| {kind}: before / after | {fmt(ratio['first_step_s_max'])} | {fmt(ratio['data_s_mean'])} | "
+                         f"{fmt(ratio['docs_tokenized_sum'])} | {fmt(ratio['lengths_tokenized_sum'])} | | |")
+        lines += ["", "Streamed: the same jsonl read through `datasets` in streaming mode (format hf_jsonl, a "
+                  "sequential source): every rank reads the stream either way; before, each rank tokenized every "
+                  "document it packed to learn its length.",
+                  "", "4 ranks share this machine's cores, so the times hold every rank's tokenizing; the document "
                   "counts are exact."]
     lines += ["", f"1B model: {node['parameters'] / 1e9:.2f}B parameters, {node['flops_per_token'] / 1e9:,.1f} GFLOP "
               f"per token at {node['seq_len']:,} (6 x non-embedding params + head, + causal attention); "

@@ -331,7 +331,7 @@ class DocumentStream:
 
     def __init__(self, settings: DataSettings, tokenizer=None, length_index: bool = True,
                  exchange: Optional[LengthExchange] = None, resolve_block: int = RESOLVE_BLOCK,
-                 keep_length_tokens: bool = True):
+                 keep_length_tokens: bool = True, share_stream_lengths: bool = True):
         from .length_index import open_lengths
         from .tokenizers import build_tokenizer, check_special_tokens
 
@@ -345,6 +345,7 @@ class DocumentStream:
         self.vocab = self.tokenizer.vocab_size
         self.lengths = [open_lengths(src, self.tokenizer, settings.split, settings.seed, settings.add_bos,
                                      settings.add_eos) if length_index else None for src in self.sources]
+        self.share_stream_lengths = share_stream_lengths  # False: as before (benchmarks/data_throughput.py compares)
         self.exchange = exchange if self.learns_lengths_together else None
         self.resolve_block = resolve_block
         self._resolved_block = -1
@@ -361,7 +362,9 @@ class DocumentStream:
         """Whether the group learns source s's unknown lengths together: random-access text sources
         with a length index, and sequential (streamed) sources: every rank reads the stream anyway,
         the tokenizing is what is split."""
-        return not self.sources[s].random_access or self.lengths[s] is not None
+        if not self.sources[s].random_access:
+            return self.share_stream_lengths
+        return self.lengths[s] is not None
 
     @property
     def learns_lengths_together(self) -> bool:

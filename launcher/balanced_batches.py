@@ -75,6 +75,7 @@ class StepMaker:
         self.cursor = 0
         self.resolve_block = RESOLVE_BLOCK  # documents whose lengths the group learns together
         self.keep_length_tokens = True  # a held document tokenized for its length is not tokenized again
+        self.share_stream_lengths = True  # streamed sources' lengths are learned with the group too
         self.counters = {"docs_read": 0, "tokens_materialized": 0, "docs_tokenized": 0, "lengths_tokenized": 0,
                          "lengths_reused": 0}
 
@@ -82,7 +83,8 @@ class StepMaker:
         from longtrain.data.pipeline import DocumentStream
 
         stream = DocumentStream(self.settings, exchange=exchange, resolve_block=self.resolve_block,
-                                keep_length_tokens=self.keep_length_tokens)
+                                keep_length_tokens=self.keep_length_tokens,
+                                share_stream_lengths=self.share_stream_lengths)
         self._seen = (0, 0, 0)  # the new stream's tokenization counters, as far as counted
         # every lane on every rank: all ranks pack the whole step
         self.producer = RowProducer(self.settings, self.lanes, list(range(self.lanes)), stream=stream,
