@@ -111,9 +111,11 @@ def qkv(batch, length, heads, kv_heads, head_dim, dtype, device, gen):
 def kernel_settings(dense_max: int | None = None, varlen: bool | None = None):
     """Force the dense-mask path (dense_max), or flash-attn's varlen call (varlen=True) or one call
     per piece (varlen=False) for packed pieces, for one run; None keeps the kernel's own choice."""
-    saved = (attn_kernel.DENSE_MASK_MAX_ELEMENTS, attn_kernel._varlen_usable, attn_kernel._varlen_pays)
+    saved = (attn_kernel.DENSE_MASK_MAX_ELEMENTS, attn_kernel.CPU_PIECE_CALL_ELEMENTS, attn_kernel._varlen_usable,
+             attn_kernel._varlen_pays)
     if dense_max is not None:
         attn_kernel.DENSE_MASK_MAX_ELEMENTS = dense_max
+        attn_kernel.CPU_PIECE_CALL_ELEMENTS = float("inf")  # on CPU too: no cheaper pieces below dense_max
     if varlen is False:
         attn_kernel._varlen_usable = lambda device, dtype: False
     if varlen is True:
@@ -121,7 +123,8 @@ def kernel_settings(dense_max: int | None = None, varlen: bool | None = None):
     try:
         yield
     finally:
-        attn_kernel.DENSE_MASK_MAX_ELEMENTS, attn_kernel._varlen_usable, attn_kernel._varlen_pays = saved
+        (attn_kernel.DENSE_MASK_MAX_ELEMENTS, attn_kernel.CPU_PIECE_CALL_ELEMENTS, attn_kernel._varlen_usable,
+         attn_kernel._varlen_pays) = saved
 
 
 def run_backend(backend: str, q, k, v, dout, mask: BlockMask, scale: float):

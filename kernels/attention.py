@@ -28,8 +28,9 @@ per (device, dtype) against the reference on a small input before use; one that 
 is passed over for the next (flash_attn, torch, reference) with a warning.
 
 Masked blocks without mask tensors: an offset causal block runs as at most three pieces that are
-full or aligned-causal (`causal_pieces`); a packed block larger than DENSE_MASK_MAX_ELEMENTS runs
-as each query run against each key run of its document, cut the same way. On CUDA in half
+full or aligned-causal (`causal_pieces`); a packed block larger than DENSE_MASK_MAX_ELEMENTS (on
+CPU also a smaller one whose pieces cost less than its dense mask) runs as each query run against
+each key run of its document, cut the same way. On CUDA in half
 precision with flash-attn installed, small pieces (documents of up to a few thousand tokens,
 VARLEN_MAX_MEAN_PIECE_FLOPS) all go to flash-attn's varlen functions (one call for the full pieces,
 one for the causal; cu_seqlens built from the runs), self-checked once against the reference;
@@ -338,13 +339,41 @@ def _pieces(mask: BlockMask, batch: int, q_len: int, k_len: int):
             yield slice(row, row + 1), slice(qs, qs + qn), slice(ks, ks + kn), piece
 
 
-def _cut_into_pieces(mask: BlockMask, kind: str, batch: int, q_len: int, k_len: int) -> bool:
-    """Whether a masked block runs piece by piece: always for offset causal blocks (at most three
-    pieces), for per-token masks when the mask tensor would be large (a packed row of long
-    documents); a small block of many tiny documents is cheaper as one masked kernel call."""
+# On CPU a per-token mask below DENSE_MASK_MAX_ELEMENTS is not cheap either: the masked fused kernel
+# visits every (query, key) element of the block and the mask is built first (~40-50 ns an element,
+# forward + backward, one thread), while a mask-free piece costs its pairs (a causal piece half its
+# square) plus a fixed ~250 us a call. Measured with 4 heads of 16: a 2048-token row of 64-token
+# documents 212 ms as one masked call against 14 ms in 32 pieces, of one 2048-token document 210
+# against 63 ms, of 1-token documents 202 against 485 ms. A piece's fixed cost in mask elements:
+CPU_PIECE_CALL_ELEMENTS = 6000
+
+
+def _pieces_cost_elements(pieces: list, batch: int) -> float:
+    """What running `pieces` costs on CPU, in dense-mask elements (CPU_PIECE_CALL_ELEMENTS a call)."""
+    total = 0.0
+    for rows, qs, ks, piece in pieces:
+        q_n, k_n = qs.stop - qs.start, ks.stop - ks.start
+        share = 0.5 if piece.kind(q_n, k_n) == "causal" else 1.0
+        total += len(range(batch)[rows]) * (CPU_PIECE_CALL_ELEMENTS + share * q_n * k_n)
+    return total
+
+
+def _masked_pieces(mask: BlockMask, kind: str, batch: int, q_len: int, k_len: int, device) -> list | None:
+    """The mask-free pieces a masked block runs as, or None for one kernel call with a dense mask:
+    always pieces for offset causal blocks (at most three); for per-token masks when the mask tensor
+    would be large (a packed row of long documents) and, on CPU, when the pieces cost less than the
+    dense block (_pieces_cost_elements). A small block of many tiny documents is cheaper as one
+    masked call; on CUDA every per-token block under DENSE_MASK_MAX_ELEMENTS runs as one."""
     if kind != "masked":
-        return False
-    return not mask.per_token or batch * q_len * k_len > DENSE_MASK_MAX_ELEMENTS
+        return None
+    elements = batch * q_len * k_len
+    small = mask.per_token and elements <= DENSE_MASK_MAX_ELEMENTS
+    if small and torch.device(device).type != "cpu":
+        return None
+    pieces = list(_pieces(mask, batch, q_len, k_len))
+    if small and _pieces_cost_elements(pieces, batch) >= elements:
+        return None
+    return pieces
 
 
 # ----------------------------------------------------------------------------------------------
@@ -520,16 +549,14 @@ def _use_varlen(pieces: list, q: torch.Tensor, backend: str) -> bool:
         and _varlen_pays(pieces, q.shape[0], q.shape[2], q.shape[3])
 
 
-def _forward_in_pieces(q, k, v, scale, mask: BlockMask, backend: str):
-    pieces = list(_pieces(mask, q.shape[0], q.shape[1], k.shape[1]))
+def _forward_in_pieces(q, k, v, scale, mask: BlockMask, backend: str, pieces: list):
     if _use_varlen(pieces, q, backend):
         return _varlen_forward(q, k, v, scale, mask, pieces)
     out, lse = accumulate_forward(q, k, v, pieces, scale=scale, backend=backend)
     return out.to(q.dtype), lse
 
 
-def _backward_in_pieces(dout, q, k, v, out, lse, scale, mask: BlockMask, backend: str):
-    pieces = list(_pieces(mask, q.shape[0], q.shape[1], k.shape[1]))
+def _backward_in_pieces(dout, q, k, v, out, lse, scale, mask: BlockMask, backend: str, pieces: list):
     if _use_varlen(pieces, q, backend):
         return _varlen_backward(dout, q, k, v, out, lse, scale, mask, pieces)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -625,8 +652,10 @@ def attention_forward(q, k, v, *, scale: float, mask: BlockMask, backend: str = 
         v_dim = v.shape[-1]
         out, lse = attention_forward(*_pad_head_dims(q, k, v), scale=scale, mask=mask, backend=backend)
         return out[..., :v_dim], lse
-    if chosen != "reference" and _cut_into_pieces(mask, kind, q.shape[0], q.shape[1], k.shape[1]):
-        return _forward_in_pieces(q, k, v, scale, mask, backend)
+    pieces = None if chosen == "reference" else _masked_pieces(mask, kind, q.shape[0], q.shape[1], k.shape[1],
+                                                                q.device)
+    if pieces is not None:
+        return _forward_in_pieces(q, k, v, scale, mask, backend, pieces)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return _dispatch_forward(chosen, q, k, v, scale, mask, kind)
 
@@ -643,8 +672,10 @@ def attention_backward(dout, q, k, v, out, lse, *, scale: float, mask: BlockMask
         dout, out = (_pad_last(t, v.shape[-1]) for t in (dout, out))
         dq, dk, dv = attention_backward(dout, q, k, v, out, lse, scale=scale, mask=mask, backend=backend)
         return dq[..., :qk_dim], dk[..., :qk_dim], dv[..., :v_dim]
-    if chosen != "reference" and _cut_into_pieces(mask, kind, q.shape[0], q.shape[1], k.shape[1]):
-        return _backward_in_pieces(dout, q, k, v, out, lse, scale, mask, backend)
+    pieces = None if chosen == "reference" else _masked_pieces(mask, kind, q.shape[0], q.shape[1], k.shape[1],
+                                                                q.device)
+    if pieces is not None:
+        return _backward_in_pieces(dout, q, k, v, out, lse, scale, mask, backend, pieces)
     q, k, v, dout, out = (t.contiguous() for t in (q, k, v, dout, out))
     return _dispatch_backward(chosen, dout, q, k, v, out, lse, scale, mask, kind)
 

@@ -88,12 +88,36 @@ def test_long_packed_row_builds_no_dense_mask(monkeypatch):
     assert max(sizes, default=0) <= 1 << 20, max(sizes)
 
     monkeypatch.setattr(kernel, "DENSE_MASK_MAX_ELEMENTS", 1 << 40)  # one masked call, the old way
+    monkeypatch.setattr(kernel, "CPU_PIECE_CALL_ELEMENTS", float("inf"))  # (on CPU pieces would cost less)
     dense_out, dense_lse = attention_forward(q, k, v, scale=0.25, mask=mask)
     dense_grads = attention_backward(dout, q, k, v, dense_out, dense_lse, scale=0.25, mask=mask)
     assert max(sizes) == 6144 * 6144
     assert (out - dense_out).abs().max() <= 1e-5
     for got, want in zip(grads, dense_grads):
         assert (got - want).abs().max() <= 1e-4
+
+
+def test_small_packed_block_on_cpu_runs_the_cheaper_way(monkeypatch):
+    """Under DENSE_MASK_MAX_ELEMENTS on CPU: a block of a few long documents runs in mask-free pieces
+    (a dense mask visits every element of the square; measured 4-15x slower), one of many 1-token
+    documents as one masked call (a piece's fixed cost would dominate); both equal the reference."""
+    masks = []
+    real = kernel._additive_mask
+
+    def recording(allowed, dtype):
+        masks.append(allowed.numel())
+        return real(allowed, dtype)
+
+    monkeypatch.setattr(kernel, "_additive_mask", recording)
+    for lengths, dense in (([300, 2, 500, 200], False), ([1] * 250 + [6], True)):
+        masks.clear()
+        doc, pos = _packed_row(lengths, 1024)
+        assert 1024 * 1024 <= kernel.DENSE_MASK_MAX_ELEMENTS  # a block the old rule ran as one masked call
+        q, k, v, dout = _inputs(1, 1024, 1024, 4, 2, 16, seed=4)
+        mask = BlockMask(causal=True, q_pos=pos[None], k_pos=pos[None], q_doc=doc[None], k_doc=doc[None])
+        errors = _compare(q, k, v, dout, mask)
+        assert max(errors.values()) <= 1e-5, (lengths[:4], errors)
+        assert masks == ([1024 * 1024] * 2 if dense else []), (lengths[:4], masks)  # forward and backward
 
 
 def _fake_flash_attn(monkeypatch, lse_layout="heads_total"):
