@@ -170,16 +170,19 @@ def _planner_kwargs(spec: dict, dims: dict) -> dict:
 
 
 def probe_model(dims: dict, out: Path) -> str:
-    """`longtrain probe` at the benchmark model's shapes (heads, head dim, model dim; the machine's P2P
-    numbers and the all_to_all's fixed cost measured in a group of the measured runs' 4 ranks), written to out/balance_probe.yaml: what measurement and
+    """`longtrain probe --model` on the benchmark model (its attention shapes, and its non-attention
+    work for the linear rate; the machine's P2P numbers and the all_to_all's fixed cost measured in a
+    group of the measured runs' 4 ranks), written to out/balance_probe.yaml: what measurement and
     simulation both plan and predict with."""
+    from longtrain.models.transformer import TransformerConfig
     from longtrain.parallel.balance.probe import link_times, probe
     from longtrain.tests.distributed import run_group
 
     links = run_group(4, link_times)  # the measured runs' 4 ranks: the all_to_all's cost depends on them
     path = out / "balance_probe.yaml"
-    probe(links["p2p"], path, heads=dims["n_heads"], head_dim=dims["dim"] // dims["n_heads"], dim=dims["dim"],
-          collective_s=links["collective_s"])
+    # the linear rate measured on the model itself (everything but core attention: its norms, RoPE,
+    # activations, head and loss weigh as much as its tiny matmuls)
+    probe(links["p2p"], path, collective_s=links["collective_s"], model=TransformerConfig(**dims))
     return str(path)
 
 

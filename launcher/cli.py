@@ -99,6 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument("--heads", type=int, default=8, help="attention heads of the kernels measured (the model's)")
     probe.add_argument("--head-dim", type=int, default=64, help="head dimension of the kernels measured")
     probe.add_argument("--dim", type=int, default=512, help="model dimension of the matmul measured")
+    probe.add_argument("--model", default=None, help="a transformer size (models/sizes.py, e.g. tiny, llama-1b): its "
+                                                     "heads and head dim for the attention kernels, and the linear rate "
+                                                     "measured on the model itself (non-attention ops, head and loss), "
+                                                     "not on a matmul")
     probe.add_argument("--ranks", type=int, default=4, help="local ranks the links are measured among (the ranks "
                                                            "that will train: the all_to_all's cost depends on them)")
     return parser
@@ -200,10 +204,18 @@ def _probe_command(args) -> int:
     lengths = tuple(int(x) for x in args.lengths.split(",") if x)
     if args.ranks < 2:
         raise SystemExit("longtrain probe: --ranks must be at least 2")
+    model = None
+    if args.model is not None:
+        from longtrain.models.sizes import SIZES
+
+        if args.model not in SIZES:
+            raise SystemExit(f"longtrain probe: --model {args.model!r} is not a transformer size; known: "
+                             f"{', '.join(SIZES)}")
+        model = SIZES[args.model]
     links = run_local_ranks(args.ranks, link_times, backend="nccl" if args.device == "cuda" else "gloo",
                             timeout_s=300)
     spec = probe(links["p2p"], args.out or LOCAL_PRESET, lengths, args.gpus_per_node, args.device, args.heads,
-                 args.head_dim, args.dim, collective_s=links["collective_s"])
+                 args.head_dim, args.dim, collective_s=links["collective_s"], model=model)
     table = ", ".join(f"{length}: {tflops * 1e3:.1f}" for length, tflops in spec.attention_tflops)
     print(f"attention GFLOP/s by length: {table}; linear {spec.linear_tflops * 1e3:.1f} GFLOP/s; "
           f"P2P {spec.intra_gbs:.2f} GB/s, latency {spec.latency_us:.0f} us; all_to_all over {args.ranks} ranks "

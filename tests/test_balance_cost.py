@@ -1,5 +1,6 @@
 """Balance cost model: the formulas of techniques.md section 1.3 written out plainly, presets, regimes,
 preset files, and the one-line errors of the `cluster:` section."""
+import dataclasses
 import math
 
 import numpy as np
@@ -68,6 +69,13 @@ def test_cost_model_seconds():
     cm = CostModel(GQA, FLAT)
     assert cm.attention_seconds(2000) == pytest.approx(3.5 * attention_flops(2000, GQA) / 600e12 * 2)
     assert cm.linear_seconds(2000) == pytest.approx(3 * linear_flops(2000, GQA) / 600e12 * 2)
+    # the output head counts once per token, not per layer
+    headed = CostModel(dataclasses.replace(GQA, head_params=32000 * 4096), FLAT)
+    assert headed.linear_seconds(2000) == pytest.approx(3 * 2000 * 2 * (2 * 200_000_000 + 32000 * 4096) / 600e12)
+    from longtrain.models.sizes import SIZES
+
+    shape = ModelShape.of(SIZES["llama-1b"], tp=2)
+    assert shape.head_params == 128256 * 2048 // 2 and ModelShape.llama("7B").head_params == 32000 * 4096
     assert cm.ring_transfer_seconds(2000, 2, "intra") == pytest.approx(ring_step_bytes(2000, 2, GQA, 2) / 450e9)
 
 
@@ -121,6 +129,42 @@ def test_probe_writes_a_loadable_preset(tmp_path):
     assert spec.intra_gbs > 0 and spec.latency_us > 0 and spec.linear_tflops > 0
     assert "collective_us" in out.read_text() and spec.collective_us > 0
     assert spec.collective_us != ClusterSpec("x", 1, 1, 1.0, 1.0).collective_us  # measured, not the default
+
+
+def test_probe_measures_the_model_without_core_attention(tmp_path, monkeypatch):
+    """`longtrain probe --model`: the linear rate is the model's own forward + loss + backward with core
+    attention left out (the attention kernel never runs), over the FLOPs cost.py counts; an unknown
+    size is one line."""
+    import longtrain.kernels.attention as kernels
+    import longtrain.parallel.balance.probe as probe_module
+    from longtrain.launcher.cli import main
+    from longtrain.models.sizes import SIZES
+    from longtrain.parallel.balance.cost import model_linear_flops
+
+    def no_attention(*args, **kwargs):
+        raise AssertionError("core attention ran in the linear probe")
+
+    runs = []
+
+    def one_second(fn, repeats):
+        fn()
+        runs.append(repeats)
+        return 1.0
+
+    cfg = dataclasses.replace(SIZES["tiny"], n_layers=3)
+    with monkeypatch.context() as patch:
+        patch.setattr(kernels, "attention_forward", no_attention)
+        patch.setattr(probe_module, "_best", one_second)
+        rate = probe_module.model_linear_tflops(cfg, tokens=128)
+    # at most two layers run (a layer's cost repeats), so the FLOPs are those of a 2-layer model
+    assert runs and rate * 1e12 == pytest.approx(3 * model_linear_flops(128, ModelShape.of(
+        dataclasses.replace(cfg, n_layers=2))))
+    out = tmp_path / "probed.yaml"
+    assert main(["probe", "--out", str(out), "--lengths", "64", "--ranks", "2", "--model", "tiny"]) == 0
+    spec = load_preset_file(out)
+    assert 0 < spec.linear_tflops < probe_module.linear_tflops(dim=SIZES["tiny"].dim)  # slower than a bare matmul
+    with pytest.raises(SystemExit, match=r"^longtrain probe: --model 'nope' is not a transformer size; known: tiny"):
+        main(["probe", "--out", str(out), "--ranks", "2", "--model", "nope"])
 
 
 def test_plan_balance_command(tmp_path, capsys):
@@ -255,10 +299,11 @@ def test_remap_pays_written_out():
 
 def test_remap_auto_follows_the_simulator_at_scale():
     """On the paper's clusters (16-64 GPUs, 7B, three mixes) remap_pays picks what the simulator finds
-    faster in all but one of the steps where the two differ by more than 3% (8 such steps; the closed
-    form leaves out how rings tie their members together: it remaps cluster B, 64 GPUs, ArXiv-like,
-    which the simulator finds 5% slower), and the steps it gives are within 1% of always picking the
-    faster one on average."""
+    faster in all but two of the steps where the two differ by more than 3% (8 such steps; the closed
+    form leaves out how rings tie their members together: it remaps cluster B, 64 GPUs, ArXiv- and
+    GitHub-like, which the simulator finds 5% slower; the second since the output head's work counts,
+    a near tie in the closed form), and the steps it gives are within 1% of always picking the faster
+    one on average."""
     import math
 
     from longtrain.parallel.balance.cost import resolve_cluster
@@ -280,5 +325,5 @@ def test_remap_auto_follows_the_simulator_at_scale():
                 if abs(on / off - 1) > 0.03:
                     clear.append(pick == (on < off))
                 ratio.append((on if pick else off) / min(on, off))
-    assert len(clear) >= 5 and sum(clear) >= len(clear) - 1, clear
+    assert len(clear) >= 5 and sum(clear) >= len(clear) - 2, clear
     assert np.mean(ratio) < 1.01

@@ -5,8 +5,11 @@ written down.
 Per sequence of length L, per layer (h_q query heads, h_kv kv heads, head dim d, b bytes/element):
 - attention FLOPs, causal, forward: `A(L) = 4 * c * L^2 * h_q * d` with c = 1/2 (causal) or 1 (full);
   training (forward + backward) = 3.5 x A(L) (backward = 2.5 x forward, the FA2 convention).
-- linear FLOPs, forward: `Lin(L) = 2 * L * P_layer` (P_layer: projections + MLP parameters);
-  training = 3 x Lin(L).
+- linear FLOPs, forward: `Lin(L) = 2 * L * P_layer` (P_layer: projections + MLP parameters) per
+  layer, plus `2 * L * P_head` once (the output head, vocab x dim); training = 3 x that. The
+  achieved rate (`linear_tflops`) is a dense matmul's on the GPU presets; `longtrain probe --model`
+  measures it as the model runs (every non-attention op of a layer and the head and loss, over the
+  FLOPs counted here), which on small models is far below a matmul's (norms, RoPE, SiLU, the loss).
 - ring over g ranks (zigzag chunks: every step has equal work): per step one K/V block of
   `V = 2 * (L/g) * h_kv * d * b` bytes against `A(L)/g^2` FLOPs of compute.
 - hiding length per level: communication is hidden when `A(L)/(g^2 F) >= V/BW`, i.e. when the
@@ -190,21 +193,26 @@ class ModelShape:
     head_dim: int
     linear_params_per_layer: int
     causal: bool = True
+    head_params: int = 0  # the output head (vocab x dim), run once per token after the last layer
 
     @classmethod
     def of(cls, cfg, tp: int = 1) -> "ModelShape":
-        """From a TransformerConfig-like object (dim, n_heads, n_kv_heads, head_dim, ffn_dim, n_layers)."""
+        """From a TransformerConfig-like object (dim, n_heads, n_kv_heads, head_dim, ffn_dim, n_layers,
+        vocab_size)."""
         hd = cfg.head_dim
         params = cfg.dim * cfg.n_heads * hd * 2 + cfg.dim * cfg.n_kv_heads * hd * 2 + 3 * cfg.dim * cfg.ffn_dim
-        return cls(cfg.n_layers, cfg.n_heads // tp, max(1, cfg.n_kv_heads // tp), hd, params // tp)
+        return cls(cfg.n_layers, cfg.n_heads // tp, max(1, cfg.n_kv_heads // tp), hd, params // tp,
+                   head_params=getattr(cfg, "vocab_size", 0) * cfg.dim // tp)
 
     @classmethod
     def llama(cls, size: str) -> "ModelShape":
-        """LLaMA shapes the paper trains: 3B (26 x 3200, 32 heads), 7B (32 x 4096), 13B (40 x 5120)."""
+        """LLaMA shapes the paper trains: 3B (26 x 3200, 32 heads), 7B (32 x 4096), 13B (40 x 5120),
+        a 32,000-token vocabulary."""
         dims = {"3B": (26, 3200, 32, 32, 8640), "7B": (32, 4096, 32, 32, 11008), "13B": (40, 5120, 40, 40, 13824)}
         layers, dim, heads, kv, ffn = dims[size]
         hd = dim // heads
-        return cls(layers, heads, kv, hd, dim * heads * hd * 2 + dim * kv * hd * 2 + 3 * dim * ffn)
+        return cls(layers, heads, kv, hd, dim * heads * hd * 2 + dim * kv * hd * 2 + 3 * dim * ffn,
+                   head_params=32000 * dim)
 
     @property
     def mask_factor(self) -> float:
@@ -220,8 +228,13 @@ def attention_flops(length: float, m: ModelShape) -> float:
 
 
 def linear_flops(length: float, m: ModelShape) -> float:
-    """Forward linear FLOPs of one sequence: 2 L P_layer."""
+    """Forward linear FLOPs of one sequence in one layer: 2 L P_layer."""
     return 2.0 * length * m.linear_params_per_layer
+
+
+def model_linear_flops(length: float, m: ModelShape) -> float:
+    """Forward linear FLOPs of one sequence through the whole model: every layer's and the head's."""
+    return linear_flops(length, m) * m.n_layers + 2.0 * length * m.head_params
 
 
 def ring_step_bytes(length: float, group: int, m: ModelShape, bytes_per_element: int = 2) -> float:
@@ -276,7 +289,8 @@ class CostModel:
         return flops / self.cluster.attention_flops_per_s(max(1, length // len(piece.group)))
 
     def linear_seconds(self, tokens: float) -> float:
-        return 3.0 * linear_flops(tokens, self.model) / (self.cluster.linear_tflops * 1e12) * self.model.n_layers
+        """Training (forward + backward) seconds of everything but core attention for `tokens` tokens."""
+        return 3.0 * model_linear_flops(tokens, self.model) / (self.cluster.linear_tflops * 1e12)
 
     def ring_transfer_seconds(self, length: int, group: int, level: str) -> float:
         """One ring step's K/V transfer (forward), latency included."""

@@ -6,6 +6,11 @@
 - the fixed cost of one attention call (forward + backward of a 16-token block: what every
   document's piece of a packed block pays beyond its FLOPs);
 - linear FLOP/s: a (tokens x dim) @ (dim x 4 dim) matmul forward + backward (3 x 2 x M x K x N FLOPs);
+  with a model config (`longtrain probe --model NAME`, or the balance benchmark's model), instead the
+  model itself on `tokens` tokens, forward + loss + backward with core attention left out (every
+  projection, norm, RoPE, activation, the head and the loss), its linear FLOPs counted as cost.py counts
+  them (`model_linear_flops`): the rate at which this machine runs everything but core attention of that
+  model (on a small model far below a matmul's: elementwise work weighs as much as the matmuls);
 - point-to-point bandwidth and latency between two local ranks (gloo on CPU, nccl on CUDA): a
   ping-pong of each message size; bandwidth from the largest, latency from the smallest.
 
@@ -103,6 +108,39 @@ def linear_tflops(tokens: int = 2048, dim: int = 512, device="cpu", dtype=torch.
     return 3 * 2 * tokens * dim * 4 * dim / _best(run, repeats) / 1e12
 
 
+def model_linear_tflops(cfg, tokens: int = 2048, device="cpu", repeats: int = 2, max_layers: int = 2) -> float:
+    """Achieved "linear" TFLOP/s of a model as it trains, without core attention: forward, cross
+    entropy and backward of `tokens` tokens (one sequence) through the model built from `cfg` (at most
+    `max_layers` layers: a layer's cost repeats; the head and loss are in), every attention module's
+    core attention replaced by a pass-through of its queries; FLOPs as cost.model_linear_flops counts."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from longtrain.models.registry import build_model
+    from longtrain.parallel.balance.cost import ModelShape, model_linear_flops
+
+    cfg = dataclasses.replace(cfg, n_layers=min(cfg.n_layers, max_layers), max_seq_len=max(cfg.max_seq_len, tokens))
+    model = build_model(cfg).to(device)
+    replaced = 0
+    for module in model.modules():
+        if hasattr(module, "core_attention"):
+            module.core_attention = lambda q, k, v, scale, **_: q
+            replaced += 1
+    if not replaced:
+        raise ValueError(f"probe: model {type(model).__name__} has no core attention to leave out")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (1, tokens + 1), generator=gen).to(device)
+    positions = torch.arange(tokens, device=device)[None]
+
+    def run():
+        logits = model(ids[:, :-1], positions)
+        F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+        _synchronize(device)
+
+    return 3 * model_linear_flops(tokens, ModelShape.of(cfg)) / _best(run, repeats) / 1e12
+
+
 def ping_pong(sizes=MESSAGE_BYTES, repeats: int = 3) -> dict:
     """Run on every rank of an initialized group: {message bytes: best one-way seconds} between
     ranks 0 and 1 (the others wait at the barriers)."""
@@ -166,11 +204,15 @@ def p2p_bandwidth(times: dict) -> tuple[float, float]:
 
 def probe(p2p_times: dict, out=LOCAL_PRESET, lengths=DEFAULT_LENGTHS, gpus_per_node: int = 0,
           device: str = "cpu", heads: int = 8, head_dim: int = 64, dim: int = 512,
-          collective_s: float | None = None) -> ClusterSpec:
+          collective_s: float | None = None, model=None) -> ClusterSpec:
     """Measure attention and linear FLOP/s here; with `p2p_times` (ping_pong on two local ranks,
     run by the launcher) and `collective_s` (exchange_seconds among the local ranks; None: the
     preset default) write the preset. `heads`, `head_dim`, `dim`: the attention and matmul shapes
-    measured (a kernel's speed depends on them: probe at the model's own to simulate it)."""
+    measured (a kernel's speed depends on them: probe at the model's own to simulate it); `model`: a
+    model config whose non-attention work gives the linear rate (model_linear_tflops) instead of a
+    matmul's, and whose heads and head dim are the attention shapes."""
+    if model is not None:
+        heads, head_dim, dim = model.n_heads, model.head_dim, model.dim
     # On CPU every local process is a rank of this one "node", however many are started.
     gpus = gpus_per_node or (torch.cuda.device_count() if device == "cuda" else CPU_RANKS_PER_NODE)
     threads = torch.get_num_threads()
@@ -179,7 +221,8 @@ def probe(p2p_times: dict, out=LOCAL_PRESET, lengths=DEFAULT_LENGTHS, gpus_per_n
     try:
         table = attention_tflops(lengths, heads=heads, head_dim=head_dim, device=device, repeats=3)
         call_us = attention_call_seconds(heads=heads, head_dim=head_dim, device=device) * 1e6
-        lin = linear_tflops(dim=dim, device=device, repeats=3)
+        lin = (linear_tflops(dim=dim, device=device, repeats=3) if model is None
+               else model_linear_tflops(model, device=device, repeats=3))
     finally:
         torch.set_num_threads(threads)
     gbs, latency = p2p_bandwidth(p2p_times)
