@@ -82,6 +82,8 @@ def test_cost_model_seconds():
 def test_preset_file_round_trip_and_errors(tmp_path):
     path = write_preset_file(FLAT, tmp_path / "x.yaml")
     assert load_preset_file(path) == FLAT
+    with_full = dataclasses.replace(FLAT, attention_full_tflops=((512, 2.0), (4096, 3.0)))
+    assert load_preset_file(write_preset_file(with_full, tmp_path / "y.yaml")) == with_full
     assert resolve_cluster(str(path)) == FLAT
     assert resolve_cluster("C", gpus_per_node=2, world=4).gpus_per_node == 2
     with pytest.raises(ClusterError, match=r"^cluster.preset: unknown preset 'Z'"):
@@ -125,6 +127,8 @@ def test_probe_writes_a_loadable_preset(tmp_path):
     assert main(["probe", "--out", str(out), "--lengths", "64,128", "--ranks", "2"]) == 0
     spec = load_preset_file(out)
     assert [row[0] for row in spec.attention_tflops] == [64, 128]
+    assert [row[0] for row in spec.attention_full_tflops] == [64, 128]  # full blocks, measured apart
+    assert all(tflops > 0 for _, tflops in spec.attention_full_tflops)
     assert all(tflops > 0 for _, tflops in spec.attention_tflops)
     assert spec.intra_gbs > 0 and spec.latency_us > 0 and spec.linear_tflops > 0
     assert "collective_us" in out.read_text() and spec.collective_us > 0
@@ -192,6 +196,16 @@ def test_ring_member_cost_written_out():
     L, g = 8192, 4
     f = spec.attention_flops_per_s(L // g)
     step = attention_flops(L, GQA) / g ** 2 / f
+    # with a faster full-block rate: a member's own two chunks (1/(2g) of its pairs) at the causal
+    # rate, the rest at the full one
+    full = CostModel(GQA, dataclasses.replace(spec, attention_full_tflops=((256, 200.0), (4096, 800.0))))
+    f_full = full.cluster.attention_flops_per_s(L // g, full=True)
+    assert f_full == 2 * f
+    step_mixed = attention_flops(L, GQA) / g ** 2 * (1 / (2 * g) / f + (1 - 1 / (2 * g)) / f_full)
+    t_mixed = ring_step_bytes(L, g, GQA, 2) / 1e9 + 5e-6
+    exposed_mixed = (g - 1) * (max(0.0, t_mixed - step_mixed) + max(0.0, 2 * t_mixed - 2.5 * step_mixed))
+    assert full.ring_member_seconds(L, g, "intra") == pytest.approx((3.5 * step_mixed * g + exposed_mixed)
+                                                                    * GQA.n_layers)
     transfer = ring_step_bytes(L, g, GQA, 2) / 1e9 + 5e-6
     exposed = (g - 1) * (max(0.0, transfer - step) + max(0.0, 2 * transfer - 2.5 * step))
     assert cm.ring_member_seconds(L, g, "intra") == pytest.approx((3.5 * step * g + exposed) * GQA.n_layers)
@@ -206,6 +220,31 @@ def test_ring_member_cost_written_out():
     assert kw["cost"] == cm.cost and "ring_cost" not in kw and kw["shared_cores"] == 0
     shared = CostModel(GQA, ClusterSpec("cpu", 4, 4, 8.0, 1.0, ((256, 0.01),), 0.03, shared_cores=2)).planner_kwargs()
     assert shared["ring_cost"].__func__ is CostModel.ring_member_seconds and shared["shared_cores"] == 2
+
+
+def test_piece_seconds_diagonal_causal_earlier_keys_full():
+    """A planner piece's forward seconds: its queries against its own tokens a causal block (n (n+1)/2
+    pairs at the causal rate), against the keys before it a full one (n x start pairs at the full
+    rate), 4 h d FLOPs a pair, the rates at the ring's block length; a whole local sequence is only
+    the causal block."""
+    from longtrain.parallel.balance.planner import Piece
+
+    spec = ClusterSpec("t", 8, 8, 400.0, 1.0, ((256, 100.0), (4096, 400.0)), 600.0,
+                       attention_full_tflops=((256, 300.0), (4096, 500.0)))
+    cm = CostModel(GQA, spec)
+    flops_per_pair = 4 * GQA.n_heads * GQA.head_dim
+    ring = Piece(seq=0, start=3000, stop=4000, group=(0, 1, 2, 3), level="intra")
+    block = 8000 // 4
+    want = flops_per_pair * (1000 * 1001 / 2 / spec.attention_flops_per_s(block)
+                             + 1000 * 3000 / spec.attention_flops_per_s(block, full=True))
+    assert cm.piece_forward_seconds(ring, 8000) == pytest.approx(want)
+    local = Piece(seq=1, start=0, stop=2000, group=(0,), level="local")
+    assert cm.piece_forward_seconds(local, 2000) == pytest.approx(
+        flops_per_pair * 2000 * 2001 / 2 / spec.attention_flops_per_s(2000))
+    # without a full-block table the causal rate serves both
+    plain = CostModel(GQA, dataclasses.replace(spec, attention_full_tflops=()))
+    assert plain.piece_forward_seconds(ring, 8000) == pytest.approx(
+        flops_per_pair * (1000 * 1001 / 2 + 1000 * 3000) / spec.attention_flops_per_s(block))
 
 
 def test_shared_cores_makespan_and_simulation():

@@ -59,6 +59,10 @@ class ClusterSpec:
     shared_cores: int = 0  # the ranks share this many processors (a CPU-only machine); 0: one device each
     attention_call_us: float = 0.0  # fixed cost of one attention piece (one document's block), fwd + bwd
     collective_us: float = 30.0  # fixed cost of one all_to_all over the balancing group (the remap's exchange)
+    # (length, achieved TFLOP/s) of full (unmasked) blocks: a ring member's queries against another
+    # chunk's earlier keys; empty: the causal table's (the GPU presets: flash-attn's causal and full
+    # rates per useful FLOP are within a few percent at these lengths)
+    attention_full_tflops: tuple = ()
 
     @property
     def inter_gbs(self) -> float:
@@ -69,10 +73,10 @@ class ClusterSpec:
     def nics_per_gpu(self) -> float:
         return self.nics_per_node / self.gpus_per_node
 
-    def attention_flops_per_s(self, length: int) -> float:
-        """Achieved attention FLOP/s at this sequence length: the measured table, interpolated
-        linearly in log(length), clamped at both ends."""
-        table = self.attention_tflops
+    def attention_flops_per_s(self, length: int, full: bool = False) -> float:
+        """Achieved attention FLOP/s at this sequence length (a causal block; `full`: an unmasked one,
+        where measured): the measured table, interpolated linearly in log(length), clamped at both ends."""
+        table = self.attention_full_tflops if full and self.attention_full_tflops else self.attention_tflops
         lengths = [row[0] for row in table]
         i = bisect.bisect_left(lengths, length)
         if i == 0:
@@ -130,7 +134,9 @@ def load_preset_file(path: str | Path) -> ClusterSpec:
                            bytes_per_element=int(raw.get("bytes_per_element", 2)),
                            shared_cores=int(raw.get("shared_cores", 0)),
                            attention_call_us=float(raw.get("attention_call_us", 0.0)),
-                           collective_us=float(raw.get("collective_us", 30.0)))
+                           collective_us=float(raw.get("collective_us", 30.0)),
+                           attention_full_tflops=tuple((int(row[0]), float(row[1]))
+                                                       for row in raw.get("attention_full_tflops") or ()))
     except (KeyError, TypeError, ValueError, IndexError) as err:
         raise ClusterError(f"cluster.preset: {path} is not a preset file ({type(err).__name__}: {err})") from None
 
@@ -145,7 +151,8 @@ def write_preset_file(spec: ClusterSpec, path: str | Path) -> Path:
             "attention_tflops": [[int(a), float(b)] for a, b in spec.attention_tflops],
             "linear_tflops": spec.linear_tflops, "latency_us": spec.latency_us,
             "bytes_per_element": spec.bytes_per_element, "shared_cores": spec.shared_cores,
-            "attention_call_us": spec.attention_call_us, "collective_us": spec.collective_us}
+            "attention_call_us": spec.attention_call_us, "collective_us": spec.collective_us,
+            "attention_full_tflops": [[int(a), float(b)] for a, b in spec.attention_full_tflops]}
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
@@ -284,9 +291,16 @@ class CostModel:
     def piece_forward_seconds(self, piece, length: int) -> float:
         """Forward attention seconds of one layer for a planner Piece (its queries against the
         earlier keys of its sequence of `length` tokens), at the kernel speed of its ring's blocks
-        (length / ring size tokens): what the simulator and the remap estimate charge a piece."""
-        flops = 4.0 * self.model.mask_factor * 2 * causal_pairs(piece) * self.model.n_heads * self.model.head_dim
-        return flops / self.cluster.attention_flops_per_s(max(1, length // len(piece.group)))
+        (length / ring size tokens): the piece against itself is a causal block, against the keys
+        before it a full one (n (n + 1) / 2 and n x start of its causal_pairs); what the simulator and
+        the remap estimate charge a piece."""
+        n = piece.stop - piece.start
+        diagonal = n * (n + 1) / 2.0
+        earlier = causal_pairs(piece) - diagonal
+        block = max(1, length // len(piece.group))
+        per_pair = 4.0 * self.model.mask_factor * 2 * self.model.n_heads * self.model.head_dim
+        return per_pair * (diagonal / self.cluster.attention_flops_per_s(block)
+                           + earlier / self.cluster.attention_flops_per_s(block, full=True))
 
     def linear_seconds(self, tokens: float) -> float:
         """Training (forward + backward) seconds of everything but core attention for `tokens` tokens."""
@@ -311,8 +325,13 @@ class CostModel:
         if group <= 1:
             return self.attention_seconds(length)
         m = self.model
-        f = self.cluster.attention_flops_per_s(max(1, length // group))
-        step_fwd = attention_flops(length, m) / (group * group) / f  # one layer, one ring step
+        block = max(1, length // group)
+        # a member's zigzag chunks (2 of length / 2g) against themselves are causal blocks: 1/(2g) of
+        # its pairs; the rest are full blocks against earlier chunks
+        diagonal = 1.0 / (2 * group)
+        per_flop = (diagonal / self.cluster.attention_flops_per_s(block)
+                    + (1 - diagonal) / self.cluster.attention_flops_per_s(block, full=True))
+        step_fwd = attention_flops(length, m) / (group * group) * per_flop  # one layer, one ring step
         transfer = self.ring_transfer_seconds(length, group, level)
         exposed = (group - 1) * (max(0.0, transfer - step_fwd) + max(0.0, 2 * transfer - 2.5 * step_fwd))
         return (3.5 * step_fwd * group + exposed) * m.n_layers

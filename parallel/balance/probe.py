@@ -2,7 +2,9 @@
 
 - attention FLOP/s by length: the attention kernel (kernels/attention.py, the backend training uses)
   forward + backward on one causal sequence of each length, FLOPs counted as 3.5 x 4 x (1/2) x L^2 x
-  heads x head_dim (cost.py's convention), best of `repeats`;
+  heads x head_dim (cost.py's convention), best of `repeats`; and on one full (unmasked) block of each
+  length (3.5 x 4 x L^2 x heads x head_dim): a ring member's queries against earlier chunks' keys,
+  which run faster per FLOP than a causal block of the same length (on this machine's CPU 1.1-2x);
 - the fixed cost of one attention call (forward + backward of a 16-token block: what every
   document's piece of a packed block pays beyond its FLOPs);
 - linear FLOP/s: a (tokens x dim) @ (dim x 4 dim) matmul forward + backward (3 x 2 x M x K x N FLOPs);
@@ -47,16 +49,17 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
-def _attention_pass(length: int, heads: int, head_dim: int, device, dtype, backend: str = "auto"):
-    """fn() running one causal attention call of `length` tokens forward and backward (the kernel
-    training uses, kernels/attention.py) without synchronizing."""
+def _attention_pass(length: int, heads: int, head_dim: int, device, dtype, backend: str = "auto",
+                    causal: bool = True):
+    """fn() running one attention call of `length` tokens (causal, or a full block) forward and
+    backward (the kernel training uses, kernels/attention.py) without synchronizing."""
     from longtrain.kernels.attention import BlockMask, attention
 
     q, k, v = (torch.randn(1, length, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
                for _ in range(3))
 
     def run():
-        attention(q, k, v, scale=head_dim ** -0.5, mask=BlockMask(causal=True), backend=backend).sum().backward()
+        attention(q, k, v, scale=head_dim ** -0.5, mask=BlockMask(causal=causal), backend=backend).sum().backward()
 
     return run
 
@@ -67,17 +70,19 @@ def _synchronize(device) -> None:
 
 
 def attention_tflops(lengths=DEFAULT_LENGTHS, heads: int = 8, head_dim: int = 64, device="cpu",
-                     dtype=torch.float32, repeats: int = 2, backend: str = "auto") -> list[tuple[int, float]]:
+                     dtype=torch.float32, repeats: int = 2, backend: str = "auto",
+                     causal: bool = True) -> list[tuple[int, float]]:
+    """(length, achieved TFLOP/s) of one causal call (or full block) of each length, fwd + bwd."""
     table = []
     for length in lengths:
-        one_pass = _attention_pass(length, heads, head_dim, device, dtype, backend)
+        one_pass = _attention_pass(length, heads, head_dim, device, dtype, backend, causal)
 
         def run():
             one_pass()
             _synchronize(device)
 
         seconds = _best(run, repeats)
-        flops = 3.5 * 4 * 0.5 * length * length * heads * head_dim
+        flops = 3.5 * 4 * (0.5 if causal else 1.0) * length * length * heads * head_dim
         table.append((int(length), flops / seconds / 1e12))
     return table
 
@@ -220,6 +225,7 @@ def probe(p2p_times: dict, out=LOCAL_PRESET, lengths=DEFAULT_LENGTHS, gpus_per_n
         torch.set_num_threads(1)
     try:
         table = attention_tflops(lengths, heads=heads, head_dim=head_dim, device=device, repeats=3)
+        full_table = attention_tflops(lengths, heads=heads, head_dim=head_dim, device=device, repeats=3, causal=False)
         call_us = attention_call_seconds(heads=heads, head_dim=head_dim, device=device) * 1e6
         lin = (linear_tflops(dim=dim, device=device, repeats=3) if model is None
                else model_linear_tflops(model, device=device, repeats=3))
@@ -231,6 +237,7 @@ def probe(p2p_times: dict, out=LOCAL_PRESET, lengths=DEFAULT_LENGTHS, gpus_per_n
                        attention_tflops=tuple(table), linear_tflops=lin, latency_us=latency,
                        bytes_per_element=4 if device == "cpu" else 2,
                        shared_cores=(os.cpu_count() or 1) if device == "cpu" else 0, attention_call_us=call_us,
+                       attention_full_tflops=tuple(full_table),
                        **({} if collective_s is None else {"collective_us": collective_s * 1e6}))
     write_preset_file(spec, out)
     return spec
