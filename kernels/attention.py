@@ -2,7 +2,7 @@
 
 This is the single-device building block of context parallelism: a rank attends its queries to
 its own keys and to other ranks' keys, one block at a time, and merges the partial results with
-their log-sum-exp (`merge_partials`). Tensors are (batch, seq, heads, head_dim); k/v may have fewer
+their log-sum-exp (`merge_partial_into`). Tensors are (batch, seq, heads, head_dim); k/v may have fewer
 heads than q (GQA). `lse` is (batch, heads, seq) in fp32; rows with no key to attend have
 out = 0 and lse = -inf, and merge safely.
 
@@ -200,8 +200,10 @@ def _torch_forward(q, k, v, scale, mask: BlockMask, kind: str):
 def _torch_backward(dout, q, k, v, out, lse, scale, mask: BlockMask, kind: str):
     h, n_kv = q.shape[2], k.shape[2]
     bias = None
-    lse = lse.masked_fill(torch.isinf(lse), 0.0)  # rows without keys: their dout is zeroed below
     if kind == "masked":
+        # rows without keys (-inf): their dout is zeroed below. In a full or causal block every query
+        # has a key, so the whole softmax's lse of its rows is finite.
+        lse = lse.masked_fill(torch.isinf(lse), 0.0)
         bias, has_key = _additive_mask(mask.allowed(q.shape[1], k.shape[1], q.device), q.dtype)
         bias = bias.expand(q.shape[0], h, -1, -1)
         dout = dout * has_key[:, :, None, None].to(dout.dtype)
@@ -502,26 +504,98 @@ def _varlen_self_check(device, dtype) -> bool:
 
 def accumulate_forward(q, k, v, pieces, *, scale: float, backend: str, out=None, lse=None):
     """Merge q's attention over `pieces`, (rows, q slice, k slice, BlockMask) tuples, into fp32 (out,
-    lse) (fp64 for fp64 inputs), started as zeros and -inf when None."""
+    lse) (fp64 for fp64 inputs), started as zeros and -inf when None. A block that runs in mask-free
+    pieces is opened into them (`_opened_blocks`); a piece whose queries nothing was written to yet in
+    this call's fresh (out, lse) is copied in, any other merged in place."""
+    first_writes = None
     if out is None:
         b, s, h, _ = q.shape
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         out = torch.zeros(b, s, h, v.shape[-1], dtype=acc, device=q.device)
         lse = torch.full((b, h, s), -math.inf, dtype=acc, device=q.device)
-    for rows, qs, ks, piece in pieces:
+        first_writes = _FirstWrites(b, s)
+    for rows, qs, ks, piece in _opened_blocks(q, k, v, pieces, backend):
         o, l = attention_forward(q[rows, qs], k[rows, ks], v[rows, ks], scale=scale, mask=piece, backend=backend)
-        out[rows, qs], lse[rows, :, qs] = merge_partials(out[rows, qs], lse[rows, :, qs], o, l)
+        if first_writes is not None and first_writes.claim(rows, qs):
+            out[rows, qs] = o
+            lse[rows, :, qs] = l
+        else:
+            merge_partial_into(out[rows, qs], lse[rows, :, qs], o, l)
     return out, lse
 
 
 def accumulate_backward(dout, q, k, v, out, lse, pieces, *, scale: float, backend: str, dq, dk, dv) -> None:
-    """Add every piece's gradients into dq, dk, dv, given the final (merged) out and lse."""
-    for rows, qs, ks, piece in pieces:
+    """Add every piece's gradients into dq, dk, dv, given the final (merged) out and lse. A block that
+    runs in mask-free pieces is opened into them (`_opened_blocks`)."""
+    for rows, qs, ks, piece in _opened_blocks(q, k, v, pieces, backend):
         gq, gk, gv = attention_backward(dout[rows, qs], q[rows, qs], k[rows, ks], v[rows, ks], out[rows, qs],
                                         lse[rows, :, qs], scale=scale, mask=piece, backend=backend)
-        dq[rows, qs] += gq
-        dk[rows, ks] += gk
-        dv[rows, ks] += gv
+        dq[rows, qs].add_(gq)
+        dk[rows, ks].add_(gk)
+        dv[rows, ks].add_(gv)
+
+
+class _FirstWrites:
+    """Which queries (batch row, position) of a fresh (out, lse) have a partial: `claim` tells whether
+    none of a piece's queries had one yet (then the piece is the partial: copied, not merged) and
+    marks them."""
+
+    def __init__(self, batch: int, seq: int):
+        self.batch, self.seq = batch, seq
+        self.written = [bytearray(seq) for _ in range(batch)]
+
+    def claim(self, rows: slice, qs: slice) -> bool:
+        start, stop, _ = qs.indices(self.seq)
+        row_ids = range(self.batch)[rows]
+        first = not any(1 in self.written[r][start:stop] for r in row_ids)
+        for r in row_ids:
+            self.written[r][start:stop] = b"\x01" * (stop - start)
+        return first
+
+
+def merge_partial_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
+                       block_lse: torch.Tensor) -> None:
+    """Merge a block's softmax partial into (out, lse) in place (fp32 or fp64 accumulators, or views of
+    them): lse = log(e^lse + e^block_lse), out moved towards block_out by the block's share
+    e^(block_lse - new lse). Safe when either or both are -inf (rows with no keys yet)."""
+    torch.logaddexp(lse, block_lse, out=lse)
+    share = torch.exp(block_lse - lse).nan_to_num_(0.0)  # 0 where both are -inf
+    out.lerp_(block_out.to(out.dtype), share.transpose(1, 2)[..., None])
+
+
+def _within(outer: slice, inner: slice, size: int) -> slice:
+    """The slice of a dimension of `size` that `inner` selects within `outer` (both of step 1)."""
+    start, stop, _ = outer.indices(size)
+    inner_start, inner_stop, _ = inner.indices(stop - start)
+    return slice(start + inner_start, start + inner_stop)
+
+
+def _opened_blocks(q, k, v, blocks, backend: str):
+    """`blocks` (rows, q slice, k slice, BlockMask) with every block that attention_forward/backward
+    would run as one fused call per mask-free piece replaced by those pieces (slices composed), so that
+    the accumulators take each piece straight into their (out, lse) or gradients: no block-sized
+    partial, merge or gradient buffers. Blocks that run whole (one kernel call, the reference,
+    flash-attn varlen) stay as they are."""
+    for rows, qs, ks, mask in blocks:
+        pieces = None
+        if mask.kind(len(range(q.shape[1])[qs]), len(range(k.shape[1])[ks])) == "masked":
+            pieces = _per_piece_calls(q[rows, qs], k[rows, ks], v[rows, ks], mask, backend)
+        if pieces is None:
+            yield rows, qs, ks, mask
+            continue
+        for piece_rows, piece_qs, piece_ks, piece in pieces:
+            yield (_within(rows, piece_rows, q.shape[0]), _within(qs, piece_qs, q.shape[1]),
+                   _within(ks, piece_ks, k.shape[1]), piece)
+
+
+def _per_piece_calls(q, k, v, mask: BlockMask, backend: str) -> list | None:
+    """The mask-free pieces this block runs as, one fused call each, or None when it runs otherwise."""
+    kind = mask.kind(q.shape[1], k.shape[1])
+    if kind != "masked" or q.shape[-1] != v.shape[-1] \
+            or resolve_backend(backend, q.device, q.dtype, kind) == "reference":
+        return None
+    pieces = _masked_pieces(mask, kind, q.shape[0], q.shape[1], k.shape[1], q.device)
+    return None if pieces is None or _use_varlen(pieces, q, backend) else pieces
 
 
 # One varlen call pays when the pieces are small: then kernel launches, one or more per piece,
@@ -691,19 +765,6 @@ def _pad_head_dims(q, k, v):
     the log-sum-exp is unchanged; the gradients of the padding are sliced off."""
     size = max(q.shape[-1], v.shape[-1])
     return _pad_last(q, size), _pad_last(k, size), _pad_last(v, size)
-
-
-def merge_partials(out: torch.Tensor | None, lse: torch.Tensor | None, block_out: torch.Tensor,
-                   block_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge two softmax partials in fp32: lse = log(e^a + e^b), out = weighted sum. Safe when
-    either or both are -inf (rows with no keys yet)."""
-    block_out = block_out.double() if block_out.dtype == torch.float64 else block_out.float()
-    if out is None:
-        return block_out, block_lse
-    new_lse = torch.logaddexp(lse, block_lse)
-    w_old = torch.exp(lse - new_lse).nan_to_num(0.0).transpose(1, 2)[..., None]
-    w_new = torch.exp(block_lse - new_lse).nan_to_num(0.0).transpose(1, 2)[..., None]
-    return out * w_old + block_out * w_new, new_lse
 
 
 class _LocalAttention(torch.autograd.Function):

@@ -239,3 +239,107 @@ def test_varlen_only_for_small_pieces():
     assert kernel._varlen_pays(pieces([1024], rows=slice(None)), 8, heads, head_dim) == \
         kernel._varlen_pays(pieces([1024] * 8), 1, heads, head_dim)
     assert not kernel._varlen_pays([], 1, heads, head_dim)
+
+
+def _zigzag_member(lengths: list[int], member: int, members: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, documents) of one ring member's tokens of a packed row: chunks `member` and
+    2 x members - 1 - member of every document (as the balance planner places them), so that a
+    member's later chunk sees the keys of two chunks (two pieces on the same queries)."""
+    pos, doc = [], []
+    for d, n in enumerate(lengths):
+        bounds = [i * n // (2 * members) for i in range(2 * members + 1)]
+        for c in (member, 2 * members - 1 - member):
+            pos.append(torch.arange(bounds[c], bounds[c + 1]))
+            doc.append(torch.full((bounds[c + 1] - bounds[c],), d))
+    return torch.cat(pos)[None], torch.cat(doc)[None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_accumulators_copy_first_partials_and_merge_the_rest(monkeypatch, dtype):
+    """accumulate_forward/backward as ring attention runs them: a member's queries against its own
+    keys (fresh out/lse: pieces on queries nothing was written to are copied in, the later chunk's
+    second piece is merged), then against the other member's keys (out/lse carried: every piece
+    merged). Packed blocks open into their pieces (no per-token block reaches the kernel on CPU);
+    out, lse and gradients equal the reference over all keys at once."""
+    monkeypatch.setattr(kernel, "DENSE_MASK_MAX_ELEMENTS", 0)  # every per-token block in pieces
+    merges, per_token_calls = [], []
+    real_merge, real_forward = kernel.merge_partial_into, kernel.attention_forward
+    monkeypatch.setattr(kernel, "merge_partial_into", lambda *args: merges.append(1) or real_merge(*args))
+
+    def recording_forward(q, k, v, *, scale, mask, backend="auto"):
+        per_token_calls.append(mask.per_token)
+        return real_forward(q, k, v, scale=scale, mask=mask, backend=backend)
+
+    monkeypatch.setattr(kernel, "attention_forward", recording_forward)
+    lengths = [40, 3, 17, 64, 1, 9]
+    members = [_zigzag_member(lengths, m, 2) for m in range(2)]
+    gen = torch.Generator().manual_seed(7)
+    q, dout = (torch.randn(1, members[0][0].shape[1], 4, 8, generator=gen, dtype=dtype) for _ in range(2))
+    kv = [tuple(torch.randn(1, p.shape[1], 2, 8, generator=gen, dtype=dtype) for _ in range(2)) for p, _ in members]
+
+    def block(m):
+        return [(slice(None), slice(None), slice(None),
+                 BlockMask(causal=True, q_pos=members[0][0], k_pos=members[m][0], q_doc=members[0][1],
+                           k_doc=members[m][1]))]
+
+    out, lse = kernel.accumulate_forward(q, *kv[0], block(0), scale=0.3, backend="auto")
+    own_merges, own_calls = len(merges), len(per_token_calls)
+    out, lse = kernel.accumulate_forward(q, *kv[1], block(1), scale=0.3, backend="auto", out=out, lse=lse)
+    opened = dtype == torch.float32  # fp64 runs the reference, whole blocks
+    if opened:
+        assert not any(per_token_calls), per_token_calls
+        # own keys: per document two pieces on the later chunk's queries (its diagonal and the
+        # earlier chunk's keys), one of them merged; length-1 documents have no later chunk here
+        assert own_merges == sum(n >= 4 for n in lengths), own_merges
+        assert len(merges) - own_merges == len(per_token_calls) - own_calls  # carried out/lse: all merged
+    else:
+        assert own_merges == 0 and len(merges) == 1  # whole blocks: the first copied, the second merged
+    dq = torch.zeros_like(q)
+    dk, dv = zip(*[(torch.zeros_like(k), torch.zeros_like(v)) for k, v in kv])
+    for m in range(2):
+        kernel.accumulate_backward(dout, q, *kv[m], out.to(dtype), lse, block(m), scale=0.3, backend="auto",
+                                   dq=dq, dk=dk[m], dv=dv[m])
+
+    k_all, v_all = (torch.cat([t[i] for t in kv], dim=1) for i in range(2))
+    k_pos, k_doc = (torch.cat([p[i] for p in members], dim=1) for i in range(2))
+    mask = BlockMask(causal=True, q_pos=members[0][0], k_pos=k_pos, q_doc=members[0][1], k_doc=k_doc)
+    wide = (t.double() for t in (q, k_all, v_all))
+    ref_out, ref_lse = kernel._reference_forward(*wide, 0.3, mask)
+    ref_dq, ref_dk, ref_dv = kernel._reference_backward(dout.double(), q.double(), k_all.double(), v_all.double(),
+                                                         ref_out, ref_lse, 0.3, mask)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert (out.double() - ref_out).abs().max() <= tol
+    assert (lse.double() - ref_lse).abs().max() <= tol
+    assert (dq.double() - ref_dq).abs().max() <= tol
+    assert (torch.cat(dk, dim=1).double() - ref_dk).abs().max() <= tol
+    assert (torch.cat(dv, dim=1).double() - ref_dv).abs().max() <= tol
+
+
+def test_a_block_of_whole_documents_is_copied_without_merges(monkeypatch):
+    """A packed block against its own keys, every document one run (LocalBlocksAttention's case): its
+    pieces are on disjoint queries, all copied into the fresh out/lse, none merged."""
+    monkeypatch.setattr(kernel, "DENSE_MASK_MAX_ELEMENTS", 0)
+    merges = []
+    real_merge = kernel.merge_partial_into
+    monkeypatch.setattr(kernel, "merge_partial_into", lambda *args: merges.append(1) or real_merge(*args))
+    doc, pos = _packed_row([30, 1, 12, 50, 7], 104)
+    q, k, v, dout = _inputs(1, 104, 104, 4, 2, 8, seed=8)
+    mask = BlockMask(causal=True, q_pos=pos[None], k_pos=pos[None], q_doc=doc[None], k_doc=doc[None])
+    errors = _compare(q, k, v, dout, mask)
+    assert max(errors.values()) <= 1e-5, errors
+    assert merges == []
+
+
+def test_merge_partial_into_handles_rows_without_keys():
+    """Rows (of one batch row, one head) where neither, only the accumulator, only the block, or both
+    have keys: lse = log(e^a + e^b), out the weighted mean, 0 and -inf where neither has keys."""
+    inf = float("inf")
+    lse = torch.tensor([[[-inf, -inf, 0.5, 0.5]]])
+    block_lse = torch.tensor([[[-inf, 1.0, -inf, 1.0]]])
+    out = torch.tensor([0.0, 0.0, 2.0, 2.0]).view(1, 4, 1, 1)
+    block_out = torch.tensor([9.0, 3.0, 9.0, 3.0]).view(1, 4, 1, 1)
+    kernel.merge_partial_into(out, lse, block_out, block_lse)
+    both = torch.logaddexp(torch.tensor(0.5), torch.tensor(1.0))
+    assert torch.allclose(lse, torch.tensor([[[-inf, 1.0, 0.5, float(both)]]]))
+    share = float(torch.exp(1.0 - both))
+    assert torch.allclose(out.flatten(), torch.tensor([0.0, 3.0, 2.0, 2.0 * (1 - share) + 3.0 * share]))
