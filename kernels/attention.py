@@ -173,6 +173,20 @@ def _cuda_flash_kernel(bias, dtype) -> bool:
     return bias is None and dtype != torch.float32
 
 
+def _cpu_flash_forward(qh, kh, vh, scale, causal: bool, bias=None):
+    """PyTorch's CPU flash kernel on (batch, heads, seq, dim) views (k, v may have fewer heads):
+    out (batch, heads, seq, dim) and fp32 lse (batch, heads, seq)."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0, causal, attn_mask=bias,
+                                                                         scale=scale)
+    return out, lse.float()
+
+
+def _cpu_flash_backward(do, qh, kh, vh, o, lse, scale, causal: bool, bias=None):
+    """Its backward, (dq, dk, dv) shaped as qh, kh, vh; lse finite in every row."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(do, qh, kh, vh, o, lse, 0.0, causal,
+                                                                              attn_mask=bias, scale=scale)
+
+
 def _torch_forward(q, k, v, scale, mask: BlockMask, kind: str):
     h = q.shape[2]
     qh, kh, vh = q.transpose(1, 2), _kv_for_fused(k, h).transpose(1, 2), _kv_for_fused(v, h).transpose(1, 2)
@@ -181,8 +195,7 @@ def _torch_forward(q, k, v, scale, mask: BlockMask, kind: str):
         bias, has_key = _additive_mask(mask.allowed(q.shape[1], k.shape[1], q.device), q.dtype)
         bias = bias.expand(qh.shape[0], h, -1, -1)
     if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qh, kh, vh, 0.0, kind == "causal", attn_mask=bias, scale=scale)
+        out, lse = _cpu_flash_forward(qh, kh, vh, scale, kind == "causal", bias)
     elif _cuda_flash_kernel(bias, q.dtype):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
             qh, kh, vh, 0.0, kind == "causal", False, scale=scale)[:2]
@@ -215,8 +228,7 @@ def _torch_backward(dout, q, k, v, out, lse, scale, mask: BlockMask, kind: str):
     qh, kh, vh = q.transpose(1, 2), _kv_for_fused(k, h).transpose(1, 2), _kv_for_fused(v, h).transpose(1, 2)
     do, o = dout.transpose(1, 2), out.transpose(1, 2)
     if q.device.type == "cpu":
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            do, qh, kh, vh, o, lse, 0.0, kind == "causal", attn_mask=bias, scale=scale)
+        dq, dk, dv = _cpu_flash_backward(do, qh, kh, vh, o, lse, scale, kind == "causal", bias)
     elif _cuda_flash_kernel(bias, q.dtype):
         s_q, s_k = q.shape[1], k.shape[1]
         # cum_seq_q/k None: dense (batch, heads, seq, dim) inputs; a defined tensor means varlen
@@ -506,7 +518,8 @@ def accumulate_forward(q, k, v, pieces, *, scale: float, backend: str, out=None,
     """Merge q's attention over `pieces`, (rows, q slice, k slice, BlockMask) tuples, into fp32 (out,
     lse) (fp64 for fp64 inputs), started as zeros and -inf when None. A block that runs in mask-free
     pieces is opened into them (`_opened_blocks`); a piece whose queries nothing was written to yet in
-    this call's fresh (out, lse) is copied in, any other merged in place."""
+    this call's fresh (out, lse) is copied in, any other merged in place. Works on (batch, heads, seq,
+    dim) views, the layout of lse and of the CPU kernels (`_cpu_flash_pieces`)."""
     first_writes = None
     if out is None:
         b, s, h, _ = q.shape
@@ -514,25 +527,56 @@ def accumulate_forward(q, k, v, pieces, *, scale: float, backend: str, out=None,
         out = torch.zeros(b, s, h, v.shape[-1], dtype=acc, device=q.device)
         lse = torch.full((b, h, s), -math.inf, dtype=acc, device=q.device)
         first_writes = _FirstWrites(b, s)
+    cpu_flash = _cpu_flash_pieces(q, v, backend)
+    q, k, v = _dense(q, k, v)
+    qh, kh, vh, out_h = (t.transpose(1, 2) for t in (q, k, v, out))
     for rows, qs, ks, piece in _opened_blocks(q, k, v, pieces, backend):
-        o, l = attention_forward(q[rows, qs], k[rows, ks], v[rows, ks], scale=scale, mask=piece, backend=backend)
+        kind = piece.kind(qs.stop - qs.start, ks.stop - ks.start)
+        if cpu_flash and kind in ("full", "causal"):
+            o, l = _cpu_flash_forward(qh[rows, :, qs], kh[rows, :, ks], vh[rows, :, ks], scale, kind == "causal")
+        else:
+            o, l = attention_forward(q[rows, qs], k[rows, ks], v[rows, ks], scale=scale, mask=piece, backend=backend)
+            o = o.transpose(1, 2)
         if first_writes is not None and first_writes.claim(rows, qs):
-            out[rows, qs] = o
+            out_h[rows, :, qs] = o
             lse[rows, :, qs] = l
         else:
-            merge_partial_into(out[rows, qs], lse[rows, :, qs], o, l)
+            merge_partial_into(out_h[rows, :, qs], lse[rows, :, qs], o, l)
     return out, lse
 
 
 def accumulate_backward(dout, q, k, v, out, lse, pieces, *, scale: float, backend: str, dq, dk, dv) -> None:
     """Add every piece's gradients into dq, dk, dv, given the final (merged) out and lse. A block that
-    runs in mask-free pieces is opened into them (`_opened_blocks`)."""
+    runs in mask-free pieces is opened into them (`_opened_blocks`); (batch, heads, seq, dim) views as
+    in accumulate_forward."""
+    cpu_flash = _cpu_flash_pieces(q, v, backend)
+    dout, q, k, v, out = _dense(dout, q, k, v, out)
+    qh, kh, vh, do_h, out_h, dq_h, dk_h, dv_h = (t.transpose(1, 2) for t in (q, k, v, dout, out, dq, dk, dv))
     for rows, qs, ks, piece in _opened_blocks(q, k, v, pieces, backend):
-        gq, gk, gv = attention_backward(dout[rows, qs], q[rows, qs], k[rows, ks], v[rows, ks], out[rows, qs],
-                                        lse[rows, :, qs], scale=scale, mask=piece, backend=backend)
-        dq[rows, qs].add_(gq)
-        dk[rows, ks].add_(gk)
-        dv[rows, ks].add_(gv)
+        kind = piece.kind(qs.stop - qs.start, ks.stop - ks.start)
+        if cpu_flash and kind in ("full", "causal"):
+            grads = _cpu_flash_backward(do_h[rows, :, qs], qh[rows, :, qs], kh[rows, :, ks], vh[rows, :, ks],
+                                        out_h[rows, :, qs], lse[rows, :, qs], scale, kind == "causal")
+        else:
+            grads = attention_backward(dout[rows, qs], q[rows, qs], k[rows, ks], v[rows, ks], out[rows, qs],
+                                       lse[rows, :, qs], scale=scale, mask=piece, backend=backend)
+            grads = (g.transpose(1, 2) for g in grads)
+        for total, g in zip((dq_h[rows, :, qs], dk_h[rows, :, ks], dv_h[rows, :, ks]), grads):
+            total.add_(g)
+
+
+def _cpu_flash_pieces(q, v, backend: str) -> bool:
+    """Whether the accumulators' mask-free (full, causal) pieces go straight to PyTorch's CPU flash
+    kernels (what attention_forward/backward would pick for them) on (batch, heads, seq, dim) views:
+    no per-piece dispatch, transposes or lse fix-up (a mask-free piece's rows all have keys)."""
+    return q.device.type == "cpu" and q.shape[-1] == v.shape[-1] \
+        and resolve_backend(backend, q.device, q.dtype, "full") == "torch"
+
+
+def _dense(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The accumulators' inputs made contiguous once per call (the kernels read a strided last dim
+    wrongly, without an error; attention_forward/backward make every piece contiguous)."""
+    return tuple(t.contiguous() for t in tensors)
 
 
 class _FirstWrites:
@@ -556,11 +600,12 @@ class _FirstWrites:
 def merge_partial_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
                        block_lse: torch.Tensor) -> None:
     """Merge a block's softmax partial into (out, lse) in place (fp32 or fp64 accumulators, or views of
-    them): lse = log(e^lse + e^block_lse), out moved towards block_out by the block's share
-    e^(block_lse - new lse). Safe when either or both are -inf (rows with no keys yet)."""
+    them), out (batch, heads, seq, dim) as lse (batch, heads, seq): lse = log(e^lse + e^block_lse), out
+    moved towards block_out by the block's share e^(block_lse - new lse). Safe when either or both are
+    -inf (rows with no keys yet)."""
     torch.logaddexp(lse, block_lse, out=lse)
     share = torch.exp(block_lse - lse).nan_to_num_(0.0)  # 0 where both are -inf
-    out.lerp_(block_out.to(out.dtype), share.transpose(1, 2)[..., None])
+    out.lerp_(block_out.to(out.dtype), share[..., None])
 
 
 def _within(outer: slice, inner: slice, size: int) -> slice:
@@ -572,16 +617,17 @@ def _within(outer: slice, inner: slice, size: int) -> slice:
 
 def _opened_blocks(q, k, v, blocks, backend: str):
     """`blocks` (rows, q slice, k slice, BlockMask) with every block that attention_forward/backward
-    would run as one fused call per mask-free piece replaced by those pieces (slices composed), so that
-    the accumulators take each piece straight into their (out, lse) or gradients: no block-sized
+    would run as one fused call per mask-free piece replaced by those pieces (slices composed), so
+    that the accumulators take each piece straight into their (out, lse) or gradients: no block-sized
     partial, merge or gradient buffers. Blocks that run whole (one kernel call, the reference,
-    flash-attn varlen) stay as they are."""
+    flash-attn varlen) stay as they are. Every slice yielded has its start and stop."""
     for rows, qs, ks, mask in blocks:
         pieces = None
         if mask.kind(len(range(q.shape[1])[qs]), len(range(k.shape[1])[ks])) == "masked":
             pieces = _per_piece_calls(q[rows, qs], k[rows, ks], v[rows, ks], mask, backend)
         if pieces is None:
-            yield rows, qs, ks, mask
+            yield (_within(rows, slice(None), q.shape[0]), _within(qs, slice(None), q.shape[1]),
+                   _within(ks, slice(None), k.shape[1]), mask)
             continue
         for piece_rows, piece_qs, piece_ks, piece in pieces:
             yield (_within(rows, piece_rows, q.shape[0]), _within(qs, piece_qs, q.shape[1]),

@@ -262,9 +262,10 @@ def test_accumulators_copy_first_partials_and_merge_the_rest(monkeypatch, dtype)
     merged). Packed blocks open into their pieces (no per-token block reaches the kernel on CPU);
     out, lse and gradients equal the reference over all keys at once."""
     monkeypatch.setattr(kernel, "DENSE_MASK_MAX_ELEMENTS", 0)  # every per-token block in pieces
-    merges, per_token_calls = [], []
-    real_merge, real_forward = kernel.merge_partial_into, kernel.attention_forward
+    merges, per_token_calls, cpu_piece_calls = [], [], []
+    real_merge, real_forward, real_piece = kernel.merge_partial_into, kernel.attention_forward, kernel._cpu_flash_forward
     monkeypatch.setattr(kernel, "merge_partial_into", lambda *args: merges.append(1) or real_merge(*args))
+    monkeypatch.setattr(kernel, "_cpu_flash_forward", lambda *args: cpu_piece_calls.append(1) or real_piece(*args))
 
     def recording_forward(q, k, v, *, scale, mask, backend="auto"):
         per_token_calls.append(mask.per_token)
@@ -283,17 +284,18 @@ def test_accumulators_copy_first_partials_and_merge_the_rest(monkeypatch, dtype)
                            k_doc=members[m][1]))]
 
     out, lse = kernel.accumulate_forward(q, *kv[0], block(0), scale=0.3, backend="auto")
-    own_merges, own_calls = len(merges), len(per_token_calls)
+    own_merges, own_calls = len(merges), len(cpu_piece_calls)
     out, lse = kernel.accumulate_forward(q, *kv[1], block(1), scale=0.3, backend="auto", out=out, lse=lse)
     opened = dtype == torch.float32  # fp64 runs the reference, whole blocks
-    if opened:
-        assert not any(per_token_calls), per_token_calls
+    if opened:  # every piece straight to the CPU kernel on views
+        assert per_token_calls == [] and own_calls > 0, (per_token_calls, own_calls)
         # own keys: per document two pieces on the later chunk's queries (its diagonal and the
         # earlier chunk's keys), one of them merged; length-1 documents have no later chunk here
         assert own_merges == sum(n >= 4 for n in lengths), own_merges
-        assert len(merges) - own_merges == len(per_token_calls) - own_calls  # carried out/lse: all merged
+        assert len(merges) - own_merges == len(cpu_piece_calls) - own_calls  # carried out/lse: all merged
     else:
         assert own_merges == 0 and len(merges) == 1  # whole blocks: the first copied, the second merged
+        assert per_token_calls == [True, True] and cpu_piece_calls == []
     dq = torch.zeros_like(q)
     dk, dv = zip(*[(torch.zeros_like(k), torch.zeros_like(v)) for k, v in kv])
     for m in range(2):
@@ -336,10 +338,28 @@ def test_merge_partial_into_handles_rows_without_keys():
     inf = float("inf")
     lse = torch.tensor([[[-inf, -inf, 0.5, 0.5]]])
     block_lse = torch.tensor([[[-inf, 1.0, -inf, 1.0]]])
-    out = torch.tensor([0.0, 0.0, 2.0, 2.0]).view(1, 4, 1, 1)
-    block_out = torch.tensor([9.0, 3.0, 9.0, 3.0]).view(1, 4, 1, 1)
+    out = torch.tensor([0.0, 0.0, 2.0, 2.0]).view(1, 1, 4, 1)
+    block_out = torch.tensor([9.0, 3.0, 9.0, 3.0]).view(1, 1, 4, 1)
     kernel.merge_partial_into(out, lse, block_out, block_lse)
     both = torch.logaddexp(torch.tensor(0.5), torch.tensor(1.0))
     assert torch.allclose(lse, torch.tensor([[[-inf, 1.0, 0.5, float(both)]]]))
     share = float(torch.exp(1.0 - both))
     assert torch.allclose(out.flatten(), torch.tensor([0.0, 3.0, 2.0, 2.0 * (1 - share) + 3.0 * share]))
+
+
+def test_accumulators_take_strided_inputs(monkeypatch):
+    """Inputs the CPU kernels would misread if the accumulators passed them on as views (a strided
+    last dim, an expanded dout) give what their contiguous copies give."""
+    monkeypatch.setattr(kernel, "DENSE_MASK_MAX_ELEMENTS", 0)
+    doc, pos = _packed_row([30, 1, 12, 50], 100)
+    wide_q, _, _, _ = _inputs(1, 100, 100, 4, 2, 16, seed=9)
+    _, k, v, _ = _inputs(1, 100, 100, 4, 2, 8, seed=10)
+    q, dout = wide_q[..., ::2], torch.ones(1, 1, 1, 1).expand(1, 100, 4, 8)
+    assert q.stride(-1) == 2
+    mask = BlockMask(causal=True, q_pos=pos[None], k_pos=pos[None], q_doc=doc[None], k_doc=doc[None])
+    results = []
+    for q_in, dout_in in ((q, dout), (q.contiguous(), dout.contiguous())):
+        out, lse = attention_forward(q_in, k, v, scale=0.3, mask=mask)
+        results.append((out, lse, *attention_backward(dout_in, q_in, k, v, out, lse, scale=0.3, mask=mask)))
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
