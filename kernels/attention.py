@@ -30,11 +30,13 @@ is passed over for the next (flash_attn, torch, reference) with a warning.
 Masked blocks without mask tensors: an offset causal block runs as at most three pieces that are
 full or aligned-causal (`causal_pieces`); a packed block larger than DENSE_MASK_MAX_ELEMENTS (on
 CPU also a smaller one whose pieces cost less than its dense mask) runs as each query run against
-each key run of its document, cut the same way. On CUDA in half
-precision with flash-attn installed, small pieces (documents of up to a few thousand tokens,
+each key run of its document, cut the same way (full pieces on adjacent tokens joined). On CUDA in
+half precision with flash-attn installed, small pieces (documents of up to a few thousand tokens,
 VARLEN_MAX_MEAN_PIECE_FLOPS) all go to flash-attn's varlen functions (one call for the full pieces,
 one for the causal; cu_seqlens built from the runs), self-checked once against the reference;
-otherwise one fused call per piece. Memory stays linear in the sequence.
+otherwise one fused call per piece. Memory stays linear in the sequence. The accumulators
+(`accumulate_forward`/`accumulate_backward`, ring attention's per-block calls) open such blocks
+into their pieces and, on CPU, call the fused kernels on (batch, heads, seq, dim) views directly.
 """
 from __future__ import annotations
 
@@ -325,20 +327,49 @@ def _runs(pos: torch.Tensor | None, doc: torch.Tensor | None, length: int) -> li
             if d >= 0]
 
 
-def _pieces_of_row(mask: BlockMask, row: int, q_len: int, k_len: int):
+def _pieces_of_row(mask: BlockMask, row: int, q_len: int, k_len: int) -> list:
     """(q start, q len, k start, k len, BlockMask) pieces of one batch row of a per-token mask:
-    each query run against each key run of its document, cut by causal_pieces."""
+    each query run against each key run of its document, cut by causal_pieces, full pieces on
+    adjacent tokens joined (`_joined_full_pieces`)."""
     def pick(t):
         return None if t is None else t[min(row, t.shape[0] - 1)]
 
     k_runs: dict[int, list] = {}
     for run in _runs(pick(mask.k_pos), pick(mask.k_doc), k_len):
         k_runs.setdefault(run[2], []).append(run)
+    pieces = []
     for q_start, q_n, doc, q_pos in _runs(pick(mask.q_pos), pick(mask.q_doc), q_len):
         for k_start, k_n, _, k_pos in k_runs.get(doc, ()):
             for qo, qn, ko, kn in causal_pieces(q_pos, q_n, k_pos, k_n, mask.causal):
-                yield (q_start + qo, qn, k_start + ko, kn,
-                       BlockMask(causal=mask.causal, q_offset=q_pos + qo, k_offset=k_pos + ko))
+                pieces.append((q_start + qo, qn, k_start + ko, kn,
+                               BlockMask(causal=mask.causal, q_offset=q_pos + qo, k_offset=k_pos + ko)))
+    return _joined_full_pieces(pieces)
+
+
+def _joined_full_pieces(pieces: list) -> list:
+    """Full pieces (every query attends every key) with the same queries and adjacent keys, then
+    with the same keys and adjacent queries, joined into one full piece each (BlockMask(causal=False)):
+    the same (query, key) pairs in fewer kernel calls. A ring member's zigzag chunk pair of a
+    document is two runs side by side: both chunks fully in the past of a query run, or one key
+    chunk fully in the past of both query chunks, are one piece instead of two."""
+    full = [p[:4] for p in pieces if p[4].kind(p[1], p[3]) == "full"]
+    if len(full) < 2:
+        return pieces
+    for same, adjacent in ((0, 2), (2, 0)):  # (start field shared, start field of the adjacent ranges)
+        full.sort(key=lambda p: (p[same], p[same + 1], p[adjacent]))
+        joined = [full[0]]
+        for p in full[1:]:
+            last = joined[-1]
+            if (last[same], last[same + 1]) == (p[same], p[same + 1]) \
+                    and last[adjacent] + last[adjacent + 1] == p[adjacent]:
+                grown = list(last)
+                grown[adjacent + 1] += p[adjacent + 1]
+                joined[-1] = tuple(grown)
+            else:
+                joined.append(p)
+        full = joined
+    rest = [p for p in pieces if p[4].kind(p[1], p[3]) != "full"]
+    return rest + [(*p, BlockMask(causal=False)) for p in full]
 
 
 def _pieces(mask: BlockMask, batch: int, q_len: int, k_len: int):
