@@ -2,7 +2,7 @@
 
 This is the single-device building block of context parallelism: a rank attends its queries to
 its own keys and to other ranks' keys, one block at a time, and merges the partial results with
-their log-sum-exp (`merge_partials`). Tensors are (batch, seq, heads, head_dim); k/v may have fewer
+their log-sum-exp (`merge_partial_into`). Tensors are (batch, seq, heads, head_dim); k/v may have fewer
 heads than q (GQA). `lse` is (batch, heads, seq) in fp32; rows with no key to attend have
 out = 0 and lse = -inf, and merge safely.
 
@@ -30,11 +30,13 @@ is passed over for the next (flash_attn, torch, reference) with a warning.
 Masked blocks without mask tensors: an offset causal block runs as at most three pieces that are
 full or aligned-causal (`causal_pieces`); a packed block larger than DENSE_MASK_MAX_ELEMENTS (on
 CPU also a smaller one whose pieces cost less than its dense mask) runs as each query run against
-each key run of its document, cut the same way. On CUDA in half
-precision with flash-attn installed, small pieces (documents of up to a few thousand tokens,
+each key run of its document, cut the same way (full pieces on adjacent tokens joined). On CUDA in
+half precision with flash-attn installed, small pieces (documents of up to a few thousand tokens,
 VARLEN_MAX_MEAN_PIECE_FLOPS) all go to flash-attn's varlen functions (one call for the full pieces,
 one for the causal; cu_seqlens built from the runs), self-checked once against the reference;
-otherwise one fused call per piece. Memory stays linear in the sequence.
+otherwise one fused call per piece. Memory stays linear in the sequence. The accumulators
+(`accumulate_forward`/`accumulate_backward`, ring attention's per-block calls) open such blocks
+into their pieces and, on CPU, call the fused kernels on (batch, heads, seq, dim) views directly.
 """
 from __future__ import annotations
 
@@ -173,6 +175,20 @@ def _cuda_flash_kernel(bias, dtype) -> bool:
     return bias is None and dtype != torch.float32
 
 
+def _cpu_flash_forward(qh, kh, vh, scale, causal: bool, bias=None):
+    """PyTorch's CPU flash kernel on (batch, heads, seq, dim) views (k, v may have fewer heads):
+    out (batch, heads, seq, dim) and fp32 lse (batch, heads, seq)."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0, causal, attn_mask=bias,
+                                                                         scale=scale)
+    return out, lse.float()
+
+
+def _cpu_flash_backward(do, qh, kh, vh, o, lse, scale, causal: bool, bias=None):
+    """Its backward, (dq, dk, dv) shaped as qh, kh, vh; lse finite in every row."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(do, qh, kh, vh, o, lse, 0.0, causal,
+                                                                              attn_mask=bias, scale=scale)
+
+
 def _torch_forward(q, k, v, scale, mask: BlockMask, kind: str):
     h = q.shape[2]
     qh, kh, vh = q.transpose(1, 2), _kv_for_fused(k, h).transpose(1, 2), _kv_for_fused(v, h).transpose(1, 2)
@@ -181,8 +197,7 @@ def _torch_forward(q, k, v, scale, mask: BlockMask, kind: str):
         bias, has_key = _additive_mask(mask.allowed(q.shape[1], k.shape[1], q.device), q.dtype)
         bias = bias.expand(qh.shape[0], h, -1, -1)
     if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qh, kh, vh, 0.0, kind == "causal", attn_mask=bias, scale=scale)
+        out, lse = _cpu_flash_forward(qh, kh, vh, scale, kind == "causal", bias)
     elif _cuda_flash_kernel(bias, q.dtype):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
             qh, kh, vh, 0.0, kind == "causal", False, scale=scale)[:2]
@@ -200,8 +215,10 @@ def _torch_forward(q, k, v, scale, mask: BlockMask, kind: str):
 def _torch_backward(dout, q, k, v, out, lse, scale, mask: BlockMask, kind: str):
     h, n_kv = q.shape[2], k.shape[2]
     bias = None
-    lse = lse.masked_fill(torch.isinf(lse), 0.0)  # rows without keys: their dout is zeroed below
     if kind == "masked":
+        # rows without keys (-inf): their dout is zeroed below. In a full or causal block every query
+        # has a key, so the whole softmax's lse of its rows is finite.
+        lse = lse.masked_fill(torch.isinf(lse), 0.0)
         bias, has_key = _additive_mask(mask.allowed(q.shape[1], k.shape[1], q.device), q.dtype)
         bias = bias.expand(q.shape[0], h, -1, -1)
         dout = dout * has_key[:, :, None, None].to(dout.dtype)
@@ -213,8 +230,7 @@ def _torch_backward(dout, q, k, v, out, lse, scale, mask: BlockMask, kind: str):
     qh, kh, vh = q.transpose(1, 2), _kv_for_fused(k, h).transpose(1, 2), _kv_for_fused(v, h).transpose(1, 2)
     do, o = dout.transpose(1, 2), out.transpose(1, 2)
     if q.device.type == "cpu":
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            do, qh, kh, vh, o, lse, 0.0, kind == "causal", attn_mask=bias, scale=scale)
+        dq, dk, dv = _cpu_flash_backward(do, qh, kh, vh, o, lse, scale, kind == "causal", bias)
     elif _cuda_flash_kernel(bias, q.dtype):
         s_q, s_k = q.shape[1], k.shape[1]
         # cum_seq_q/k None: dense (batch, heads, seq, dim) inputs; a defined tensor means varlen
@@ -311,20 +327,49 @@ def _runs(pos: torch.Tensor | None, doc: torch.Tensor | None, length: int) -> li
             if d >= 0]
 
 
-def _pieces_of_row(mask: BlockMask, row: int, q_len: int, k_len: int):
+def _pieces_of_row(mask: BlockMask, row: int, q_len: int, k_len: int) -> list:
     """(q start, q len, k start, k len, BlockMask) pieces of one batch row of a per-token mask:
-    each query run against each key run of its document, cut by causal_pieces."""
+    each query run against each key run of its document, cut by causal_pieces, full pieces on
+    adjacent tokens joined (`_joined_full_pieces`)."""
     def pick(t):
         return None if t is None else t[min(row, t.shape[0] - 1)]
 
     k_runs: dict[int, list] = {}
     for run in _runs(pick(mask.k_pos), pick(mask.k_doc), k_len):
         k_runs.setdefault(run[2], []).append(run)
+    pieces = []
     for q_start, q_n, doc, q_pos in _runs(pick(mask.q_pos), pick(mask.q_doc), q_len):
         for k_start, k_n, _, k_pos in k_runs.get(doc, ()):
             for qo, qn, ko, kn in causal_pieces(q_pos, q_n, k_pos, k_n, mask.causal):
-                yield (q_start + qo, qn, k_start + ko, kn,
-                       BlockMask(causal=mask.causal, q_offset=q_pos + qo, k_offset=k_pos + ko))
+                pieces.append((q_start + qo, qn, k_start + ko, kn,
+                               BlockMask(causal=mask.causal, q_offset=q_pos + qo, k_offset=k_pos + ko)))
+    return _joined_full_pieces(pieces)
+
+
+def _joined_full_pieces(pieces: list) -> list:
+    """Full pieces (every query attends every key) with the same queries and adjacent keys, then
+    with the same keys and adjacent queries, joined into one full piece each (BlockMask(causal=False)):
+    the same (query, key) pairs in fewer kernel calls. A ring member's zigzag chunk pair of a
+    document is two runs side by side: both chunks fully in the past of a query run, or one key
+    chunk fully in the past of both query chunks, are one piece instead of two."""
+    full = [p[:4] for p in pieces if p[4].kind(p[1], p[3]) == "full"]
+    if len(full) < 2:
+        return pieces
+    for same, adjacent in ((0, 2), (2, 0)):  # (start field shared, start field of the adjacent ranges)
+        full.sort(key=lambda p: (p[same], p[same + 1], p[adjacent]))
+        joined = [full[0]]
+        for p in full[1:]:
+            last = joined[-1]
+            if (last[same], last[same + 1]) == (p[same], p[same + 1]) \
+                    and last[adjacent] + last[adjacent + 1] == p[adjacent]:
+                grown = list(last)
+                grown[adjacent + 1] += p[adjacent + 1]
+                joined[-1] = tuple(grown)
+            else:
+                joined.append(p)
+        full = joined
+    rest = [p for p in pieces if p[4].kind(p[1], p[3]) != "full"]
+    return rest + [(*p, BlockMask(causal=False)) for p in full]
 
 
 def _pieces(mask: BlockMask, batch: int, q_len: int, k_len: int):
@@ -502,26 +547,132 @@ def _varlen_self_check(device, dtype) -> bool:
 
 def accumulate_forward(q, k, v, pieces, *, scale: float, backend: str, out=None, lse=None):
     """Merge q's attention over `pieces`, (rows, q slice, k slice, BlockMask) tuples, into fp32 (out,
-    lse) (fp64 for fp64 inputs), started as zeros and -inf when None."""
+    lse) (fp64 for fp64 inputs), started as zeros and -inf when None. A block that runs in mask-free
+    pieces is opened into them (`_opened_blocks`); a piece whose queries nothing was written to yet in
+    this call's fresh (out, lse) is copied in, any other merged in place. Works on (batch, heads, seq,
+    dim) views, the layout of lse and of the CPU kernels (`_cpu_flash_pieces`)."""
+    first_writes = None
     if out is None:
         b, s, h, _ = q.shape
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         out = torch.zeros(b, s, h, v.shape[-1], dtype=acc, device=q.device)
         lse = torch.full((b, h, s), -math.inf, dtype=acc, device=q.device)
-    for rows, qs, ks, piece in pieces:
-        o, l = attention_forward(q[rows, qs], k[rows, ks], v[rows, ks], scale=scale, mask=piece, backend=backend)
-        out[rows, qs], lse[rows, :, qs] = merge_partials(out[rows, qs], lse[rows, :, qs], o, l)
+        first_writes = _FirstWrites(b, s)
+    cpu_flash = _cpu_flash_pieces(q, v, backend)
+    q, k, v = _dense(q, k, v)
+    qh, kh, vh, out_h = (t.transpose(1, 2) for t in (q, k, v, out))
+    for rows, qs, ks, piece in _opened_blocks(q, k, v, pieces, backend):
+        kind = piece.kind(qs.stop - qs.start, ks.stop - ks.start)
+        if cpu_flash and kind in ("full", "causal"):
+            o, l = _cpu_flash_forward(qh[rows, :, qs], kh[rows, :, ks], vh[rows, :, ks], scale, kind == "causal")
+        else:
+            o, l = attention_forward(q[rows, qs], k[rows, ks], v[rows, ks], scale=scale, mask=piece, backend=backend)
+            o = o.transpose(1, 2)
+        if first_writes is not None and first_writes.claim(rows, qs):
+            out_h[rows, :, qs] = o
+            lse[rows, :, qs] = l
+        else:
+            merge_partial_into(out_h[rows, :, qs], lse[rows, :, qs], o, l)
     return out, lse
 
 
 def accumulate_backward(dout, q, k, v, out, lse, pieces, *, scale: float, backend: str, dq, dk, dv) -> None:
-    """Add every piece's gradients into dq, dk, dv, given the final (merged) out and lse."""
-    for rows, qs, ks, piece in pieces:
-        gq, gk, gv = attention_backward(dout[rows, qs], q[rows, qs], k[rows, ks], v[rows, ks], out[rows, qs],
-                                        lse[rows, :, qs], scale=scale, mask=piece, backend=backend)
-        dq[rows, qs] += gq
-        dk[rows, ks] += gk
-        dv[rows, ks] += gv
+    """Add every piece's gradients into dq, dk, dv, given the final (merged) out and lse. A block that
+    runs in mask-free pieces is opened into them (`_opened_blocks`); (batch, heads, seq, dim) views as
+    in accumulate_forward."""
+    cpu_flash = _cpu_flash_pieces(q, v, backend)
+    dout, q, k, v, out = _dense(dout, q, k, v, out)
+    qh, kh, vh, do_h, out_h, dq_h, dk_h, dv_h = (t.transpose(1, 2) for t in (q, k, v, dout, out, dq, dk, dv))
+    for rows, qs, ks, piece in _opened_blocks(q, k, v, pieces, backend):
+        kind = piece.kind(qs.stop - qs.start, ks.stop - ks.start)
+        if cpu_flash and kind in ("full", "causal"):
+            grads = _cpu_flash_backward(do_h[rows, :, qs], qh[rows, :, qs], kh[rows, :, ks], vh[rows, :, ks],
+                                        out_h[rows, :, qs], lse[rows, :, qs], scale, kind == "causal")
+        else:
+            grads = attention_backward(dout[rows, qs], q[rows, qs], k[rows, ks], v[rows, ks], out[rows, qs],
+                                       lse[rows, :, qs], scale=scale, mask=piece, backend=backend)
+            grads = (g.transpose(1, 2) for g in grads)
+        for total, g in zip((dq_h[rows, :, qs], dk_h[rows, :, ks], dv_h[rows, :, ks]), grads):
+            total.add_(g)
+
+
+def _cpu_flash_pieces(q, v, backend: str) -> bool:
+    """Whether the accumulators' mask-free (full, causal) pieces go straight to PyTorch's CPU flash
+    kernels (what attention_forward/backward would pick for them) on (batch, heads, seq, dim) views:
+    no per-piece dispatch, transposes or lse fix-up (a mask-free piece's rows all have keys)."""
+    return q.device.type == "cpu" and q.shape[-1] == v.shape[-1] \
+        and resolve_backend(backend, q.device, q.dtype, "full") == "torch"
+
+
+def _dense(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The accumulators' inputs made contiguous once per call (the kernels read a strided last dim
+    wrongly, without an error; attention_forward/backward make every piece contiguous)."""
+    return tuple(t.contiguous() for t in tensors)
+
+
+class _FirstWrites:
+    """Which queries (batch row, position) of a fresh (out, lse) have a partial: `claim` tells whether
+    none of a piece's queries had one yet (then the piece is the partial: copied, not merged) and
+    marks them."""
+
+    def __init__(self, batch: int, seq: int):
+        self.batch, self.seq = batch, seq
+        self.written = [bytearray(seq) for _ in range(batch)]
+
+    def claim(self, rows: slice, qs: slice) -> bool:
+        start, stop, _ = qs.indices(self.seq)
+        row_ids = range(self.batch)[rows]
+        first = not any(1 in self.written[r][start:stop] for r in row_ids)
+        for r in row_ids:
+            self.written[r][start:stop] = b"\x01" * (stop - start)
+        return first
+
+
+def merge_partial_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
+                       block_lse: torch.Tensor) -> None:
+    """Merge a block's softmax partial into (out, lse) in place (fp32 or fp64 accumulators, or views of
+    them), out (batch, heads, seq, dim) as lse (batch, heads, seq): lse = log(e^lse + e^block_lse), out
+    moved towards block_out by the block's share e^(block_lse - new lse). Safe when either or both are
+    -inf (rows with no keys yet)."""
+    torch.logaddexp(lse, block_lse, out=lse)
+    share = torch.exp(block_lse - lse).nan_to_num_(0.0)  # 0 where both are -inf
+    out.lerp_(block_out.to(out.dtype), share[..., None])
+
+
+def _within(outer: slice, inner: slice, size: int) -> slice:
+    """The slice of a dimension of `size` that `inner` selects within `outer` (both of step 1)."""
+    start, stop, _ = outer.indices(size)
+    inner_start, inner_stop, _ = inner.indices(stop - start)
+    return slice(start + inner_start, start + inner_stop)
+
+
+def _opened_blocks(q, k, v, blocks, backend: str):
+    """`blocks` (rows, q slice, k slice, BlockMask) with every block that attention_forward/backward
+    would run as one fused call per mask-free piece replaced by those pieces (slices composed), so
+    that the accumulators take each piece straight into their (out, lse) or gradients: no block-sized
+    partial, merge or gradient buffers. Blocks that run whole (one kernel call, the reference,
+    flash-attn varlen) stay as they are. Every slice yielded has its start and stop."""
+    for rows, qs, ks, mask in blocks:
+        pieces = None
+        if mask.kind(len(range(q.shape[1])[qs]), len(range(k.shape[1])[ks])) == "masked":
+            pieces = _per_piece_calls(q[rows, qs], k[rows, ks], v[rows, ks], mask, backend)
+        if pieces is None:
+            yield (_within(rows, slice(None), q.shape[0]), _within(qs, slice(None), q.shape[1]),
+                   _within(ks, slice(None), k.shape[1]), mask)
+            continue
+        for piece_rows, piece_qs, piece_ks, piece in pieces:
+            yield (_within(rows, piece_rows, q.shape[0]), _within(qs, piece_qs, q.shape[1]),
+                   _within(ks, piece_ks, k.shape[1]), piece)
+
+
+def _per_piece_calls(q, k, v, mask: BlockMask, backend: str) -> list | None:
+    """The mask-free pieces this block runs as, one fused call each, or None when it runs otherwise."""
+    kind = mask.kind(q.shape[1], k.shape[1])
+    if kind != "masked" or q.shape[-1] != v.shape[-1] \
+            or resolve_backend(backend, q.device, q.dtype, kind) == "reference":
+        return None
+    pieces = _masked_pieces(mask, kind, q.shape[0], q.shape[1], k.shape[1], q.device)
+    return None if pieces is None or _use_varlen(pieces, q, backend) else pieces
 
 
 # One varlen call pays when the pieces are small: then kernel launches, one or more per piece,
@@ -691,19 +842,6 @@ def _pad_head_dims(q, k, v):
     the log-sum-exp is unchanged; the gradients of the padding are sliced off."""
     size = max(q.shape[-1], v.shape[-1])
     return _pad_last(q, size), _pad_last(k, size), _pad_last(v, size)
-
-
-def merge_partials(out: torch.Tensor | None, lse: torch.Tensor | None, block_out: torch.Tensor,
-                   block_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge two softmax partials in fp32: lse = log(e^a + e^b), out = weighted sum. Safe when
-    either or both are -inf (rows with no keys yet)."""
-    block_out = block_out.double() if block_out.dtype == torch.float64 else block_out.float()
-    if out is None:
-        return block_out, block_lse
-    new_lse = torch.logaddexp(lse, block_lse)
-    w_old = torch.exp(lse - new_lse).nan_to_num(0.0).transpose(1, 2)[..., None]
-    w_new = torch.exp(block_lse - new_lse).nan_to_num(0.0).transpose(1, 2)[..., None]
-    return out * w_old + block_out * w_new, new_lse
 
 
 class _LocalAttention(torch.autograd.Function):

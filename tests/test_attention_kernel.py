@@ -239,3 +239,153 @@ def test_varlen_only_for_small_pieces():
     assert kernel._varlen_pays(pieces([1024], rows=slice(None)), 8, heads, head_dim) == \
         kernel._varlen_pays(pieces([1024] * 8), 1, heads, head_dim)
     assert not kernel._varlen_pays([], 1, heads, head_dim)
+
+
+def _zigzag_member(lengths: list[int], member: int, members: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, documents) of one ring member's tokens of a packed row: chunks `member` and
+    2 x members - 1 - member of every document (as the balance planner places them), so that a
+    member's later chunk sees the keys of two chunks (two pieces on the same queries)."""
+    pos, doc = [], []
+    for d, n in enumerate(lengths):
+        bounds = [i * n // (2 * members) for i in range(2 * members + 1)]
+        for c in (member, 2 * members - 1 - member):
+            pos.append(torch.arange(bounds[c], bounds[c + 1]))
+            doc.append(torch.full((bounds[c + 1] - bounds[c],), d))
+    return torch.cat(pos)[None], torch.cat(doc)[None]
+
+
+@pytest.mark.parametrize("me", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_accumulators_copy_first_partials_and_merge_the_rest(monkeypatch, dtype, me):
+    """accumulate_forward/backward as ring attention runs them, for member `me` of three: its queries
+    against its own keys (fresh out/lse: pieces on queries nothing was written to are copied in, the
+    later chunk's second piece is merged), then against the other members' keys (out/lse carried:
+    every piece merged; full pieces on adjacent tokens joined). Packed blocks open into their pieces
+    (in fp32 on CPU each goes straight to the CPU kernel); out, lse and gradients equal the reference
+    over all keys at once."""
+    monkeypatch.setattr(kernel, "DENSE_MASK_MAX_ELEMENTS", 0)  # every per-token block in pieces
+    merges, per_token_calls, cpu_piece_calls = [], [], []
+    real_merge, real_forward, real_piece = kernel.merge_partial_into, kernel.attention_forward, kernel._cpu_flash_forward
+    monkeypatch.setattr(kernel, "merge_partial_into", lambda *args: merges.append(1) or real_merge(*args))
+    monkeypatch.setattr(kernel, "_cpu_flash_forward", lambda *args: cpu_piece_calls.append(1) or real_piece(*args))
+
+    def recording_forward(q, k, v, *, scale, mask, backend="auto"):
+        per_token_calls.append(mask.per_token)
+        return real_forward(q, k, v, scale=scale, mask=mask, backend=backend)
+
+    monkeypatch.setattr(kernel, "attention_forward", recording_forward)
+    lengths = [40, 3, 17, 64, 1, 9, 6]
+    members = [_zigzag_member(lengths, m, 3) for m in range(3)]
+    order = [me] + [m for m in range(3) if m != me]  # own keys first, as the ring
+    gen = torch.Generator().manual_seed(7)
+    q, dout = (torch.randn(1, members[me][0].shape[1], 4, 8, generator=gen, dtype=dtype) for _ in range(2))
+    kv = [tuple(torch.randn(1, p.shape[1], 2, 8, generator=gen, dtype=dtype) for _ in range(2)) for p, _ in members]
+
+    def block(m):
+        return [(slice(None), slice(None), slice(None),
+                 BlockMask(causal=True, q_pos=members[me][0], k_pos=members[m][0], q_doc=members[me][1],
+                           k_doc=members[m][1]))]
+
+    out, lse = kernel.accumulate_forward(q, *kv[me], block(me), scale=0.3, backend="auto")
+    own_merges, own_calls = len(merges), len(cpu_piece_calls)
+    for m in order[1:]:
+        out, lse = kernel.accumulate_forward(q, *kv[m], block(m), scale=0.3, backend="auto", out=out, lse=lse)
+    if dtype == torch.float32:  # every piece straight to the CPU kernel on views
+        assert per_token_calls == [] and own_calls > 0, (per_token_calls, own_calls)
+        # own keys: two pieces on a document's later chunk (its diagonal, the earlier chunk's keys),
+        # one of them merged, where the earlier chunk has tokens and the later more than one (a
+        # 1-token diagonal is full, joined with the earlier chunk's keys); chunk c: [n c / 6, n (c + 1) / 6)
+        def size(n, c):
+            return n * (c + 1) // 6 - n * c // 6
+
+        assert own_merges == sum(size(n, me) > 0 and size(n, 5 - me) > 1 for n in lengths), own_merges
+        assert len(merges) - own_merges == len(cpu_piece_calls) - own_calls  # carried out/lse: all merged
+    else:  # fp64 runs the reference on whole blocks: the first copied, the others merged
+        assert own_merges == 0 and len(merges) == 2
+        assert per_token_calls == [True] * 3 and cpu_piece_calls == []
+    dq = torch.zeros_like(q)
+    dk, dv = zip(*[(torch.zeros_like(k), torch.zeros_like(v)) for k, v in kv])
+    for m in order:
+        kernel.accumulate_backward(dout, q, *kv[m], out.to(dtype), lse, block(m), scale=0.3, backend="auto",
+                                   dq=dq, dk=dk[m], dv=dv[m])
+
+    k_all, v_all = (torch.cat([t[i] for t in kv], dim=1) for i in range(2))
+    k_pos, k_doc = (torch.cat([p[i] for p in members], dim=1) for i in range(2))
+    mask = BlockMask(causal=True, q_pos=members[me][0], k_pos=k_pos, q_doc=members[me][1], k_doc=k_doc)
+    wide = (t.double() for t in (q, k_all, v_all))
+    ref_out, ref_lse = kernel._reference_forward(*wide, 0.3, mask)
+    ref_dq, ref_dk, ref_dv = kernel._reference_backward(dout.double(), q.double(), k_all.double(), v_all.double(),
+                                                         ref_out, ref_lse, 0.3, mask)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert (out.double() - ref_out).abs().max() <= tol
+    assert (lse.double() - ref_lse).abs().max() <= tol
+    assert (dq.double() - ref_dq).abs().max() <= tol
+    assert (torch.cat(dk, dim=1).double() - ref_dk).abs().max() <= tol
+    assert (torch.cat(dv, dim=1).double() - ref_dv).abs().max() <= tol
+
+
+def test_full_pieces_on_adjacent_tokens_are_joined():
+    """One 60-token document over three zigzag members (chunks of 10: member 0 holds positions
+    0-9 and 50-59, member 1 10-19 and 40-49): member 0's later chunk sees both of member 1's chunks,
+    side by side in member 1's block, and both of member 1's chunks see member 0's first chunk: one
+    full piece each way, not two."""
+    members = [_zigzag_member([60], m, 3) for m in range(2)]
+    for me, other, want in ((0, 1, (slice(10, 20), slice(0, 20))), (1, 0, (slice(0, 20), slice(0, 10)))):
+        mask = BlockMask(causal=True, q_pos=members[me][0], k_pos=members[other][0], q_doc=members[me][1],
+                         k_doc=members[other][1])
+        pieces = list(kernel._pieces(mask, 1, 20, 20))
+        assert [(qs, ks) for _, qs, ks, _ in pieces] == [want], pieces
+        assert pieces[0][3].kind(10, 20) == "full"
+    # keys of the document on both sides of another document's: two pieces
+    k_doc, k_pos = torch.tensor([[0] * 5 + [1] * 3 + [0] * 5]), torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 5, 6, 7, 8, 9]])
+    mask = BlockMask(causal=True, q_pos=torch.arange(20, 25)[None], k_pos=k_pos, q_doc=torch.zeros(1, 5, dtype=torch.long),
+                     k_doc=k_doc)
+    assert sorted((ks.start, ks.stop) for _, _, ks, _ in kernel._pieces(mask, 1, 5, 13)) == [(0, 5), (8, 13)]
+
+
+def test_a_block_of_whole_documents_is_copied_without_merges(monkeypatch):
+    """A packed block against its own keys, every document one run (LocalBlocksAttention's case): its
+    pieces are on disjoint queries, all copied into the fresh out/lse, none merged."""
+    monkeypatch.setattr(kernel, "DENSE_MASK_MAX_ELEMENTS", 0)
+    merges = []
+    real_merge = kernel.merge_partial_into
+    monkeypatch.setattr(kernel, "merge_partial_into", lambda *args: merges.append(1) or real_merge(*args))
+    doc, pos = _packed_row([30, 1, 12, 50, 7], 104)
+    q, k, v, dout = _inputs(1, 104, 104, 4, 2, 8, seed=8)
+    mask = BlockMask(causal=True, q_pos=pos[None], k_pos=pos[None], q_doc=doc[None], k_doc=doc[None])
+    errors = _compare(q, k, v, dout, mask)
+    assert max(errors.values()) <= 1e-5, errors
+    assert merges == []
+
+
+def test_merge_partial_into_handles_rows_without_keys():
+    """Rows (of one batch row, one head) where neither, only the accumulator, only the block, or both
+    have keys: lse = log(e^a + e^b), out the weighted mean, 0 and -inf where neither has keys."""
+    inf = float("inf")
+    lse = torch.tensor([[[-inf, -inf, 0.5, 0.5]]])
+    block_lse = torch.tensor([[[-inf, 1.0, -inf, 1.0]]])
+    out = torch.tensor([0.0, 0.0, 2.0, 2.0]).view(1, 1, 4, 1)
+    block_out = torch.tensor([9.0, 3.0, 9.0, 3.0]).view(1, 1, 4, 1)
+    kernel.merge_partial_into(out, lse, block_out, block_lse)
+    both = torch.logaddexp(torch.tensor(0.5), torch.tensor(1.0))
+    assert torch.allclose(lse, torch.tensor([[[-inf, 1.0, 0.5, float(both)]]]))
+    share = float(torch.exp(1.0 - both))
+    assert torch.allclose(out.flatten(), torch.tensor([0.0, 3.0, 2.0, 2.0 * (1 - share) + 3.0 * share]))
+
+
+def test_accumulators_take_strided_inputs(monkeypatch):
+    """Inputs the CPU kernels would misread if the accumulators passed them on as views (a strided
+    last dim, an expanded dout) give what their contiguous copies give."""
+    monkeypatch.setattr(kernel, "DENSE_MASK_MAX_ELEMENTS", 0)
+    doc, pos = _packed_row([30, 1, 12, 50], 100)
+    wide_q, _, _, _ = _inputs(1, 100, 100, 4, 2, 16, seed=9)
+    _, k, v, _ = _inputs(1, 100, 100, 4, 2, 8, seed=10)
+    q, dout = wide_q[..., ::2], torch.ones(1, 1, 1, 1).expand(1, 100, 4, 8)
+    assert q.stride(-1) == 2
+    mask = BlockMask(causal=True, q_pos=pos[None], k_pos=pos[None], q_doc=doc[None], k_doc=doc[None])
+    results = []
+    for q_in, dout_in in ((q, dout), (q.contiguous(), dout.contiguous())):
+        out, lse = attention_forward(q_in, k, v, scale=0.3, mask=mask)
+        results.append((out, lse, *attention_backward(dout_in, q_in, k, v, out, lse, scale=0.3, mask=mask)))
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
