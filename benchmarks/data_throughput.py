@@ -213,7 +213,7 @@ def measure_balanced_group(source: str, tokenizer: str, budget: int, steps: int,
     for kind, pair in BEFORE_AFTER.items():
         before, after = (result["runs"][GROUP_VARIANTS[i][0]] for i in pair)
         result["ratio_before_after"][kind] = {
-            key: before[key] / after[key] if after[key] else None
+            key: before[key] / after[key] if after[key] and before[key] else None  # none before: no ratio
             for key in ("first_step_s_max", "data_s_mean", "docs_tokenized_sum", "lengths_tokenized_sum")}
     result.update(budget=budget, steps=steps, step_s=step_s, repeats=repeats)
     return result
