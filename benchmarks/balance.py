@@ -239,8 +239,17 @@ def local_sweep(preset: str, seed: int = 0) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 # Simulated at scale
 # ----------------------------------------------------------------------------------------------
-def at_scale(quick: bool, seed: int = 1) -> dict:
-    from longtrain.parallel.balance.cost import CostModel, ModelShape, resolve_cluster
+def scale_cluster(name: str, gpus: int, kernels: str | None = None):
+    """A GPU preset for the at-scale sections; with `kernels` (a preset file from `longtrain probe
+    --device cuda`) its kernel rates replaced by that GPU's measured ones (cost.with_probed_kernels)."""
+    from longtrain.parallel.balance.cost import load_preset_file, resolve_cluster, with_probed_kernels
+
+    cluster = resolve_cluster(name, world=gpus)
+    return cluster if kernels is None else with_probed_kernels(name, cluster, load_preset_file(kernels))
+
+
+def at_scale(quick: bool, seed: int = 1, kernels: str | None = None) -> dict:
+    from longtrain.parallel.balance.cost import CostModel, ModelShape
     from longtrain.parallel.balance.planner import plan_step
     from longtrain.parallel.balance.simulator import simulate
 
@@ -252,7 +261,7 @@ def at_scale(quick: bool, seed: int = 1) -> dict:
     per_gpu = 32768  # tokens per GPU per step
     for cluster_name in ("A", "B", "C"):
         for gpus in gpus_list:
-            cluster = resolve_cluster(cluster_name, world=gpus)
+            cluster = scale_cluster(cluster_name, gpus, kernels)
             for model in models:
                 cm = CostModel(ModelShape.llama(model), cluster)
                 for mix in mixes:
@@ -302,13 +311,13 @@ ABLATION = (  # name: (partitioning, remapping, routing)
 )
 
 
-def ablation(quick: bool, seed: int = 3) -> dict:
+def ablation(quick: bool, seed: int = 3, kernels: str | None = None) -> dict:
     """The paper's ablation (Fig. 11) in the simulator. Baseline = Transformer Engine's CP as the paper
     runs it: every sequence over one ring of all the GPUs (`even_cp` with cp = world), so rings cross
     nodes. Partitioning off = that plan, on = zeppelin's plan; remapping (tokens balanced outside core
     attention) and routing (inter-node hops over all NICs of the node) each on or off. Remapping
     without partitioning is a no-op (even_cp already holds equal tokens) and is not a row."""
-    from longtrain.parallel.balance.cost import CostModel, ModelShape, resolve_cluster
+    from longtrain.parallel.balance.cost import CostModel, ModelShape
     from longtrain.parallel.balance.planner import plan_step
     from longtrain.parallel.balance.simulator import simulate
 
@@ -317,7 +326,7 @@ def ablation(quick: bool, seed: int = 3) -> dict:
     per_gpu = 32768
     for cluster_name in ("A", "B", "C"):
         for gpus in ((32,) if quick else (32, 64)):
-            cluster = resolve_cluster(cluster_name, world=gpus)
+            cluster = scale_cluster(cluster_name, gpus, kernels)
             for model in (("7B",) if quick else ("3B", "7B")):
                 cm = CostModel(ModelShape.llama(model), cluster)
                 for mix in ("arxiv", "github", "prolong64k"):
@@ -406,7 +415,12 @@ def write_report(report: dict, out: Path) -> None:
                          f"{t['even_cp']:.2f} | {t['tokens']:.2f} | {t['zeppelin']:.2f} | {r['speedup_vs_even_cp']:.2f}x |")
         lines.append("")
     sc = report["at_scale"]
+    kernel_source = (f"Kernel rates (at scale and in the ablation): measured on a GPU, `{Path(report['kernels']).name}` "
+                     "(`longtrain probe --device cuda`; cost.with_probed_kernels)." if report.get("kernels") else
+                     "Kernel rates (at scale and in the ablation): cost.py's GPU constants (no GPU probe; "
+                     "`bash benchmarks/balance_gpu.sh` puts measured ones in).")
     lines += ["## Simulated at scale (zeppelin vs even_cp: cp8 rings inside nodes, data ranks across them)", "",
+              kernel_source, "",
               f"Average speedup {sc['average_speedup']:.2f}x (max {sc['max_speedup']:.2f}x); paper: 2.80x (max 6.60x).",
               "", "zeppelin = the default: remapping where the cost model says it pays (`parallel.balance_remap: null`).",
               "Ablation columns: zeppelin with remapping always, without, with the routing layer (and remapping), and",
@@ -477,6 +491,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--quick", action="store_true", help="small steps (smoke test)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kernels", default=None, help="a preset file from `longtrain probe --device cuda`: the "
+                                                        "at-scale sections use its measured kernel rates")
     parser.add_argument("--from-json", default=None, help="reuse the measurements of an earlier balance.json; "
                                                           "recompute the simulations and the report")
     args = parser.parse_args(argv)
@@ -517,8 +533,8 @@ def main(argv=None) -> int:
                                                     "strategies": list(STRATEGIES), "mixes": MIXES},
               "measured": measured, "simulated_measured": simulated,
               "local_sweep": local_sweep(layouts[next(iter(layouts))].get("preset", "local")),
-              "at_scale": at_scale(args.quick),
-              "ablation": ablation(args.quick), "planning": planning_time(),
+              "at_scale": at_scale(args.quick, kernels=args.kernels),
+              "ablation": ablation(args.quick, kernels=args.kernels), "kernels": args.kernels, "planning": planning_time(),
               "summary": {"measured_speedup": speedup, "measured_speedup_remap_auto": speedup_auto,
                           "remap_auto_steps_remapped": auto_remapped,
                           "sim_over_measured": {k: float(np.mean(simulated[k]["step_s"]) / np.mean(v["step_s"]))

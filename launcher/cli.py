@@ -105,6 +105,9 @@ def _parser() -> argparse.ArgumentParser:
                                                      "not on a matmul")
     probe.add_argument("--ranks", type=int, default=4, help="local ranks the links are measured among (the ranks "
                                                            "that will train: the all_to_all's cost depends on them)")
+    probe.add_argument("--links", default=None, help="take the node shape, links, latency and all_to_all cost from "
+                                                     "this preset (A, B, C, h100x8 or a preset file) and probe only "
+                                                     "the kernels: a machine with one GPU cannot measure a link")
     return parser
 
 
@@ -198,7 +201,7 @@ def _plan_balance(args, overrides) -> int:
 
 def _probe_command(args) -> int:
     from longtrain.launcher.supervisor import run_local_ranks
-    from longtrain.parallel.balance.cost import LOCAL_PRESET
+    from longtrain.parallel.balance.cost import LOCAL_PRESET, ClusterError, resolve_cluster
     from longtrain.parallel.balance.probe import link_times, probe
 
     lengths = tuple(int(x) for x in args.lengths.split(",") if x)
@@ -212,14 +215,33 @@ def _probe_command(args) -> int:
             raise SystemExit(f"longtrain probe: --model {args.model!r} is not a transformer size; known: "
                              f"{', '.join(SIZES)}")
         model = SIZES[args.model]
-    links = run_local_ranks(args.ranks, link_times, backend="nccl" if args.device == "cuda" else "gloo",
-                            timeout_s=300)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("longtrain probe: --device cuda: no CUDA device on this machine")
+        if args.links is None and torch.cuda.device_count() < args.ranks:
+            raise SystemExit(f"longtrain probe: --device cuda measures links among --ranks {args.ranks} GPUs and this "
+                             f"machine has {torch.cuda.device_count()}: pass --links PRESET (e.g. h100x8) to take "
+                             f"the links from a preset and probe the kernels only")
+    preset_links = None
+    if args.links is not None:
+        try:
+            preset_links = resolve_cluster(args.links)
+        except ClusterError as err:
+            raise SystemExit(f"longtrain probe: --links: {err}") from None
+        links = {"p2p": None, "collective_s": None}
+    else:
+        links = run_local_ranks(args.ranks, link_times, backend="nccl" if args.device == "cuda" else "gloo",
+                                timeout_s=300)
     spec = probe(links["p2p"], args.out or LOCAL_PRESET, lengths, args.gpus_per_node, args.device, args.heads,
-                 args.head_dim, args.dim, collective_s=links["collective_s"], model=model)
+                 args.head_dim, args.dim, collective_s=links["collective_s"], model=model, links=preset_links)
     table = ", ".join(f"{length}: {tflops * 1e3:.1f}" for length, tflops in spec.attention_tflops)
+    where = (f"links of preset {args.links}" if args.links is not None else
+             f"P2P {spec.intra_gbs:.2f} GB/s, latency {spec.latency_us:.0f} us; all_to_all over {args.ranks} ranks "
+             f"{spec.collective_us:.0f} us")
     print(f"attention GFLOP/s by length: {table}; linear {spec.linear_tflops * 1e3:.1f} GFLOP/s; "
-          f"P2P {spec.intra_gbs:.2f} GB/s, latency {spec.latency_us:.0f} us; all_to_all over {args.ranks} ranks "
-          f"{spec.collective_us:.0f} us -> {args.out or LOCAL_PRESET}")
+          f"{where} -> {args.out or LOCAL_PRESET}")
     return 0
 
 

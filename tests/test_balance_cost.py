@@ -171,6 +171,68 @@ def test_probe_measures_the_model_without_core_attention(tmp_path, monkeypatch):
         main(["probe", "--out", str(out), "--ranks", "2", "--model", "nope"])
 
 
+def test_probe_takes_links_from_a_preset(tmp_path, monkeypatch):
+    """`longtrain probe --links PRESET`: the kernels are measured here, the node shape, links, latency and
+    all_to_all cost are the preset's (no ranks start: the link probe never runs). A GPU machine with
+    fewer GPUs than --ranks cannot measure links and must name a preset; one line each for the bad cases."""
+    import torch
+
+    import longtrain.parallel.balance.probe as probe_module
+    from longtrain.launcher.cli import main
+
+    def no_links(*args, **kwargs):
+        raise AssertionError("the link probe ran")
+
+    monkeypatch.setattr(probe_module, "link_times", no_links)
+    out = tmp_path / "probed.yaml"
+    assert main(["probe", "--out", str(out), "--lengths", "64,128", "--links", "h100x8"]) == 0
+    spec, h100 = load_preset_file(out), PRESETS["h100x8"]
+    for key in ("gpus_per_node", "nics_per_node", "nic_gbps", "intra_gbs", "latency_us", "collective_us"):
+        assert getattr(spec, key) == getattr(h100, key), key
+    assert [row[0] for row in spec.attention_tflops] == [64, 128]  # measured here, not the preset's table
+    assert spec.attention_tflops != h100.attention_tflops and spec.linear_tflops < 1.0 < h100.linear_tflops
+    assert spec.bytes_per_element == 4 and spec.shared_cores >= 1 and spec.attention_call_us > 0  # CPU: fp32
+    with pytest.raises(SystemExit, match=r"^longtrain probe: --links: cluster.preset: unknown preset 'nope'"):
+        main(["probe", "--out", str(out), "--links", "nope"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match=r"^longtrain probe: --device cuda: no CUDA device on this machine$"):
+            main(["probe", "--out", str(out), "--device", "cuda"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit, match=r"^longtrain probe: --device cuda measures links among --ranks 4 GPUs "
+                                         r"and this machine has 1: pass --links PRESET"):
+        main(["probe", "--out", str(out), "--device", "cuda"])
+
+
+def test_probed_kernels_replace_a_presets_rates():
+    """with_probed_kernels: B and C take a Hopper probe's kernel rates as measured, A (A800) scaled as
+    cost.py derives its constants (attention by peak x 1.6, linear by peak); links stay the preset's.
+    benchmarks/balance.py --kernels runs its at-scale sections on these."""
+    import importlib.util
+    from pathlib import Path
+
+    from longtrain.parallel.balance.cost import with_probed_kernels
+
+    probed = ClusterSpec("gpu probe", 1, 1, 1.0, 1.0, attention_tflops=((1024, 100.0), (8192, 400.0)),
+                         linear_tflops=700.0, attention_call_us=40.0, attention_full_tflops=((1024, 200.0),))
+    for name in ("B", "C"):
+        spec = with_probed_kernels(name, PRESETS[name], probed)
+        assert spec.attention_tflops == probed.attention_tflops and spec.linear_tflops == 700.0
+        assert spec.attention_full_tflops == probed.attention_full_tflops and spec.attention_call_us == 40.0
+        assert (spec.intra_gbs, spec.nic_gbps, spec.gpus_per_node) == (PRESETS[name].intra_gbs,
+                                                                        PRESETS[name].nic_gbps, 8)
+        assert CostModel(ModelShape.llama("7B"), spec).attention_seconds(4096) != \
+            CostModel(ModelShape.llama("7B"), PRESETS[name]).attention_seconds(4096)
+    a = with_probed_kernels("A", PRESETS["A"], probed)
+    assert a.attention_tflops[1][1] == pytest.approx(400.0 * 312 / 989 * 1.6)
+    assert a.linear_tflops == pytest.approx(700.0 * 312 / 989) and a.nics_per_node == 4
+    spec = importlib.util.spec_from_file_location(
+        "balance_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "balance.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.scale_cluster("C", 16) == PRESETS["C"]
+
+
 def test_plan_balance_command(tmp_path, capsys):
     """`longtrain plan balance` simulates every strategy on a named mix and writes a timeline; a bad mix
     name is one line."""

@@ -110,6 +110,22 @@ PRESETS: dict[str, ClusterSpec] = {
     "C": ClusterSpec("C (H200, 8 GPUs, 8 x 400 Gb/s CX7)", 8, 8, 400.0, 450.0, _H100_ATTN, 0.6 * 989, 8.0),
     "h100x8": ClusterSpec("8 x H100, 8 x 400 Gb/s NICs", 8, 8, 400.0, 450.0, _H100_ATTN, 0.6 * 989, 8.0),
 }
+# How a Hopper probe's kernel rates carry over to each GPU preset (with_probed_kernels): (attention,
+# linear) factors; B, C and h100x8 take them as measured, A's A800 as its constants are derived above.
+_PROBED_KERNEL_SCALE = {"A": (312 / 989 * 1.6, 312 / 989)}
+
+
+def with_probed_kernels(preset: str, spec: ClusterSpec, probed: ClusterSpec) -> ClusterSpec:
+    """`spec` (the preset named `preset`) with the kernel rates of `probed` (a preset written by
+    `longtrain probe --device cuda` on one Hopper GPU): attention tables (causal and full), the linear
+    rate and the per-call attention cost; links and node shape stay the preset's."""
+    attention_factor, linear_factor = _PROBED_KERNEL_SCALE.get(preset, (1.0, 1.0))
+    return replace(spec, name=f"{spec.name}, kernels probed ({probed.name})",
+                   attention_tflops=_scaled(probed.attention_tflops, attention_factor),
+                   attention_full_tflops=_scaled(probed.attention_full_tflops, attention_factor),
+                   linear_tflops=probed.linear_tflops * linear_factor, attention_call_us=probed.attention_call_us)
+
+
 LOCAL_PRESET = Path(__file__).resolve().parents[2] / "configs" / "clusters" / "local.yaml"
 PRESET_NAMES = tuple(PRESETS) + ("local",)
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 
 import torch
 
@@ -113,7 +114,8 @@ def linear_tflops(tokens: int = 2048, dim: int = 512, device="cpu", dtype=torch.
     return 3 * 2 * tokens * dim * 4 * dim / _best(run, repeats) / 1e12
 
 
-def model_linear_tflops(cfg, tokens: int = 2048, device="cpu", repeats: int = 2, max_layers: int = 2) -> float:
+def model_linear_tflops(cfg, tokens: int = 2048, device="cpu", repeats: int = 2, max_layers: int = 2,
+                        dtype=torch.float32) -> float:
     """Achieved "linear" TFLOP/s of a model as it trains, without core attention: forward, cross
     entropy and backward of `tokens` tokens (one sequence) through the model built from `cfg` (at most
     `max_layers` layers: a layer's cost repeats; the head and loss are in), every attention module's
@@ -126,7 +128,7 @@ def model_linear_tflops(cfg, tokens: int = 2048, device="cpu", repeats: int = 2,
     from longtrain.parallel.balance.cost import ModelShape, model_linear_flops
 
     cfg = dataclasses.replace(cfg, n_layers=min(cfg.n_layers, max_layers), max_seq_len=max(cfg.max_seq_len, tokens))
-    model = build_model(cfg).to(device)
+    model = build_model(cfg).to(device=device, dtype=dtype)
     replaced = 0
     for module in model.modules():
         if hasattr(module, "core_attention"):
@@ -207,37 +209,47 @@ def p2p_bandwidth(times: dict) -> tuple[float, float]:
     return bandwidth / 1e9, latency * 1e6
 
 
-def probe(p2p_times: dict, out=LOCAL_PRESET, lengths=DEFAULT_LENGTHS, gpus_per_node: int = 0,
+def probe(p2p_times: dict | None, out=LOCAL_PRESET, lengths=DEFAULT_LENGTHS, gpus_per_node: int = 0,
           device: str = "cpu", heads: int = 8, head_dim: int = 64, dim: int = 512,
-          collective_s: float | None = None, model=None) -> ClusterSpec:
-    """Measure attention and linear FLOP/s here; with `p2p_times` (ping_pong on two local ranks,
-    run by the launcher) and `collective_s` (exchange_seconds among the local ranks; None: the
-    preset default) write the preset. `heads`, `head_dim`, `dim`: the attention and matmul shapes
-    measured (a kernel's speed depends on them: probe at the model's own to simulate it); `model`: a
-    model config whose non-attention work gives the linear rate (model_linear_tflops) instead of a
-    matmul's, and whose heads and head dim are the attention shapes."""
+          collective_s: float | None = None, model=None, links: ClusterSpec | None = None) -> ClusterSpec:
+    """Measure attention and linear FLOP/s here (fp32 on CPU, bf16 on CUDA: what training runs); with
+    `p2p_times` (ping_pong on two local ranks, run by the launcher) and `collective_s`
+    (exchange_seconds among the local ranks; None: the preset default) write the preset. `heads`,
+    `head_dim`, `dim`: the attention and matmul shapes measured (a kernel's speed depends on them: probe
+    at the model's own to simulate it); `model`: a model config whose non-attention work gives the
+    linear rate (model_linear_tflops) instead of a matmul's, and whose heads and head dim are the
+    attention shapes. `links`: a preset whose node shape, links, latency and collective cost the
+    written preset takes instead of measured ones (one GPU cannot measure a link: its kernels are
+    probed and the cluster's links come from the preset)."""
+    if (p2p_times is None) == (links is None):
+        raise ValueError("probe: pass either p2p_times (measured links) or links (a preset's)")
     if model is not None:
         heads, head_dim, dim = model.n_heads, model.head_dim, model.dim
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
     # On CPU every local process is a rank of this one "node", however many are started.
     gpus = gpus_per_node or (torch.cuda.device_count() if device == "cuda" else CPU_RANKS_PER_NODE)
     threads = torch.get_num_threads()
     if device == "cpu":
         torch.set_num_threads(1)
     try:
-        table = attention_tflops(lengths, heads=heads, head_dim=head_dim, device=device, repeats=3)
-        full_table = attention_tflops(lengths, heads=heads, head_dim=head_dim, device=device, repeats=3, causal=False)
-        call_us = attention_call_seconds(heads=heads, head_dim=head_dim, device=device) * 1e6
-        lin = (linear_tflops(dim=dim, device=device, repeats=3) if model is None
-               else model_linear_tflops(model, device=device, repeats=3))
+        table = attention_tflops(lengths, heads=heads, head_dim=head_dim, device=device, dtype=dtype, repeats=3)
+        full_table = attention_tflops(lengths, heads=heads, head_dim=head_dim, device=device, dtype=dtype, repeats=3,
+                                      causal=False)
+        call_us = attention_call_seconds(heads=heads, head_dim=head_dim, device=device, dtype=dtype) * 1e6
+        lin = (linear_tflops(dim=dim, device=device, dtype=dtype, repeats=3) if model is None
+               else model_linear_tflops(model, device=device, dtype=dtype, repeats=3))
     finally:
         torch.set_num_threads(threads)
-    gbs, latency = p2p_bandwidth(p2p_times)
-    spec = ClusterSpec(name=f"local (probed on {os.uname().nodename}, {device})", gpus_per_node=max(1, gpus),
-                       nics_per_node=max(1, gpus), nic_gbps=gbs * 8.0, intra_gbs=gbs,
-                       attention_tflops=tuple(table), linear_tflops=lin, latency_us=latency,
-                       bytes_per_element=4 if device == "cpu" else 2,
-                       shared_cores=(os.cpu_count() or 1) if device == "cpu" else 0, attention_call_us=call_us,
-                       attention_full_tflops=tuple(full_table),
-                       **({} if collective_s is None else {"collective_us": collective_s * 1e6}))
+    kernels = dict(attention_tflops=tuple(table), linear_tflops=lin, bytes_per_element=dtype.itemsize,
+                   shared_cores=(os.cpu_count() or 1) if device == "cpu" else 0, attention_call_us=call_us,
+                   attention_full_tflops=tuple(full_table))
+    if links is not None:
+        spec = replace(links, name=f"{links.name} links, kernels probed on {os.uname().nodename} ({device})",
+                       **({"gpus_per_node": gpus_per_node} if gpus_per_node else {}), **kernels)
+    else:
+        gbs, latency = p2p_bandwidth(p2p_times)
+        spec = ClusterSpec(name=f"local (probed on {os.uname().nodename}, {device})", gpus_per_node=max(1, gpus),
+                           nics_per_node=max(1, gpus), nic_gbps=gbs * 8.0, intra_gbs=gbs, latency_us=latency,
+                           **kernels, **({} if collective_s is None else {"collective_us": collective_s * 1e6}))
     write_preset_file(spec, out)
     return spec
