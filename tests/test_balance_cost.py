@@ -428,3 +428,59 @@ def test_remap_auto_follows_the_simulator_at_scale():
                 ratio.append((on if pick else off) / min(on, off))
     assert len(clear) >= 5 and sum(clear) >= len(clear) - 2, clear
     assert np.mean(ratio) < 1.01
+
+
+def test_zeppelin_on_shared_cores_holds_against_even_cp_over_perturbed_machines():
+    """Where ranks share cores (this machine: 4 ranks, 2 cores), zeppelin's plan must not lose to
+    even_cp in the simulator it plans with, whatever the probe measured. Presets around this machine's
+    probe, every rate perturbed (attention 0.25-4x, full blocks 0.9-2.5x the causal rate, linear 0.25-4x,
+    latency, bandwidth, per-call and collective costs), on the balance benchmark's steps at cp4 and
+    dp2 x cp2: zeppelin (remapped where remap_pays says) against even_cp. Before the planner weighed
+    rings below the fair share and judged shared-core placements by processor sharing, the worst was
+    1.93x even_cp's step, 38 of the 96 above 1.05x, 1.02x on average (a CI machine's probe met one such
+    case); now 1.11x, 2 of 96, 0.88x."""
+    import importlib.util
+    from dataclasses import replace
+    from pathlib import Path
+
+    from longtrain.models.transformer import TransformerConfig
+    from longtrain.parallel.balance.planner import plan_step
+    from longtrain.parallel.balance.remap import remap_pays
+    from longtrain.parallel.balance.simulator import simulate
+
+    spec = importlib.util.spec_from_file_location(
+        "balance_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "balance.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    lengths_table = (256, 512, 1024, 2048, 4096)
+    base = ClusterSpec("this machine, probed", 1024, 1024, 30.0, 3.7,  # as `longtrain probe` wrote it here
+                       tuple(zip(lengths_table, (0.018, 0.020, 0.030, 0.038, 0.043))), linear_tflops=0.035,
+                       latency_us=130.0, bytes_per_element=4, shared_cores=2, attention_call_us=170.0,
+                       collective_us=2500.0,
+                       attention_full_tflops=tuple(zip(lengths_table, (0.041, 0.043, 0.048, 0.048, 0.049))))
+    rng = np.random.default_rng(0)
+    ratios = []
+    for quick in (True, False):
+        layouts, dims = bench.measured_setup(quick)
+        shape = ModelShape.of(TransformerConfig(**dims))
+        for _ in range(12):
+            f = lambda lo=0.25, hi=4.0: float(np.exp(rng.uniform(np.log(lo), np.log(hi))))  # noqa: E731
+            attention = f()
+            full = attention * f(0.9, 2.5)
+            cluster = replace(
+                base, attention_tflops=tuple((L, t * attention * f(0.6, 1.6)) for L, t in base.attention_tflops),
+                attention_full_tflops=tuple((L, t * full * f(0.6, 1.6)) for L, t in base.attention_full_tflops),
+                linear_tflops=base.linear_tflops * f(), latency_us=base.latency_us * f(0.2, 8),
+                intra_gbs=base.intra_gbs * f(0.2, 5), attention_call_us=base.attention_call_us * f(0.2, 5),
+                collective_us=base.collective_us * f(0.3, 4))
+            cluster = replace(cluster, nic_gbps=cluster.intra_gbs * 8)
+            for layout in layouts.values():
+                cm = CostModel(shape, cluster.with_gpus_per_node(layout["gpus_per_node"]))
+                for step in layout["steps"]:
+                    kw = dict(capacity=layout["capacity"] + len(step["lengths"]), cp=layout["cp"], bins=step["bins"],
+                              gpus_per_node=layout["gpus_per_node"], **cm.planner_kwargs())
+                    even = simulate(plan_step(step["lengths"], 4, "even_cp", **kw), cm, False).step_seconds
+                    zep = plan_step(step["lengths"], 4, "zeppelin", **kw)
+                    ratios.append(simulate(zep, cm, remap_pays(zep, cm)).step_seconds / even)
+    assert len(ratios) == 2 * 12 * (1 + 3)
+    assert max(ratios) <= 1.15 and np.mean(ratios) <= 0.92, (max(ratios), np.mean(ratios))

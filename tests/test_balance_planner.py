@@ -231,8 +231,10 @@ def test_errors_are_one_line():
 def test_planning_time():
     """1,024 sequences on 512 ranks in under 10 ms (benchmarks/balance.py records the median and the
     runs: `planning` in balance.json). The planner is single-threaded pure Python: other tenants of
-    this shared 2-core machine only add time, so its own cost is the fastest of 7 runs (5-6 ms here
-    with a training job beside it)."""
+    this shared 2-core machine only add time, so its own cost is the fastest of 7 runs (6-7 ms here,
+    idle or beside a test run). The 10 ms are this machine's; each run is paired with a fixed
+    pure-Python workload (python_speed_ms) whose time against its reference here scales the budget on
+    a slower or busier machine (a CI machine ran both 2-3x slower; never below 10 ms)."""
     import importlib.util
     from pathlib import Path
 
@@ -242,7 +244,8 @@ def test_planning_time():
     spec.loader.exec_module(bench)
     timing = bench.planning_time(repeats=7)
     assert timing["sequences"] == 1024 and timing["ranks"] == 512 and len(timing["runs_ms"]) == 7
-    assert 0 < min(timing["runs_ms"]) < 10, timing["runs_ms"]
+    assert bench.REFERENCE_PYTHON_SPEED_MS > 0 and timing["budget_ms"] >= 10
+    assert 0 < min(timing["runs_ms"]) < timing["budget_ms"], (timing["runs_ms"], timing["python_speed_ms"])
 
 
 def _timed(fn):

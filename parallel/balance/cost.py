@@ -327,9 +327,15 @@ class CostModel:
         return (ring_step_bytes(length, group, self.model, self.cluster.bytes_per_element)
                 / self.cluster.bandwidth(level) + self.cluster.latency_us * 1e-6)
 
+    def call_seconds(self, calls: float) -> float:
+        """Training seconds of `calls` attention kernel calls per layer beyond their FLOPs (all layers):
+        every document's block pays the cluster's attention_call_us, forward + backward."""
+        return calls * self.cluster.attention_call_us * 1e-6 * self.model.n_layers
+
     def cost(self, length: int) -> float:
-        """The planner's balancing weight: attention time of the whole sequence (seconds)."""
-        return self.attention_seconds(length)
+        """The planner's balancing weight: attention time of the whole sequence (seconds), its one
+        kernel call per layer included."""
+        return self.attention_seconds(length) + self.call_seconds(1)
 
     def ring_member_seconds(self, length: int, group: int, level: str) -> float:
         """What one member of a ring of `group` ranks spends on a sequence (seconds, training, all
@@ -337,9 +343,11 @@ class CostModel:
         tokens (slower than whole-sequence blocks: the planner must not assume a ring divides the
         cost), plus the transfers compute does not hide: of each of the group - 1 ring steps, forward
         (K/V) and backward (K/V and their gradients, 2x the bytes, 2.5x the compute), the part of the
-        transfer longer than the step's compute (as the simulator runs a ring)."""
+        transfer longer than the step's compute (as the simulator runs a ring), plus the fixed cost of its
+        kernel calls: a member's two zigzag chunks i and 2g-1-i meet every chunk that starts before
+        them, i + 1 and 2g - i calls, 2g + 1 a layer (a local sequence: one)."""
         if group <= 1:
-            return self.attention_seconds(length)
+            return self.cost(length)
         m = self.model
         block = max(1, length // group)
         # a member's zigzag chunks (2 of length / 2g) against themselves are causal blocks: 1/(2g) of
@@ -350,7 +358,7 @@ class CostModel:
         step_fwd = attention_flops(length, m) / (group * group) * per_flop  # one layer, one ring step
         transfer = self.ring_transfer_seconds(length, group, level)
         exposed = (group - 1) * (max(0.0, transfer - step_fwd) + max(0.0, 2 * transfer - 2.5 * step_fwd))
-        return (3.5 * step_fwd * group + exposed) * m.n_layers
+        return (3.5 * step_fwd * group + exposed) * m.n_layers + self.call_seconds(2 * group + 1)
 
     def planner_kwargs(self) -> dict:
         """The cost model's inputs to plan_step: balancing weight, hiding lengths, shared cores, the

@@ -263,6 +263,35 @@ def _makespan(order: list, seconds: dict, world: int) -> float:
     return max(clock)
 
 
+def shared_makespan(work, cores: int) -> float:
+    """When the last of independent jobs of these compute seconds ends on `cores` processors shared
+    equally among the jobs still running (each at min(1, cores / running))."""
+    left = sorted(float(w) for w in work if w > 0)
+    clock, done = 0.0, 0.0
+    for i, w in enumerate(left):
+        running = len(left) - i
+        clock += (w - done) / min(1.0, cores / running)
+        done = w
+    return clock
+
+
+def _filled_step(loads, rest: float, cores: int) -> float:
+    """The step a placement leads to where ranks share `cores` processors: the loads so far with the
+    work still to place (`rest`) poured onto the least-loaded ranks (water-filling: the small sequences
+    still to come fill the gaps), run under processor sharing (shared_makespan). Sharing is not the
+    best schedule: while more ranks than cores compute each runs at cores / running, so one rank far
+    above the others ends the step alone long after the total work over the cores."""
+    x = np.sort(np.asarray(loads, dtype=float))
+    if rest > 0:
+        below = np.cumsum(x)
+        for k in range(1, len(x) + 1):
+            level = (below[k - 1] + rest) / k
+            if k == len(x) or level <= x[k]:
+                x[:k] = level
+                break
+    return shared_makespan(x, cores)
+
+
 def _level(group: tuple, G: int) -> str:
     if len(group) == 1:
         return "local"
@@ -369,16 +398,27 @@ def _hybrid_dp(lengths, world, G, capacity, cp, bins, cost, tau_intra, tau_inter
 def _zeppelin(lengths, world, G, capacity, cost, tau_intra, tau_inter, ring_cost, shared_cores):
     N = world // G
     costs = [cost(L) for L in lengths]
-    # A placement is judged by the step it leads to: at least its busiest rank's load, and at least
-    # the step's whole work (placed so far, this placement's, the rest at whole-sequence cost) over
-    # the processors (the ranks, or the cores they share). A ring's members pay ring_cost, more than
-    # their share when its blocks run slower or its transfers show: that extra raises the second bound,
-    # so a ring is chosen only when it lowers the step, not merely the busiest rank of the moment.
+    # A placement is judged by the step it leads to. On dedicated devices: at least its busiest rank's
+    # load, and at least the step's whole work (placed so far, this placement's, the rest at
+    # whole-sequence cost) over the ranks. Where ranks share cores: the loads with the rest poured onto
+    # the least loaded, run under processor sharing (_filled_step: a straggler ends the step alone, so
+    # max(peak, work / cores) would be too hopeful). A ring's members pay ring_cost, more than their
+    # share when its blocks run slower or its transfers show, less where its full blocks run faster
+    # than one causal block: a ring is chosen only when it lowers the step, not merely the busiest rank.
     totals = {"placed": 0.0, "rest": float(sum(costs))}
     processors = shared_cores if 0 < shared_cores < world else world
 
-    def objective(peak, added):
-        """(the step's lower bound after the placement, then its busiest rank: ties keep the lower peak)"""
+    def objective(peak, added, members, member, c):
+        """(the step after placing a sequence of whole cost c on `members`, each paying `member`, then
+        the busiest rank `peak`: ties keep the lower peak). `added`: what the members pay beyond c in
+        all (a ring costs more, or less, than the whole sequence). The step: on dedicated devices its
+        lower bound, max(peak, all the work over the ranks); where ranks share cores, the loads with the
+        rest of the work poured in, under processor sharing (_filled_step)."""
+        if processors < world:
+            loads = list(rank_load)
+            for r in members:
+                loads[r] += member
+            return (_filled_step(loads, totals["rest"] - c, processors), peak)
         return (max(peak, (totals["placed"] + added + totals["rest"]) / processors), peak)
 
     def better(a, b):
@@ -477,7 +517,7 @@ def _zeppelin(lengths, world, G, capacity, cost, tau_intra, tau_inter, ring_cost
                     continue
                 peak, fits = min(blocks, key=lambda b: b[0])
                 member = share(L, c, g, "intra")
-                key = (objective(peak + member, g * member - c), g)
+                key = (objective(peak + member, g * member - c, fits, member, c), g)
                 if key < best_key:
                     best, best_key = list(fits), key
             if best is None:  # no aligned block, or wider than the hiding length allows: any ranks that fit
@@ -487,7 +527,8 @@ def _zeppelin(lengths, world, G, capacity, cost, tau_intra, tau_inter, ring_cost
                     fits = [r for r in by_load if rank_tok[r] + room <= capacity][:g]
                     if len(fits) == g:
                         member = share(L, c, g, "intra")
-                        best, best_key = fits, (objective(rank_load[fits[-1]] + member, g * member - c), g)
+                        best, best_key = fits, (objective(rank_load[fits[-1]] + member, g * member - c,
+                                                          fits, member, c), g)
                         break
             if best is not None:
                 return tuple(sorted(best)), best_key[0]
@@ -502,7 +543,8 @@ def _zeppelin(lengths, world, G, capacity, cost, tau_intra, tau_inter, ring_cost
         k = min(range(k_lo, k_hi + 1), key=lambda k: (node_load[order[k - 1]] + G * share(L, c, k * G, "inter"), k))
         group = tuple(n * G + j for n in sorted(order[:k]) for j in range(G))
         member = share(L, c, len(group), "inter")
-        return group, objective(max(rank_load[r] for r in group) + member, len(group) * member - c)
+        return group, objective(max(rank_load[r] for r in group) + member, len(group) * member - c,
+                                group, member, c)
 
     def roomiest_ring(L):
         """Last resort when no node's free room holds the sequence: the fewest ranks anywhere (those
@@ -524,7 +566,11 @@ def _zeppelin(lengths, world, G, capacity, cost, tau_intra, tau_inter, ring_cost
             add(group, L, c)
             continue
         r = best_whole(L) if need_mem == 1 else None
-        if r is not None and (rank_load[r] + c <= fair * (1 + 1e-9) or hidden < 2):
+        # whole under the fair share: local, except where the ranks share cores: there a ring can cost
+        # less in all than the whole sequence (on CPU a ring member's blocks against earlier chunks run
+        # at the full-block rate, faster per FLOP than one causal block), so the ring is weighed below
+        # (at ring_cost) and taken only if it lowers the step
+        if r is not None and (hidden < 2 or (rank_load[r] + c <= fair * (1 + 1e-9) and processors >= world)):
             out[seq] = ((r,), "local")
             add((r,), L, c)
             continue
@@ -535,7 +581,7 @@ def _zeppelin(lengths, world, G, capacity, cost, tau_intra, tau_inter, ring_cost
             wide, wide_peak = inter_ring(L, c, k_hidden, need_mem)
             if better(wide_peak, peak):
                 group, peak = wide, wide_peak
-        if r is not None and (group is None or not better(peak, objective(rank_load[r] + c, 0.0))):
+        if r is not None and (group is None or not better(peak, objective(rank_load[r] + c, 0.0, (r,), c, c))):
             group = (r,)
         elif group is None:
             group = roomiest_ring(L)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from longtrain.parallel.balance.cost import CostModel
-from longtrain.parallel.balance.planner import Plan
+from longtrain.parallel.balance.planner import Plan, shared_makespan  # noqa: F401  (re-exported)
 from longtrain.parallel.balance.remap import linear_layout, token_ids
 
 
@@ -45,18 +45,6 @@ class StepSimulation:
     idle: np.ndarray  # per rank: step_seconds - busy
     bytes_sent: np.ndarray  # per rank: ring + remap bytes of the step (all layers)
     events: list = field(default_factory=list)  # (rank, start, stop, kind) of one layer, forward
-
-
-def shared_makespan(work, cores: int) -> float:
-    """When the last of independent jobs of these compute seconds ends on `cores` processors shared
-    equally among the jobs still running (each at min(1, cores / running))."""
-    left = sorted(float(w) for w in work if w > 0)
-    clock, done = 0.0, 0.0
-    for i, w in enumerate(left):
-        running = len(left) - i
-        clock += (w - done) / min(1.0, cores / running)
-        done = w
-    return clock
 
 
 def _kernel_calls(pieces_by_rank: dict) -> dict:
