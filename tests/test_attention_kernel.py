@@ -68,9 +68,8 @@ def test_offset_causal_blocks_in_pieces_match_reference(offsets):
     assert max(errors.values()) <= 1e-5, errors
 
 
-def test_long_packed_row_builds_no_dense_mask(monkeypatch):
-    """One 6K-token packed row of four documents: at most DENSE_MASK_MAX_ELEMENTS mask elements per
-    kernel call (the old path built a 6K x 6K mask), and the result equals the dense-mask path."""
+def _record_masks(monkeypatch) -> list:
+    """The element count of every dense mask the kernel builds from now on (appended as they are built)."""
     sizes = []
     real = kernel._additive_mask
 
@@ -79,6 +78,13 @@ def test_long_packed_row_builds_no_dense_mask(monkeypatch):
         return real(allowed, dtype)
 
     monkeypatch.setattr(kernel, "_additive_mask", recording)
+    return sizes
+
+
+def test_long_packed_row_builds_no_dense_mask(monkeypatch):
+    """One 6K-token packed row of four documents: at most DENSE_MASK_MAX_ELEMENTS mask elements per
+    kernel call (the old path built a 6K x 6K mask), and the result equals the dense-mask path."""
+    sizes = _record_masks(monkeypatch)
     monkeypatch.setattr(kernel, "DENSE_MASK_MAX_ELEMENTS", 1 << 20)
     doc, pos = _packed_row([3000, 1, 2500, 600], 6144)
     q, k, v, dout = _inputs(1, 6144, 6144, 2, 1, 16, seed=3)
@@ -101,14 +107,7 @@ def test_small_packed_block_on_cpu_runs_the_cheaper_way(monkeypatch):
     """Under DENSE_MASK_MAX_ELEMENTS on CPU: a block of a few long documents runs in mask-free pieces
     (a dense mask visits every element of the square; measured 4-15x slower), one of many 1-token
     documents as one masked call (a piece's fixed cost would dominate); both equal the reference."""
-    masks = []
-    real = kernel._additive_mask
-
-    def recording(allowed, dtype):
-        masks.append(allowed.numel())
-        return real(allowed, dtype)
-
-    monkeypatch.setattr(kernel, "_additive_mask", recording)
+    masks = _record_masks(monkeypatch)
     for lengths, dense in (([300, 2, 500, 200], False), ([1] * 250 + [6], True)):
         masks.clear()
         doc, pos = _packed_row(lengths, 1024)
