@@ -40,13 +40,23 @@ MESSAGE_BYTES = (4 << 10, 1 << 20, 8 << 20)
 CPU_RANKS_PER_NODE = 1024
 
 
+# A measurement repeats at least `repeats` times and for at least this long (at most MAX_REPEATS times):
+# on a shared VM a hiccup of ~0.1 s slows three back-to-back repeats of a millisecond call alike (best
+# of 3: a per-call cost of 86-188 us and a linear rate of 36-50 GFLOP/s over six probes a minute apart).
+MIN_MEASURE_S = 0.25
+MAX_REPEATS = 64
+
+
 def _best(fn, repeats: int) -> float:
+    """Fastest of the timed runs of fn() after one warm-up: `repeats` runs, more while they have taken
+    less than MIN_MEASURE_S together (up to MAX_REPEATS)."""
     fn()  # warm up
-    best = float("inf")
-    for _ in range(repeats):
+    best, spent, runs = float("inf"), 0.0, 0
+    while runs < repeats or (spent < MIN_MEASURE_S and runs < MAX_REPEATS):
         start = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - start)
+        took = time.perf_counter() - start
+        best, spent, runs = min(best, took), spent + took, runs + 1
     return best
 
 
