@@ -154,13 +154,16 @@ def measured_setup(quick: bool, seed: int = 0) -> tuple[dict, dict]:
     return layouts, bench_model_dims(budget)
 
 
-def _cost_model(spec: dict, dims: dict):
+def _cost_model(spec: dict, dims: dict, key: str = "preset"):
     """The cost model of a measured layout: the probe of this machine at this model's shapes
-    (spec["preset"], written by probe_model; configs/clusters/local.yaml when absent)."""
+    (spec["preset"], written by probe_model before the measured runs: what they planned with;
+    configs/clusters/local.yaml when absent). key="sim_preset": the mean of the probes before and after
+    the runs, what the simulation prices them with (the preset when there is none)."""
     from longtrain.models.transformer import TransformerConfig
     from longtrain.parallel.balance.cost import CostModel, ModelShape, resolve_cluster
 
-    cluster = resolve_cluster(spec.get("preset", "local"), spec["gpus_per_node"], world=4)
+    preset = spec.get(key) or spec.get("preset", "local")
+    cluster = resolve_cluster(preset, spec["gpus_per_node"], world=4)
     return CostModel(ModelShape.of(TransformerConfig(**dims)), cluster)
 
 
@@ -169,7 +172,7 @@ def _planner_kwargs(spec: dict, dims: dict) -> dict:
     return _cost_model(spec, dims).planner_kwargs()
 
 
-def probe_model(dims: dict, out: Path) -> str:
+def probe_model(dims: dict, out: Path, filename: str = "balance_probe.yaml") -> str:
     """`longtrain probe --model` on the benchmark model (its attention shapes, and its non-attention
     work for the linear rate; the machine's P2P numbers and the all_to_all's fixed cost measured in a
     group of the measured runs' 4 ranks), written to out/balance_probe.yaml: what measurement and
@@ -179,7 +182,7 @@ def probe_model(dims: dict, out: Path) -> str:
     from longtrain.tests.distributed import run_group
 
     links = run_group(4, link_times)  # the measured runs' 4 ranks: the all_to_all's cost depends on them
-    path = out / "balance_probe.yaml"
+    path = out / filename
     # the linear rate measured on the model itself (everything but core attention: its norms, RoPE,
     # activations, head and loss weigh as much as its tiny matmuls)
     probe(links["p2p"], path, collective_s=links["collective_s"], model=TransformerConfig(**dims))
@@ -194,14 +197,14 @@ def simulate_measured(layouts: dict, dims: dict) -> dict:
 
     out = {}
     for name, spec in layouts.items():
-        cm = _cost_model(spec, dims)
+        cm, sim_cm = _cost_model(spec, dims), _cost_model(spec, dims, "sim_preset")
         for strategy in STRATEGIES:
             for remap in ((True, False) if strategy == "zeppelin" else (False,)):
                 key = f"{name}/{strategy}" + ("" if remap or strategy != "zeppelin" else "-noremap")
                 plans = [plan_step(s["lengths"], 4, strategy, capacity=spec["capacity"] + len(s["lengths"]),
                                    gpus_per_node=spec["gpus_per_node"], cp=spec["cp"], bins=s["bins"],
                                    **cm.planner_kwargs()) for s in spec["steps"]]
-                sims = [simulate(plan, cm, remap) for plan in plans]
+                sims = [simulate(plan, sim_cm, remap) for plan in plans]
                 out[key] = {"step_s": [s.step_seconds for s in sims],
                             "bytes_sent_per_rank": [s.bytes_sent.tolist() for s in sims]}
                 if strategy == "zeppelin":  # what balance_remap auto (the default) does on each step
@@ -414,6 +417,8 @@ def write_report(report: dict, out: Path) -> None:
              f"other processes used {report['other_processes_cpu_share']:.0%} of it. Elapsed {report['elapsed_s']:.0f} s. "
              f"Measurements: {report.get('measured_from', 'this run')}.",
              "", "## Measured here vs simulated (forward + backward, slowest rank, mean over steps)", "",
+             "Plans from the probe taken before the runs (balance_probe.yaml); simulated at the mean of it and "
+             "the probe taken after them (balance_probe_mean.yaml): this machine's speed drifts over minutes.", "",
              "| run | measured s | simulated s | sim/meas | attention max/mean | tokens max/mean | MiB sent max rank |",
              "|---|---|---|---|---|---|---|"]
     for name, m in report["measured"].items():
@@ -538,13 +543,14 @@ def main(argv=None) -> int:
         old = json.loads(Path(args.from_json).read_text())
         measured, layouts, dims = old["measured"], old["config"]["layouts"], old["config"]["model"]
         start, previous_elapsed, other = time.time(), old["elapsed_s"], old["other_processes_cpu_share"]
-        for spec in layouts.values():  # the run's probe preset, found beside its JSON wherever that now is
-            if "preset" in spec and not Path(spec["preset"]).is_file():
-                beside = Path(args.from_json).resolve().parent / Path(spec["preset"]).name
-                if not beside.is_file():
-                    raise SystemExit(f"--from-json: the run's probe preset {Path(spec['preset']).name} is neither at "
-                                     f"{spec['preset']} nor beside {args.from_json}")
-                spec["preset"] = str(beside)
+        for spec in layouts.values():  # the run's probe presets, found beside its JSON wherever that now is
+            for key in ("preset", "sim_preset"):
+                if spec.get(key) and not Path(spec[key]).is_file():
+                    beside = Path(args.from_json).resolve().parent / Path(spec[key]).name
+                    if not beside.is_file():
+                        raise SystemExit(f"--from-json: the run's probe preset {Path(spec[key]).name} is neither at "
+                                         f"{spec[key]} nor beside {args.from_json}")
+                    spec[key] = str(beside)
     else:
         preset = probe_model(dims, Path(args.out))
         for spec in layouts.values():
@@ -552,6 +558,16 @@ def main(argv=None) -> int:
             spec["tau_intra"], spec["tau_inter"] = (_planner_kwargs(spec, dims)[k] for k in ("tau_intra", "tau_inter"))
         measured = run_group(4, _measure, layouts, dims, 1 if args.quick else args.repeats)
         previous_elapsed, other = 0.0, None
+        # this machine's speed drifts over minutes: the runs are simulated at the mean of the probes
+        # taken before and after them (the plans stay those of the first probe: what was measured)
+        from longtrain.parallel.balance.cost import load_preset_file, mean_preset, write_preset_file
+
+        after = probe_model(dims, Path(args.out), "balance_probe_after.yaml")
+        mean = write_preset_file(mean_preset([load_preset_file(preset), load_preset_file(after)],
+                                             "local (mean of the probes before and after the measured runs)"),
+                                 Path(args.out) / "balance_probe_mean.yaml")
+        for spec in layouts.values():
+            spec["sim_preset"] = str(mean)
     simulated = simulate_measured(layouts, dims)
     speedup, speedup_auto, auto_remapped = {}, {}, {}
     for layout in layouts:
@@ -566,7 +582,8 @@ def main(argv=None) -> int:
     report = {"machine": machine_info(), "config": {"layouts": layouts, "model": dims, "quick": args.quick,
                                                     "strategies": list(STRATEGIES), "mixes": MIXES},
               "measured": measured, "simulated_measured": simulated,
-              "local_sweep": local_sweep(layouts[next(iter(layouts))].get("preset", "local")),
+              "local_sweep": local_sweep(next(iter(layouts.values())).get("sim_preset")
+                                         or next(iter(layouts.values())).get("preset", "local")),
               "at_scale": at_scale(args.quick, kernels=args.kernels),
               "ablation": ablation(args.quick, kernels=args.kernels), "kernels": args.kernels, "planning": planning_time(),
               "summary": {"measured_speedup": speedup, "measured_speedup_remap_auto": speedup_auto,

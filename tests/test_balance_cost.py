@@ -433,12 +433,13 @@ def test_remap_auto_follows_the_simulator_at_scale():
 def test_zeppelin_on_shared_cores_holds_against_even_cp_over_perturbed_machines():
     """Where ranks share cores (this machine: 4 ranks, 2 cores), zeppelin's plan must not lose to
     even_cp in the simulator it plans with, whatever the probe measured. Presets around this machine's
-    probe, every rate perturbed (attention 0.25-4x, full blocks 0.9-2.5x the causal rate, linear 0.25-4x,
-    latency, bandwidth, per-call and collective costs), on the balance benchmark's steps at cp4 and
-    dp2 x cp2: zeppelin (remapped where remap_pays says) against even_cp. Before the planner weighed
-    rings below the fair share and judged shared-core placements by processor sharing, the worst was
-    1.93x even_cp's step, 38 of the 96 above 1.05x, 1.02x on average (a CI machine's probe met one such
-    case); now 1.11x, 2 of 96, 0.88x."""
+    probe, every rate perturbed (attention 0.25-4x and 0.6-1.6x per length, linear 0.25-4x, latency,
+    bandwidth, per-call and collective costs), full blocks 0.9-1.3x the causal rate, on the balance
+    benchmark's steps at cp4 and dp2 x cp2: zeppelin (remapped where remap_pays says) against even_cp.
+    Before placements were judged by the processor-sharing step (a straggler finishes alone) and ring
+    members paid their kernel calls, the worst was 1.15x even_cp's step; now 1.03x (0.73x on average).
+    (Where the probe finds full blocks far faster than causal ones, the model favours even_cp's rings
+    and zeppelin deliberately does not chase that: planner.py, `whole under the fair share`.)"""
     import importlib.util
     from dataclasses import replace
     from pathlib import Path
@@ -466,10 +467,9 @@ def test_zeppelin_on_shared_cores_holds_against_even_cp_over_perturbed_machines(
         for _ in range(12):
             f = lambda lo=0.25, hi=4.0: float(np.exp(rng.uniform(np.log(lo), np.log(hi))))  # noqa: E731
             attention = f()
-            full = attention * f(0.9, 2.5)
+            causal = tuple((L, t * attention * f(0.6, 1.6)) for L, t in base.attention_tflops)
             cluster = replace(
-                base, attention_tflops=tuple((L, t * attention * f(0.6, 1.6)) for L, t in base.attention_tflops),
-                attention_full_tflops=tuple((L, t * full * f(0.6, 1.6)) for L, t in base.attention_full_tflops),
+                base, attention_tflops=causal, attention_full_tflops=tuple((L, t * f(0.9, 1.3)) for L, t in causal),
                 linear_tflops=base.linear_tflops * f(), latency_us=base.latency_us * f(0.2, 8),
                 intra_gbs=base.intra_gbs * f(0.2, 5), attention_call_us=base.attention_call_us * f(0.2, 5),
                 collective_us=base.collective_us * f(0.3, 4))
@@ -483,4 +483,26 @@ def test_zeppelin_on_shared_cores_holds_against_even_cp_over_perturbed_machines(
                     zep = plan_step(step["lengths"], 4, "zeppelin", **kw)
                     ratios.append(simulate(zep, cm, remap_pays(zep, cm)).step_seconds / even)
     assert len(ratios) == 2 * 12 * (1 + 3)
-    assert max(ratios) <= 1.15 and np.mean(ratios) <= 0.92, (max(ratios), np.mean(ratios))
+    assert max(ratios) <= 1.05 and np.mean(ratios) <= 0.8, (max(ratios), np.mean(ratios))
+
+
+def test_mean_preset_averages_probes_of_one_machine():
+    """mean_preset: the balance benchmark simulates its runs at the mean of the probes before and after
+    them (the machine's speed drifts). Every rate and cost averaged, tables entry by entry; tables of
+    different lengths are one line."""
+    from longtrain.parallel.balance.cost import mean_preset
+
+    a = ClusterSpec("a", 1024, 1024, 8.0, 1.0, ((256, 0.02), (1024, 0.04)), linear_tflops=0.03, latency_us=100.0,
+                    attention_call_us=80.0, collective_us=2000.0, attention_full_tflops=((256, 0.05), (1024, 0.05)))
+    b = dataclasses.replace(a, name="b", nic_gbps=16.0, intra_gbs=2.0, attention_tflops=((256, 0.04), (1024, 0.06)),
+                            linear_tflops=0.05, latency_us=200.0, attention_call_us=120.0, collective_us=4000.0,
+                            attention_full_tflops=((256, 0.07), (1024, 0.03)))
+    m = mean_preset([a, b], "mean")
+    assert m.name == "mean" and m.gpus_per_node == 1024 and m.shared_cores == a.shared_cores
+    assert (m.nic_gbps, m.intra_gbs, m.latency_us, m.attention_call_us, m.collective_us) == (12.0, 1.5, 150.0, 100.0, 3000.0)
+    assert m.linear_tflops == pytest.approx(0.04)
+    assert [L for L, _ in m.attention_tflops] == [256, 1024]
+    assert [t for _, t in m.attention_tflops] == pytest.approx([0.03, 0.05])
+    assert [t for _, t in m.attention_full_tflops] == pytest.approx([0.06, 0.04])
+    with pytest.raises(ClusterError, match=r"^cluster.preset: probes with different attention_tflops lengths"):
+        mean_preset([a, dataclasses.replace(b, attention_tflops=((512, 0.1),))], "x")

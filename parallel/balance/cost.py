@@ -157,6 +157,30 @@ def load_preset_file(path: str | Path) -> ClusterSpec:
         raise ClusterError(f"cluster.preset: {path} is not a preset file ({type(err).__name__}: {err})") from None
 
 
+def mean_preset(specs: list[ClusterSpec], name: str) -> ClusterSpec:
+    """The mean of probes of one machine taken at different times (the same node shape and lengths):
+    every rate, bandwidth and fixed cost averaged, attention tables entry by entry. A shared machine's
+    speed drifts over minutes (here up to ~30%); a run simulated with the probes before and after it is
+    priced at its middle, not at one moment's."""
+    first = specs[0]
+
+    def mean(values):
+        return sum(values) / len(values)
+
+    def table(key):
+        rows = [getattr(s, key) for s in specs]
+        if not all(len(r) == len(rows[0]) and [x[0] for x in r] == [x[0] for x in rows[0]] for r in rows):
+            raise ClusterError(f"cluster.preset: probes with different {key} lengths cannot be averaged")
+        return tuple((rows[0][i][0], mean([r[i][1] for r in rows])) for i in range(len(rows[0])))
+
+    return replace(first, name=name, nic_gbps=mean([s.nic_gbps for s in specs]),
+                   intra_gbs=mean([s.intra_gbs for s in specs]), attention_tflops=table("attention_tflops"),
+                   linear_tflops=mean([s.linear_tflops for s in specs]), latency_us=mean([s.latency_us for s in specs]),
+                   attention_call_us=mean([s.attention_call_us for s in specs]),
+                   collective_us=mean([s.collective_us for s in specs]),
+                   attention_full_tflops=table("attention_full_tflops"))
+
+
 def write_preset_file(spec: ClusterSpec, path: str | Path) -> Path:
     import yaml
 

@@ -51,13 +51,12 @@ def _best(fn, repeats: int) -> float:
     """Fastest of the timed runs of fn() after one warm-up: `repeats` runs, more while they have taken
     less than MIN_MEASURE_S together (up to MAX_REPEATS)."""
     fn()  # warm up
-    best, spent, runs = float("inf"), 0.0, 0
-    while runs < repeats or (spent < MIN_MEASURE_S and runs < MAX_REPEATS):
+    times: list[float] = []
+    while len(times) < repeats or (sum(times) < MIN_MEASURE_S and len(times) < MAX_REPEATS):
         start = time.perf_counter()
         fn()
-        took = time.perf_counter() - start
-        best, spent, runs = min(best, took), spent + took, runs + 1
-    return best
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def _attention_pass(length: int, heads: int, head_dim: int, device, dtype, backend: str = "auto",
