@@ -385,12 +385,14 @@ def _pieces(mask: BlockMask, batch: int, q_len: int, k_len: int):
 
 
 # On CPU a per-token mask below DENSE_MASK_MAX_ELEMENTS is not cheap either: the masked fused kernel
-# visits every (query, key) element of the block and the mask is built first (~40-50 ns an element,
+# visits every (query, key) element of the block and the mask is built first (~26-44 ns an element,
 # forward + backward, one thread), while a mask-free piece costs its pairs (a causal piece half its
-# square) plus a fixed ~250 us a call. Measured with 4 heads of 16: a 2048-token row of 64-token
-# documents 212 ms as one masked call against 14 ms in 32 pieces, of one 2048-token document 210
-# against 63 ms, of 1-token documents 202 against 485 ms. A piece's fixed cost in mask elements:
-CPU_PIECE_CALL_ELEMENTS = 6000
+# square) plus a fixed cost a call: ~80 us since the accumulators write pieces in place (~250 us
+# before). Measured with 4 heads of 16, fwd + bwd: a 1024-token row of 251 tiny documents 40 ms as one
+# masked call against 14 ms in pieces, a 512-token one 8 against 15 ms; a 2048-token row of 32
+# documents 130 against 7 ms. Over rows of 512-2048 tokens and 2-256 documents the time of the pieces
+# puts a call at ~2,000-3,800 mask elements (median ~2,500; 6,000 before the accumulator work):
+CPU_PIECE_CALL_ELEMENTS = 2500
 
 
 def _pieces_cost_elements(pieces: list, batch: int) -> float:

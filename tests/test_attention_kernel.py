@@ -105,18 +105,20 @@ def test_long_packed_row_builds_no_dense_mask(monkeypatch):
 
 def test_small_packed_block_on_cpu_runs_the_cheaper_way(monkeypatch):
     """Under DENSE_MASK_MAX_ELEMENTS on CPU: a block of a few long documents runs in mask-free pieces
-    (a dense mask visits every element of the square; measured 4-15x slower), one of many 1-token
-    documents as one masked call (a piece's fixed cost would dominate); both equal the reference."""
+    (a dense mask visits every element of the square; measured 4-15x slower), and so does a 1024-token
+    block of 251 tiny documents (14 ms against 40); a 512-token block of them runs as one masked call
+    (8 ms against 15: the pieces' fixed cost dominates). All equal the reference."""
     masks = _record_masks(monkeypatch)
-    for lengths, dense in (([300, 2, 500, 200], False), ([1] * 250 + [6], True)):
+    assert 1024 * 1024 <= kernel.DENSE_MASK_MAX_ELEMENTS  # blocks the old rule ran as one masked call
+    for total, lengths, dense in ((1024, [300, 2, 500, 200], False), (1024, [1] * 250 + [6], False),
+                                  (512, [1] * 250 + [6], True)):
         masks.clear()
-        doc, pos = _packed_row(lengths, 1024)
-        assert 1024 * 1024 <= kernel.DENSE_MASK_MAX_ELEMENTS  # a block the old rule ran as one masked call
-        q, k, v, dout = _inputs(1, 1024, 1024, 4, 2, 16, seed=4)
+        doc, pos = _packed_row(lengths, total)
+        q, k, v, dout = _inputs(1, total, total, 4, 2, 16, seed=4)
         mask = BlockMask(causal=True, q_pos=pos[None], k_pos=pos[None], q_doc=doc[None], k_doc=doc[None])
         errors = _compare(q, k, v, dout, mask)
-        assert max(errors.values()) <= 1e-5, (lengths[:4], errors)
-        assert masks == ([1024 * 1024] * 2 if dense else []), (lengths[:4], masks)  # forward and backward
+        assert max(errors.values()) <= 1e-5, (total, lengths[:4], errors)
+        assert masks == ([total * total] * 2 if dense else []), (total, lengths[:4], masks)  # forward and backward
 
 
 def _fake_flash_attn(monkeypatch, lse_layout="heads_total"):
