@@ -154,6 +154,12 @@ def measured_setup(quick: bool, seed: int = 0) -> tuple[dict, dict]:
     return layouts, bench_model_dims(budget)
 
 
+def _preset_of(spec: dict, key: str = "preset") -> str:
+    """A measured layout's preset for planning ("preset") or simulating ("sim_preset", falling back to
+    the planning one)."""
+    return spec.get(key) or spec.get("preset", "local")
+
+
 def _cost_model(spec: dict, dims: dict, key: str = "preset"):
     """The cost model of a measured layout: the probe of this machine at this model's shapes
     (spec["preset"], written by probe_model before the measured runs: what they planned with;
@@ -162,8 +168,7 @@ def _cost_model(spec: dict, dims: dict, key: str = "preset"):
     from longtrain.models.transformer import TransformerConfig
     from longtrain.parallel.balance.cost import CostModel, ModelShape, resolve_cluster
 
-    preset = spec.get(key) or spec.get("preset", "local")
-    cluster = resolve_cluster(preset, spec["gpus_per_node"], world=4)
+    cluster = resolve_cluster(_preset_of(spec, key), spec["gpus_per_node"], world=4)
     return CostModel(ModelShape.of(TransformerConfig(**dims)), cluster)
 
 
@@ -397,7 +402,7 @@ def planning_time(repeats: int = 21, seed: int = 2) -> dict:
         start = time.perf_counter()
         plan_step(lengths, 512, **kw)
         runs.append((time.perf_counter() - start) * 1e3)
-    slowdown = max(1.0, min(speed) / REFERENCE_PYTHON_SPEED_MS) if REFERENCE_PYTHON_SPEED_MS else 1.0
+    slowdown = max(1.0, min(speed) / REFERENCE_PYTHON_SPEED_MS)
     return {"sequences": len(lengths), "ranks": 512, "gpus_per_node": 8, "runs_ms": runs,
             "median_ms": float(np.median(runs)), "target_ms": 10.0, "python_speed_ms": speed,
             "reference_python_speed_ms": REFERENCE_PYTHON_SPEED_MS, "machine_slowdown": slowdown,
@@ -582,8 +587,7 @@ def main(argv=None) -> int:
     report = {"machine": machine_info(), "config": {"layouts": layouts, "model": dims, "quick": args.quick,
                                                     "strategies": list(STRATEGIES), "mixes": MIXES},
               "measured": measured, "simulated_measured": simulated,
-              "local_sweep": local_sweep(next(iter(layouts.values())).get("sim_preset")
-                                         or next(iter(layouts.values())).get("preset", "local")),
+              "local_sweep": local_sweep(_preset_of(next(iter(layouts.values())), "sim_preset")),
               "at_scale": at_scale(args.quick, kernels=args.kernels),
               "ablation": ablation(args.quick, kernels=args.kernels), "kernels": args.kernels, "planning": planning_time(),
               "summary": {"measured_speedup": speedup, "measured_speedup_remap_auto": speedup_auto,

@@ -103,16 +103,20 @@ def _scaled(table, factor):
     return tuple((length, tflops * factor) for length, tflops in table)
 
 
+# The A800's attention rate from the H100's: by peak (312 / 989) times 1.6 (FA2 on Ampere reaches a
+# larger share of its peak); its linear rate by peak alone.
+_A800_ATTENTION_FACTOR = 312 / 989 * 1.6
+_A800_LINEAR_FACTOR = 312 / 989
 PRESETS: dict[str, ClusterSpec] = {
     "A": ClusterSpec("A (A800-80G, 8 GPUs, 4 x 200 Gb/s RoCE)", 8, 4, 200.0, 200.0,
-                     _scaled(_H100_ATTN, 312 / 989 * 1.6), 0.6 * 312, 10.0),
+                     _scaled(_H100_ATTN, _A800_ATTENTION_FACTOR), 0.6 * 312, 10.0),
     "B": ClusterSpec("B (H800, 8 GPUs, 8 x 400 Gb/s RoCE)", 8, 8, 400.0, 200.0, _H100_ATTN, 0.6 * 989, 10.0),
     "C": ClusterSpec("C (H200, 8 GPUs, 8 x 400 Gb/s CX7)", 8, 8, 400.0, 450.0, _H100_ATTN, 0.6 * 989, 8.0),
     "h100x8": ClusterSpec("8 x H100, 8 x 400 Gb/s NICs", 8, 8, 400.0, 450.0, _H100_ATTN, 0.6 * 989, 8.0),
 }
 # How a Hopper probe's kernel rates carry over to each GPU preset (with_probed_kernels): (attention,
 # linear) factors; B, C and h100x8 take them as measured, A's A800 as its constants are derived above.
-_PROBED_KERNEL_SCALE = {"A": (312 / 989 * 1.6, 312 / 989)}
+_PROBED_KERNEL_SCALE = {"A": (_A800_ATTENTION_FACTOR, _A800_LINEAR_FACTOR)}
 
 
 def with_probed_kernels(preset: str, spec: ClusterSpec, probed: ClusterSpec) -> ClusterSpec:

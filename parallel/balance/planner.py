@@ -567,9 +567,9 @@ def _zeppelin(lengths, world, G, capacity, cost, tau_intra, tau_inter, ring_cost
             continue
         r = best_whole(L) if need_mem == 1 else None
         # whole under the fair share: local. (On this CPU the probe finds full blocks 1.1-2.3x faster per
-        # FLOP than causal ones, so rings for such sequences look cheaper in the cost model; weighing them
-        # too made plans of many small rings that measured 4-8% slower than even_cp, where plans without
-        # them ran 2-10% faster: the gain does not show in training steps.)
+        # FLOP than causal ones, so rings for such sequences look cheaper in the cost model; a planner that
+        # weighed them too measured between 7% faster and 4% slower than even_cp over four runs, never
+        # clearly better than without them: the gain does not show in training steps.)
         if r is not None and (rank_load[r] + c <= fair * (1 + 1e-9) or hidden < 2):
             out[seq] = ((r,), "local")
             add((r,), L, c)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from longtrain.parallel.balance.cost import CostModel
-from longtrain.parallel.balance.planner import Plan, shared_makespan  # noqa: F401  (re-exported)
+from longtrain.parallel.balance.planner import Plan, shared_makespan
 from longtrain.parallel.balance.remap import linear_layout, token_ids
 
 
