@@ -4,6 +4,9 @@
    the same steps under each strategy, at cp4 (one bin of 4 x budget tokens) and at dp2 x cp2 with
    two simulated nodes of two ranks (cluster.gpus_per_node=2; two bins); per rank the attention work
    (causal query-key pairs) and tokens (max/mean), and the bytes it sends (ring P2P + remap all_to_all).
+   Then the same over links emulated at cluster A's compute-to-link ratio (`LAYOUT@A`;
+   parallel/context/link_emulation.py), and cp4 over two such nodes (`cp4-2nodes@A`: even_cp's ring
+   crosses nodes, as TE's CP over all GPUs in the paper's comparison).
 2. The simulator's prediction for exactly those runs (parallel/balance/simulator.py with the `local`
    preset written by `longtrain probe`), next to the measurement.
 3. Simulated at scale: the Zeppelin paper's clusters A, B, C at 16-128 GPUs, LLaMA 3B/7B/13B shapes and
@@ -17,6 +20,7 @@ Writes balance.json, balance.md and balance.png to --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -45,6 +49,7 @@ def _measure(steps_by_layout: dict, model_dims: dict, repeats: int) -> dict:
     from longtrain.models.transformer import TransformerConfig
     from longtrain.parallel.balance.engine import BalancedAttention, StepLayout
     from longtrain.parallel.balance.planner import plan_step
+    from longtrain.parallel.context.link_emulation import LinkEmulator, emulate_links
 
     torch.set_num_threads(1)
     counter = CommCounter()
@@ -63,6 +68,9 @@ def _measure(steps_by_layout: dict, model_dims: dict, repeats: int) -> dict:
     cases = []
     for layout_name, spec in steps_by_layout.items():
         planner = _planner_kwargs(spec, model_dims)
+        # emulated layouts: ring transfers and remap exchanges held to the emulated links' speed
+        emulator = (LinkEmulator(spec["links"][0] * 1e9, spec["links"][1] * 1e9, spec["gpus_per_node"])
+                    if spec.get("links") else None)
         for strategy in STRATEGIES:
             for remap in ((True, False) if strategy == "zeppelin" else (False,)):
                 name = f"{layout_name}/{strategy}" + ("" if remap or strategy != "zeppelin" else "-noremap")
@@ -78,7 +86,7 @@ def _measure(steps_by_layout: dict, model_dims: dict, repeats: int) -> dict:
                     cases.append({"name": name, "strategy": strategy, "remap": remap, "layout_name": layout_name,
                                   "plan": plan, "layout": layout, "total": total, "tokens": tokens_all[ids][None],
                                   "positions": pos_all[ids][None], "labels": tokens_all[(ids + 1) % total][None],
-                                  "best": float("inf"), "sent": None})
+                                  "best": float("inf"), "sent": None, "emulator": emulator, "held_s": 0.0})
     for rep in range(repeats + 1):  # the first is a warm-up
         for case in cases:
             engine.set_step(case["layout"])
@@ -86,11 +94,16 @@ def _measure(steps_by_layout: dict, model_dims: dict, repeats: int) -> dict:
             counter.reset()
             counter.active = rep == repeats
             dist.barrier()
+            emulator = case["emulator"]
+            held = emulator.stats["held_s"] if emulator else 0.0
             start = time.perf_counter()
-            logits = model(case["tokens"], case["positions"])
-            loss = F.cross_entropy(logits.flatten(0, 1), case["labels"].flatten(), reduction="sum") / case["total"]
-            loss.backward()
+            with emulate_links(emulator) if emulator else contextlib.nullcontext():
+                logits = model(case["tokens"], case["positions"])
+                loss = F.cross_entropy(logits.flatten(0, 1), case["labels"].flatten(), reduction="sum") / case["total"]
+                loss.backward()
             t = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+            if emulator and rep == repeats:
+                case["held_s"] = emulator.stats["held_s"] - held
             counter.active = False  # the timing all_reduce is not the step's traffic
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             if rep:
@@ -103,8 +116,12 @@ def _measure(steps_by_layout: dict, model_dims: dict, repeats: int) -> dict:
     for case in cases:
         row = out.setdefault(case["name"], {"step_s": [], "bytes_sent_per_rank": [], "attention_max_over_mean": [],
                                             "tokens_max_over_mean": [], "strategy": case["strategy"],
-                                            "remap": case["remap"], "layout": case["layout_name"]})
+                                            "remap": case["remap"], "layout": case["layout_name"],
+                                            "held_by_links_s": []})
         row["step_s"].append(case["best"])
+        held = [None] * world
+        dist.all_gather_object(held, case["held_s"])
+        row["held_by_links_s"].append(max(held))  # the emulated links' wait on the slowest-held rank
         row["bytes_sent_per_rank"].append(case["sent"])
         work = case["plan"].attention_work()
         row["attention_max_over_mean"].append(float(work.max() / work.mean()))
@@ -116,6 +133,10 @@ def _measure(steps_by_layout: dict, model_dims: dict, repeats: int) -> dict:
 
 # the measured layouts of the 4 ranks: name, cp, data-rank bins, ranks per (simulated) node
 LAYOUTS = (("cp4", 4, 1, 4), ("dp2xcp2", 2, 2, 2))
+# the same layouts and steps measured again over emulated links with a GPU cluster's compute-to-link
+# ratio (parallel/context/link_emulation.py): the regime the paper's numbers come from, where a ring
+# step's transfer is not free next to its compute; and cp4 over two nodes (measured_setup)
+EMULATED_CLUSTER = "A"
 
 
 def bench_model_dims(budget: int) -> dict:
@@ -151,6 +172,11 @@ def measured_setup(quick: bool, seed: int = 0) -> tuple[dict, dict]:
             lengths, owner = step_lengths(rng, budget, bins, mix, longest=budget if s == 0 else 0)
             steps.append({"lengths": lengths, "bins": owner, "seed": 1000 * s + 7})
         layouts[name] = {"cp": cp, "gpus_per_node": gpn, "capacity": math.ceil(1.5 * budget), "steps": steps}
+    for name in list(layouts):
+        layouts[f"{name}@{EMULATED_CLUSTER}"] = dict(layouts[name], emulate=EMULATED_CLUSTER)
+    # and cp4 over two nodes of two: even_cp's ring crosses nodes, as Transformer Engine's CP over all
+    # GPUs does in the paper's comparison
+    layouts[f"cp4-2nodes@{EMULATED_CLUSTER}"] = dict(layouts["cp4"], gpus_per_node=2, emulate=EMULATED_CLUSTER)
     return layouts, bench_model_dims(budget)
 
 
@@ -166,9 +192,11 @@ def _cost_model(spec: dict, dims: dict, key: str = "preset"):
     configs/clusters/local.yaml when absent). key="sim_preset": the mean of the probes before and after
     the runs, what the simulation prices them with (the preset when there is none)."""
     from longtrain.models.transformer import TransformerConfig
-    from longtrain.parallel.balance.cost import CostModel, ModelShape, resolve_cluster
+    from longtrain.parallel.balance.cost import CostModel, ModelShape, resolve_cluster, with_links
 
     cluster = resolve_cluster(_preset_of(spec, key), spec["gpus_per_node"], world=4)
+    if spec.get("links"):  # an emulated layout: the links it ran over (fixed before the runs)
+        cluster = with_links(cluster, *spec["links"], name=f"{cluster.name}, links of cluster {spec['emulate']} emulated")
     return CostModel(ModelShape.of(TransformerConfig(**dims)), cluster)
 
 
@@ -445,6 +473,16 @@ def write_report(report: dict, out: Path) -> None:
         lines += ["", "Zeppelin as the trainer runs it by default (`parallel.balance_remap: null`: remapping where the "
                   "cost model says it pays), measured: " + ", ".join(
                       f"{k}: {v:.2f}x (remapped {chose[k]} steps)" for k, v in auto.items())]
+    emulated = {name: spec for name, spec in report["config"]["layouts"].items() if spec.get("links")}
+    if emulated:
+        lines += ["", "Runs named `LAYOUT@C` ran the same steps over emulated links (parallel/context/link_emulation.py): "
+                  "every ring transfer and remap exchange held until a link with cluster C's compute-to-link "
+                  "ratio would have delivered it (cost.emulated_bandwidths: the preset's per-GPU bandwidths times "
+                  "this machine's attention FLOP/s per rank over the GPU's). Links per rank: " + "; ".join(
+                      f"{name}: intra-node {spec['links'][0] * 1e3:.1f} MB/s, inter-node {spec['links'][1] * 1e3:.2f} MB/s"
+                      for name, spec in emulated.items()) + ". Held by the links (slowest rank, mean over steps): "
+                  + ", ".join(f"{name} {np.mean(m['held_by_links_s']):.3f} s" for name, m in report["measured"].items()
+                              if "@" in name and np.mean(m["held_by_links_s"]) > 0) + "."]
     lines.append("")
     sweep = report.get("local_sweep")
     if sweep:
@@ -513,7 +551,8 @@ def write_report(report: dict, out: Path) -> None:
     axes[0].bar(x + 0.2, [np.mean(report["simulated_measured"][n]["step_s"]) for n in names], 0.4, label="simulated")
     axes[0].set_xticks(x)
     axes[0].set_xticklabels(names, rotation=45, ha="right", fontsize=7)
-    axes[0].set_ylabel("step seconds (fwd+bwd)")
+    axes[0].set_yscale("log")  # the emulated cross-node ring is ~10x the others
+    axes[0].set_ylabel("step seconds (fwd+bwd, log)")
     axes[0].legend()
     axes[0].set_title("this machine, 4 gloo ranks")
     for cluster in ("A", "B", "C"):
@@ -558,8 +597,13 @@ def main(argv=None) -> int:
                     spec[key] = str(beside)
     else:
         preset = probe_model(dims, Path(args.out))
+        from longtrain.parallel.balance.cost import PRESETS, emulated_bandwidths, resolve_cluster
+
         for spec in layouts.values():
             spec["preset"] = preset
+            if spec.get("emulate"):  # this machine's probe at the cluster's compute-to-link ratio
+                spec["links"] = list(emulated_bandwidths(resolve_cluster(preset, spec["gpus_per_node"]),
+                                                         PRESETS[spec["emulate"]], 4))
             spec["tau_intra"], spec["tau_inter"] = (_planner_kwargs(spec, dims)[k] for k in ("tau_intra", "tau_inter"))
         measured = run_group(4, _measure, layouts, dims, 1 if args.quick else args.repeats)
         previous_elapsed, other = 0.0, None

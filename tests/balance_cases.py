@@ -1,6 +1,8 @@
 """Balance cases that run inside a process group (see distributed.run_group)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -12,6 +14,7 @@ def engine_errors(cases: list[dict]) -> list[dict]:
     from longtrain.kernels.attention import BlockMask, attention
     from longtrain.parallel.balance.engine import BalancedAttention, StepLayout
     from longtrain.parallel.balance.planner import plan_step
+    from longtrain.parallel.context.link_emulation import LinkEmulator, emulate_links
 
     world, rank = dist.get_world_size(), dist.get_rank()
     group = dist.new_group(list(range(world)))
@@ -47,8 +50,15 @@ def engine_errors(cases: list[dict]) -> list[dict]:
         engine.set_step(layout)
         ids = torch.from_numpy(layout.linear_ids)
         mine = [t[:, ids].clone().requires_grad_() for t in (q, k, v)]
-        out = engine(*mine, dim ** -0.5)
-        out.backward(dout[:, ids])
+        emulator = None  # case["links"]: (intra, inter) bytes/s of emulated links (link_emulation.py)
+        if case.get("links"):
+            emulator = LinkEmulator(*case["links"], ranks_per_node=case.get("gpus_per_node") or world)
+        with emulate_links(emulator) if emulator else contextlib.nullcontext():
+            out = engine(*mine, dim ** -0.5)
+            out.backward(dout[:, ids])
+        held = torch.tensor([emulator.stats["held_s"] if emulator else 0.0,
+                             emulator.stats["messages"] if emulator else 0.0])
+        dist.all_reduce(held)
         errors = torch.tensor([(out - ref[:, ids]).abs().max().item() if len(ids) else 0.0]
                               + [(m.grad - r.grad[:, ids]).abs().max().item() if len(ids) else 0.0
                                  for m, r in zip(mine, ref_in)])
@@ -61,6 +71,7 @@ def engine_errors(cases: list[dict]) -> list[dict]:
                         "remap": int(calls[2]), "tokens": int(calls[3]), "routed": int(calls[4]),
                         "groups": sorted({len(g) for g, _ in plan.groups.values()}),
                         "followed_order": bool(followed.item()),
+                        "held_s": held[0].item(), "emulated_messages": int(held[1]),
                         "rings": sorted({g for g, _ in plan.groups.values() if len(g) > 1})})
     return results
 
@@ -163,3 +174,59 @@ def ssm_errors(cases: list[dict]) -> list[dict]:
                         "local": int(calls[0]), "ring": int(calls[1]),
                         "groups": sorted({len(g) for g, _ in plan.groups.values()})})
     return results
+
+
+def emulated_exchanges(links: tuple, ranks_per_node: int, nbytes: int) -> dict:
+    """Ring exchanges and one remap exchange over emulated links (link_emulation.py), on every rank:
+    what arrived (exact?), how long each took and what the emulator says it held. One exchange of
+    `nbytes` round the whole ring; then two started back to back (they queue on the sender's link);
+    a routed ring (refused under emulation); an all_to_all of the remap (TokenExchange)."""
+    import time
+
+    from longtrain.parallel.balance.remap import Route, TokenExchange
+    from longtrain.parallel.balance.routing import Router
+    from longtrain.parallel.context.comm import RingExchange, SubRing
+    from longtrain.parallel.context.link_emulation import LinkEmulator, emulate_links
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    group = dist.new_group(list(range(world)))
+    emulator = LinkEmulator(*links, ranks_per_node=ranks_per_node)
+    block = torch.full((nbytes // 4,), float(rank))
+    out = {"rank": rank, "prev": (rank - 1) % world}
+    with emulate_links(emulator):
+        ring = RingExchange(group)
+        dist.barrier()
+        start = time.monotonic()
+        (got,) = RingExchange.finish(ring.start([block]))
+        out["one_s"] = time.monotonic() - start
+        out["exact"] = bool(torch.equal(got, torch.full_like(block, float((rank - 1) % world))))
+        dist.barrier()
+        start = time.monotonic()
+        first, second = ring.start([block]), ring.start([block * 2])
+        (a,), (b,) = RingExchange.finish(first), RingExchange.finish(second)
+        out["two_s"] = time.monotonic() - start
+        out["exact"] &= bool(torch.equal(b, 2 * a))
+        nodes = tuple(r // ranks_per_node for r in range(world))
+        try:
+            RingExchange(SubRing(group, tuple(range(world)), Router(group, tuple(range(world)), nodes))).start([block])
+            out["routed_error"] = None
+        except ValueError as err:
+            out["routed_error"] = str(err)
+        # the remap's all_to_all: every rank sends its whole block to the next rank
+        to_next = [0] * world
+        to_next[(rank + 1) % world] = nbytes // 4
+        from_prev = [0] * world
+        from_prev[(rank - 1) % world] = nbytes // 4
+        route = Route(torch.arange(nbytes // 4), to_next, from_prev, torch.arange(nbytes // 4))
+        back = Route(torch.arange(nbytes // 4), from_prev, to_next, torch.arange(nbytes // 4))
+        dist.barrier()
+        held_before = emulator.stats["held_s"]
+        start = time.monotonic()
+        moved = TokenExchange.apply(block[None, :, None], route, back, group)
+        out["a2a_s"] = time.monotonic() - start
+        out["a2a_held_s"] = emulator.stats["held_s"] - held_before
+        out["exact"] &= bool(torch.equal(moved.flatten(), torch.full_like(block, float((rank - 1) % world))))
+    out["stats"] = dict(emulator.stats)
+    every = [None] * world
+    dist.all_gather_object(every, out)
+    return every

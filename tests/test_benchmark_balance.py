@@ -30,12 +30,23 @@ def test_balance_benchmark_smoke(tmp_path):
     assert (tmp_path / "balance_probe_after.yaml").is_file()
     assert all(spec["sim_preset"].endswith("balance_probe_mean.yaml") for spec in report["config"]["layouts"].values())
     assert "mean of the probes" in (tmp_path / "balance_probe_mean.yaml").read_text()
+    # the last three over links emulated at cluster A's ratio; cp4-2nodes: even_cp's ring crosses nodes
+    layouts = ("cp4", "dp2xcp2", "cp4@A", "dp2xcp2@A", "cp4-2nodes@A")
     # the default (remapping where the cost model says it pays) is reported per layout, from the
     # measured runs with and without remapping
-    assert set(report["summary"]["measured_speedup_remap_auto"]) == {"cp4", "dp2xcp2"}
+    assert set(report["summary"]["measured_speedup_remap_auto"]) == set(layouts)
     measured, simulated = report["measured"], report["simulated_measured"]
     assert set(measured) == set(simulated)
-    for layout in ("cp4", "dp2xcp2"):
+    for layout in layouts:
+        # the emulated links held the ring runs' transfers (and nothing else's); the plain runs were never held
+        emulated = layout.endswith("@A")
+        assert (min(measured[f"{layout}/even_cp"]["held_by_links_s"]) > 0) == emulated
+        assert max(measured[f"{layout}/tokens"]["held_by_links_s"]) == 0
+        if emulated:
+            intra, inter = report["config"]["layouts"][layout]["links"]
+            assert 0 < inter < intra < 1.0  # GB/s: a GPU cluster's ratio on this CPU is MB/s
+    assert "emulated links" in (tmp_path / "balance.md").read_text()
+    for layout in layouts:
         for strategy in ("even_cp", "tokens", "hybrid_dp", "zeppelin", "zeppelin-noremap"):
             run = measured[f"{layout}/{strategy}"]
             assert all(t > 0 for t in run["step_s"]) and all(t > 0 for t in simulated[f"{layout}/{strategy}"]["step_s"])

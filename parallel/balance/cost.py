@@ -130,6 +130,24 @@ def with_probed_kernels(preset: str, spec: ClusterSpec, probed: ClusterSpec) -> 
                    linear_tflops=probed.linear_tflops * linear_factor, attention_call_us=probed.attention_call_us)
 
 
+def emulated_bandwidths(local: ClusterSpec, target: ClusterSpec, ranks: int, length: int = 4096) -> tuple:
+    """(intra, inter) GB/s per rank that give this machine (`local`, a probe; `ranks` ranks share its
+    cores) the compute-to-link ratio of `target` (a GPU preset): each of the target's per-rank
+    bandwidths times this machine's attention FLOP/s per rank over the target GPU's (causal blocks of
+    `length` tokens), times the ratio of bytes per element (the same elements per FLOP travel).
+    What parallel/context/link_emulation.py emulates (benchmarks/balance.py's emulated section)."""
+    cores = local.shared_cores if 0 < local.shared_cores < ranks else ranks
+    per_rank = local.attention_flops_per_s(length) * cores / ranks
+    factor = per_rank / target.attention_flops_per_s(length) * local.bytes_per_element / target.bytes_per_element
+    return target.intra_gbs * factor, target.inter_gbs * factor
+
+
+def with_links(spec: ClusterSpec, intra_gbs: float, inter_gbs: float, name: str = "") -> ClusterSpec:
+    """`spec` with one rank's intra-node link and NIC share replaced (one NIC per rank of inter_gbs)."""
+    return replace(spec, name=name or spec.name, intra_gbs=intra_gbs, nics_per_node=spec.gpus_per_node,
+                   nic_gbps=inter_gbs * 8.0)
+
+
 LOCAL_PRESET = Path(__file__).resolve().parents[2] / "configs" / "clusters" / "local.yaml"
 PRESET_NAMES = tuple(PRESETS) + ("local",)
 

@@ -12,11 +12,14 @@ deficit ranks inside the node first, then across nodes, largest surplus to large
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from longtrain.parallel.context import link_emulation
 
 
 def token_ids(plan) -> list[np.ndarray]:
@@ -164,6 +167,13 @@ def _exchange(x: torch.Tensor, route: Route, group) -> torch.Tensor:
     send = x.index_select(1, route.send_index.to(x.device)).movedim(1, 0).contiguous()
     recv = send.new_empty((sum(route.recv_counts),) + tuple(send.shape[1:]))
     dist.all_to_all_single(recv, send, route.recv_counts, route.send_counts, group=group)
+    emulator = link_emulation.active()
+    if emulator is not None:  # held for what the emulated links take to carry it
+        done, ranks = time.monotonic(), dist.get_process_group_ranks(group)
+        row = send[0].numel() * send.element_size() if len(send) else 0
+        emulator.hold_for(emulator.collective_seconds(
+            dist.get_rank(), {p: n * row for p, n in zip(ranks, route.send_counts)},
+            {p: n * row for p, n in zip(ranks, route.recv_counts)}), since=done)
     return recv.movedim(0, 1).index_select(1, route.recv_index.to(x.device))
 
 

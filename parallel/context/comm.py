@@ -14,6 +14,8 @@ from enum import IntEnum
 import torch
 import torch.distributed as dist
 
+from longtrain.parallel.context import link_emulation
+
 
 class P2PTag(IntEnum):
     """The P2P message kinds that may be in flight on one ring at once (each tensor of a message
@@ -131,22 +133,31 @@ class RingExchange:
         """Tags keep two exchanges in flight apart (K/V for the next step, gradients). The
         returned handle owns the sent tensors until finish(): a buffer freed while the backend
         still reads it would be a use-after-free."""
+        emulator = link_emulation.active()
         if self.router is not None:
+            if emulator is not None:
+                raise ValueError("RingExchange: link emulation does not cover the routing layer's hops")
             return self.router.start(tensors, tag)
         sent = [t.contiguous() for t in tensors]
         received = [torch.empty_like(t) for t in sent]
+        if emulator is not None:  # the arrival time the emulated link gives this message travels with it
+            nbytes = sum(t.numel() * t.element_size() for t in sent)
+            sent.append(torch.tensor([emulator.stamp(nbytes, dist.get_rank(), self.next)], dtype=torch.float64))
+            received.append(torch.empty(1, dtype=torch.float64))
         ops = []
         for i, (t, r) in enumerate(zip(sent, received)):
             ops.append(dist.P2POp(dist.isend, t, self.next, self.group, tag=tag * 16 + i))
             ops.append(dist.P2POp(dist.irecv, r, self.prev, self.group, tag=tag * 16 + i))
         works = dist.batch_isend_irecv(ops)
-        return works, received, sent
+        return works, received, sent, emulator
 
     @staticmethod
     def finish(pending) -> list[torch.Tensor]:
         if callable(pending):  # a routed exchange finishes its own phases
             return pending()
-        works, received, _sent = pending
+        works, received, _sent, emulator = pending
         for w in works:
             w.wait()
+        if emulator is not None:
+            emulator.hold_until(float(received.pop()))
         return received
