@@ -226,6 +226,19 @@ def emulated_exchanges(links: tuple, ranks_per_node: int, nbytes: int) -> dict:
         out["a2a_s"] = time.monotonic() - start
         out["a2a_held_s"] = emulator.stats["held_s"] - held_before
         out["exact"] &= bool(torch.equal(moved.flatten(), torch.full_like(block, float((rank - 1) % world))))
+        # every other rank sends its block to rank 0, which sends nothing: it is held for all it receives
+        to_zero = [nbytes // 4 if (p == 0 and rank != 0) else 0 for p in range(world)]
+        into_zero = [nbytes // 4 if (rank == 0 and p != 0) else 0 for p in range(world)]
+        n_in = sum(into_zero)
+        route = Route(torch.arange(sum(to_zero)), to_zero, into_zero, torch.arange(n_in))
+        back = Route(torch.arange(n_in), into_zero, to_zero, torch.arange(sum(to_zero)))
+        dist.barrier()
+        held_before = emulator.stats["held_s"]
+        gathered = TokenExchange.apply(block[None, :sum(to_zero), None], route, back, group)
+        out["gather_held_s"] = emulator.stats["held_s"] - held_before
+        if rank == 0:
+            out["exact"] &= bool(torch.equal(gathered.flatten(), torch.cat(
+                [torch.full((nbytes // 4,), float(p)) for p in range(1, world)])))
     out["stats"] = dict(emulator.stats)
     every = [None] * world
     dist.all_gather_object(every, out)

@@ -59,6 +59,9 @@ def test_ring_and_remap_exchanges_arrive_when_the_links_would_deliver_them():
         sent_over = intra if r["rank"] // 2 == ((r["rank"] + 1) % 4) // 2 else inter
         assert r["a2a_held_s"] > 0 and r["a2a_s"] >= 0.95 * nbytes / min(sent_over, bandwidth), r
         assert r["stats"]["messages"] == 3 and r["stats"]["held_s"] > 0
+    # a rank that only receives is held for all of it: rank 1's block over the intra-node link, ranks 2
+    # and 3's over the inter-node one
+    assert ranks[0]["gather_held_s"] >= 0.9 * (nbytes / intra + 2 * nbytes / inter), ranks[0]
 
 
 def test_balance_engine_exact_over_emulated_links():

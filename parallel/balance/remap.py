@@ -12,6 +12,7 @@ deficit ranks inside the node first, then across nodes, largest surplus to large
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -170,7 +171,7 @@ def _exchange(x: torch.Tensor, route: Route, group) -> torch.Tensor:
     emulator = link_emulation.active()
     if emulator is not None:  # held for what the emulated links take to carry it
         done, ranks = time.monotonic(), dist.get_process_group_ranks(group)
-        row = send[0].numel() * send.element_size() if len(send) else 0
+        row = math.prod(send.shape[1:]) * send.element_size()  # bytes per token (also when none is sent)
         emulator.hold_for(emulator.collective_seconds(
             dist.get_rank(), {p: n * row for p, n in zip(ranks, route.send_counts)},
             {p: n * row for p, n in zip(ranks, route.recv_counts)}), since=done)
