@@ -40,7 +40,11 @@ from longtrain.parallel.balance.simulator import MIXES, sample_lengths  # noqa: 
 # ----------------------------------------------------------------------------------------------
 # Measured: in a process group
 # ----------------------------------------------------------------------------------------------
-def _measure(steps_by_layout: dict, model_dims: dict, repeats: int) -> dict:
+def _measure(steps_by_layout: dict, model_dims: dict, repeats: int, weights: dict | None = None,
+             events=None) -> dict:
+    """Every run's forward + backward on 4 ranks (best of `repeats` after a warm-up); rank 0 reports
+    each finished run to `events` with its weight (`weights[name]`: the simulated step, for the
+    progress bar's ETA)."""
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -108,6 +112,8 @@ def _measure(steps_by_layout: dict, model_dims: dict, repeats: int) -> dict:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             if rep:
                 case["best"] = min(case["best"], float(t))
+            if events is not None and rank == 0:
+                events.put(((weights or {}).get(case["name"], 1.0), case["name"]))
             if rep == repeats:
                 bytes_sent = [None] * world
                 dist.all_gather_object(bytes_sent, counter.totals()["total"])
@@ -579,6 +585,8 @@ def main(argv=None) -> int:
     parser.add_argument("--from-json", default=None, help="reuse the measurements of an earlier balance.json; "
                                                           "recompute the simulations and the report")
     args = parser.parse_args(argv)
+    from tqdm import tqdm
+
     from longtrain.tests.distributed import run_group
 
     start, load = time.time(), MachineLoad()
@@ -605,7 +613,19 @@ def main(argv=None) -> int:
                 spec["links"] = list(emulated_bandwidths(resolve_cluster(preset, spec["gpus_per_node"]),
                                                          PRESETS[spec["emulate"]], 4))
             spec["tau_intra"], spec["tau_inter"] = (_planner_kwargs(spec, dims)[k] for k in ("tau_intra", "tau_inter"))
-        measured = run_group(4, _measure, layouts, dims, 1 if args.quick else args.repeats)
+        repeats = 1 if args.quick else args.repeats
+        # the progress bar weighs each run by its simulated step (the probe's prediction, before the runs)
+        weights = {name: float(np.mean(sim["step_s"])) for name, sim in simulate_measured(layouts, dims).items()}
+        total = (repeats + 1) * sum(weights[name] * len(spec["steps"]) for name in weights
+                                    for spec in [layouts[name.split("/")[0]]])
+        with tqdm(total=total, desc="balance runs", unit="s", bar_format="{desc}: {percentage:3.0f}%|{bar}| "
+                  "[{elapsed}<{remaining}]{postfix}") as bar:
+            def on_event(event):
+                weight, label = event
+                bar.set_postfix_str(label, refresh=False)
+                bar.update(weight)
+
+            measured = run_group(4, _measure, layouts, dims, repeats, weights, on_event=on_event)
         previous_elapsed, other = 0.0, None
         # this machine's speed drifts over minutes: the runs are simulated at the mean of the probes
         # taken before and after them (the plans stay those of the first probe: what was measured)
