@@ -20,7 +20,6 @@ Writes balance.json, balance.md and balance.png to --out.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
@@ -101,7 +100,7 @@ def _measure(steps_by_layout: dict, model_dims: dict, repeats: int, weights: dic
             emulator = case["emulator"]
             held = emulator.stats["held_s"] if emulator else 0.0
             start = time.perf_counter()
-            with emulate_links(emulator) if emulator else contextlib.nullcontext():
+            with emulate_links(emulator):
                 logits = model(case["tokens"], case["positions"])
                 loss = F.cross_entropy(logits.flatten(0, 1), case["labels"].flatten(), reduction="sum") / case["total"]
                 loss.backward()
@@ -616,8 +615,7 @@ def main(argv=None) -> int:
         repeats = 1 if args.quick else args.repeats
         # the progress bar weighs each run by its simulated step (the probe's prediction, before the runs)
         weights = {name: float(np.mean(sim["step_s"])) for name, sim in simulate_measured(layouts, dims).items()}
-        total = (repeats + 1) * sum(weights[name] * len(spec["steps"]) for name in weights
-                                    for spec in [layouts[name.split("/")[0]]])
+        total = (repeats + 1) * sum(weight * len(layouts[name.split("/")[0]]["steps"]) for name, weight in weights.items())
         with tqdm(total=total, desc="balance runs", unit="s", bar_format="{desc}: {percentage:3.0f}%|{bar}| "
                   "[{elapsed}<{remaining}]{postfix}") as bar:
             def on_event(event):

@@ -1,8 +1,6 @@
 """Balance cases that run inside a process group (see distributed.run_group)."""
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.distributed as dist
 
@@ -53,7 +51,7 @@ def engine_errors(cases: list[dict]) -> list[dict]:
         emulator = None  # case["links"]: (intra, inter) bytes/s of emulated links (link_emulation.py)
         if case.get("links"):
             emulator = LinkEmulator(*case["links"], ranks_per_node=case.get("gpus_per_node") or world)
-        with emulate_links(emulator) if emulator else contextlib.nullcontext():
+        with emulate_links(emulator):
             out = engine(*mine, dim ** -0.5)
             out.backward(dout[:, ids])
         held = torch.tensor([emulator.stats["held_s"] if emulator else 0.0,

@@ -26,6 +26,9 @@ def test_stamps_queue_on_the_senders_link_per_level():
     assert active() is None
     with emulate_links(emu):
         assert active() is emu
+        with emulate_links(None):  # the real links inside, the emulator again after
+            assert active() is None
+        assert active() is emu
     assert active() is None
 
 

@@ -172,9 +172,9 @@ def _exchange(x: torch.Tensor, route: Route, group) -> torch.Tensor:
     if emulator is not None:  # held for what the emulated links take to carry it
         done, ranks = time.monotonic(), dist.get_process_group_ranks(group)
         row = math.prod(send.shape[1:]) * send.element_size()  # bytes per token (also when none is sent)
-        emulator.hold_for(emulator.collective_seconds(
+        emulator.hold_until(done + emulator.collective_seconds(
             dist.get_rank(), {p: n * row for p, n in zip(ranks, route.send_counts)},
-            {p: n * row for p, n in zip(ranks, route.recv_counts)}), since=done)
+            {p: n * row for p, n in zip(ranks, route.recv_counts)}))
     return recv.movedim(0, 1).index_select(1, route.recv_index.to(x.device))
 
 

@@ -82,9 +82,6 @@ class LinkEmulator:
                 self.stats[f"{self.level(me, peer)}_bytes"] += int(n)
         return max(out, into)
 
-    def hold_for(self, seconds: float, since: float) -> None:
-        self.hold_until(since + seconds)
-
 
 _ACTIVE: LinkEmulator | None = None
 
@@ -95,8 +92,9 @@ def active() -> LinkEmulator | None:
 
 
 @contextmanager
-def emulate_links(emulator: LinkEmulator):
-    """Every RingExchange and remap exchange of this process inside the block runs over `emulator`'s links."""
+def emulate_links(emulator: LinkEmulator | None):
+    """Every RingExchange and remap exchange of this process inside the block runs over `emulator`'s
+    links (None: over the real ones, nothing held)."""
     global _ACTIVE
     previous, _ACTIVE = _ACTIVE, emulator
     try:
