@@ -23,6 +23,8 @@ def test_stamps_queue_on_the_senders_link_per_level():
     assert emu.collective_seconds(0, {0: 999, 1: 300, 2: 10}, {1: 100, 3: 20}) == pytest.approx(max(0.4, 0.3))
     with pytest.raises(ValueError, match="bandwidths"):
         LinkEmulator(0.0, 1.0, 2)
+    with pytest.raises(ValueError, match="ranks_per_node"):
+        LinkEmulator(1.0, 1.0, 0)
     assert active() is None
     with emulate_links(emu):
         assert active() is emu
