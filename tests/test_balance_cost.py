@@ -474,7 +474,9 @@ def test_zeppelin_on_shared_cores_holds_against_even_cp_over_perturbed_machines(
                 intra_gbs=base.intra_gbs * f(0.2, 5), attention_call_us=base.attention_call_us * f(0.2, 5),
                 collective_us=base.collective_us * f(0.3, 4))
             cluster = replace(cluster, nic_gbps=cluster.intra_gbs * 8)
-            for layout in (spec for spec in layouts.values() if not spec.get("emulate")):  # the same steps again
+            # the same steps again (the issue-length layouts' one step: its 16K-32K tails dominate, where
+            # zeppelin's gain is small, test_benchmark_balance runs it)
+            for layout in (spec for spec in layouts.values() if not spec.get("emulate") and not spec.get("tail")):
                 cm = CostModel(shape, cluster.with_gpus_per_node(layout["gpus_per_node"]))
                 for step in layout["steps"]:
                     kw = dict(capacity=layout["capacity"] + len(step["lengths"]), cp=layout["cp"], bins=step["bins"],

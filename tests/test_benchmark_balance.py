@@ -4,11 +4,13 @@ clusters; JSON, markdown and PNG are written. Timings are not judged (noise at t
 exact: zeppelin's plan is no worse than a baseline's in the simulator it plans with, equal-token
 packing leaves attention unbalanced, only ring strategies send ring bytes, and every run has a
 simulated twin; the benchmark's own probe preset is written."""
-import pytest
 import json
 import os
 import subprocess
 import sys
+
+import numpy as np
+import pytest
 from pathlib import Path
 
 pytestmark = pytest.mark.slow  # the long matrix / end-to-end runs (`-m 'not slow'` skips them)
@@ -31,7 +33,8 @@ def test_balance_benchmark_smoke(tmp_path):
     assert all(spec["sim_preset"].endswith("balance_probe_mean.yaml") for spec in report["config"]["layouts"].values())
     assert "mean of the probes" in (tmp_path / "balance_probe_mean.yaml").read_text()
     # the last three over links emulated at cluster A's ratio; cp4-2nodes: even_cp's ring crosses nodes
-    layouts = ("cp4", "dp2xcp2", "cp4@A", "dp2xcp2@A", "cp4-2nodes@A")
+    # and the two plain layouts again at the issue's lengths (here --quick: tails of 2K-4K), one step each
+    layouts = ("cp4", "dp2xcp2", "cp4@A", "dp2xcp2@A", "cp4-2nodes@A", "cp4-2K4K", "dp2xcp2-2K4K")
     # the default (remapping where the cost model says it pays) is reported per layout, from the
     # measured runs with and without remapping
     assert set(report["summary"]["measured_speedup_remap_auto"]) == set(layouts)
@@ -46,10 +49,19 @@ def test_balance_benchmark_smoke(tmp_path):
             intra, inter = report["config"]["layouts"][layout]["links"]
             assert 0 < inter < intra < 1.0  # GB/s: a GPU cluster's ratio on this CPU is MB/s
     assert "emulated links" in (tmp_path / "balance.md").read_text()
+    for layout in ("cp4-2K4K", "dp2xcp2-2K4K"):  # the issue's mix: mostly short, a tail sequence in the step
+        lengths = report["config"]["layouts"][layout]["steps"][0]["lengths"]
+        assert max(lengths) == 4096 and np.median(lengths) < 1024, lengths
+    assert "issue's lengths" in (tmp_path / "balance.md").read_text()
+    assert "Where the simulator misses" in (tmp_path / "balance.md").read_text()
     for layout in layouts:
         for strategy in ("even_cp", "tokens", "hybrid_dp", "zeppelin", "zeppelin-noremap"):
             run = measured[f"{layout}/{strategy}"]
             assert all(t > 0 for t in run["step_s"]) and all(t > 0 for t in simulated[f"{layout}/{strategy}"]["step_s"])
+            # each rank's processor time over the step, next to the simulated compute (and the what-if of
+            # full blocks at the causal rate): where the simulator misses, work or waiting
+            assert all(len(cpu) == 4 and min(cpu) > 0 for cpu in run["cpu_s_per_rank"])
+            assert len(simulated[f"{layout}/{strategy}"]["step_s_full_at_causal_rate"]) == len(run["step_s"])
         # zeppelin plans with the benchmark's probe of this machine (balance_probe.yaml: 4 ranks share
         # its cores), so its plan is judged by the step the simulator predicts, not by attention balance
         # (on shared cores a ring's extra work costs more than the imbalance it removes)
