@@ -247,6 +247,20 @@ def test_plan_balance_command(tmp_path, capsys):
     assert (tmp_path / "t.png").stat().st_size > 1000
     assert main(args + ["--mix", "nope"]) == 2
     assert "--mix: unknown mix 'nope'" in capsys.readouterr().err
+    assert "rates stop at" not in out  # preset C's table reaches 128K
+    # a probed preset whose table stops short of the step's sequences: the clamped rate is named, and how
+    # to measure it (the cost model prices every longer sequence at the last length's rate)
+    from longtrain.parallel.balance.cost import write_preset_file
+
+    short = write_preset_file(dataclasses.replace(resolve_cluster("C"), name="probed to 1K",
+                                                  attention_tflops=((256, 100.0), (1024, 200.0)),
+                                                  attention_full_tflops=()), tmp_path / "short.yaml")
+    assert main(args[:-1] + [f"cluster.preset={short}", "--mix", "long-tailed", "--out", str(tmp_path / "u.png")]) == 0
+    out = capsys.readouterr().out
+    longest = int(out.split("sequences of up to ")[1].split(",")[0])
+    assert longest > 1024 and "attention rates stop at 1024 tokens" in out
+    probe_to = 1 << (longest - 1).bit_length()
+    assert f"--lengths {','.join(str(256 << i) for i in range((probe_to // 256).bit_length()))}`" in out
 
 
 def test_ring_member_cost_written_out():
