@@ -41,9 +41,8 @@ from longtrain.parallel.balance.simulator import MIXES, sample_lengths  # noqa: 
 # ----------------------------------------------------------------------------------------------
 def _measure(steps_by_layout: dict, model_dims: dict, repeats: int, weights: dict | None = None,
              events=None) -> dict:
-    """Every run's forward + backward on 4 ranks (best of `repeats`, or of its layout's "repeats" where
-    fewer, after a warm-up); rank 0 reports
-    each finished run to `events` with its weight (`weights[name]`: the simulated step, for the
+    """Every run's forward + backward on 4 ranks (best of `_layout_repeats` after a warm-up); rank 0
+    reports each finished run to `events` with its weight (`weights[name]`: the simulated step, for the
     progress bar's ETA)."""
     import torch
     import torch.distributed as dist
@@ -91,7 +90,7 @@ def _measure(steps_by_layout: dict, model_dims: dict, repeats: int, weights: dic
                                   "plan": plan, "layout": layout, "total": total, "tokens": tokens_all[ids][None],
                                   "positions": pos_all[ids][None], "labels": tokens_all[(ids + 1) % total][None],
                                   "best": float("inf"), "cpu_s": None, "sent": None, "emulator": emulator, "held_s": 0.0,
-                                  "repeats": min(repeats, spec.get("repeats", repeats))})
+                                  "repeats": _layout_repeats(spec, repeats)})
     for rep in range(repeats + 1):  # the first is a warm-up
         for case in (case for case in cases if rep <= case["repeats"]):
             last = rep == case["repeats"]  # the repetition whose traffic and link waits are recorded
@@ -141,6 +140,11 @@ def _measure(steps_by_layout: dict, model_dims: dict, repeats: int, weights: dic
         dist.all_gather_object(tok_counts, len(case["layout"].linear_ids))
         row["tokens_max_over_mean"].append(float(max(tok_counts) / np.mean(tok_counts)))
     return out
+
+
+def _layout_repeats(spec: dict, repeats: int) -> int:
+    """A measured layout's repetitions after the warm-up: `repeats`, or its own "repeats" where fewer."""
+    return min(repeats, spec.get("repeats", repeats))
 
 
 # the measured layouts of the 4 ranks: name, cp, data-rank bins, ranks per (simulated) node
@@ -231,13 +235,10 @@ def probe_lengths(layouts: dict) -> tuple:
     """The probe's attention lengths: `longtrain probe`'s default (256-4096), doubled on up to the
     longest sequence the measured steps hold (the cost model clamps at the table's last length, and on
     this CPU a 32K causal call runs ~13% faster per pair than a 4K one)."""
-    from longtrain.parallel.balance.probe import DEFAULT_LENGTHS
+    from longtrain.parallel.balance.probe import DEFAULT_LENGTHS, lengths_up_to
 
     longest = max(max(step["lengths"]) for spec in layouts.values() for step in spec["steps"])
-    lengths = list(DEFAULT_LENGTHS)
-    while lengths[-1] < longest:
-        lengths.append(2 * lengths[-1])
-    return tuple(lengths)
+    return lengths_up_to(max(longest, DEFAULT_LENGTHS[-1]))
 
 
 def probe_model(dims: dict, out: Path, filename: str = "balance_probe.yaml", lengths: tuple | None = None) -> str:
@@ -678,9 +679,10 @@ def main(argv=None) -> int:
                                          f"{spec[key]} nor beside {args.from_json}")
                     spec[key] = str(beside)
     else:
-        print(f"probing this machine (attention at {', '.join(map(str, probe_lengths(layouts)))} tokens; "
+        lengths = probe_lengths(layouts)
+        print(f"probing this machine (attention at {', '.join(map(str, lengths))} tokens; "
               "about a minute per 16K of the longest)", flush=True)
-        preset = probe_model(dims, Path(args.out), lengths=probe_lengths(layouts))
+        preset = probe_model(dims, Path(args.out), lengths=lengths)
         from longtrain.parallel.balance.cost import PRESETS, emulated_bandwidths, resolve_cluster
 
         for spec in layouts.values():
@@ -692,7 +694,7 @@ def main(argv=None) -> int:
         repeats = 1 if args.quick else args.repeats
         # the progress bar weighs each run by its simulated step (the probe's prediction, before the runs)
         weights = {name: float(np.mean(sim["step_s"])) for name, sim in simulate_measured(layouts, dims).items()}
-        total = sum(weight * len(spec["steps"]) * (min(repeats, spec.get("repeats", repeats)) + 1)
+        total = sum(weight * len(spec["steps"]) * (_layout_repeats(spec, repeats) + 1)
                     for name, weight in weights.items() for spec in [layouts[name.split("/")[0]]])
         with tqdm(total=total, desc="balance runs", unit="s", bar_format="{desc}: {percentage:3.0f}%|{bar}| "
                   "[{elapsed}<{remaining}]{postfix}") as bar:
@@ -707,7 +709,7 @@ def main(argv=None) -> int:
         # taken before and after them (the plans stay those of the first probe: what was measured)
         from longtrain.parallel.balance.cost import load_preset_file, mean_preset, write_preset_file
 
-        after = probe_model(dims, Path(args.out), "balance_probe_after.yaml", lengths=probe_lengths(layouts))
+        after = probe_model(dims, Path(args.out), "balance_probe_after.yaml", lengths=lengths)
         mean = write_preset_file(mean_preset([load_preset_file(preset), load_preset_file(after)],
                                              "local (mean of the probes before and after the measured runs)"),
                                  Path(args.out) / "balance_probe_mean.yaml")

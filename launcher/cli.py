@@ -185,14 +185,13 @@ def _plan_balance(args, overrides) -> int:
     sims = compare_strategies(lengths, bins, group, cp, cm, capacity=-(-3 * bins_n * budget // (2 * group)))
     print(f"one step of {sum(lengths)} tokens ({source}) on {group} ranks ({dp} data x {cp} cp), cluster "
           f"{cm.cluster.name}, {cm.cluster.gpus_per_node} per node")
-    table_end = cm.cluster.attention_tflops[-1][0]
-    if max(lengths) > table_end:  # the cost model clamps at the table's last length
-        probe_lengths = [256]
-        while probe_lengths[-1] < max(lengths):
-            probe_lengths.append(2 * probe_lengths[-1])
+    table_end, longest = cm.cluster.attention_tflops[-1][0], max(lengths)
+    if longest > table_end:  # the cost model clamps at the table's last length
+        from longtrain.parallel.balance.probe import lengths_up_to
+
         print(f"  note: the preset's attention rates stop at {table_end} tokens and this step holds sequences of "
-              f"up to {max(lengths)}, priced at the {table_end}-token rate; `longtrain probe --lengths "
-              f"{','.join(map(str, probe_lengths))}` measures them")
+              f"up to {longest}, priced at the {table_end}-token rate; `longtrain probe --lengths "
+              f"{','.join(map(str, lengths_up_to(longest)))}` measures them")
     best = min(s.step_seconds for s in sims.values())
     for name, sim in sims.items():
         print(f"  {name:10s} step {sim.step_seconds:10.4g} s  ({sim.step_seconds / best:5.2f}x the best)  busy "

@@ -40,6 +40,15 @@ MESSAGE_BYTES = (4 << 10, 1 << 20, 8 << 20)
 CPU_RANKS_PER_NODE = 1024
 
 
+def lengths_up_to(longest: int) -> tuple:
+    """Probe lengths from DEFAULT_LENGTHS[0], doubling, until one reaches `longest` (the cost model clamps
+    at a table's last length: a probe that stops short prices every longer sequence at that rate)."""
+    lengths = [DEFAULT_LENGTHS[0]]
+    while lengths[-1] < longest:
+        lengths.append(2 * lengths[-1])
+    return tuple(lengths)
+
+
 # A measurement repeats at least `repeats` times and for at least this long (at most MAX_REPEATS times):
 # on a shared VM a hiccup of ~0.1 s slows three back-to-back repeats of a millisecond call alike (best
 # of 3: a per-call cost of 86-188 us and a linear rate of 36-50 GFLOP/s over six probes a minute apart).
