@@ -243,19 +243,22 @@ def probe_lengths(layouts: dict) -> tuple:
 
 def probe_model(dims: dict, out: Path, filename: str = "balance_probe.yaml", lengths: tuple | None = None) -> str:
     """`longtrain probe --model` on the benchmark model (its attention shapes at `lengths`, default
-    probe.DEFAULT_LENGTHS, and its non-attention work for the linear rate; the machine's P2P numbers and
-    the all_to_all's fixed cost measured in a group of the measured runs' 4 ranks), written to
-    out/balance_probe.yaml: what measurement and simulation both plan and predict with."""
+    probe.DEFAULT_LENGTHS, and its non-attention work for the linear rate; the machine's P2P numbers,
+    the all_to_all's fixed cost and a ring's work outside the kernels measured in a group of the
+    measured runs' 4 ranks), written to out/balance_probe.yaml: what measurement and simulation both
+    plan and predict with."""
     from longtrain.models.transformer import TransformerConfig
-    from longtrain.parallel.balance.probe import DEFAULT_LENGTHS, link_times, probe
+    from longtrain.parallel.balance.probe import DEFAULT_LENGTHS, MESSAGE_BYTES, link_times, probe
     from longtrain.tests.distributed import run_group
 
-    links = run_group(4, link_times)  # the measured runs' 4 ranks: the all_to_all's cost depends on them
+    model = TransformerConfig(**dims)
+    # the measured runs' 4 ranks: the all_to_all's cost and a ring's work outside the kernels depend on them
+    links = run_group(4, link_times, MESSAGE_BYTES, 3, (model.n_heads, model.n_kv_heads, model.head_dim))
     path = out / filename
     # the linear rate measured on the model itself (everything but core attention: its norms, RoPE,
     # activations, head and loss weigh as much as its tiny matmuls)
     probe(links["p2p"], path, lengths=lengths or DEFAULT_LENGTHS, collective_s=links["collective_s"],
-          model=TransformerConfig(**dims))
+          model=model, ring_extra=links["ring_extra"])
     return str(path)
 
 
@@ -495,10 +498,18 @@ def _ring_pricing_lines(report: dict) -> list[str]:
                / np.mean([sum(x) for x in simulated[n]["busy_s_per_rank"]]) for n in names]
         rows[group] = (step, cpu)
     ring, whole = rows["ring"], rows["whole"]
+    charged = ""
+    try:
+        cluster = _cost_model(next(iter(report["config"]["layouts"].values())), report["config"]["model"],
+                              "sim_preset").cluster
+        charged = (f" Each ring member is charged the probe's ring work outside the attention kernels: "
+                   f"{cluster.ring_step_us:.0f} us a ring step plus {cluster.ring_token_us:.2f} us a token it holds, "
+                   f"a layer, forward + backward (cost.ring_work_seconds).")
+    except (OSError, ValueError, KeyError):  # a report whose probe presets are gone
+        pass
     return ["", f"Where the simulator misses. Runs with rings (even_cp, zeppelin): simulated/measured step "
             f"{span(ring[0])}, measured/simulated CPU core-s {span(ring[1])}. Runs that keep every sequence whole "
-            f"(tokens, hybrid_dp): step {span(whole[0])}, CPU {span(whole[1])}. The rings' shortfall is work the "
-            f"cost model does not price, not waiting (README: it lies outside the attention kernels)."]
+            f"(tokens, hybrid_dp): step {span(whole[0])}, CPU {span(whole[1])}.{charged}"]
 
 
 def write_report(report: dict, out: Path) -> None:

@@ -40,7 +40,9 @@ into their pieces and, on CPU, call the fused kernels on (batch, heads, seq, dim
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 import typing
 from dataclasses import dataclass
 from typing import Literal
@@ -175,18 +177,55 @@ def _cuda_flash_kernel(bias, dtype) -> bool:
     return bias is None and dtype != torch.float32
 
 
+@dataclass
+class KernelClock:
+    """Processor time spent inside the CPU attention kernels (PyTorch's flash ops, every CPU path's
+    kernel) while `kernel_clock()` is active, on whichever thread ran them, and how many kernel calls
+    (forwards and backwards each count one): `longtrain probe` subtracts it from a ring member's
+    processor time to find the ring's own work outside the kernels (parallel/balance/probe.py)."""
+    seconds: float = 0.0
+    calls: int = 0
+
+
+_kernel_clock: KernelClock | None = None
+
+
+@contextlib.contextmanager
+def kernel_clock():
+    """A KernelClock that counts the CPU kernels' processor time while the context is open."""
+    global _kernel_clock
+    outer, _kernel_clock = _kernel_clock, KernelClock()
+    clock = _kernel_clock
+    try:
+        yield clock
+    finally:
+        _kernel_clock = outer
+
+
+def _clocked(kernel, *args, **kwargs):
+    """kernel(*args, **kwargs), its thread time added to the active KernelClock (if any)."""
+    clock = _kernel_clock
+    if clock is None:
+        return kernel(*args, **kwargs)
+    start = time.thread_time()
+    result = kernel(*args, **kwargs)
+    clock.seconds += time.thread_time() - start
+    clock.calls += 1
+    return result
+
+
 def _cpu_flash_forward(qh, kh, vh, scale, causal: bool, bias=None):
     """PyTorch's CPU flash kernel on (batch, heads, seq, dim) views (k, v may have fewer heads):
     out (batch, heads, seq, dim) and fp32 lse (batch, heads, seq)."""
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0, causal, attn_mask=bias,
-                                                                         scale=scale)
+    out, lse = _clocked(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu, qh, kh, vh, 0.0, causal,
+                        attn_mask=bias, scale=scale)
     return out, lse.float()
 
 
 def _cpu_flash_backward(do, qh, kh, vh, o, lse, scale, causal: bool, bias=None):
     """Its backward, (dq, dk, dv) shaped as qh, kh, vh; lse finite in every row."""
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(do, qh, kh, vh, o, lse, 0.0, causal,
-                                                                              attn_mask=bias, scale=scale)
+    return _clocked(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward, do, qh, kh, vh, o, lse,
+                    0.0, causal, attn_mask=bias, scale=scale)
 
 
 def _torch_forward(q, k, v, scale, mask: BlockMask, kind: str):

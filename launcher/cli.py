@@ -209,7 +209,7 @@ def _plan_balance(args, overrides) -> int:
 def _probe_command(args) -> int:
     from longtrain.launcher.supervisor import run_local_ranks
     from longtrain.parallel.balance.cost import LOCAL_PRESET, ClusterError, resolve_cluster
-    from longtrain.parallel.balance.probe import link_times, probe
+    from longtrain.parallel.balance.probe import MESSAGE_BYTES, link_times, probe
 
     lengths = tuple(int(x) for x in args.lengths.split(",") if x)
     if args.ranks < 2:
@@ -239,14 +239,19 @@ def _probe_command(args) -> int:
             raise SystemExit(f"longtrain probe: --links: {err}") from None
         links = {"p2p": None, "collective_s": None}
     else:
-        links = run_local_ranks(args.ranks, link_times, backend="nccl" if args.device == "cuda" else "gloo",
-                                timeout_s=300)
+        # on CPU also the ring's work outside the kernels, at the attention shapes probed
+        shape = ((model.n_heads, model.n_kv_heads, model.head_dim) if model is not None
+                 else (args.heads, args.heads, args.head_dim))
+        links = run_local_ranks(args.ranks, link_times, MESSAGE_BYTES, 3, shape,
+                                backend="nccl" if args.device == "cuda" else "gloo", timeout_s=300)
     spec = probe(links["p2p"], args.out or LOCAL_PRESET, lengths, args.gpus_per_node, args.device, args.heads,
-                 args.head_dim, args.dim, collective_s=links["collective_s"], model=model, links=preset_links)
+                 args.head_dim, args.dim, collective_s=links["collective_s"], model=model, links=preset_links,
+                 ring_extra=links.get("ring_extra"))
     table = ", ".join(f"{length}: {tflops * 1e3:.1f}" for length, tflops in spec.attention_tflops)
     where = (f"links of preset {args.links}" if args.links is not None else
              f"P2P {spec.intra_gbs:.2f} GB/s, latency {spec.latency_us:.0f} us; all_to_all over {args.ranks} ranks "
-             f"{spec.collective_us:.0f} us")
+             f"{spec.collective_us:.0f} us; a ring step's work outside the kernels {spec.ring_step_us:.0f} us + "
+             f"{spec.ring_token_us:.2f} us a token")
     print(f"attention GFLOP/s by length: {table}; linear {spec.linear_tflops * 1e3:.1f} GFLOP/s; "
           f"{where} -> {args.out or LOCAL_PRESET}")
     return 0

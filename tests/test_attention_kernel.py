@@ -390,3 +390,28 @@ def test_accumulators_take_strided_inputs(monkeypatch):
         results.append((out, lse, *attention_backward(dout_in, q_in, k, v, out, lse, scale=0.3, mask=mask)))
     for got, want in zip(*results):
         assert torch.equal(got, want)
+
+
+def test_kernel_clock_counts_the_cpu_kernels_while_open():
+    """kernel_clock: the processor time and calls of the CPU flash kernels (forward and backward count one
+    call each) while the context is open, nothing outside it; an inner clock does not feed the outer.
+    `longtrain probe` subtracts it from a ring member's time (parallel/balance/probe.py)."""
+    import torch
+
+    from longtrain.kernels.attention import BlockMask, attention, kernel_clock
+
+    q, k, v = (torch.randn(1, 256, 4, 16, requires_grad=True) for _ in range(3))
+
+    def one_call():
+        attention(q, k, v, scale=0.25, mask=BlockMask(causal=True), backend="torch").sum().backward()
+
+    one_call()
+    with kernel_clock() as clock:
+        one_call()
+        with kernel_clock() as inner:
+            one_call()
+        one_call()
+    assert (clock.calls, inner.calls) == (4, 2)
+    assert clock.seconds > 0 and inner.seconds > 0
+    one_call()  # closed: counts nowhere
+    assert clock.calls == 4

@@ -84,6 +84,8 @@ def test_preset_file_round_trip_and_errors(tmp_path):
     assert load_preset_file(path) == FLAT
     with_full = dataclasses.replace(FLAT, attention_full_tflops=((512, 2.0), (4096, 3.0)))
     assert load_preset_file(write_preset_file(with_full, tmp_path / "y.yaml")) == with_full
+    with_ring = dataclasses.replace(FLAT, ring_step_us=1500.0, ring_token_us=1.25)
+    assert load_preset_file(write_preset_file(with_ring, tmp_path / "z.yaml")) == with_ring
     assert resolve_cluster(str(path)) == FLAT
     assert resolve_cluster("C", gpus_per_node=2, world=4).gpus_per_node == 2
     with pytest.raises(ClusterError, match=r"^cluster.preset: unknown preset 'Z'"):
@@ -133,6 +135,9 @@ def test_probe_writes_a_loadable_preset(tmp_path):
     assert spec.intra_gbs > 0 and spec.latency_us > 0 and spec.linear_tflops > 0
     assert "collective_us" in out.read_text() and spec.collective_us > 0
     assert spec.collective_us != ClusterSpec("x", 1, 1, 1.0, 1.0).collective_us  # measured, not the default
+    # a ring's work outside the kernels, measured among the ranks (a ring of 2 over 1K-4K tokens here
+    # spends milliseconds a step on it: never nothing)
+    assert spec.ring_step_us >= 0 and spec.ring_token_us >= 0 and spec.ring_step_us + 1024 * spec.ring_token_us > 0
 
 
 def test_probe_measures_the_model_without_core_attention(tmp_path, monkeypatch):
@@ -292,6 +297,12 @@ def test_ring_member_cost_written_out():
         fast.attention_seconds(L) / g * spec.attention_flops_per_s(L) / f)
     assert fast.ring_member_seconds(L, g, "intra") > fast.cost(L) / g
     assert cm.ring_member_seconds(L, 1, "local") == cm.cost(L)
+    # the ring's own work outside the kernels: per ring step (g - 1 of them) a fixed part and a part per
+    # token the member holds (L / g), every layer
+    worked = CostModel(GQA, dataclasses.replace(spec, ring_step_us=2000.0, ring_token_us=1.5))
+    assert worked.ring_member_seconds(L, g, "intra") - cm.ring_member_seconds(L, g, "intra") == pytest.approx(
+        (g - 1) * (2000e-6 + 1.5e-6 * L / g) * GQA.n_layers)
+    assert worked.ring_member_seconds(L, 1, "local") == cm.cost(L)  # no ring, no ring work
     kw = cm.planner_kwargs()
     assert kw["cost"] == cm.cost and "ring_cost" not in kw and kw["shared_cores"] == 0
     shared = CostModel(GQA, ClusterSpec("cpu", 4, 4, 8.0, 1.0, ((256, 0.01),), 0.03, shared_cores=2)).planner_kwargs()
@@ -513,7 +524,9 @@ def test_mean_preset_averages_probes_of_one_machine():
     b = dataclasses.replace(a, name="b", nic_gbps=16.0, intra_gbs=2.0, attention_tflops=((256, 0.04), (1024, 0.06)),
                             linear_tflops=0.05, latency_us=200.0, attention_call_us=120.0, collective_us=4000.0,
                             attention_full_tflops=((256, 0.07), (1024, 0.03)))
+    a, b = dataclasses.replace(a, ring_step_us=1000.0, ring_token_us=1.0), dataclasses.replace(b, ring_step_us=3000.0)
     m = mean_preset([a, b], "mean")
+    assert (m.ring_step_us, m.ring_token_us) == (2000.0, 0.5)
     assert m.name == "mean" and m.gpus_per_node == 1024 and m.shared_cores == a.shared_cores
     assert (m.nic_gbps, m.intra_gbs, m.latency_us, m.attention_call_us, m.collective_us) == (12.0, 1.5, 150.0, 100.0, 3000.0)
     assert m.linear_tflops == pytest.approx(0.04)
@@ -522,3 +535,47 @@ def test_mean_preset_averages_probes_of_one_machine():
     assert [t for _, t in m.attention_full_tflops] == pytest.approx([0.06, 0.04])
     with pytest.raises(ClusterError, match=r"^cluster.preset: probes with different attention_tflops lengths"):
         mean_preset([a, dataclasses.replace(b, attention_tflops=((512, 0.1),))], "x")
+
+
+def test_ring_costs_fitted_from_the_ring_probe():
+    """fit_ring_costs: a ring member's extra processor time at two block sizes, less the kernel calls the
+    model already charges a ring member (2 x ring size calls beyond a whole sequence's one), over its
+    ring steps, is fixed + per-token x tokens; neither term negative."""
+    from longtrain.parallel.balance.probe import fit_ring_costs
+
+    def extra(tokens, ring_size=4, call_s=2e-4, fixed=2e-3, per_token=1.5e-6):
+        return 2 * ring_size * call_s + (ring_size - 1) * (fixed + per_token * tokens)
+
+    measured = {"ring_size": 4, "extra_s": ((512, extra(512)), (2048, extra(2048)))}
+    assert fit_ring_costs(measured, 2e-4) == pytest.approx((2e-3, 1.5e-6))
+    # a ring of 2: one ring step, four extra calls
+    two = {"ring_size": 2, "extra_s": ((512, extra(512, 2)), (2048, extra(2048, 2)))}
+    assert fit_ring_costs(two, 2e-4) == pytest.approx((2e-3, 1.5e-6))
+    # falling with block size (noise): all on the fixed part, the points' mean
+    falling = {"ring_size": 2, "extra_s": ((512, 4 * 2e-4 + 3e-3), (2048, 4 * 2e-4 + 1e-3))}
+    assert fit_ring_costs(falling, 2e-4) == pytest.approx((2e-3, 0.0))
+    # a line through the points below the origin: all per token, through the mean
+    steep = {"ring_size": 2, "extra_s": ((512, 4 * 2e-4 + 0.1e-3), (2048, 4 * 2e-4 + 2e-3))}
+    assert fit_ring_costs(steep, 2e-4) == pytest.approx((0.0, 1.05e-3 / 1280))
+    # less than the calls already charged: nothing more
+    assert fit_ring_costs({"ring_size": 2, "extra_s": ((512, 1e-4), (2048, 2e-4))}, 2e-4) == (0.0, 0.0)
+
+
+def test_simulator_charges_a_rings_work_outside_the_kernels():
+    """The simulator adds cost.ring_work_seconds to each ring member (its tokens in the ring, the ring's
+    steps), forward and backward, and nothing to whole sequences; the step time moves with it."""
+    from longtrain.parallel.balance.planner import plan_step
+    from longtrain.parallel.balance.simulator import simulate
+
+    spec = ClusterSpec("cpu", 4, 4, 8.0, 1.0, ((256, 0.02), (4096, 0.05)), 0.05, latency_us=50.0)
+    plain, worked = CostModel(GQA, spec), CostModel(GQA, dataclasses.replace(spec, ring_step_us=3000.0,
+                                                                             ring_token_us=2.0))
+    lengths = [4000, 300, 200, 100]
+    ring = plan_step(lengths, 4, "even_cp", capacity=sum(lengths) + 4, cp=4, bins=[0] * 4, gpus_per_node=4)
+    base, charged = simulate(ring, plain, remap=False), simulate(ring, worked, remap=False)
+    held = [sum(p.stop - p.start for p in pieces) for pieces in ring.pieces]
+    assert charged.busy - base.busy == pytest.approx([worked.ring_work_seconds(t, 4) for t in held])
+    assert charged.step_seconds > base.step_seconds
+    whole = plan_step(lengths, 4, "tokens", capacity=sum(lengths) + 4, gpus_per_node=4)
+    assert all(len(p.group) == 1 for pieces in whole.pieces for p in pieces)
+    assert simulate(whole, worked, remap=False).busy == pytest.approx(simulate(whole, plain, remap=False).busy)

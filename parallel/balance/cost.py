@@ -63,6 +63,12 @@ class ClusterSpec:
     # chunk's earlier keys; empty: the causal table's (the GPU presets: flash-attn's causal and full
     # rates per useful FLOP are within a few percent at these lengths)
     attention_full_tflops: tuple = ()
+    # a ring member's work outside the attention kernels beyond what its tokens cost alone and its
+    # kernel calls (attention_call_us), forward + backward, per ring step: a fixed part and a part per
+    # token it holds (the merges of partial outputs, the travelling dK/dV accumulators, the copies of
+    # received blocks; measured by `longtrain probe` on CPU; 0 on the GPU presets: not measured)
+    ring_step_us: float = 0.0
+    ring_token_us: float = 0.0
 
     @property
     def inter_gbs(self) -> float:
@@ -174,7 +180,9 @@ def load_preset_file(path: str | Path) -> ClusterSpec:
                            attention_call_us=float(raw.get("attention_call_us", 0.0)),
                            collective_us=float(raw.get("collective_us", 30.0)),
                            attention_full_tflops=tuple((int(row[0]), float(row[1]))
-                                                       for row in raw.get("attention_full_tflops") or ()))
+                                                       for row in raw.get("attention_full_tflops") or ()),
+                           ring_step_us=float(raw.get("ring_step_us", 0.0)),
+                           ring_token_us=float(raw.get("ring_token_us", 0.0)))
     except (KeyError, TypeError, ValueError, IndexError) as err:
         raise ClusterError(f"cluster.preset: {path} is not a preset file ({type(err).__name__}: {err})") from None
 
@@ -200,7 +208,8 @@ def mean_preset(specs: list[ClusterSpec], name: str) -> ClusterSpec:
                    linear_tflops=mean([s.linear_tflops for s in specs]), latency_us=mean([s.latency_us for s in specs]),
                    attention_call_us=mean([s.attention_call_us for s in specs]),
                    collective_us=mean([s.collective_us for s in specs]),
-                   attention_full_tflops=table("attention_full_tflops"))
+                   attention_full_tflops=table("attention_full_tflops"),
+                   ring_step_us=mean([s.ring_step_us for s in specs]), ring_token_us=mean([s.ring_token_us for s in specs]))
 
 
 def write_preset_file(spec: ClusterSpec, path: str | Path) -> Path:
@@ -214,7 +223,8 @@ def write_preset_file(spec: ClusterSpec, path: str | Path) -> Path:
             "linear_tflops": spec.linear_tflops, "latency_us": spec.latency_us,
             "bytes_per_element": spec.bytes_per_element, "shared_cores": spec.shared_cores,
             "attention_call_us": spec.attention_call_us, "collective_us": spec.collective_us,
-            "attention_full_tflops": [[int(a), float(b)] for a, b in spec.attention_full_tflops]}
+            "attention_full_tflops": [[int(a), float(b)] for a, b in spec.attention_full_tflops],
+            "ring_step_us": spec.ring_step_us, "ring_token_us": spec.ring_token_us}
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
@@ -391,7 +401,8 @@ class CostModel:
         (K/V) and backward (K/V and their gradients, 2x the bytes, 2.5x the compute), the part of the
         transfer longer than the step's compute (as the simulator runs a ring), plus the fixed cost of its
         kernel calls: a member's two zigzag chunks i and 2g-1-i meet every chunk that starts before
-        them, i + 1 and 2g - i calls, 2g + 1 a layer (a local sequence: one)."""
+        them, i + 1 and 2g - i calls, 2g + 1 a layer (a local sequence: one), plus the ring's own work
+        outside the kernels (ring_work_seconds)."""
         if group <= 1:
             return self.cost(length)
         m = self.model
@@ -404,7 +415,15 @@ class CostModel:
         step_fwd = attention_flops(length, m) / (group * group) * per_flop  # one layer, one ring step
         transfer = self.ring_transfer_seconds(length, group, level)
         exposed = (group - 1) * (max(0.0, transfer - step_fwd) + max(0.0, 2 * transfer - 2.5 * step_fwd))
-        return (3.5 * step_fwd * group + exposed) * m.n_layers + self.call_seconds(2 * group + 1)
+        return ((3.5 * step_fwd * group + exposed) * m.n_layers + self.call_seconds(2 * group + 1)
+                + self.ring_work_seconds(length / group, group))
+
+    def ring_work_seconds(self, tokens: float, group: int) -> float:
+        """Training seconds (all layers) a ring member holding `tokens` tokens spends outside the
+        kernels beyond their cost alone: per ring step (group - 1 of them) the cluster's ring_step_us
+        plus ring_token_us a token."""
+        c = self.cluster
+        return (group - 1) * (c.ring_step_us + c.ring_token_us * tokens) * 1e-6 * self.model.n_layers
 
     def planner_kwargs(self) -> dict:
         """The cost model's inputs to plan_step: balancing weight, hiding lengths, shared cores, the

@@ -213,10 +213,119 @@ def exchange_seconds(calls: int = 30, repeats: int = 5) -> float:
     return best
 
 
-def link_times(sizes=MESSAGE_BYTES, repeats: int = 3) -> dict:
+# Tokens a ring member holds in the ring probe's two runs: its work outside the kernels is a fixed part
+# per ring step and a part per token (measured here with 4 heads of 16 on 4 ranks: ~1-3 ms a step and
+# ~1-2 us a token, forward + backward); two block sizes separate them, and the probe takes seconds.
+RING_MEMBER_TOKENS = (512, 2048)
+
+
+def _outside_kernel_seconds(fn) -> float:
+    """Processor seconds of fn() (this process, every thread: gloo's included) less the attention
+    kernels' (kernels/attention.py's KernelClock)."""
+    from longtrain.kernels.attention import kernel_clock
+
+    with kernel_clock() as clock:
+        start = time.process_time()
+        fn()
+        return time.process_time() - start - clock.seconds
+
+
+def _ring_extra_seconds(member_tokens: int, heads: int, kv_heads: int, head_dim: int, repeats: int) -> float:
+    """This rank's processor seconds outside the kernels in a ring over one sequence of member_tokens x
+    ranks tokens (forward + backward, the balance engine as training runs it), less the same for its
+    own block alone (LocalBlocksAttention: what its first ring step would cost without the ring); best
+    of `repeats` after a warm-up."""
+    import torch.distributed as dist
+
+    from longtrain.parallel.balance.engine import BalancedAttention, StepLayout
+    from longtrain.parallel.balance.planner import plan_step
+    from longtrain.parallel.context.ring import LocalBlocksAttention, TokenInfo
+
+    rank, ring_size = dist.get_rank(), dist.get_world_size()
+    length = member_tokens * ring_size
+    plan = plan_step([length], ring_size, "even_cp", capacity=length + 1, cp=ring_size, bins=[0])
+    layout = StepLayout.build(plan, rank, remap=False)
+    engine = BalancedAttention(dist.group.WORLD, list(range(ring_size)))
+    engine.set_step(layout)
+    (slot,) = layout.slots
+    gen = torch.Generator().manual_seed(rank)
+    q = torch.randn(1, slot.padded, heads, head_dim, generator=gen, requires_grad=True)
+    k, v = (torch.randn(1, slot.padded, kv_heads, head_dim, generator=gen, requires_grad=True) for _ in range(2))
+    info = TokenInfo(pos=slot.pos, doc=slot.doc)
+    scale = head_dim ** -0.5
+
+    def ring():
+        engine(q, k, v, scale).sum().backward()
+
+    def alone():
+        LocalBlocksAttention.apply(q, k, v, info, info, scale, True, "auto").sum().backward()
+
+    ring_s, alone_s = float("inf"), float("inf")
+    for rep in range(repeats + 1):
+        dist.barrier()
+        ring_outside = _outside_kernel_seconds(ring)
+        alone_outside = _outside_kernel_seconds(alone)
+        if rep:  # the first is a warm-up
+            ring_s, alone_s = min(ring_s, ring_outside), min(alone_s, alone_outside)
+    return ring_s - alone_s
+
+
+def ring_extra_seconds(heads: int, kv_heads: int, head_dim: int, member_tokens=RING_MEMBER_TOKENS,
+                       repeats: int = 3) -> dict:
+    """Run on every rank of an initialized gloo group: what a ring member spends outside the attention
+    kernels, forward + backward, beyond what its tokens cost outside the kernels alone, at each block
+    size of `member_tokens` (tokens a member holds; one ring over all ranks): {"ring_size": ranks,
+    "extra_s": ((member tokens, processor seconds, the ranks' mean), ...)}. It is the merges of partial
+    outputs and log-sum-exps, the dK/dV accumulators that travel, the copies and bookkeeping of
+    received blocks, gloo's threads and the kernel calls a ring's blocks add; fit_ring_costs turns it
+    into the cost model's per-step and per-token terms."""
+    import torch.distributed as dist
+
+    ring_size = dist.get_world_size()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        extra = torch.tensor([_ring_extra_seconds(tokens, heads, kv_heads, head_dim, repeats)
+                              for tokens in member_tokens], dtype=torch.float64)
+    finally:
+        torch.set_num_threads(threads)
+    dist.all_reduce(extra)
+    return {"ring_size": ring_size,
+            "extra_s": tuple((int(tokens), float(x) / ring_size) for tokens, x in zip(member_tokens, extra))}
+
+
+def fit_ring_costs(ring_extra: dict, call_s: float) -> tuple[float, float]:
+    """(seconds per ring step, seconds per token per ring step) of a ring member's work that the cost
+    model does not already charge (cluster.ring_step_us, ring_token_us), from ring_extra_seconds'
+    measurement: at each block size the member's extra less the kernel calls the model charges a ring
+    member beyond a whole sequence's one (2 x ring size calls of `call_s`: cost.ring_member_seconds,
+    the simulator's _kernel_calls), over its ring size - 1 ring steps, fitted as fixed + per-token x
+    tokens through the first and last points. Neither is negative: where the line would make one
+    negative, everything goes on the other, through the points' mean (none where that is negative)."""
+    ring_size = ring_extra["ring_size"]
+    points = [(tokens, (extra - 2 * ring_size * call_s) / (ring_size - 1)) for tokens, extra in ring_extra["extra_s"]]
+    (short, short_s), (long_, long_s) = points[0], points[-1]
+    per_token = (long_s - short_s) / (long_ - short) if long_ > short else 0.0
+    fixed = short_s - per_token * short
+    mean_tokens = sum(t for t, _ in points) / len(points)
+    mean_s = sum(x for _, x in points) / len(points)
+    if per_token < 0:
+        return max(0.0, mean_s), 0.0
+    if fixed < 0:
+        return 0.0, max(0.0, mean_s / mean_tokens)
+    return fixed, per_token
+
+
+def link_times(sizes=MESSAGE_BYTES, repeats: int = 3, attention_shape: tuple | None = None) -> dict:
     """Run on every rank of an initialized group of the ranks that will train: {"p2p": ping_pong's
-    times between ranks 0 and 1, "collective_s": exchange_seconds() over all}."""
-    return {"p2p": ping_pong(sizes, repeats), "collective_s": exchange_seconds()}
+    times between ranks 0 and 1, "collective_s": exchange_seconds() over all}; with `attention_shape`
+    (heads, kv heads, head dim) on gloo also "ring_extra": ring_extra_seconds over all."""
+    import torch.distributed as dist
+
+    out = {"p2p": ping_pong(sizes, repeats), "collective_s": exchange_seconds()}
+    if attention_shape is not None and dist.get_backend() == "gloo":
+        out["ring_extra"] = ring_extra_seconds(*attention_shape)
+    return out
 
 
 def p2p_bandwidth(times: dict) -> tuple[float, float]:
@@ -229,7 +338,8 @@ def p2p_bandwidth(times: dict) -> tuple[float, float]:
 
 def probe(p2p_times: dict | None, out=LOCAL_PRESET, lengths=DEFAULT_LENGTHS, gpus_per_node: int = 0,
           device: str = "cpu", heads: int = 8, head_dim: int = 64, dim: int = 512,
-          collective_s: float | None = None, model=None, links: ClusterSpec | None = None) -> ClusterSpec:
+          collective_s: float | None = None, model=None, links: ClusterSpec | None = None,
+          ring_extra: dict | None = None) -> ClusterSpec:
     """Measure attention and linear FLOP/s here (fp32 on CPU, bf16 on CUDA: what training runs); with
     `p2p_times` (ping_pong on two local ranks, run by the launcher) and `collective_s`
     (exchange_seconds among the local ranks; None: the preset default) write the preset. `heads`,
@@ -238,7 +348,9 @@ def probe(p2p_times: dict | None, out=LOCAL_PRESET, lengths=DEFAULT_LENGTHS, gpu
     linear rate (model_linear_tflops) instead of a matmul's, and whose heads and head dim are the
     attention shapes. `links`: a preset whose node shape, links, latency and collective cost the
     written preset takes instead of measured ones (one GPU cannot measure a link: its kernels are
-    probed and the cluster's links come from the preset)."""
+    probed and the cluster's links come from the preset). `ring_extra`: ring_extra_seconds among the
+    local ranks (link_times' "ring_extra"), fitted with this probe's per-call cost into the ring's work
+    outside the kernels (fit_ring_costs; None: none, the GPU presets' assumption)."""
     if (p2p_times is None) == (links is None):
         raise ValueError("probe: pass either p2p_times (measured links) or links (a preset's)")
     if model is not None:
@@ -261,6 +373,9 @@ def probe(p2p_times: dict | None, out=LOCAL_PRESET, lengths=DEFAULT_LENGTHS, gpu
     kernels = dict(attention_tflops=tuple(table), linear_tflops=lin, bytes_per_element=dtype.itemsize,
                    shared_cores=(os.cpu_count() or 1) if device == "cpu" else 0, attention_call_us=call_us,
                    attention_full_tflops=tuple(full_table))
+    if ring_extra is not None:
+        step_s, token_s = fit_ring_costs(ring_extra, call_us * 1e-6)
+        kernels.update(ring_step_us=step_s * 1e6, ring_token_us=token_s * 1e6)
     if links is not None:
         spec = replace(links, name=f"{links.name} links, kernels probed on {os.uname().nodename} ({device})",
                        **({"gpus_per_node": gpus_per_node} if gpus_per_node else {}), **kernels)

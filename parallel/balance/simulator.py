@@ -12,6 +12,8 @@ a clock:
    local slot advances its rank's clock by its compute; a ring of g members starts when its last
    member arrives and runs g steps, each as long as the slowest member's compute for that step or
    the K/V block's transfer, whichever is longer (the next block is in flight while one computes);
+   a member's compute includes, beyond its blocks' kernels and calls, the ring's own work outside
+   them per ring step (cost.ring_work_seconds: the merges, accumulators and received copies);
 4. the remap back and the linear work after attention (output projection and MLP) as in 1-2.
 
 Backward repeats the same with 2x the linear and 2.5x the attention compute, and K/V plus their
@@ -109,9 +111,12 @@ def simulate(plan: Plan, cm: CostModel, remap: bool = True, compute_scale: float
     # each kernel call on one document's block pays attention_call_us beyond its FLOPs (fwd + bwd:
     # the forward pass a 1/3.5 share, as the attention FLOPs)
     call_s = c.attention_call_us * 1e-6 / 3.5 * compute_scale
-    for slot in slots.values():
+    for group, slot in slots.items():
         for r, n_calls in _kernel_calls(slot["pieces"]).items():
             slot["work"][r] += n_calls * call_s
+        if len(group) > 1:  # the ring's work outside the kernels (cost.ring_work_seconds), forward share
+            for r, tokens in slot["tokens"].items():
+                slot["work"][r] += cm.ring_work_seconds(tokens, len(group)) / m.n_layers / 3.5 * compute_scale
     order = sorted(slots, key=lambda g: plan.slot_key((g, slots[g]["level"])))
     ring_bytes = np.zeros(P)
     events = []
