@@ -55,8 +55,9 @@ import torch.distributed as dist
 from longtrain.data.loader import PackedLoader
 from longtrain.data.packing import IGNORE_INDEX
 from longtrain.data.pipeline import NOT_INDEXED, RESOLVE_BLOCK, DataSettings, RowProducer
+from longtrain.launcher.log import LOGGER
 from longtrain.models.registry import kind_of
-from longtrain.parallel.balance.cost import CostModel, ModelShape, resolve_cluster
+from longtrain.parallel.balance.cost import CostModel, ModelShape, attention_table_note, resolve_cluster
 from longtrain.parallel.balance.engine import StepLayout
 from longtrain.parallel.balance.planner import plan_step
 from longtrain.parallel.balance.remap import remap_pays
@@ -165,6 +166,11 @@ class BalancedBatches:
         cluster = resolve_cluster(recipe.cluster.preset, recipe.cluster.gpus_per_node, world=group_size)
         self.gpus_per_node = cluster.gpus_per_node
         self.cost_model = CostModel(ModelShape.of(model_cfg, tp), cluster)
+        # sequences past the preset's attention table are priced at its last length's rate: said once
+        self.table_note = attention_table_note(cluster, settings.max_doc_len or settings.budget,
+                                               "this run's steps may hold")
+        if self.table_note and split == "train":
+            LOGGER.warning("parallel.balance: %s", self.table_note)
         # scan-based models (hybrid Mamba stacks): ring members hold contiguous chunks, no zigzag
         self.contiguous = kind_of(model_cfg).contiguous_sequence
         self.last_plan = None

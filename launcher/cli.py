@@ -142,7 +142,7 @@ def _plan_balance(args, overrides) -> int:
 
     from longtrain.launcher.config import resolve_degrees
     from longtrain.models.sizes import resolve_model_config
-    from longtrain.parallel.balance.cost import CostModel, ModelShape, resolve_cluster
+    from longtrain.parallel.balance.cost import CostModel, ModelShape, attention_table_note, resolve_cluster
     from longtrain.parallel.balance.simulator import MIXES, compare_strategies, sample_lengths, timeline_png
 
     if args.nproc is not None:
@@ -185,13 +185,9 @@ def _plan_balance(args, overrides) -> int:
     sims = compare_strategies(lengths, bins, group, cp, cm, capacity=-(-3 * bins_n * budget // (2 * group)))
     print(f"one step of {sum(lengths)} tokens ({source}) on {group} ranks ({dp} data x {cp} cp), cluster "
           f"{cm.cluster.name}, {cm.cluster.gpus_per_node} per node")
-    table_end, longest = cm.cluster.attention_tflops[-1][0], max(lengths)
-    if longest > table_end:  # the cost model clamps at the table's last length
-        from longtrain.parallel.balance.probe import lengths_up_to
-
-        print(f"  note: the preset's attention rates stop at {table_end} tokens and this step holds sequences of "
-              f"up to {longest}, priced at the {table_end}-token rate; `longtrain probe --lengths "
-              f"{','.join(map(str, lengths_up_to(longest)))}` measures them")
+    note = attention_table_note(cm.cluster, max(lengths))  # the cost model clamps at the table's last length
+    if note:
+        print(f"  note: {note}")
     best = min(s.step_seconds for s in sims.values())
     for name, sim in sims.items():
         print(f"  {name:10s} step {sim.step_seconds:10.4g} s  ({sim.step_seconds / best:5.2f}x the best)  busy "

@@ -91,3 +91,36 @@ def test_steps_are_planned_with_the_clusters_cost_model(monkeypatch, tmp_path):
         assert seen and seen[-1]["shared_cores"] == cores
         assert ("ring_cost" in seen[-1]) == (cores > 0)
         assert seen[-1]["cost"] == batches.cost_model.cost
+
+
+def test_a_preset_short_of_the_runs_sequences_is_said_once(tmp_path):
+    """The cost model prices sequences past the preset's attention table at its last length's rate. A run
+    whose steps may hold longer ones (data.max_doc_len, else data.token_budget) says so once, at its
+    training loader, with the `longtrain probe --lengths` that measures them; a preset that covers them
+    says nothing."""
+    import logging
+
+    from longtrain.launcher.log import LOGGER
+    from longtrain.parallel.balance.cost import resolve_cluster, write_preset_file
+
+    short = write_preset_file(dataclasses.replace(resolve_cluster("C"), name="probed to 128",
+                                                  attention_tflops=((64, 1.0), (128, 2.0))), tmp_path / "short.yaml")
+    said = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            said.append(record.getMessage())
+
+    handler, level = Keep(), LOGGER.level
+    LOGGER.addHandler(handler)
+    LOGGER.setLevel(logging.INFO)
+    try:
+        batches = _batches(["parallel.cp=2", "parallel.balance=zeppelin", f"cluster.preset={short}"], 0, 2)
+        covered = _batches(["parallel.cp=2", "parallel.balance=zeppelin"], 0, 2)  # local: rates up to 4096
+    finally:
+        LOGGER.removeHandler(handler)
+        LOGGER.setLevel(level)
+    note = ("the preset's attention rates stop at 128 tokens and this run's steps may hold sequences of up to 160, "
+            "priced at the 128-token rate; `longtrain probe --lengths 256` measures them")
+    assert batches.table_note == note and covered.table_note == ""
+    assert said == [f"parallel.balance: {note}"]

@@ -154,6 +154,21 @@ def with_links(spec: ClusterSpec, intra_gbs: float, inter_gbs: float, name: str 
                    nic_gbps=inter_gbs * 8.0)
 
 
+def attention_table_note(cluster: ClusterSpec, longest: int, holds: str = "this step holds") -> str:
+    """One line when sequences of up to `longest` tokens run past the cluster's attention table (the
+    cost model prices every longer one at the table's last length's rate): that rate, and the
+    `longtrain probe --lengths` that measures them; "" when the table covers them. `holds`: what holds
+    them (`longtrain plan balance`: this step; the trainer: this run's steps)."""
+    from longtrain.parallel.balance.probe import lengths_up_to
+
+    table_end = cluster.attention_tflops[-1][0]
+    if longest <= table_end:
+        return ""
+    return (f"the preset's attention rates stop at {table_end} tokens and {holds} sequences of up to {longest}, "
+            f"priced at the {table_end}-token rate; `longtrain probe --lengths "
+            f"{','.join(map(str, lengths_up_to(longest)))}` measures them")
+
+
 LOCAL_PRESET = Path(__file__).resolve().parents[2] / "configs" / "clusters" / "local.yaml"
 PRESET_NAMES = tuple(PRESETS) + ("local",)
 
