@@ -14,7 +14,11 @@
   them (`model_linear_flops`): the rate at which this machine runs everything but core attention of that
   model (on a small model far below a matmul's: elementwise work weighs as much as the matmuls);
 - point-to-point bandwidth and latency between two local ranks (gloo on CPU, nccl on CUDA): a
-  ping-pong of each message size; bandwidth from the largest, latency from the smallest.
+  ping-pong of each message size; bandwidth from the largest, latency from the smallest;
+- on CPU, a ring's own work outside the attention kernels (ring_extra_seconds, fit_ring_costs): one
+  ring over the local ranks through the balance engine at two block sizes, each member's processor
+  time less its kernels' and less its block alone, as a fixed cost per ring step plus a cost per token
+  (cluster.ring_step_us, ring_token_us).
 
 On CPU the compute probes run on one thread: ranks started together share the machine's cores
 (launcher/supervisor.py gives each cores / ranks threads, one when there are more ranks than cores), so
