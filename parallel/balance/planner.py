@@ -30,6 +30,7 @@ Strategies (recipe key `parallel.balance`):
 """
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from dataclasses import dataclass, field
@@ -202,17 +203,24 @@ def plan_step(lengths: Sequence[int], world: int, strategy: str = "zeppelin", *,
         groups = {"tokens": _tokens, "even_cp": _even_cp, "hybrid_dp": _hybrid_dp}[strategy](
             lengths, world, G, capacity, cp, bins, cost, tau_intra, tau_inter)
     plan.groups = groups
-    per_rank: list[list[Piece]] = [[] for _ in range(world)]
+    plan.order = schedule_slots(groups, lengths, world, cost, member_cost or ring_cost)
+    # the attention layout: each rank's pieces slot by slot in the global order, by sequence inside a
+    # slot (what set_order makes of them, built in that order here rather than sorted after)
+    seqs_of: dict = {}
     for seq in sorted(groups):
-        group, level = groups[seq]
+        seqs_of.setdefault(groups[seq][0], []).append(seq)
+    per_rank: list[list[Piece]] = [[] for _ in range(world)]
+    new_piece = functools.partial(tuple.__new__, Piece)
+    for group in sorted(plan.order, key=plan.order.__getitem__):
         if len(group) == 1:
-            per_rank[group[0]].append(Piece(seq, 0, lengths[seq], group, level))
+            pieces = per_rank[group[0]]
+            for seq in seqs_of[group]:
+                pieces.append(new_piece((seq, 0, lengths[seq], group, groups[seq][1])))
             continue
-        for rank, piece in _ring_pieces(seq, lengths[seq], group, level, contiguous):
-            per_rank[rank].append(piece)
-    # attention-layout order: slots in the global order, pieces by sequence inside a slot
+        for seq in seqs_of[group]:
+            for rank, piece in _ring_pieces(seq, lengths[seq], group, groups[seq][1], contiguous):
+                per_rank[rank].append(piece)
     plan.pieces = per_rank
-    plan.set_order(schedule_slots(groups, lengths, world, cost, member_cost or ring_cost))
     return plan
 
 
@@ -233,8 +241,10 @@ def schedule_slots(groups: dict, lengths: list[int], world: int, cost: Callable[
         share = cost(L) / g if g == 1 or ring_cost is None else ring_cost(L, g, level)
         seconds[group] = seconds.get(group, 0.0) + share
         levels[group] = level
+    rings = [g for g in seconds if len(g) > 1]
+    local = sorted(g for g in seconds if len(g) == 1)  # last in both orders, by rank
     clock = [0.0] * world
-    heap = [(0.0, LEVEL_ORDER[levels[g]], -seconds[g], g) for g in seconds if len(g) > 1]
+    heap = [(0.0, LEVEL_ORDER[levels[g]], -seconds[g], g) for g in rings]
     heapq.heapify(heap)
     listed: list = []
     while heap:
@@ -246,20 +256,26 @@ def schedule_slots(groups: dict, lengths: list[int], world: int, cost: Callable[
         listed.append(group)
         for r in group:
             clock[r] = ready - neg_seconds
-    listed += sorted(g for g in seconds if len(g) == 1)
     # a greedy schedule can lose to the fixed order: keep whichever ends the step sooner by these costs
-    fixed = sorted(seconds, key=lambda g: slot_key((g, levels[g])))
-    best = listed if _makespan(listed, seconds, world) < _makespan(fixed, seconds, world) * (1 - 1e-9) else fixed
-    return {group: place for place, group in enumerate(best)}
+    fixed = sorted(rings, key=lambda g: slot_key((g, levels[g])))
+    after_rings = [0.0] * world  # each rank's local sequences, run after its rings in either order
+    for group in local:
+        after_rings[group[0]] = seconds[group]
+    listed_end = _makespan(listed, seconds, world, after_rings)
+    best = listed if listed_end < _makespan(fixed, seconds, world, after_rings) * (1 - 1e-9) else fixed
+    return {group: place for place, group in enumerate(best + local)}
 
 
-def _makespan(order: list, seconds: dict, world: int) -> float:
-    """When the last rank ends if every slot starts once all its members are free."""
+def _makespan(order: list, seconds: dict, world: int, after: Optional[list] = None) -> float:
+    """When the last rank ends if every slot starts once all its members are free (and each rank then
+    works `after[rank]` seconds more)."""
     clock = [0.0] * world
     for group in order:
         end = max(clock[r] for r in group) + seconds[group]
         for r in group:
             clock[r] = end
+    if after is not None:
+        clock = [c + a for c, a in zip(clock, after)]
     return max(clock)
 
 
@@ -446,18 +462,17 @@ def _zeppelin(lengths, world, G, capacity, cost, tau_intra, tau_inter, ring_cost
         """Place a sequence of whole cost c on `group`."""
         g = len(group)
         totals["rest"] -= c
-        totals["placed"] += c if g == 1 else share(L, c, g, _level(group, G)) * g
         if g == 1:  # a local sequence (most of them): one rank, one node
+            totals["placed"] += c
             r = group[0]
             n = r // G
-            rank_load[r] += c
+            raise_load(rank_heaps[n], rank_load, r, c)
             rank_tok[r] += L
-            node_load[n] += c
+            raise_load(node_heap, node_load, n, c)
             node_tok[n] += L
-            heapq.heappush(rank_heaps[n], (rank_load[r], r))
-            heapq.heappush(node_heap, (node_load[n], n))
             return
         member = share(L, c, g, _level(group, G))
+        totals["placed"] += member * g
         for r in group:
             rank_load[r] += member
             rank_tok[r] += -(-L // g)
@@ -470,32 +485,47 @@ def _zeppelin(lengths, world, G, capacity, cost, tau_intra, tau_inter, ring_cost
             node_tok[n] += -(-L // g) * members
             heapq.heappush(node_heap, (node_load[n], n))
 
-    def valid_pop(heap, loads):
+    def raise_load(heap, loads, i, c):
+        """loads[i] += c, and its heap entry with it: replaced in place when it is the heap's top (a
+        local sequence goes onto the top rank of the top node), else pushed (the old entry goes stale)."""
+        old = loads[i]
+        loads[i] = old + c
+        if heap and heap[0][1] == i and heap[0][0] == old:
+            heapq.heapreplace(heap, (loads[i], i))
+        else:
+            heapq.heappush(heap, (loads[i], i))
+
+    def valid_top(heap, loads):
+        """The heap's least (load, index) entry that is not stale, left in place; None when none is."""
         while heap:
-            load, i = heapq.heappop(heap)
+            load, i = heap[0]
             if load == loads[i]:
-                return load, i
+                return i
+            heapq.heappop(heap)
         return None
 
     def best_whole(L):
-        """The least-loaded rank with room for L tokens in the least-loaded node that has one."""
+        """The least-loaded rank with room for L tokens in the least-loaded node that has one.
+        Looks at heap tops in place; only ranks (nodes) without room are set aside, then put back."""
         nodes_seen, found = [], None
         while found is None:
-            item = valid_pop(node_heap, node_load)
-            if item is None:
+            n = valid_top(node_heap, node_load)
+            if n is None:
                 break
-            nodes_seen.append(item)
-            n, ranks_seen = item[1], []
-            while True:
-                r_item = valid_pop(rank_heaps[n], rank_load)
-                if r_item is None:
-                    break
-                ranks_seen.append(r_item)
-                if rank_tok[r_item[1]] + L <= capacity:
-                    found = r_item[1]
-                    break
-            for r_item in ranks_seen:
-                heapq.heappush(rank_heaps[n], r_item)
+            if node_tok[n] + L <= G * capacity:  # else no rank of n has room: skip its ranks
+                heap, ranks_seen = rank_heaps[n], []
+                while True:
+                    r = valid_top(heap, rank_load)
+                    if r is None:
+                        break
+                    if rank_tok[r] + L <= capacity:
+                        found = r
+                        break
+                    ranks_seen.append(heapq.heappop(heap))
+                for item in ranks_seen:
+                    heapq.heappush(heap, item)
+            if found is None:
+                nodes_seen.append(heapq.heappop(node_heap))
         for item in nodes_seen:
             heapq.heappush(node_heap, item)
         return found
@@ -504,15 +534,15 @@ def _zeppelin(lengths, world, G, capacity, cost, tau_intra, tau_inter, ring_cost
         """(group, its members' largest load) over the least-loaded node with room, or (None, inf)."""
         # the least-loaded node with token room first; when its ranks' free room is too fragmented
         # for the ring, the next nodes (by load), so a plan never fails while a node can hold it
-        for n in sorted(range(N), key=lambda n: (node_tok[n] + L > G * capacity, node_load[n], n)):
+        node_room = G * capacity - L
+        for _, _, n in sorted(zip([t > node_room for t in node_tok], node_load, range(N))):
             best, best_key = None, ((float("inf"), float("inf")), 0)
             for g in range(g_lo, min(g_hi, G) + 1):
                 if g & (g - 1):  # rings are aligned blocks: 2, 4, 8 ... ranks
                     continue
-                room = -(-L // g) + 1  # a member's zigzag chunk pair holds at most this many tokens
-                blocks = [(max(rank_load[r] for r in block), block) for block in
-                          (range(n * G + k * g, n * G + (k + 1) * g) for k in range(G // g))
-                          if all(rank_tok[r] + room <= capacity for r in block)]
+                room = capacity - (-(-L // g) + 1)  # a member's zigzag chunk pair holds at most L/g + 1 tokens
+                blocks = [(max(rank_load[a:a + g]), range(a, a + g)) for a in range(n * G, (n + 1) * G, g)
+                          if max(rank_tok[a:a + g]) <= room]
                 if not blocks:
                     continue
                 peak, fits = min(blocks, key=lambda b: b[0])
@@ -555,12 +585,14 @@ def _zeppelin(lengths, world, G, capacity, cost, tau_intra, tau_inter, ring_cost
                 return tuple(sorted(by_room[:g]))
         return None
 
-    for seq in sorted(range(len(lengths)), key=lambda i: (-costs[i], i)):
+    fair_limit, node_limit = fair * (1 + 1e-9), node_fair * (1 + 1e-9)
+    # longest first on cost, ties by index (a reverse sort keeps equal keys in their order)
+    for seq in sorted(range(len(lengths)), key=costs.__getitem__, reverse=True):
         L, c = lengths[seq], costs[seq]
         need_mem = -(-L // capacity)
         hidden = int(L // tau_intra) if tau_intra > 0 else world  # most ranks whose chunks stay hidden
         k_hidden = int(L // (G * tau_inter)) if tau_inter > 0 else N
-        if N > 1 and (need_mem > G or (c > node_fair * (1 + 1e-9) and k_hidden >= 2 and shared_cores <= 0)):
+        if N > 1 and (need_mem > G or (c > node_limit and k_hidden >= 2 and shared_cores <= 0)):
             group, _ = inter_ring(L, c, k_hidden, need_mem)
             out[seq] = (group, "inter")
             add(group, L, c)
@@ -570,7 +602,7 @@ def _zeppelin(lengths, world, G, capacity, cost, tau_intra, tau_inter, ring_cost
         # FLOP than causal ones, so rings for such sequences look cheaper in the cost model; a planner that
         # weighed them too measured between 7% faster and 4% slower than even_cp over four runs, never
         # clearly better than without them: the gain does not show in training steps.)
-        if r is not None and (rank_load[r] + c <= fair * (1 + 1e-9) or hidden < 2):
+        if r is not None and (rank_load[r] + c <= fair_limit or hidden < 2):
             out[seq] = ((r,), "local")
             add((r,), L, c)
             continue
