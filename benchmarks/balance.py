@@ -512,6 +512,22 @@ def _ring_pricing_lines(report: dict) -> list[str]:
             f"(tokens, hybrid_dp): step {span(whole[0])}, CPU {span(whole[1])}.{charged}"]
 
 
+def speedup_bounds(measured: dict, layouts, cores: int) -> dict:
+    """Per layout, the most a plan could gain over even_cp on this machine: no step is shorter than the
+    work it does over the machine's cores, and the least work is taken as the least processor time any of
+    the layout's runs took (core-s, all ranks; the linear work is the same in every plan, the rest is
+    attention and the rings' work around it). even_cp's mean step x cores / that least CPU core-s. A bound
+    as far as the measured plans go: one that did less work than all of them could gain more. Layouts
+    whose runs were recorded before processor time was are left out."""
+    bounds = {}
+    for layout in layouts:
+        runs = {name: m for name, m in measured.items() if name.split("/")[0] == layout}
+        cpu = [float(np.mean([sum(x) for x in m["cpu_s_per_rank"]])) for m in runs.values() if m.get("cpu_s_per_rank")]
+        if len(cpu) == len(runs) and f"{layout}/even_cp" in runs:
+            bounds[layout] = float(np.mean(runs[f"{layout}/even_cp"]["step_s"])) * cores / min(cpu)
+    return bounds
+
+
 def write_report(report: dict, out: Path) -> None:
     import matplotlib
 
@@ -558,6 +574,13 @@ def write_report(report: dict, out: Path) -> None:
         lines += ["", "Zeppelin as the trainer runs it by default (`parallel.balance_remap: null`: remapping where the "
                   "cost model says it pays), measured: " + ", ".join(
                       f"{k}: {v:.2f}x (remapped {chose[k]} steps)" for k, v in auto.items())]
+    bound = report["summary"].get("speedup_bound_here")
+    if bound:
+        lines += ["", "The most a plan could gain over even_cp here (even_cp's step x "
+                  f"{report['machine']['cpu_count']} cores / the least CPU core-s of the layout's runs: no step is "
+                  "shorter than its work over the cores; speedup_bounds): "
+                  + ", ".join(f"{k}: {v:.2f}x" + (f" (zeppelin default {auto[k]:.2f}x)" if auto and k in auto else "")
+                              for k, v in bound.items())]
     emulated = {name: spec for name, spec in report["config"]["layouts"].items() if spec.get("links")}
     if emulated:
         lines += ["", "Runs named `LAYOUT@C` ran the same steps over emulated links (parallel/context/link_emulation.py): "
@@ -737,13 +760,15 @@ def main(argv=None) -> int:
                                                                measured[f"{layout}/zeppelin-noremap"]["step_s"])]
         speedup_auto[layout] = even / float(np.mean(steps))
         auto_remapped[layout] = f"{sum(auto)} of {len(auto)}"
-    report = {"machine": machine_info(), "config": {"layouts": layouts, "model": dims, "quick": args.quick,
+    machine = machine_info()
+    report = {"machine": machine, "config": {"layouts": layouts, "model": dims, "quick": args.quick,
                                                     "strategies": list(STRATEGIES), "mixes": MIXES},
               "measured": measured, "simulated_measured": simulated,
               "local_sweep": local_sweep(_preset_of(next(iter(layouts.values())), "sim_preset")),
               "at_scale": at_scale(args.quick, kernels=args.kernels),
               "ablation": ablation(args.quick, kernels=args.kernels), "kernels": args.kernels, "planning": planning_time(),
               "summary": {"measured_speedup": speedup, "measured_speedup_remap_auto": speedup_auto,
+                          "speedup_bound_here": speedup_bounds(measured, layouts, machine["cpu_count"]),
                           "remap_auto_steps_remapped": auto_remapped,
                           "sim_over_measured": {k: float(np.mean(simulated[k]["step_s"]) / np.mean(v["step_s"]))
                                                 for k, v in measured.items()}},

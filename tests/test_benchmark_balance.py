@@ -54,6 +54,11 @@ def test_balance_benchmark_smoke(tmp_path):
         assert max(lengths) == 4096 and np.median(lengths) < 1024, lengths
     assert "issue's lengths" in (tmp_path / "balance.md").read_text()
     assert "Where the simulator misses" in (tmp_path / "balance.md").read_text()
+    # the most a plan could gain here, per layout: even_cp's step over the least work any run did over
+    # the cores (speedup_bounds; its arithmetic in test_speedup_bound_is_even_cp_step_over_the_least_work)
+    bound = report["summary"]["speedup_bound_here"]
+    assert set(bound) == set(layouts) and all(b > 0 for b in bound.values())
+    assert "The most a plan could gain" in (tmp_path / "balance.md").read_text()
     for layout in layouts:
         for strategy in ("even_cp", "tokens", "hybrid_dp", "zeppelin", "zeppelin-noremap"):
             run = measured[f"{layout}/{strategy}"]
@@ -90,3 +95,22 @@ def test_balance_benchmark_smoke(tmp_path):
     # the planning time of 1,024 sequences on 512 ranks is measured and recorded (not judged here)
     assert report["planning"]["ranks"] == 512 and report["planning"]["median_ms"] > 0
     assert "Planning time" in (tmp_path / "balance.md").read_text()
+
+
+def test_speedup_bound_is_even_cp_step_over_the_least_work():
+    """speedup_bounds, written out: 2 cores; even_cp took 1.0 s a step and 2.0 core-s, tokens 1.6 core-s
+    (the least), zeppelin 1.8: no plan's step is shorter than 1.6 / 2 = 0.8 s, so 1.0 / 0.8 = 1.25x.
+    A layout with a run recorded before processor time was gets no bound."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("balance_benchmark", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def run(step, cpu):
+        return {"step_s": [step, step], "cpu_s_per_rank": [[c / 4] * 4 for c in cpu]}
+
+    measured = {"cp4/even_cp": run(1.0, (2.0, 2.0)), "cp4/tokens": run(1.1, (1.5, 1.7)), "cp4/zeppelin": run(0.95, (1.8, 1.8)),
+                "old/even_cp": {"step_s": [1.0]}, "old/tokens": run(1.0, (1.0,))}
+    bounds = bench.speedup_bounds(measured, ["cp4", "old"], cores=2)
+    assert bounds == {"cp4": pytest.approx(1.25)}
