@@ -281,8 +281,9 @@ def ring_extra_seconds(heads: int, kv_heads: int, head_dim: int, member_tokens=R
     size of `member_tokens` (tokens a member holds; one ring over all ranks): {"ring_size": ranks,
     "extra_s": ((member tokens, processor seconds, the ranks' mean), ...)}. It is the merges of partial
     outputs and log-sum-exps, the dK/dV accumulators that travel, the copies and bookkeeping of
-    received blocks, gloo's threads and the kernel calls a ring's blocks add; fit_ring_costs turns it
-    into the cost model's per-step and per-token terms."""
+    received blocks, gloo's threads and the kernel calls a ring's blocks add, and the system time of
+    gloo's transfers (loopback TCP between local ranks: 40-90% of the extra on the 2-core CPU box);
+    fit_ring_costs turns it into the cost model's per-step and per-token terms."""
     import torch.distributed as dist
 
     ring_size = dist.get_world_size()
