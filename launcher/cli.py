@@ -183,8 +183,10 @@ def _plan_balance(args, overrides) -> int:
             bins += [b % dp] * (len(cu) - 1)
         source = f"the recipe's data ({len(lengths)} sequences)"
     sims = compare_strategies(lengths, bins, group, cp, cm, capacity=-(-3 * bins_n * budget // (2 * group)))
+    per_node = min(cm.cluster.gpus_per_node, group)  # a preset's node may be larger than the group
+    nodes = group // per_node
     print(f"one step of {sum(lengths)} tokens ({source}) on {group} ranks ({dp} data x {cp} cp), cluster "
-          f"{cm.cluster.name}, {cm.cluster.gpus_per_node} per node")
+          f"{cm.cluster.name}: {nodes} node{'s' if nodes > 1 else ''} of {per_node} ranks")
     note = attention_table_note(cm.cluster, max(lengths))  # the cost model clamps at the table's last length
     if note:
         print(f"  note: {note}")

@@ -249,6 +249,7 @@ def test_plan_balance_command(tmp_path, capsys):
     out = capsys.readouterr().out
     for strategy in ("even_cp", "tokens", "hybrid_dp", "zeppelin"):
         assert f"  {strategy}" in out
+    assert "cluster C (" in out and ": 2 nodes of 8 ranks" in out  # 16 ranks, C's nodes of 8
     assert (tmp_path / "t.png").stat().st_size > 1000
     assert main(args + ["--mix", "nope"]) == 2
     assert "--mix: unknown mix 'nope'" in capsys.readouterr().err
