@@ -580,3 +580,28 @@ def test_simulator_charges_a_rings_work_outside_the_kernels():
     whole = plan_step(lengths, 4, "tokens", capacity=sum(lengths) + 4, gpus_per_node=4)
     assert all(len(p.group) == 1 for pieces in whole.pieces for p in pieces)
     assert simulate(whole, worked, remap=False).busy == pytest.approx(simulate(whole, plain, remap=False).busy)
+
+
+def test_timeline_events_cover_one_layers_forward(tmp_path):
+    """The timeline (StepSimulation.events, timeline_png): per rank, one layer's forward in order and
+    without overlap: linear work from 0, with remapping the exchanges in and out, attention by level,
+    linear work last; the forward ends before the simulated layer (forward + backward) does."""
+    from longtrain.parallel.balance.planner import plan_step
+    from longtrain.parallel.balance.simulator import simulate, timeline_png
+
+    cm = CostModel(GQA, FLAT)
+    plan = plan_step([6000, 300, 200, 100, 2500, 1000], 8, "zeppelin", capacity=4000, tau_intra=64)
+    for remap in (False, True):
+        sim = simulate(plan, cm, remap)
+        kinds = {kind for *_, kind in sim.events}
+        assert {"linear", "local"} <= kinds and ("remap" in kinds) == remap
+        assert "intra" in kinds  # the 6000-token sequence rings
+        for rank in range(8):
+            mine = sorted((a, b, kind) for r, a, b, kind in sim.events if r == rank)
+            assert mine[0][0] == 0.0 and mine[0][2] == "linear" and mine[-1][2] == "linear"
+            assert all(b >= a for a, b, _ in mine)
+            assert all(b <= c + 1e-12 for (_, b, _), (c, _, _) in zip(mine, mine[1:]))  # no overlap
+            assert mine[-1][1] < sim.step_seconds / GQA.n_layers
+    timeline_png({"zeppelin": simulate(plan, cm, True), "tokens": simulate(plan_step(
+        [6000, 300, 200, 100, 2500, 1000], 8, "tokens", capacity=8000), cm, False)}, tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 1000

@@ -154,16 +154,30 @@ def simulate(plan: Plan, cm: CostModel, remap: bool = True, compute_scale: float
     busy = np.zeros(P)
     clock = np.zeros(P)
     collective = c.collective_us * 1e-6  # the fixed cost of one remap exchange (an all_to_all)
+    def spans(kind, starts, stops):  # the forward's linear work and remap exchanges, for the timeline
+        events.extend((r, float(a), float(b), kind) for r, (a, b) in enumerate(zip(starts, stops)) if b > a)
+
     for phase, (lin_factor, att_factor, byte_factor) in enumerate(((1.0, 1.0, 1.0), (2.0, 2.5, 2.0))):
+        record = phase == 0
         pre = lin_tokens * per_token_linear * lin_factor / 3.0
         post = lin_tokens * per_token_linear * lin_factor * 2.0 / 3.0
+        if record:
+            spans("linear", clock, clock + pre)
         clock += pre
         busy += pre
         if remap:
+            before = clock.copy()
             clock[:] = clock.max() + (remap_in if phase == 0 else remap_out).max() + collective
-        attention_pass(clock, att_factor, byte_factor, busy, record=phase == 0)
+            if record:
+                spans("remap", before, clock)
+        attention_pass(clock, att_factor, byte_factor, busy, record=record)
         if remap:
+            before = clock.copy()
             clock[:] = clock.max() + (remap_out if phase == 0 else remap_in).max() + collective
+            if record:
+                spans("remap", before, clock)
+        if record:
+            spans("linear", clock, clock + post)
         clock += post
         busy += post
     layer = float(clock.max())
@@ -217,20 +231,31 @@ def compare_strategies(lengths: list[int], bins: list[int], world: int, cp: int,
 
 
 def timeline_png(sims: dict, path) -> None:
-    """One row per rank, one panel per strategy: the forward attention events of one layer."""
+    """One row per rank, one panel per strategy, on one time axis: one layer's forward (linear work,
+    remap exchanges, attention by level; a gap is a rank waiting)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    colors = {"local": "tab:green", "intra": "tab:blue", "inter": "tab:red"}
-    fig, axes = plt.subplots(len(sims), 1, figsize=(10, 1.2 + 0.9 * len(sims)), squeeze=False)
+    colors = {"linear": "0.75", "remap": "tab:orange", "local": "tab:green", "intra": "tab:blue", "inter": "tab:red"}
+    labels = {"linear": "linear", "remap": "remap", "local": "local attention", "intra": "intra-node ring",
+              "inter": "inter-node ring"}
+    fig, axes = plt.subplots(len(sims), 1, figsize=(10, 1.4 + 0.9 * len(sims)), squeeze=False, sharex=True)
+    ranks = max((len(sim.busy) for sim in sims.values()), default=1)
     for ax, (name, sim) in zip(axes[:, 0], sims.items()):
         for rank, start, stop, kind in sim.events:
             ax.barh(rank, stop - start, left=start, color=colors[kind], height=0.8)
         ax.set_title(f"{name}: step {sim.step_seconds:.3g} s", fontsize=9)
         ax.set_ylabel("rank")
-    axes[-1, 0].set_xlabel("seconds (one layer's forward attention; green local, blue intra, red inter)")
-    fig.tight_layout()
+        ax.set_ylim(-0.6, ranks - 0.4)
+        ax.set_yticks(range(0, ranks, max(1, ranks // 8)))
+    axes[0, 0].set_xlim(left=0)
+    shown = {kind for sim in sims.values() for *_, kind in sim.events}
+    fig.legend(handles=[Patch(color=colors[k], label=labels[k]) for k in colors if k in shown],
+               loc="lower center", ncol=5, fontsize=8, frameon=False)
+    axes[-1, 0].set_xlabel("seconds (one layer's forward; the step is all layers, forward and backward)")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=80)
     plt.close(fig)
