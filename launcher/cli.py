@@ -18,6 +18,7 @@ worker that failed while running).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -182,7 +183,12 @@ def _plan_balance(args, overrides) -> int:
             lengths += [cu[i + 1] - cu[i] for i in range(len(cu) - 1)]
             bins += [b % dp] * (len(cu) - 1)
         source = f"the recipe's data ({len(lengths)} sequences)"
-    sims = compare_strategies(lengths, bins, group, cp, cm, capacity=-(-3 * bins_n * budget // (2 * group)))
+    from longtrain.launcher.balanced_batches import CAPACITY_FACTOR
+    from longtrain.parallel.balance.cost import routing_enabled
+
+    routing = routing_enabled(recipe.cluster.routing, recipe.cluster.preset, recipe.cluster.gpus_per_node, group)
+    sims = compare_strategies(lengths, bins, group, cp, cm, capacity=math.ceil(CAPACITY_FACTOR * bins_n * budget / group),
+                              remap=p.balance_remap, routing=routing)
     per_node = min(cm.cluster.gpus_per_node, group)  # a preset's node may be larger than the group
     nodes = group // per_node
     print(f"one step of {sum(lengths)} tokens ({source}) on {group} ranks ({dp} data x {cp} cp), cluster "
@@ -194,7 +200,10 @@ def _plan_balance(args, overrides) -> int:
     for name, sim in sims.items():
         print(f"  {name:10s} step {sim.step_seconds:10.4g} s  ({sim.step_seconds / best:5.2f}x the best)  busy "
               f"max {sim.busy.max():.3g} s mean {sim.busy.mean():.3g} s  idle mean {sim.idle.mean():.3g} s  "
-              f"sent max {sim.bytes_sent.max() / 2 ** 20:.1f} MiB")
+              f"sent max {sim.bytes_sent.max() / 2 ** 20:.1f} MiB" + ("  remapped" if sim.remapped else ""))
+    remap_how = {None: "where the cost model says it pays", True: "always", False: "never"}[p.balance_remap]
+    print(f"  (as training runs them: zeppelin remaps {remap_how} (parallel.balance_remap), routing "
+          f"{'on' if routing else 'off'} (cluster.routing))")
     out = args.out or f"{recipe.run.dir}/balance_plan.png"
     from pathlib import Path
 

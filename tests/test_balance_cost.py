@@ -250,6 +250,16 @@ def test_plan_balance_command(tmp_path, capsys):
     for strategy in ("even_cp", "tokens", "hybrid_dp", "zeppelin"):
         assert f"  {strategy}" in out
     assert "cluster C (" in out and ": 2 nodes of 8 ranks" in out  # 16 ranks, C's nodes of 8
+    # simulated as training runs them: remapping by the recipe's parallel.balance_remap (auto: where the
+    # cost model says it pays), routing by cluster.routing (auto: on for C's 8 NICs across 2 nodes)
+    assert "zeppelin remaps where the cost model says it pays" in out and "routing on" in out
+    for setting, remapped in (("true", True), ("false", False)):
+        assert main(args + [f"parallel.balance_remap={setting}", "cluster.routing=false", "--mix", "arxiv",
+                            "--out", str(tmp_path / "r.png")]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        zeppelin = next(line for line in lines if line.startswith("  zeppelin"))
+        assert zeppelin.endswith("remapped") == remapped and "routing off" in lines[-2]
+        assert not any(line.endswith("remapped") for line in lines if not line.startswith("  zeppelin"))
     assert (tmp_path / "t.png").stat().st_size > 1000
     assert main(args + ["--mix", "nope"]) == 2
     assert "--mix: unknown mix 'nope'" in capsys.readouterr().err
@@ -605,3 +615,29 @@ def test_timeline_events_cover_one_layers_forward(tmp_path):
     timeline_png({"zeppelin": simulate(plan, cm, True), "tokens": simulate(plan_step(
         [6000, 300, 200, 100, 2500, 1000], 8, "tokens", capacity=8000), cm, False)}, tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_plan_balance_simulates_remapping_as_training_does():
+    """compare_strategies (`longtrain plan balance`) simulates zeppelin as training runs it: remapped
+    where remap_pays says so when parallel.balance_remap is null (cluster A, 16 GPUs, 7B: ArXiv-like
+    steps remap, GitHub-like ones do not), else as set; the other strategies never remap."""
+    from longtrain.parallel.balance.planner import plan_step
+    from longtrain.parallel.balance.remap import remap_pays
+    from longtrain.parallel.balance.simulator import MIXES, compare_strategies, sample_lengths, simulate
+
+    cm = CostModel(ModelShape.llama("7B"), resolve_cluster("A", 0, 16))
+    for mix, auto in (("arxiv", True), ("github", False)):
+        rng = np.random.default_rng(0)
+        lengths, bins = [], []
+        for b in range(2):
+            part = sample_lengths(rng, 8 * 16384, MIXES[mix])
+            lengths, bins = lengths + part, bins + [b] * len(part)
+        capacity = math.ceil(1.5 * 16384)
+        plan = plan_step(lengths, 16, "zeppelin", capacity=capacity + len(lengths), cp=8, bins=bins,
+                         gpus_per_node=8, **cm.planner_kwargs())
+        assert remap_pays(plan, cm) == auto
+        for setting, remapped in ((None, auto), (True, True), (False, False)):
+            sims = compare_strategies(lengths, bins, 16, 8, cm, capacity, remap=setting)
+            assert sims["zeppelin"].remapped == remapped, (mix, setting)
+            assert sims["zeppelin"].step_seconds == simulate(plan, cm, remapped).step_seconds
+            assert not any(sims[k].remapped for k in ("even_cp", "tokens", "hybrid_dp"))

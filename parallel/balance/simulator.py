@@ -31,6 +31,7 @@ ring's members) is added; the step is at least the critical path at one core per
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
@@ -47,6 +48,7 @@ class StepSimulation:
     idle: np.ndarray  # per rank: step_seconds - busy
     bytes_sent: np.ndarray  # per rank: ring + remap bytes of the step (all layers)
     events: list = field(default_factory=list)  # (rank, start, stop, kind) of one layer, forward
+    remapped: bool = False  # tokens balanced outside core attention (the remapping layer)
 
 
 def _kernel_calls(pieces_by_rank: dict) -> dict:
@@ -187,7 +189,7 @@ def simulate(plan: Plan, cm: CostModel, remap: bool = True, compute_scale: float
     step = layer * m.n_layers
     busy_step = busy * m.n_layers
     return StepSimulation(plan.strategy, step, busy_step, step - busy_step,
-                          (ring_bytes + 2 * remap_bytes) * m.n_layers, events)
+                          (ring_bytes + 2 * remap_bytes) * m.n_layers, events, remap)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,15 +220,20 @@ def sample_lengths(rng, budget: int, mix: dict, scale: float = 1.0) -> list[int]
 
 
 def compare_strategies(lengths: list[int], bins: list[int], world: int, cp: int, cm: CostModel, capacity: int,
-                       strategies=("even_cp", "tokens", "hybrid_dp", "zeppelin")) -> dict:
-    """{strategy: StepSimulation} for one step (zeppelin with remapping)."""
+                       strategies=("even_cp", "tokens", "hybrid_dp", "zeppelin"), remap: Optional[bool] = None,
+                       routing: bool = False) -> dict:
+    """{strategy: StepSimulation} for one step, as training runs it: zeppelin remapped per `remap`
+    (`parallel.balance_remap`: None = where the cost model says it pays, remap.remap_pays), the others
+    never; `routing`: the routing layer on (cost.routing_enabled)."""
     from longtrain.parallel.balance.planner import plan_step
+    from longtrain.parallel.balance.remap import remap_pays
 
     out = {}
     for strategy in strategies:
         plan = plan_step(lengths, world, strategy, capacity=capacity + len(lengths), cp=cp, bins=bins,
                          gpus_per_node=cm.cluster.gpus_per_node, **cm.planner_kwargs())
-        out[strategy] = simulate(plan, cm, remap=strategy == "zeppelin")
+        remapped = strategy == "zeppelin" and (remap if remap is not None else remap_pays(plan, cm))
+        out[strategy] = simulate(plan, cm, remap=remapped, routing=routing)
     return out
 
 
