@@ -648,10 +648,32 @@ class RowProducer:
 # ----------------------------------------------------------------------------------------------
 # Worker processes
 # ----------------------------------------------------------------------------------------------
+def exit_with_parent() -> None:
+    """In a data worker process: end it when the training process that started it ends, however that
+    ends. A worker is a daemon, but only a parent that exits normally ends its daemons; a rank killed by
+    the launcher (another rank failed) or by a signal leaves them blocked on a full queue forever,
+    holding the job's output open (a `longtrain train ... | tee` would never return). A thread waits on
+    the parent's sentinel and exits the process when it closes."""
+    import multiprocessing
+    import threading
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="longtrain-exit-with-parent", daemon=True).start()
+
+
 def worker_main(settings: DataSettings, lanes: int, my_lanes: list[int], cursor: int, dp_rank: int,
                 dp_degree: int, out_queue) -> None:
-    """Produce this worker's rows of the rank schedule into out_queue, forever (until killed)."""
+    """Produce this worker's rows of the rank schedule into out_queue, forever (until killed, or its
+    training process ends: exit_with_parent)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    exit_with_parent()
     try:
         producer = RowProducer(settings, lanes, my_lanes)
         producer.fast_forward(cursor)

@@ -65,6 +65,28 @@ from longtrain.parallel.balance.remap import remap_pays
 CAPACITY_FACTOR = 1.5  # a rank's attention-layout token capacity, over the group's mean tokens per rank
 
 
+def step_balance(plan, layout) -> tuple:
+    """(attention work max/mean, attention-layout tokens max/mean, ring groups, remapped) of one step's
+    plan and layout: what the trainer logs, averaged over its log window (Trainer._balance_metrics).
+    The same on every rank (the plan is), so nothing is communicated."""
+    work, tokens = plan.attention_work(), plan.tokens_per_rank()
+    rings = len({group for group, _ in plan.groups.values() if len(group) > 1})
+    return (float(work.max() / work.mean()) if work.mean() > 0 else 1.0,
+            float(tokens.max() / tokens.mean()) if tokens.mean() > 0 else 1.0,
+            rings, layout.to_attention is not None)
+
+
+def window_balance(steps: list) -> dict:
+    """The log record's balance keys from step_balance's tuples of the window's steps (empty: none)."""
+    if not steps:
+        return {}
+    attention, tokens, rings, remapped = zip(*steps)
+    return {"balance/attention_max_over_mean": sum(attention) / len(steps),
+            "balance/tokens_max_over_mean": sum(tokens) / len(steps),
+            "balance/rings_per_step": sum(rings) / len(steps),
+            "balance/remapped_steps": sum(remapped), "balance/steps": len(steps)}
+
+
 class StepMaker:
     """Packs, plans and materializes this rank's steps from a global row cursor: inline in the
     training process, or ahead of it in a worker process (balanced_worker_main). Everything it
@@ -358,7 +380,10 @@ def balanced_worker_main(maker: StepMaker, cursor: int, conn, exchange: tuple | 
     import os
     import queue
 
+    from longtrain.data.pipeline import exit_with_parent
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    exit_with_parent()  # a rank killed mid-step leaves no worker behind
     try:
         maker.start(cursor, _PipeExchange(conn, *exchange) if exchange is not None else None)
         while True:

@@ -129,4 +129,7 @@ def format_line(r: dict) -> str:
             + (f"  update {r['offload_update_s']:.3f}s (predicted {r['offload_update_s_predicted']:.3f}s"
                f", subgroups of {r['offload_subgroup_size']:,})"
                if "offload_update_s" in r else "")
-            + (f"  skipped records {r['skipped_records']}" if r.get("skipped_records") else ""))
+            + (f"  skipped records {r['skipped_records']}" if r.get("skipped_records") else "")
+            + (f"  balance: attention max/mean {r['balance/attention_max_over_mean']:.2f}, tokens "
+               f"{r['balance/tokens_max_over_mean']:.2f}, rings {r['balance/rings_per_step']:.1f}/step, remapped "
+               f"{r['balance/remapped_steps']}/{r['balance/steps']}" if "balance/steps" in r else ""))

@@ -216,6 +216,7 @@ class Trainer:
         self.optimizers = build_optimizers(self.parts, recipe, self.device)
 
         self.loader = self._build_loader("train")
+        self._balance_window: list = []  # parallel.balance: step_balance of each step since the last log
         self.step = 0
         # Per-step values the host reads only when it logs (one reduction per log window):
         # (step, this rank's loss share, global token count, grad norm), all device tensors.
@@ -551,7 +552,19 @@ class Trainer:
         if self.step + 1 in self._skip_batches:  # this step's batch made the loss or gradients non-finite
             self._skip_batches.discard(self.step + 1)
             batch = next(self.loader)
+        if getattr(self.loader, "last_plan", None) is not None:  # parallel.balance: the step trained
+            from longtrain.launcher.balanced_batches import step_balance
+
+            self._balance_window.append(step_balance(self.loader.last_plan, self.loader.last_layout))
         return batch
+
+    def _balance_metrics(self) -> dict:
+        """parallel.balance: the balance of the log window's steps (balanced_batches.window_balance);
+        starts the next window."""
+        from longtrain.launcher.balanced_batches import window_balance
+
+        steps, self._balance_window = self._balance_window, []
+        return window_balance(steps)
 
     def _loss_share(self, local: torch.Tensor | None) -> torch.Tensor:
         """This rank's share of the global mean token loss: each data/cp rank's loss counted once
@@ -640,6 +653,10 @@ class Trainer:
                      f"{recipe.train.steps} steps")
         logger.write(f"longtrain: model {describe_model(recipe.model, self.model_cfg)}")
         logger.write(f"longtrain: loss: {self.loss_path}")
+        if getattr(self.loader, "strategy", None) is not None:  # parallel.balance
+            remap = {None: "where the cost model says it pays", True: "every step", False: "off"}[self.loader.remap]
+            logger.write(f"longtrain: balance {self.loader.strategy}: each step's sequences planned over the "
+                         f"{self.loader.world} data x context ranks, remapping {remap}")
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
         peak = device_peak_tflops(self.device, recipe.run.peak_tflops)
         flops_per_token = self.model_cfg.flops_per_token(recipe.data.seq_len)
@@ -671,7 +688,7 @@ class Trainer:
                     record = {"step": self.step, "loss": loss, "lr": lr_at(self.step, recipe),
                               "grad_norm": grad_norm, "tokens_per_second": tps, "tflops_per_device": tflops,
                               "mfu": tflops / peak if peak else None, "peak_memory_gb": peak_memory_gb(self.device),
-                              **self._offload_metrics()}
+                              **self._offload_metrics(), **self._balance_metrics()}
                     skipped = self._skipped_records()
                     if skipped is not None:
                         record["skipped_records"] = skipped

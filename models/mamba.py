@@ -210,7 +210,7 @@ class Mamba2Mixer(SSMMixer):
         if self.dt_limit != (0.0, float("inf")):
             dt = dt.clamp(min=self.dt_limit[0], max=self.dt_limit[1])
         y = self.ssm_core(xBC, dt, mixer=self, doc_ids=doc_ids)
-        y = self.norm(y.reshape(b, l, -1), z)
+        y = self.norm(y.flatten(2), z)  # (not reshape(b, l, -1): l may be 0 in a balanced step)
         return self.out_proj(y.to(hidden.dtype))
 
 

@@ -165,7 +165,7 @@ class MLAttention(AttentionMixer):
     def query(self, x: torch.Tensor) -> torch.Tensor:
         """(B, S, local heads, qk head dim), before RoPE."""
         q = self.wq_b(self.q_norm(self.wq_a(x))) if self.cfg.q_lora_rank else self.wq(x)
-        return q.view(*x.shape[:2], -1, self.cfg.qk_head_dim)
+        return q.view(*x.shape[:2], q.shape[-1] // self.cfg.qk_head_dim, self.cfg.qk_head_dim)  # (S may be 0)
 
     def latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(c (B, S, kv_lora_rank) before kv_norm, k_rope (B, S, qk_rope_head_dim) before RoPE)."""
@@ -174,7 +174,8 @@ class MLAttention(AttentionMixer):
 
     def expand(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents (B, T, d_c) -> per-head k_nope (B, T, H, nope) and v (B, T, H, v)."""
-        kv = self.wkv_b(c).view(*c.shape[:2], -1, self.nope + self.v_dim)
+        kv = self.wkv_b(c)
+        kv = kv.view(*c.shape[:2], kv.shape[-1] // (self.nope + self.v_dim), self.nope + self.v_dim)  # (S may be 0)
         return torch.split(kv, [self.nope, self.v_dim], dim=-1)
 
     def forward(self, x, positions=None, doc_ids=None):
@@ -196,7 +197,7 @@ class MLAttention(AttentionMixer):
             k = torch.cat([k_nope, k_rope.expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
             part = self.core_attention(q, k, v, self.scale, positions=positions, doc_ids=doc_ids)
             out = part if out is None else out + part
-        return self.wo(out.reshape(bsz, seqlen, -1))
+        return self.wo(out.flatten(2))
 
     def latent_slices(self, c: torch.Tensor) -> list[torch.Tensor]:
         """[c] for MLA; for TPLA-aware training (tpla_degree g > 1) g copies of c, each zero outside

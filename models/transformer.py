@@ -229,8 +229,11 @@ class Attention(AttentionMixer):
         parallel the input arrives all-gathered, under context parallel it is this rank's shard."""
         bsz, seqlen, _ = x.shape
         # Head counts come from the (possibly tensor-parallel) projection outputs.
-        qkv = self.wqkv(x).view(bsz, seqlen, -1, self.q_per_kv + 2, self.head_dim)  # (B, S, Hkv, group, D)
-        q = qkv[:, :, :, :self.q_per_kv].reshape(bsz, seqlen, -1, self.head_dim)  # query head g·q_per_kv + j
+        # (explicit sizes, not -1: a rank may hold no tokens in a balanced step, S = 0)
+        qkv = self.wqkv(x)
+        kv_heads = qkv.shape[-1] // ((self.q_per_kv + 2) * self.head_dim)
+        qkv = qkv.view(bsz, seqlen, kv_heads, self.q_per_kv + 2, self.head_dim)  # (B, S, Hkv, group, D)
+        q = qkv[:, :, :, :self.q_per_kv].reshape(bsz, seqlen, kv_heads * self.q_per_kv, self.head_dim)  # head g·q_per_kv + j
         # v is copied out: the attention saves it for the backward, and a view would keep all of qkv alive
         k, v = qkv[:, :, :, self.q_per_kv], qkv[:, :, :, self.q_per_kv + 1].contiguous()
         if positions is None:
@@ -238,7 +241,7 @@ class Attention(AttentionMixer):
         cos, sin = self.rope(positions)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = self.core_attention(q, k, v, self.scale, positions=positions, doc_ids=doc_ids)
-        return self.wo(out.reshape(bsz, seqlen, -1))
+        return self.wo(out.flatten(2))
 
     def tp_styles(self) -> dict[str, TPStyle]:
         """Heads split across tp ranks: the projections to heads by output features, wo by input features."""

@@ -70,7 +70,8 @@ def engine_errors(cases: list[dict]) -> list[dict]:
                         "groups": sorted({len(g) for g, _ in plan.groups.values()}),
                         "followed_order": bool(followed.item()),
                         "held_s": held[0].item(), "emulated_messages": int(held[1]),
-                        "rings": sorted({g for g, _ in plan.groups.values() if len(g) > 1})})
+                        "rings": sorted({g for g, _ in plan.groups.values() if len(g) > 1}),
+                        "empty_ranks": int((plan.tokens_per_rank() == 0).sum())})
     return results
 
 
@@ -80,6 +81,15 @@ VARLEN = ["model.name=tiny", "data.seq_len=64", "data.packing=varlen", "data.tok
           "data.max_doc_len=160", "data.num_workers=0", "train.log_every=1", "run.progress=false",
           "run.tensorboard=false", "checkpoint.save_at_end=false", "optim.warmup_steps=2", "optim.lr=3e-3",
           "train.steps=5", "cluster.preset=local", "checkpoint.resume=never"]
+
+
+def _last_record(run_dir) -> dict:
+    """The last training record of a run's metrics.jsonl (rank 0 wrote it; the run has ended)."""
+    import json
+
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    return next((r for r in reversed(records) if "loss" in r), {})
 
 
 def train_balanced(cases: list) -> list[dict]:
@@ -111,7 +121,9 @@ def train_balanced(cases: list) -> list[dict]:
                     "remapped_steps": getattr(trainer.loader, "remapped_steps", 0),
                     "ssm_calls": dict(zip(("local", "ring"), ssm_calls.tolist())),
                     "ssm_core": sorted({type(c).__name__ for c in ssm_cores.values()}),
-                    "contiguous": bool(plan.contiguous) if plan else None})
+                    "contiguous": bool(plan.contiguous) if plan else None,
+                    "last_step_empty_ranks": int((plan.tokens_per_rank() == 0).sum()) if plan else 0,
+                    "last_record": _last_record(trainer.run_dir)})
         dist.barrier()
     return out
 
@@ -170,7 +182,8 @@ def ssm_errors(cases: list[dict]) -> list[dict]:
         dist.all_reduce(calls)
         results.append({"out": errors[0].item(), "dx": errors[1].item(), "dparams": errors[2].item(),
                         "local": int(calls[0]), "ring": int(calls[1]),
-                        "groups": sorted({len(g) for g, _ in plan.groups.values()})})
+                        "groups": sorted({len(g) for g, _ in plan.groups.values()}),
+                        "empty_ranks": int((plan.tokens_per_rank() == 0).sum())})
     return results
 
 

@@ -124,3 +124,34 @@ def test_a_preset_short_of_the_runs_sequences_is_said_once(tmp_path):
             "priced at the 128-token rate; `longtrain probe --lengths 256` measures them")
     assert batches.table_note == note and covered.table_note == ""
     assert said == [f"parallel.balance: {note}"]
+
+
+def test_the_log_says_how_balanced_the_window_was():
+    """step_balance / window_balance: per step the attention work's and the attention tokens' max/mean
+    over the ranks, the ring groups and whether it remapped; averaged over the log window, written out
+    for a tokens plan (3000-token ring over ranks 0-2, 700 tokens on rank 3) and a local one; the log
+    line carries them."""
+    import pytest
+
+    from longtrain.launcher.balanced_batches import step_balance, window_balance
+    from longtrain.launcher.metrics import format_line
+    from longtrain.parallel.balance.engine import StepLayout
+    from longtrain.parallel.balance.planner import plan_step
+
+    ring = plan_step([3000, 700], 4, "tokens", capacity=1100)
+    assert {g for g, _ in ring.groups.values()} == {(0, 1, 2), (3,)}
+    work = ring.attention_work()
+    first = step_balance(ring, StepLayout.build(ring, 0, remap=True))
+    assert first == (pytest.approx(work.max() / work.mean()), pytest.approx(1000 / (3700 / 4)), 1, True)
+    local = plan_step([10, 10, 10, 10], 4, "tokens", capacity=100)
+    second = step_balance(local, StepLayout.build(local, 0, remap=False))
+    assert second == (1.0, 1.0, 0, False)
+    record = window_balance([first, second])
+    assert record == {"balance/attention_max_over_mean": pytest.approx((first[0] + 1.0) / 2),
+                      "balance/tokens_max_over_mean": pytest.approx((first[1] + 1.0) / 2),
+                      "balance/rings_per_step": 0.5, "balance/remapped_steps": 1, "balance/steps": 2}
+    assert window_balance([]) == {}
+    line = format_line({"step": 2, "loss": 1.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_second": 10.0,
+                        "tflops_per_device": 0.0, "mfu": None, "peak_memory_gb": 0.0, **record})
+    assert line.endswith(f"balance: attention max/mean {record['balance/attention_max_over_mean']:.2f}, tokens "
+                         f"{record['balance/tokens_max_over_mean']:.2f}, rings 0.5/step, remapped 1/2")

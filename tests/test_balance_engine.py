@@ -2,7 +2,8 @@
 1e-5 (fp32) at 2 and 4 ranks, for one step mixing lengths 1, 7, 100, 3000 and
 one sequence longer than a rank's capacity, under every strategy, with and without remapping; and
 it ran what the plan says (local and ring calls, remap exchanges); with the routing layer on over two
-simulated nodes of two ranks, inter-node hops go through proxies and stay exact."""
+simulated nodes of two ranks, inter-node hops go through proxies and stay exact; a rank with no
+attention tokens in the step takes part in the backward (remapped or not)."""
 import pytest
 
 from balance_cases import engine_errors
@@ -25,6 +26,11 @@ def _cases(world):
                       "routing": True, "remap": False, "name": "even_cp routed"})
         cases.append({"lengths": LENGTHS, "strategy": "zeppelin", "capacity": 1500, "tau": 16, "gpus_per_node": 2,
                       "routing": True, "name": "zeppelin routed"})
+        # a rank with no attention tokens (a ring of (0, 1), a local sequence on 2, nothing on 3): its output
+        # stays in the graph, so its backward (and, remapped, the exchange's backward collective) runs
+        for remap in (True, False):
+            cases.append({"lengths": [2000, 700], "strategy": "tokens", "capacity": 1500, "remap": remap,
+                          "empty": True, "name": f"tokens, a rank with no attention tokens, remap={remap}"})
         # three nested rings ((0, 1), (2, 3), (0, 1, 2, 3)) run in the reverse of their schedule
         cases.append({"lengths": [32, 1192, 977, 46, 59], "strategy": "zeppelin", "capacity": 900, "tau": 16,
                       "reverse_order": True, "name": "zeppelin, slots in reversed order"})
@@ -47,5 +53,6 @@ def test_engine_matches_single_device(world):
         assert (res["remap"] > 0) == case.get("remap", True), res
         assert (res["routed"] > 0) == case.get("routing", False), res
         assert res["followed_order"], f"{case['name']}: a rank ran its slots out of the plan's order"
+        assert (res["empty_ranks"] > 0) == case.get("empty", False), res
         if case.get("reverse_order"):
             assert len(res["rings"]) == 3, res  # routed hops ran (only) when asked

@@ -17,11 +17,16 @@ def test_balanced_ssm_matches_one_device():
         {"lengths": mixed, "strategy": "even_cp", "capacity": 200},  # every sequence over all 4 ranks
         {"lengths": mixed, "strategy": "zeppelin", "capacity": 200, "tau": 30, "gpus_per_node": 2},
         {"lengths": [5, 9, 6], "strategy": "even_cp", "capacity": 20, "d_conv": 4},  # chunks of 1-3 < d_conv-1
+        # a ring of (0, 1), a local sequence on 2, nothing to scan on 3: its parameters still get (zero)
+        # gradients, remapped or not
+        {"lengths": [200, 70], "strategy": "tokens", "capacity": 150, "empty": True},
+        {"lengths": [200, 70], "strategy": "tokens", "capacity": 150, "remap": False, "empty": True},
     ]
     results = run_group(4, ssm_errors, cases)
     for case, res in zip(cases, results):
         assert res["out"] < 1e-9 and res["dx"] < 1e-9 and res["dparams"] < 1e-6, (case, res)
         assert res["ring"] > 0, (case, res)
+        assert (res["empty_ranks"] > 0) == case.get("empty", False), (case, res)
     assert max(results[0]["groups"]) > 1 and results[0]["local"] > 0
     assert results[2]["groups"] == [4]
 

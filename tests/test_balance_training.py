@@ -25,6 +25,7 @@ def test_balanced_training_matches_one_process():
         ["parallel.balance=none"],  # plain single-process varlen: one bin per step
         ["parallel.balance=tokens"],  # the same through the balance path at one rank
         ["parallel.balance=tokens", "parallel.balance_bins=2"],  # two bins per step, as dp2 x cp2 reads
+        ["parallel.balance=none", "data.max_doc_len=384"],  # steps of one or two long documents
     ])
     _close(reference[1]["losses"], reference[0]["losses"], rel=1e-6)
     cases = [CP4 + [f"parallel.balance={s}"] for s in ("zeppelin", "tokens", "even_cp", "hybrid_dp")]
@@ -34,9 +35,19 @@ def test_balanced_training_matches_one_process():
     cases += [CP4 + ["cluster.gpus_per_node=2", "parallel.balance=even_cp", "cluster.routing=true"]]
     # tp peers follow their balancing rank (tp2 x cp2: a group of 2; no sequence parallel under varlen)
     cases += [["parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=false", "parallel.balance=zeppelin"]]
+    # a step of one long document rings it over three ranks and leaves the fourth without tokens: that
+    # rank still runs forward and backward (its parameters get zero gradients; FSDP reduces them all)
+    cases += [CP4 + ["parallel.balance=tokens", "data.max_doc_len=384"]]
     results = run_group(4, train_balanced, cases)
+    assert results[-1]["last_step_empty_ranks"] > 0, results[-1]
+    assert "balance/steps" not in reference[0]["last_record"]  # no balance, no balance metrics
     for case, res in zip(cases, results):
         ref = reference[2] if "parallel.dp_shard=2" in case else reference[0]
+        ref = reference[3] if "data.max_doc_len=384" in case else ref
+        # the log record says how balanced the step was (log_every=1: one step a record)
+        record = res["last_record"]
+        assert record["balance/steps"] == 1 and record["balance/attention_max_over_mean"] >= 1.0, (case, record)
+        assert record["balance/remapped_steps"] in (0, 1) and record["balance/tokens_max_over_mean"] >= 1.0
         _close(res["losses"], ref["losses"])
         if "parallel.cp=4" in case or "parallel.balance=even_cp" in case:
             # documents of up to 160 tokens exceed a cp4 rank's capacity (1.5 x 96): they must ring

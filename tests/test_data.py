@@ -1,4 +1,5 @@
 """The built-in offline data pipeline: byte tokenizer, stdlib corpus, fixed-length loader."""
+import os
 import time
 
 import numpy as np
@@ -222,3 +223,71 @@ def test_build_loader_errors():
         build_loader(data_cfg(tokenizer="spm"), dp_rank=0, dp_degree=1, seed=0)
     with pytest.raises(ValueError, match="dp_rank"):
         build_loader(data_cfg(), dp_rank=2, dp_degree=2, seed=0)
+
+
+def _blocked_worker(q) -> None:
+    """A data worker stuck on a full queue (its consumer gone), as in a killed rank's data worker."""
+    from longtrain.data.pipeline import exit_with_parent
+
+    exit_with_parent()
+    while True:
+        q.put("row")
+
+
+def _rank_that_dies(pid_file: str, with_watch: bool) -> None:
+    """A training process: starts a daemon data worker, then dies without cleanup (as when killed)."""
+    import multiprocessing as mp
+    import os
+    import time
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue(maxsize=1)
+    target = _blocked_worker if with_watch else _blocked_worker_unwatched
+    worker = ctx.Process(target=target, args=(q,), daemon=True)
+    worker.start()
+    with open(pid_file, "w") as f:
+        f.write(str(worker.pid))
+    time.sleep(2.0)  # the worker imports, starts its watch, and blocks on the full queue
+    os._exit(1)  # no atexit: daemon children are not ended
+
+
+def _blocked_worker_unwatched(q) -> None:
+    while True:
+        q.put("row")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc for the worker's state")
+def test_a_data_worker_ends_with_its_training_process(tmp_path):
+    """exit_with_parent (both data workers call it first): a worker whose training process dies without
+    cleanup (killed by the launcher when another rank failed) exits within seconds; without it the
+    same worker stays blocked on its full queue (checked, then killed)."""
+    import multiprocessing as mp
+    import signal
+    import time
+
+    ctx = mp.get_context("spawn")
+    pids = {}
+    for with_watch in (True, False):
+        pid_file = tmp_path / f"worker{with_watch}.pid"
+        rank = ctx.Process(target=_rank_that_dies, args=(str(pid_file), with_watch))
+        rank.start()
+        rank.join(timeout=60)
+        pids[with_watch] = int(pid_file.read_text())
+    deadline = time.monotonic() + 15
+    while _alive(pids[True]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    try:
+        assert not _alive(pids[True]), "the watched worker outlived its training process"
+        assert _alive(pids[False]), "the unwatched worker ended anyway: the test shows nothing"
+    finally:
+        for pid in pids.values():
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -105,6 +105,16 @@ class StepLayout:
         return layout
 
 
+def empty_in_graph(shape, *inputs) -> torch.Tensor:
+    """Zeros of `shape` (no tokens: numel 0) that depend on every input. A rank whose step gives it no
+    tokens for a core still runs its backward through the inputs, so their projections get (zero)
+    gradients as on every other rank (FSDP reduces the same parameters everywhere) and the remapping
+    exchange's backward collective runs on every rank. A detached tensor here would hang or corrupt
+    the step (a gloo size mismatch at the gradient reduce-scatter)."""
+    anchor = sum(t.sum() for t in inputs if t is not None) * 0.0
+    return inputs[0].new_zeros(shape) + anchor
+
+
 class BalancedAttention:
     """core_attention(q, k, v, scale, positions, doc_ids) for the balanced layout of the current
     step (`set_step`). `group`: the balancing group's process group; `global_ranks[i]`: the global
@@ -151,7 +161,8 @@ class BalancedAttention:
                                           self.kv_chunks)
                 self.calls["ring"] += 1
             outs.append(out[:, :slot.real])
-        out = torch.cat(outs, dim=1) if outs else q.new_zeros(q.shape)
+        # a rank holding no attention tokens this step: an empty output that keeps q, k, v in the graph
+        out = torch.cat(outs, dim=1) if outs else empty_in_graph(q.shape[:3] + v.shape[3:], q, k, v)
         if remap:
             out = TokenExchange.apply(out, layout.to_linear, layout.to_attention, self.group)
         return out

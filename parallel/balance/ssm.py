@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from longtrain.kernels.ssd import causal_conv1d, initial_state_contribution, log_decay_to_end, ssd_scan
+from longtrain.parallel.balance.engine import empty_in_graph
 from longtrain.parallel.balance.planner import contiguous_bounds
 from longtrain.parallel.balance.remap import TokenExchange
 from longtrain.parallel.context.comm import P2PTag, RingExchange, SubRing
@@ -103,7 +104,8 @@ class BalancedSSMCore:
             anchors.append(anchor)
             self.calls["ring"] += 1
         h, p = dt.shape[-1], mixer.head_dim
-        out = torch.cat(outs, dim=1) if outs else xBC.new_zeros(xBC.shape[0], 0, h, p)
+        # a rank holding no tokens to scan this step: an empty output that keeps the core's inputs in the graph
+        out = torch.cat(outs, dim=1) if outs else empty_in_graph((xBC.shape[0], 0, h, p), xBC, dt, weight, bias, A, D)
         if anchors:  # every value received in a pass is in the graph, so every member runs every pass backward
             out = out + sum(anchors)
         if remap:
