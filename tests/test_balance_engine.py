@@ -56,3 +56,19 @@ def test_engine_matches_single_device(world):
         assert (res["empty_ranks"] > 0) == case.get("empty", False), res
         if case.get("reverse_order"):
             assert len(res["rings"]) == 3, res  # routed hops ran (only) when asked
+
+
+def test_an_empty_output_stays_in_the_graph_in_the_inputs_dtype():
+    """engine.empty_in_graph: no tokens, but every input (tensors and parameters, any dtype) gets a
+    (zero) gradient through it, and it has the first input's dtype (bf16 q with fp32 scan parameters:
+    a remapped output's exchange must move the same dtype on every rank)."""
+    import torch
+
+    from longtrain.parallel.balance.engine import empty_in_graph
+
+    q = torch.zeros(1, 0, 4, 8, dtype=torch.bfloat16, requires_grad=True)
+    a_log = torch.ones(4, requires_grad=True)
+    out = empty_in_graph((1, 0, 4, 16), q, a_log, None)
+    assert out.shape == (1, 0, 4, 16) and out.dtype == torch.bfloat16 and out.grad_fn is not None
+    out.sum().backward()
+    assert q.grad.shape == q.shape and torch.equal(a_log.grad, torch.zeros(4))

@@ -110,9 +110,10 @@ def empty_in_graph(shape, *inputs) -> torch.Tensor:
     tokens for a core still runs its backward through the inputs, so their projections get (zero)
     gradients as on every other rank (FSDP reduces the same parameters everywhere) and the remapping
     exchange's backward collective runs on every rank. A detached tensor here would hang or corrupt
-    the step (a gloo size mismatch at the gradient reduce-scatter)."""
-    anchor = sum(t.sum() for t in inputs if t is not None) * 0.0
-    return inputs[0].new_zeros(shape) + anchor
+    the step (a gloo size mismatch at the gradient reduce-scatter). In the first input's dtype, as the
+    cores' outputs are (a remapped output travels in an exchange whose bytes every rank must agree on)."""
+    anchor = sum(t.sum().float() for t in inputs if t is not None) * 0.0
+    return inputs[0].new_zeros(shape) + anchor.to(inputs[0].dtype)
 
 
 class BalancedAttention:
