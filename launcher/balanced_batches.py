@@ -60,9 +60,15 @@ from longtrain.models.registry import kind_of
 from longtrain.parallel.balance.cost import CostModel, ModelShape, attention_table_note, resolve_cluster
 from longtrain.parallel.balance.engine import StepLayout
 from longtrain.parallel.balance.planner import plan_step
-from longtrain.parallel.balance.remap import remap_pays
+from longtrain.parallel.balance.remap import remaps
 
 CAPACITY_FACTOR = 1.5  # a rank's attention-layout token capacity, over the group's mean tokens per rank
+
+
+def attention_capacity(bins: int, budget: int, group_size: int) -> int:
+    """Tokens a rank may hold in the attention layout: CAPACITY_FACTOR x the group's mean tokens per rank
+    (`bins` bins of `budget` tokens a step); the trainer's loader and `plan balance` plan with it."""
+    return math.ceil(CAPACITY_FACTOR * bins * budget / group_size)
 
 
 def step_balance(plan, layout) -> tuple:
@@ -128,7 +134,7 @@ class StepMaker:
         capacity = a["capacity"] + len(lengths)  # zigzag remainders (a token per sequence) under even_cp
         plan = plan_step(lengths, a["world"], a["strategy"], capacity=capacity, gpus_per_node=a["gpus_per_node"],
                          cp=a["cp"], bins=bins, contiguous=a["contiguous"], **a["planner"])
-        remap = a["remap"] if a["remap"] is not None else remap_pays(plan, a["cost_model"])
+        remap = remaps(a["remap"], plan, a["cost_model"])
         layout = StepLayout.build(plan, self.rank, remap)
         arrays = self._materialize(layout.linear_ids, pieces, lengths)
         stream = producer.stream
@@ -184,7 +190,7 @@ class BalancedBatches:
         self.cp, self.dp = recipe.parallel.cp, dp
         # remapping (zeppelin only): true, false, or None = per step by the cost model (remap.remap_pays)
         self.remap = recipe.parallel.balance_remap if strategy == "zeppelin" else False
-        self.capacity = math.ceil(CAPACITY_FACTOR * self.bins * settings.budget / group_size)
+        self.capacity = attention_capacity(self.bins, settings.budget, group_size)
         cluster = resolve_cluster(recipe.cluster.preset, recipe.cluster.gpus_per_node, world=group_size)
         self.gpus_per_node = cluster.gpus_per_node
         self.cost_model = CostModel(ModelShape.of(model_cfg, tp), cluster)

@@ -18,7 +18,6 @@ worker that failed while running).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
@@ -183,11 +182,12 @@ def _plan_balance(args, overrides) -> int:
             lengths += [cu[i + 1] - cu[i] for i in range(len(cu) - 1)]
             bins += [b % dp] * (len(cu) - 1)
         source = f"the recipe's data ({len(lengths)} sequences)"
-    from longtrain.launcher.balanced_batches import CAPACITY_FACTOR
+    from longtrain.launcher.balanced_batches import attention_capacity
     from longtrain.parallel.balance.cost import routing_enabled
+    from longtrain.parallel.balance.remap import REMAP_SETTINGS
 
     routing = routing_enabled(recipe.cluster.routing, recipe.cluster.preset, recipe.cluster.gpus_per_node, group)
-    sims = compare_strategies(lengths, bins, group, cp, cm, capacity=math.ceil(CAPACITY_FACTOR * bins_n * budget / group),
+    sims = compare_strategies(lengths, bins, group, cp, cm, capacity=attention_capacity(bins_n, budget, group),
                               remap=p.balance_remap, routing=routing)
     per_node = min(cm.cluster.gpus_per_node, group)  # a preset's node may be larger than the group
     nodes = group // per_node
@@ -201,8 +201,7 @@ def _plan_balance(args, overrides) -> int:
         print(f"  {name:10s} step {sim.step_seconds:10.4g} s  ({sim.step_seconds / best:5.2f}x the best)  busy "
               f"max {sim.busy.max():.3g} s mean {sim.busy.mean():.3g} s  idle mean {sim.idle.mean():.3g} s  "
               f"sent max {sim.bytes_sent.max() / 2 ** 20:.1f} MiB" + ("  remapped" if sim.remapped else ""))
-    remap_how = {None: "where the cost model says it pays", True: "always", False: "never"}[p.balance_remap]
-    print(f"  (as training runs them: zeppelin remaps {remap_how} (parallel.balance_remap), routing "
+    print(f"  (as training runs them: zeppelin remaps {REMAP_SETTINGS[p.balance_remap]} (parallel.balance_remap), routing "
           f"{'on' if routing else 'off'} (cluster.routing))")
     out = args.out or f"{recipe.run.dir}/balance_plan.png"
     from pathlib import Path

@@ -654,9 +654,11 @@ class Trainer:
         logger.write(f"longtrain: model {describe_model(recipe.model, self.model_cfg)}")
         logger.write(f"longtrain: loss: {self.loss_path}")
         if getattr(self.loader, "strategy", None) is not None:  # parallel.balance
-            remap = {None: "where the cost model says it pays", True: "every step", False: "off"}[self.loader.remap]
+            from longtrain.parallel.balance.remap import REMAP_SETTINGS
+
             logger.write(f"longtrain: balance {self.loader.strategy}: each step's sequences planned over the "
-                         f"{self.loader.world} data x context ranks, remapping {remap}")
+                         f"{self.loader.world} data x context ranks, remapping "
+                         f"{REMAP_SETTINGS[self.loader.remap]}")
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
         peak = device_peak_tflops(self.device, recipe.run.peak_tflops)
         flops_per_token = self.model_cfg.flops_per_token(recipe.data.seq_len)

@@ -225,11 +225,12 @@ def test_build_loader_errors():
         build_loader(data_cfg(), dp_rank=2, dp_degree=2, seed=0)
 
 
-def _blocked_worker(q) -> None:
+def _blocked_worker(q, with_watch: bool) -> None:
     """A data worker stuck on a full queue (its consumer gone), as in a killed rank's data worker."""
     from longtrain.data.pipeline import exit_with_parent
 
-    exit_with_parent()
+    if with_watch:
+        exit_with_parent()
     while True:
         q.put("row")
 
@@ -242,18 +243,12 @@ def _rank_that_dies(pid_file: str, with_watch: bool) -> None:
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue(maxsize=1)
-    target = _blocked_worker if with_watch else _blocked_worker_unwatched
-    worker = ctx.Process(target=target, args=(q,), daemon=True)
+    worker = ctx.Process(target=_blocked_worker, args=(q, with_watch), daemon=True)
     worker.start()
     with open(pid_file, "w") as f:
         f.write(str(worker.pid))
     time.sleep(2.0)  # the worker imports, starts its watch, and blocks on the full queue
     os._exit(1)  # no atexit: daemon children are not ended
-
-
-def _blocked_worker_unwatched(q) -> None:
-    while True:
-        q.put("row")
 
 
 def _alive(pid: int) -> bool:

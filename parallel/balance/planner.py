@@ -266,17 +266,15 @@ def schedule_slots(groups: dict, lengths: list[int], world: int, cost: Callable[
     return {group: place for place, group in enumerate(best + local)}
 
 
-def _makespan(order: list, seconds: dict, world: int, after: Optional[list] = None) -> float:
-    """When the last rank ends if every slot starts once all its members are free (and each rank then
-    works `after[rank]` seconds more)."""
+def _makespan(order: list, seconds: dict, world: int, after: list) -> float:
+    """When the last rank ends if every slot starts once all its members are free and each rank then
+    works `after[rank]` seconds more."""
     clock = [0.0] * world
     for group in order:
         end = max(clock[r] for r in group) + seconds[group]
         for r in group:
             clock[r] = end
-    if after is not None:
-        clock = [c + a for c, a in zip(clock, after)]
-    return max(clock)
+    return max(c + a for c, a in zip(clock, after))
 
 
 def shared_makespan(work, cores: int) -> float:

@@ -131,6 +131,16 @@ def remap_pays(plan, cm) -> bool:
     return saved > cost
 
 
+# parallel.balance_remap's settings, as the trainer's header and `plan balance` say them
+REMAP_SETTINGS = {None: "where the cost model says it pays", True: "every step", False: "never"}
+
+
+def remaps(setting, plan, cm) -> bool:
+    """Whether a step remaps under parallel.balance_remap `setting`: as set, or (None, auto) where
+    remap_pays says so. The trainer's loader and `plan balance` both decide here."""
+    return bool(setting) if setting is not None else remap_pays(plan, cm)
+
+
 @dataclass
 class Route:
     """One rank's part of a move between two layouts: gather `send_index` of its source-layout

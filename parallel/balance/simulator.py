@@ -223,16 +223,16 @@ def compare_strategies(lengths: list[int], bins: list[int], world: int, cp: int,
                        strategies=("even_cp", "tokens", "hybrid_dp", "zeppelin"), remap: Optional[bool] = None,
                        routing: bool = False) -> dict:
     """{strategy: StepSimulation} for one step, as training runs it: zeppelin remapped per `remap`
-    (`parallel.balance_remap`: None = where the cost model says it pays, remap.remap_pays), the others
+    (`parallel.balance_remap`: None = where the cost model says it pays; remap.remaps), the others
     never; `routing`: the routing layer on (cost.routing_enabled)."""
     from longtrain.parallel.balance.planner import plan_step
-    from longtrain.parallel.balance.remap import remap_pays
+    from longtrain.parallel.balance.remap import remaps
 
     out = {}
     for strategy in strategies:
         plan = plan_step(lengths, world, strategy, capacity=capacity + len(lengths), cp=cp, bins=bins,
                          gpus_per_node=cm.cluster.gpus_per_node, **cm.planner_kwargs())
-        remapped = strategy == "zeppelin" and (remap if remap is not None else remap_pays(plan, cm))
+        remapped = strategy == "zeppelin" and remaps(remap, plan, cm)
         out[strategy] = simulate(plan, cm, remap=remapped, routing=routing)
     return out
 
