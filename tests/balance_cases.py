@@ -6,9 +6,10 @@ import torch.distributed as dist
 
 
 def engine_errors(cases: list[dict]) -> list[dict]:
-    """For each case {lengths, strategy, capacity, remap, cp, gpus_per_node, heads, kv_heads}: the
-    balance engine's out, dq, dk, dv against single-device attention of every document (largest
-    error over ranks), and what ran (local/ring calls, summed over ranks)."""
+    """For each case {lengths, strategy, capacity, remap, cp, gpus_per_node, heads, kv_heads, v_dim}:
+    the balance engine's out, dq, dk, dv against single-device attention of every document (largest
+    error over ranks), and what ran (local/ring calls, summed over ranks). `v_dim`: the value head dim
+    where it differs from the query/key one (8), as in MLA."""
     from longtrain.kernels.attention import BlockMask, attention
     from longtrain.parallel.balance.engine import BalancedAttention, StepLayout
     from longtrain.parallel.balance.planner import plan_step
@@ -21,8 +22,10 @@ def engine_errors(cases: list[dict]) -> list[dict]:
         lengths = case["lengths"]
         total = sum(lengths)
         heads, kv_heads, dim = case.get("heads", 2), case.get("kv_heads", 1), 8
+        v_dim = case.get("v_dim", dim)
         gen = torch.Generator().manual_seed(7)
-        q, k, v, dout = (torch.randn(1, total, h, dim, generator=gen) for h in (heads, kv_heads, kv_heads, heads))
+        q, k, v, dout = (torch.randn(1, total, h, d, generator=gen)
+                         for h, d in ((heads, dim), (kv_heads, dim), (kv_heads, v_dim), (heads, v_dim)))
         # the reference: plain causal attention of each document on its own, on one device
         ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
         ref_parts, start = [], 0

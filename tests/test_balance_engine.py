@@ -3,7 +3,8 @@
 one sequence longer than a rank's capacity, under every strategy, with and without remapping; and
 it ran what the plan says (local and ring calls, remap exchanges); with the routing layer on over two
 simulated nodes of two ranks, inter-node hops go through proxies and stay exact; a rank with no
-attention tokens in the step takes part in the backward (remapped or not)."""
+attention tokens in the step takes part in the backward (remapped or not); MLA's head dims (value
+head dim below the query/key one), remapped."""
 import pytest
 
 from balance_cases import engine_errors
@@ -34,6 +35,10 @@ def _cases(world):
         # three nested rings ((0, 1), (2, 3), (0, 1, 2, 3)) run in the reverse of their schedule
         cases.append({"lengths": [32, 1192, 977, 46, 59], "strategy": "zeppelin", "capacity": 900, "tau": 16,
                       "reverse_order": True, "name": "zeppelin, slots in reversed order"})
+    # MLA's shapes: as many key/value heads as query heads, a value head dim (5) below the query/key one (8);
+    # remapped, q, k and v travel in one exchange
+    cases.append({"lengths": LENGTHS, "strategy": "zeppelin", "capacity": 2600 if world == 2 else 1500, "tau": 16,
+                  "heads": 2, "kv_heads": 2, "v_dim": 5, "remap": True, "name": "zeppelin, MLA head dims"})
     cases.append({"lengths": LENGTHS, "strategy": "zeppelin", "capacity": 1500, "tau": 16, "gpus_per_node": 2,
                   "heads": 4, "kv_heads": 1, "name": "zeppelin two nodes gqa 4:1"} if world == 4 else
                  {"lengths": [1, 2, 3], "strategy": "even_cp", "capacity": 8, "name": "even_cp shorter than the ring"})

@@ -38,14 +38,20 @@ HYBRID = ["model.kind=hybrid", "model.name=hybrid-tiny", "data.max_doc_len=384"]
 @pytest.mark.slow  # three process groups, ~1 min on 2 cores
 def test_balanced_hybrid_training_matches_one_process():
     """A hybrid Mamba stack (hybrid-tiny: Mamba-2, attention and MLP layers) trained 5 steps on varlen
-    bins under zeppelin at cp2 and at tp2 x cp2 gives the per-step losses of one process within 1e-4
-    relative; the scans ran in ring groups (BalancedSSMCore installed, ring slots counted) over
+    bins under zeppelin at cp2, at tp2 x cp2 and at cp4 remapped, with and without activation
+    checkpointing, gives the per-step losses of one process within 1e-4 relative; the scans ran in ring groups (BalancedSSMCore installed, ring slots counted) over
     contiguous chunks."""
     (reference,) = run_group(1, train_balanced, [HYBRID + ["parallel.balance=none"]])
     (cp2,) = run_group(2, train_balanced, [HYBRID + ["parallel.cp=2", "parallel.balance=zeppelin"]])
-    (tp2cp2,) = run_group(4, train_balanced, [HYBRID + ["parallel.cp=2", "parallel.tp=2",
-                                                        "parallel.sequence_parallel=false", "parallel.balance=zeppelin"]])
-    for res in (cp2, tp2cp2):
+    remapped_cp4 = HYBRID + ["parallel.cp=4", "parallel.balance=zeppelin", "parallel.balance_remap=true"]
+    tp2cp2, cp4, cp4_recompute = run_group(4, train_balanced, [
+        HYBRID + ["parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=false", "parallel.balance=zeppelin"],
+        remapped_cp4, remapped_cp4 + ["parallel.activation_checkpoint=full"]])
+    # activation checkpointing: the recompute runs every scan and attention ring (and remap exchange) again
+    assert cp4["remapped_steps"] == 5 and cp4["ssm_calls"]["ring"] > 0, cp4
+    assert cp4_recompute["ssm_calls"] == {k: 2 * n for k, n in cp4["ssm_calls"].items()}, (cp4, cp4_recompute)
+    assert cp4_recompute["calls"] == {k: 2 * n for k, n in cp4["calls"].items()}, (cp4, cp4_recompute)
+    for res in (cp2, tp2cp2, cp4, cp4_recompute):
         assert res["losses"].keys() == reference["losses"].keys() and len(res["losses"]) == 5
         for step, loss in reference["losses"].items():
             assert abs(res["losses"][step] - loss) <= 1e-4 * abs(loss), (step, res["losses"], reference["losses"])

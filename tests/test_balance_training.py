@@ -2,7 +2,9 @@
 model, 5 steps of varlen bins, at cp4 and dp2 x cp2 (two simulated nodes of two ranks) under
 zeppelin, tokens, even_cp and hybrid_dp, zeppelin with remapping off and on (the default: per step by
 the cost model), even_cp at cp4 over two simulated
-nodes with the routing layer on (its ring spans both nodes), and zeppelin at tp2 x cp2."""
+nodes with the routing layer on (its ring spans both nodes), zeppelin at tp2 x cp2, and zeppelin
+remapped with activation checkpointing (every ring and exchange run again in the recompute) and with
+MLA."""
 
 import pytest
 from balance_cases import train_balanced
@@ -26,6 +28,7 @@ def test_balanced_training_matches_one_process():
         ["parallel.balance=tokens"],  # the same through the balance path at one rank
         ["parallel.balance=tokens", "parallel.balance_bins=2"],  # two bins per step, as dp2 x cp2 reads
         ["parallel.balance=none", "data.max_doc_len=384"],  # steps of one or two long documents
+        ["parallel.balance=none", "model.attention=mla"],  # MLA (mla-tiny)
     ])
     _close(reference[1]["losses"], reference[0]["losses"], rel=1e-6)
     cases = [CP4 + [f"parallel.balance={s}"] for s in ("zeppelin", "tokens", "even_cp", "hybrid_dp")]
@@ -38,12 +41,20 @@ def test_balanced_training_matches_one_process():
     # a step of one long document rings it over three ranks and leaves the fourth without tokens: that
     # rank still runs forward and backward (its parameters get zero gradients; FSDP reduces them all)
     cases += [CP4 + ["parallel.balance=tokens", "data.max_doc_len=384"]]
+    # activation checkpointing (its recompute runs every ring and exchange again) and MLA (its value head
+    # dim is not its query/key one: q, k and v travel in one exchange), remapped
+    cases += [CP4 + ["parallel.balance=zeppelin", "parallel.balance_remap=true", "parallel.activation_checkpoint=full"]]
+    cases += [CP4 + ["parallel.balance=zeppelin", "parallel.balance_remap=true", "model.attention=mla"]]
     results = run_group(4, train_balanced, cases)
-    assert results[-1]["last_step_empty_ranks"] > 0, results[-1]
+    remapped = results[cases.index(CP4 + ["parallel.balance=zeppelin", "parallel.balance_remap=true"])]
+    recomputed = results[-2]
+    assert recomputed["calls"] == {k: 2 * n for k, n in remapped["calls"].items()}, (remapped, recomputed)
+    assert results[-3]["last_step_empty_ranks"] > 0, results[-3]
     assert "balance/steps" not in reference[0]["last_record"]  # no balance, no balance metrics
     for case, res in zip(cases, results):
         ref = reference[2] if "parallel.dp_shard=2" in case else reference[0]
         ref = reference[3] if "data.max_doc_len=384" in case else ref
+        ref = reference[4] if "model.attention=mla" in case else ref
         # the log record says how balanced the step was (log_every=1: one step a record)
         record = res["last_record"]
         assert record["balance/steps"] == 1 and record["balance/attention_max_over_mean"] >= 1.0, (case, record)

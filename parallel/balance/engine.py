@@ -14,7 +14,7 @@ Groups run in one global order every rank follows (the plan's schedule, planner.
 rings in the order they can start, inter-node first on ties, local work last), so rings never wait
 on each other in a cycle. With `routing`, a ring that spans nodes sends its inter-node hops through proxy ranks
 (routing.py). With remapping the tensors arrive in the linear layout and one all_to_all_single
-moves q, k, v (concatenated on the head axis) into the attention layout; one moves the output back.
+moves q, k, v (each flattened per token, concatenated) into the attention layout; one moves the output back.
 """
 from __future__ import annotations
 
@@ -137,9 +137,13 @@ class BalancedAttention:
             raise RuntimeError("BalancedAttention: no step layout set (the trainer calls set_step before forward)")
         remap = layout.to_attention is not None
         if remap:
-            heads = [q.shape[2], k.shape[2], v.shape[2]]
-            qkv = TokenExchange.apply(torch.cat([q, k, v], dim=2), layout.to_attention, layout.to_linear, self.group)
-            q, k, v = qkv.split(heads, dim=2)
+            # one exchange for the three: each flattened to (batch, tokens, heads x head dim), as their head
+            # counts and head dims may differ (GQA; MLA's value head dim is not its query/key head dim)
+            shapes = [t.shape[2:] for t in (q, k, v)]
+            qkv = TokenExchange.apply(torch.cat([t.flatten(2) for t in (q, k, v)], dim=2), layout.to_attention,
+                                      layout.to_linear, self.group)
+            q, k, v = (part.unflatten(2, shape) for part, shape in
+                       zip(qkv.split([shape.numel() for shape in shapes], dim=2), shapes))
             self.calls["remap"] += 1
         outs = []
         for slot in layout.slots:
