@@ -57,7 +57,8 @@ from longtrain.data.packing import IGNORE_INDEX
 from longtrain.data.pipeline import NOT_INDEXED, RESOLVE_BLOCK, DataSettings, RowProducer
 from longtrain.launcher.log import LOGGER
 from longtrain.models.registry import kind_of
-from longtrain.parallel.balance.cost import CostModel, ModelShape, attention_table_note, resolve_cluster
+from longtrain.parallel.balance.cost import (CostModel, ModelShape, attention_table_note, probe_shape_note,
+                                             resolve_cluster)
 from longtrain.parallel.balance.engine import StepLayout
 from longtrain.parallel.balance.planner import plan_step
 from longtrain.parallel.balance.remap import remaps
@@ -199,6 +200,10 @@ class BalancedBatches:
                                                "this run's steps may hold")
         if self.table_note and split == "train":
             LOGGER.warning("parallel.balance: %s", self.table_note)
+        # a preset probed at other shapes than this model's prices its plans off: said once
+        self.shape_note = probe_shape_note(cluster, model_cfg, recipe.model.name)
+        if self.shape_note and split == "train":
+            LOGGER.warning("parallel.balance: %s", self.shape_note)
         # scan-based models (hybrid Mamba stacks): ring members hold contiguous chunks, no zigzag
         self.contiguous = kind_of(model_cfg).contiguous_sequence
         self.last_plan = None

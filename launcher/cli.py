@@ -142,7 +142,8 @@ def _plan_balance(args, overrides) -> int:
 
     from longtrain.launcher.config import resolve_degrees
     from longtrain.models.sizes import resolve_model_config
-    from longtrain.parallel.balance.cost import CostModel, ModelShape, attention_table_note, resolve_cluster
+    from longtrain.parallel.balance.cost import (CostModel, ModelShape, attention_table_note, probe_shape_note,
+                                                 resolve_cluster)
     from longtrain.parallel.balance.simulator import MIXES, compare_strategies, sample_lengths, timeline_png
 
     if args.nproc is not None:
@@ -153,7 +154,8 @@ def _plan_balance(args, overrides) -> int:
     degrees = resolve_degrees(p, world)
     dp, cp = degrees["dp_replicate"] * degrees["dp_shard"], degrees["cp"]
     group = dp * cp
-    cm = CostModel(ModelShape.of(resolve_model_config(recipe.model), degrees["tp"]),
+    model_cfg = resolve_model_config(recipe.model)
+    cm = CostModel(ModelShape.of(model_cfg, degrees["tp"]),
                    resolve_cluster(recipe.cluster.preset, recipe.cluster.gpus_per_node, world=group))
     budget = recipe.data.token_budget or recipe.data.batch_size * recipe.data.seq_len
     bins_n = p.balance_bins or dp
@@ -193,9 +195,10 @@ def _plan_balance(args, overrides) -> int:
     nodes = group // per_node
     print(f"one step of {sum(lengths)} tokens ({source}) on {group} ranks ({dp} data x {cp} cp), cluster "
           f"{cm.cluster.name}: {nodes} node{'s' if nodes > 1 else ''} of {per_node} ranks")
-    note = attention_table_note(cm.cluster, max(lengths))  # the cost model clamps at the table's last length
-    if note:
-        print(f"  note: {note}")
+    # the cost model clamps at the table's last length; a probe of other shapes prices this model off
+    for note in (attention_table_note(cm.cluster, max(lengths)), probe_shape_note(cm.cluster, model_cfg, recipe.model.name)):
+        if note:
+            print(f"  note: {note}")
     best = min(s.step_seconds for s in sims.values())
     for name, sim in sims.items():
         print(f"  {name:10s} step {sim.step_seconds:10.4g} s  ({sim.step_seconds / best:5.2f}x the best)  busy "
@@ -252,7 +255,7 @@ def _probe_command(args) -> int:
                                 backend="nccl" if args.device == "cuda" else "gloo", timeout_s=300)
     spec = probe(links["p2p"], args.out or LOCAL_PRESET, lengths, args.gpus_per_node, args.device, args.heads,
                  args.head_dim, args.dim, collective_s=links["collective_s"], model=model, links=preset_links,
-                 ring_extra=links.get("ring_extra"))
+                 ring_extra=links.get("ring_extra"), model_name=args.model or "")
     table = ", ".join(f"{length}: {tflops * 1e3:.1f}" for length, tflops in spec.attention_tflops)
     where = (f"links of preset {args.links}" if args.links is not None else
              f"P2P {spec.intra_gbs:.2f} GB/s, latency {spec.latency_us:.0f} us; all_to_all over {args.ranks} ranks "

@@ -97,7 +97,7 @@ def test_a_preset_short_of_the_runs_sequences_is_said_once(tmp_path):
     """The cost model prices sequences past the preset's attention table at its last length's rate. A run
     whose steps may hold longer ones (data.max_doc_len, else data.token_budget) says so once, at its
     training loader, with the `longtrain probe --lengths` that measures them; a preset that covers them
-    says nothing."""
+    says nothing. So does a preset probed at other shapes than the model's (cost.probe_shape_note)."""
     import logging
 
     from longtrain.launcher.log import LOGGER
@@ -116,14 +116,22 @@ def test_a_preset_short_of_the_runs_sequences_is_said_once(tmp_path):
     LOGGER.setLevel(logging.INFO)
     try:
         batches = _batches(["parallel.cp=2", "parallel.balance=zeppelin", f"cluster.preset={short}"], 0, 2)
-        covered = _batches(["parallel.cp=2", "parallel.balance=zeppelin"], 0, 2)  # local: rates up to 4096
+        covered = _batches(["parallel.cp=2", "parallel.balance=zeppelin", "cluster.preset=C"], 0, 2)  # to 128K
+        assert said == [f"parallel.balance: {batches.table_note}"] and covered.shape_note == ""
+        shaped = write_preset_file(dataclasses.replace(resolve_cluster("C"), name="probed at 8 x 64", probed_heads=8,
+                                                       probed_head_dim=64, probed_linear="matmul 512"),
+                                   tmp_path / "shaped.yaml")
+        other_shapes = _batches(["parallel.cp=2", "parallel.balance=zeppelin", f"cluster.preset={shaped}"], 0, 2)
     finally:
         LOGGER.removeHandler(handler)
         LOGGER.setLevel(level)
     note = ("the preset's attention rates stop at 128 tokens and this run's steps may hold sequences of up to 160, "
             "priced at the 128-token rate; `longtrain probe --lengths 256` measures them")
     assert batches.table_note == note and covered.table_note == ""
-    assert said == [f"parallel.balance: {note}"]
+    # tiny: 4 heads of 8
+    assert other_shapes.shape_note.startswith("cluster preset 'probed at 8 x 64' measured attention at 8 heads of "
+                                              "64 (this model: 4 of 8)") and other_shapes.table_note == ""
+    assert said == [f"parallel.balance: {note}", f"parallel.balance: {other_shapes.shape_note}"]
 
 
 def test_the_log_says_how_balanced_the_window_was():

@@ -86,6 +86,8 @@ def test_preset_file_round_trip_and_errors(tmp_path):
     assert load_preset_file(write_preset_file(with_full, tmp_path / "y.yaml")) == with_full
     with_ring = dataclasses.replace(FLAT, ring_step_us=1500.0, ring_token_us=1.25)
     assert load_preset_file(write_preset_file(with_ring, tmp_path / "z.yaml")) == with_ring
+    with_shape = dataclasses.replace(FLAT, probed_heads=8, probed_head_dim=32, probed_linear="model debug")
+    assert load_preset_file(write_preset_file(with_shape, tmp_path / "s.yaml")) == with_shape
     assert resolve_cluster(str(path)) == FLAT
     assert resolve_cluster("C", gpus_per_node=2, world=4).gpus_per_node == 2
     with pytest.raises(ClusterError, match=r"^cluster.preset: unknown preset 'Z'"):
@@ -130,6 +132,7 @@ def test_probe_writes_a_loadable_preset(tmp_path):
     spec = load_preset_file(out)
     assert [row[0] for row in spec.attention_tflops] == [64, 128]
     assert [row[0] for row in spec.attention_full_tflops] == [64, 128]  # full blocks, measured apart
+    assert (spec.probed_heads, spec.probed_head_dim, spec.probed_linear) == (8, 64, "matmul 512")  # the defaults
     assert all(tflops > 0 for _, tflops in spec.attention_full_tflops)
     assert all(tflops > 0 for _, tflops in spec.attention_tflops)
     assert spec.intra_gbs > 0 and spec.latency_us > 0 and spec.linear_tflops > 0
@@ -172,6 +175,8 @@ def test_probe_measures_the_model_without_core_attention(tmp_path, monkeypatch):
     assert main(["probe", "--out", str(out), "--lengths", "64", "--ranks", "2", "--model", "tiny"]) == 0
     spec = load_preset_file(out)
     assert 0 < spec.linear_tflops < probe_module.linear_tflops(dim=SIZES["tiny"].dim)  # slower than a bare matmul
+    # the preset says what it measured: the model's own shapes and linear work
+    assert (spec.probed_heads, spec.probed_head_dim, spec.probed_linear) == (4, 8, "model tiny")
     with pytest.raises(SystemExit, match=r"^longtrain probe: --model 'nope' is not a transformer size; known: tiny"):
         main(["probe", "--out", str(out), "--ranks", "2", "--model", "nope"])
 
@@ -264,17 +269,22 @@ def test_plan_balance_command(tmp_path, capsys):
     assert main(args + ["--mix", "nope"]) == 2
     assert "--mix: unknown mix 'nope'" in capsys.readouterr().err
     assert "rates stop at" not in out  # preset C's table reaches 128K
+    assert "note:" not in out  # nor does C say what it was probed at (not probed: no shape note)
     # a probed preset whose table stops short of the step's sequences: the clamped rate is named, and how
     # to measure it (the cost model prices every longer sequence at the last length's rate)
     from longtrain.parallel.balance.cost import write_preset_file
 
     short = write_preset_file(dataclasses.replace(resolve_cluster("C"), name="probed to 1K",
                                                   attention_tflops=((256, 100.0), (1024, 200.0)),
-                                                  attention_full_tflops=()), tmp_path / "short.yaml")
+                                                  attention_full_tflops=(), probed_heads=8, probed_head_dim=64,
+                                                  probed_linear="matmul 512"), tmp_path / "short.yaml")
     assert main(args[:-1] + [f"cluster.preset={short}", "--mix", "long-tailed", "--out", str(tmp_path / "u.png")]) == 0
     out = capsys.readouterr().out
     longest = int(out.split("sequences of up to ")[1].split(",")[0])
     assert longest > 1024 and "attention rates stop at 1024 tokens" in out
+    # and probed at other shapes than the model's (debug: 8 heads of 32), the probe that measures its own
+    assert "note: cluster preset 'probed to 1K' measured attention at 8 heads of 64 (this model: 8 of 32)" in out
+    assert "`longtrain probe --model debug` measures this model's own" in out
     probe_to = 1 << (longest - 1).bit_length()
     assert f"--lengths {','.join(str(256 << i) for i in range((probe_to // 256).bit_length()))}`" in out
 
@@ -641,3 +651,32 @@ def test_plan_balance_simulates_remapping_as_training_does():
             assert sims["zeppelin"].remapped == remapped, (mix, setting)
             assert sims["zeppelin"].step_seconds == simulate(plan, cm, remapped).step_seconds
             assert not any(sims[k].remapped for k in ("even_cp", "tokens", "hybrid_dp"))
+
+
+def test_a_preset_probed_at_other_shapes_is_said():
+    """cost.probe_shape_note: a preset whose probe measured other attention shapes than the model's, or
+    its linear rate on a bare matmul or another model, is named in one line with the probe that measures
+    this model's own; nothing when they match, or when the preset does not say (the GPU presets, older
+    files). The trainer logs it once at start, `plan balance` prints it."""
+    from longtrain.models.sizes import SIZES, resolve_model_config
+    from longtrain.launcher.config import load_recipe
+    from longtrain.parallel.balance.cost import probe_shape_note
+
+    debug = SIZES["debug"]
+    assert (debug.n_heads, debug.head_dim) == (8, 32)
+    matmul = dataclasses.replace(FLAT, name="local", probed_heads=8, probed_head_dim=64, probed_linear="matmul 512")
+    note = probe_shape_note(matmul, debug, "debug")
+    assert note == ("cluster preset 'local' measured attention at 8 heads of 64 (this model: 8 of 32) and the "
+                    "linear rate on a matmul 512; `longtrain probe --model debug` measures this model's own")
+    own = dataclasses.replace(matmul, probed_head_dim=32, probed_linear="model debug")
+    assert probe_shape_note(own, debug, "debug") == ""
+    assert "linear rate on model tiny;" in probe_shape_note(dataclasses.replace(own, probed_linear="model tiny"),
+                                                            debug, "debug")
+    assert "attention at" not in probe_shape_note(dataclasses.replace(own, probed_linear="matmul 256"), debug, "debug")
+    assert probe_shape_note(FLAT, debug, "debug") == "" and probe_shape_note(PRESETS["A"], debug, "debug") == ""
+    # a model `longtrain probe --model` cannot build (MLA, a hybrid stack): its heads, head dim and dim
+    mla = resolve_model_config(load_recipe("configs/debug_mla_cpu.yaml").model)
+    assert probe_shape_note(own, mla, "mla-debug").endswith(
+        f"`longtrain probe --heads {mla.n_heads} --head-dim {mla.head_dim} --dim {mla.dim}` measures this model's own")
+    hybrid = resolve_model_config(load_recipe(None, ["model.kind=hybrid", "model.name=tiny"]).model)
+    assert "--model" not in probe_shape_note(own, hybrid, "tiny")

@@ -69,6 +69,12 @@ class ClusterSpec:
     # received blocks; measured by `longtrain probe` on CPU; 0 on the GPU presets: not measured)
     ring_step_us: float = 0.0
     ring_token_us: float = 0.0
+    # what `longtrain probe` measured at (a kernel's speed depends on its shapes): the attention kernels'
+    # heads and head dim, and where the linear rate came from ("model NAME": that model's own
+    # non-attention work; "matmul DIM": a bare matmul); 0 / "": not recorded (the GPU presets, older files)
+    probed_heads: int = 0
+    probed_head_dim: int = 0
+    probed_linear: str = ""
 
     @property
     def inter_gbs(self) -> float:
@@ -169,6 +175,32 @@ def attention_table_note(cluster: ClusterSpec, longest: int, holds: str = "this 
             f"{','.join(map(str, lengths_up_to(longest)))}` measures them")
 
 
+def probe_shape_note(cluster: ClusterSpec, model_cfg, model_name: str) -> str:
+    """One line when the preset's probe measured other shapes than this model runs (its attention
+    heads and head dim; its linear rate on a bare matmul or another model): the rates it prices this
+    model with may be far off (here the balance benchmark's model ran its linear work at half a bare
+    matmul's rate), and the probe command that measures this model's own; "" when they match or the
+    preset does not say (the GPU presets)."""
+    if not cluster.probed_heads:
+        return ""
+    from longtrain.models.sizes import SIZES
+
+    heads, head_dim = model_cfg.n_heads, model_cfg.head_dim
+    differs = []
+    if (cluster.probed_heads, cluster.probed_head_dim) != (heads, head_dim):
+        differs.append(f"attention at {cluster.probed_heads} heads of {cluster.probed_head_dim} (this model: "
+                       f"{heads} of {head_dim})")
+    if cluster.probed_linear != f"model {model_name}":
+        differs.append(f"the linear rate on a {cluster.probed_linear}" if cluster.probed_linear.startswith("matmul")
+                       else f"the linear rate on {cluster.probed_linear or 'another model'}")
+    if not differs:
+        return ""
+    same_kind = model_name in SIZES and isinstance(model_cfg, type(SIZES[model_name]))
+    command = (f"longtrain probe --model {model_name}" if same_kind else
+               f"longtrain probe --heads {heads} --head-dim {head_dim} --dim {model_cfg.dim}")
+    return f"cluster preset {cluster.name!r} measured {' and '.join(differs)}; `{command}` measures this model's own"
+
+
 LOCAL_PRESET = Path(__file__).resolve().parents[2] / "configs" / "clusters" / "local.yaml"
 PRESET_NAMES = tuple(PRESETS) + ("local",)
 
@@ -197,7 +229,10 @@ def load_preset_file(path: str | Path) -> ClusterSpec:
                            attention_full_tflops=tuple((int(row[0]), float(row[1]))
                                                        for row in raw.get("attention_full_tflops") or ()),
                            ring_step_us=float(raw.get("ring_step_us", 0.0)),
-                           ring_token_us=float(raw.get("ring_token_us", 0.0)))
+                           ring_token_us=float(raw.get("ring_token_us", 0.0)),
+                           probed_heads=int(raw.get("probed_heads", 0)),
+                           probed_head_dim=int(raw.get("probed_head_dim", 0)),
+                           probed_linear=str(raw.get("probed_linear", "")))
     except (KeyError, TypeError, ValueError, IndexError) as err:
         raise ClusterError(f"cluster.preset: {path} is not a preset file ({type(err).__name__}: {err})") from None
 
@@ -239,7 +274,9 @@ def write_preset_file(spec: ClusterSpec, path: str | Path) -> Path:
             "bytes_per_element": spec.bytes_per_element, "shared_cores": spec.shared_cores,
             "attention_call_us": spec.attention_call_us, "collective_us": spec.collective_us,
             "attention_full_tflops": [[int(a), float(b)] for a, b in spec.attention_full_tflops],
-            "ring_step_us": spec.ring_step_us, "ring_token_us": spec.ring_token_us}
+            "ring_step_us": spec.ring_step_us, "ring_token_us": spec.ring_token_us,
+            "probed_heads": spec.probed_heads, "probed_head_dim": spec.probed_head_dim,
+            "probed_linear": spec.probed_linear}
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 

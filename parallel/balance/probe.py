@@ -344,7 +344,7 @@ def p2p_bandwidth(times: dict) -> tuple[float, float]:
 def probe(p2p_times: dict | None, out=LOCAL_PRESET, lengths=DEFAULT_LENGTHS, gpus_per_node: int = 0,
           device: str = "cpu", heads: int = 8, head_dim: int = 64, dim: int = 512,
           collective_s: float | None = None, model=None, links: ClusterSpec | None = None,
-          ring_extra: dict | None = None) -> ClusterSpec:
+          ring_extra: dict | None = None, model_name: str = "") -> ClusterSpec:
     """Measure attention and linear FLOP/s here (fp32 on CPU, bf16 on CUDA: what training runs); with
     `p2p_times` (ping_pong on two local ranks, run by the launcher) and `collective_s`
     (exchange_seconds among the local ranks; None: the preset default) write the preset. `heads`,
@@ -355,7 +355,9 @@ def probe(p2p_times: dict | None, out=LOCAL_PRESET, lengths=DEFAULT_LENGTHS, gpu
     written preset takes instead of measured ones (one GPU cannot measure a link: its kernels are
     probed and the cluster's links come from the preset). `ring_extra`: ring_extra_seconds among the
     local ranks (link_times' "ring_extra"), fitted with this probe's per-call cost into the ring's work
-    outside the kernels (fit_ring_costs; None: none, the GPU presets' assumption)."""
+    outside the kernels (fit_ring_costs; None: none, the GPU presets' assumption). The preset records
+    the shapes measured (probed_heads, probed_head_dim, probed_linear: "model `model_name`" or "matmul
+    `dim`"), so a run of another model is told (cost.probe_shape_note)."""
     if (p2p_times is None) == (links is None):
         raise ValueError("probe: pass either p2p_times (measured links) or links (a preset's)")
     if model is not None:
@@ -377,7 +379,8 @@ def probe(p2p_times: dict | None, out=LOCAL_PRESET, lengths=DEFAULT_LENGTHS, gpu
         torch.set_num_threads(threads)
     kernels = dict(attention_tflops=tuple(table), linear_tflops=lin, bytes_per_element=dtype.itemsize,
                    shared_cores=(os.cpu_count() or 1) if device == "cpu" else 0, attention_call_us=call_us,
-                   attention_full_tflops=tuple(full_table))
+                   attention_full_tflops=tuple(full_table), probed_heads=heads, probed_head_dim=head_dim,
+                   probed_linear=f"matmul {dim}" if model is None else f"model {model_name}".rstrip())
     if ring_extra is not None:
         step_s, token_s = fit_ring_costs(ring_extra, call_us * 1e-6)
         kernels.update(ring_step_us=step_s * 1e6, ring_token_us=token_s * 1e6)
