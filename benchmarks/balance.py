@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import CommCounter, MachineLoad, install_comm_counter, machine_info  # noqa: E402
 
 STRATEGIES = ("even_cp", "tokens", "hybrid_dp", "zeppelin")
+# a rank's attention-layout token capacity: CAPACITY_FACTOR x the mean tokens a rank, as the trainer plans
+from longtrain.launcher.balanced_batches import CAPACITY_FACTOR  # noqa: E402
 from longtrain.parallel.balance.remap import remap_pays  # noqa: E402
 from longtrain.parallel.balance.simulator import MIXES, sample_lengths  # noqa: E402
 
@@ -187,7 +189,7 @@ def measured_setup(quick: bool, seed: int = 0) -> tuple[dict, dict]:
             # at least one long sequence per run
             lengths, owner = step_lengths(rng, budget, bins, mix, longest=budget if s == 0 else 0)
             steps.append({"lengths": lengths, "bins": owner, "seed": 1000 * s + 7})
-        layouts[name] = {"cp": cp, "gpus_per_node": gpn, "capacity": math.ceil(1.5 * budget), "steps": steps}
+        layouts[name] = {"cp": cp, "gpus_per_node": gpn, "capacity": math.ceil(CAPACITY_FACTOR * budget), "steps": steps}
     for name in list(layouts):
         layouts[f"{name}@{EMULATED_CLUSTER}"] = dict(layouts[name], emulate=EMULATED_CLUSTER)
     # and cp4 over two nodes of two: even_cp's ring crosses nodes, as Transformer Engine's CP over all
@@ -305,7 +307,7 @@ def local_sweep(preset: str, seed: int = 0) -> list[dict]:
             cm = _cost_model(spec, dims)
             t = {}
             for st in STRATEGIES:
-                plan = plan_step(lengths, 4, st, capacity=math.ceil(1.5 * budget) + len(lengths),
+                plan = plan_step(lengths, 4, st, capacity=math.ceil(CAPACITY_FACTOR * budget) + len(lengths),
                                  gpus_per_node=gpn, cp=cp, bins=owner, **cm.planner_kwargs())
                 t[st] = simulate(plan, cm, st == "zeppelin" and remap_pays(plan, cm)).step_seconds
             rows.append({"budget": budget, "tail": [tail_lo, tail_hi], "layout": name, "sequences": len(lengths),
@@ -343,7 +345,7 @@ def at_scale(quick: bool, seed: int = 1, kernels: str | None = None) -> dict:
                 cm = CostModel(ModelShape.llama(model), cluster)
                 for mix in mixes:
                     lengths = sample_lengths(rng, gpus * per_gpu, MIXES[mix])
-                    cap = math.ceil(1.5 * per_gpu) + len(lengths)
+                    cap = math.ceil(CAPACITY_FACTOR * per_gpu) + len(lengths)
                     kw = dict(capacity=cap, gpus_per_node=cluster.gpus_per_node, **cm.planner_kwargs())
                     t = {}
                     # even_cp: today's CP, a ring over each node's 8 GPUs (cp8), data ranks across nodes,
@@ -411,7 +413,8 @@ def ablation(quick: bool, seed: int = 3, kernels: str | None = None) -> dict:
                     kw = dict(gpus_per_node=cluster.gpus_per_node, **cm.planner_kwargs())
                     te = plan_step(lengths, gpus, "even_cp", cp=gpus, bins=[0] * len(lengths),
                                    capacity=-(-sum(lengths) // gpus) + len(lengths), **kw)
-                    zep = plan_step(lengths, gpus, "zeppelin", capacity=math.ceil(1.5 * per_gpu) + len(lengths), **kw)
+                    zep = plan_step(lengths, gpus, "zeppelin", capacity=math.ceil(CAPACITY_FACTOR * per_gpu) + len(lengths),
+                                    **kw)
                     t = {name: simulate(zep if part else te, cm, remap, routing=route).step_seconds
                          for name, (part, remap, route) in ABLATION}
                     rows.append({"cluster": cluster_name, "gpus": gpus, "model": model, "mix": mix, "step_s": t,
