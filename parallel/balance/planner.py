@@ -27,8 +27,8 @@ Strategies (recipe key `parallel.balance`):
   nested or disjoint, so they wait less for each other in the slot schedule than rings of arbitrary
   members (simulated at scale: 1.11x -> 1.13x even_cp on average). Where ranks share cores (a CPU
   machine running more ranks than cores), g may be any size, still at multiples of g in the node.
-  Every other sequence is local: onto the least-loaded
-  node with token room, then the least-loaded rank of that node with room (LPT, two levels).
+  Every other sequence is local: onto the least-loaded node with token room, then the least-loaded
+  rank of that node with room (LPT, two levels).
 """
 from __future__ import annotations
 
@@ -453,11 +453,11 @@ def _zeppelin(lengths, world, G, capacity, cost, tau_intra, tau_inter, ring_cost
     # nested or disjoint (allowing 3, 5, 6, 7 too, at multiples of their size, simulated worse at
     # scale: 1.128x -> 1.113x even_cp on average; allowing them for a node's first ring only changed 3
     # of the 108 configurations, each for the worse, 1.09-1.11x -> 1.01-1.05x: the placement's bound
-    # does not see the rings that later wait on it). Where ranks share cores, any size: a rank a ring leaves out gives
-    # its core to the members, and the objective there runs the loads under processor sharing. A
-    # sequence that needs 3 ranks' room at cp4 on 2 cores then rings over 3 instead of 4: simulated
-    # 1.10-1.57x faster over sampled steps that choose it; measured on the README's example (one 2048-token
-    # sequence, forward + backward) 1.00-1.02x, with 4% less processor time.
+    # does not see the rings that later wait on it). Where ranks share cores, any size: a rank a ring
+    # leaves out gives its core to the members, and the objective there runs the loads under processor
+    # sharing. A sequence that needs 3 ranks' room at cp4 on 2 cores then rings over 3 instead of 4:
+    # simulated 1.10-1.57x faster over sampled steps that choose it; measured on the README's example
+    # (one 2048-token sequence, forward + backward) 1.00-1.02x, with 4% less processor time.
     any_ring_size = processors < world
     fair = sum(costs) / world  # a rank's fair share of the attention cost
     node_fair = fair * G
@@ -548,7 +548,7 @@ def _zeppelin(lengths, world, G, capacity, cost, tau_intra, tau_inter, ring_cost
         for _, _, n in sorted(zip([t > node_room for t in node_tok], node_load, range(N))):
             best, best_key = None, ((float("inf"), float("inf")), 0)
             for g in range(g_lo, min(g_hi, G) + 1):
-                if g & (g - 1) and not any_ring_size:  # rings are aligned blocks: 2, 4, 8 ... ranks
+                if g & (g - 1) and not any_ring_size:  # dedicated devices: blocks of 2, 4, 8 ... ranks
                     continue
                 room = capacity - (-(-L // g) + 1)  # a member's zigzag chunk pair holds at most L/g + 1 tokens
                 blocks = [(max(rank_load[a:a + g]), range(a, a + g)) for a in range(n * G, (n + 1) * G - g + 1, g)
