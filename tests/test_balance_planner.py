@@ -345,8 +345,9 @@ def test_zeppelin_rings_any_size_where_ranks_share_cores():
     """One 2048-token sequence at cp4 with room for 768 tokens a rank needs a ring of at least 3. On
     dedicated devices zeppelin takes the aligned block of 4; where the 4 ranks share 2 cores, the
     ring of 3 (ranks 0-2, an aligned block of its size): the rank it leaves out gives its core to the
-    members. The simulator on the shipped local preset prices the ring of 3 below the ring of 4 (as
-    the cost model predicts for this CPU, README), and rings of 3 replace rings of 4 only there."""
+    members. The simulator, on a copy of the shipped local preset (this 2-core CPU), prices the ring of
+    3 below the ring of 4. Over sampled steps, rings of 3 take the place of rings of 4 where cores are
+    shared, and every ring is an aligned block of its size."""
     from longtrain.models.sizes import SIZES
     from longtrain.parallel.balance.cost import CostModel, ModelShape, resolve_cluster
     from longtrain.parallel.balance.simulator import simulate
