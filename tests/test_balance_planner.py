@@ -348,6 +348,7 @@ def test_zeppelin_rings_any_size_where_ranks_share_cores():
     members. The simulator, on a copy of the shipped local preset (this 2-core CPU), prices the ring of
     3 below the ring of 4. Over sampled steps, rings of 3 take the place of rings of 4 where cores are
     shared, and every ring is an aligned block of its size."""
+    from longtrain.launcher.balanced_batches import CAPACITY_FACTOR
     from longtrain.models.sizes import SIZES
     from longtrain.parallel.balance.cost import CostModel, ModelShape, resolve_cluster
     from longtrain.parallel.balance.simulator import simulate
@@ -370,7 +371,7 @@ def test_zeppelin_rings_any_size_where_ranks_share_cores():
     three_for_four = 0
     for _ in range(40):
         lengths = [int(x) for x in rng.integers(256, 8192, size=int(rng.integers(1, 5)))]
-        capacity = max(math.ceil(1.5 * sum(lengths) / 4), max(lengths) // 4 + 2) + len(lengths)
+        capacity = max(math.ceil(CAPACITY_FACTOR * sum(lengths) / 4), max(lengths) // 4 + 2) + len(lengths)
         plans = [plan_step(lengths, 4, "zeppelin", capacity=capacity, gpus_per_node=4, **dict(planner, shared_cores=cores))
                  for cores in (planner["shared_cores"], 0)]
         for plan in plans:
